@@ -1,0 +1,284 @@
+//! `orderflow`: one binary, many roles. Subcommands and wiring only; see `lib.rs`.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use orderflow::{
+    embedded::{prepare_database_for_fresh_log, Broker},
+    loadgen::{self, LoadgenArgs},
+    pipeline::{self, Role},
+};
+use orderflow_platform::{config::Overrides, telemetry, Settings};
+use orderflow_projections::Database;
+use orderflow_topics::{docs::render_markdown, Catalog};
+use tracing::info;
+
+/// How long roles get to finish and commit their work on shutdown.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
+
+#[derive(Parser)]
+#[command(name = "orderflow", version, about = "Event-driven order processing on Kafka")]
+struct Cli {
+    /// Config file (default: ./orderflow.toml if it exists).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Override any config key, e.g. --set kafka.fetch_wait_max_ms=10 (repeatable).
+    #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Kafka bootstrap servers (kafka.brokers); empty: in-process broker (dev only).
+    #[arg(long, global = true, value_name = "HOSTS")]
+    kafka_brokers: Option<String>,
+    /// Database URL (database.url): sqlite://PATH or postgres://...
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+    /// Log format (telemetry.format): human or json.
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
+    /// Ingest listen address (ingest.listen).
+    #[arg(long, global = true, value_name = "ADDR")]
+    ingest_listen: Option<String>,
+    /// Query API listen address (query.listen).
+    #[arg(long, global = true, value_name = "ADDR")]
+    query_listen: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run every role in one process; with no broker configured, on an in-process broker and a
+    /// SQLite file under ./data.
+    Dev,
+    /// Run the ingest edge (HTTP → orders.events).
+    Ingest,
+    /// Run the processors (the order saga).
+    Process,
+    /// Run the projection writers.
+    Project,
+    /// Run the query API.
+    Query,
+    /// Topic catalog commands.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Apply the database migrations.
+    Migrate,
+    /// Post random orders to a running instance and report what became of them.
+    Loadgen(LoadgenArgs),
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create missing topics; report drift (exit code 3) without changing existing topics.
+    Apply,
+    /// Render the topic documentation from the catalog.
+    Docs {
+        /// Write here instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Fail if FILE differs from the rendering (for CI).
+        #[arg(long, requires = "out")]
+        check: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration, secrets redacted.
+    Show,
+}
+
+impl Cli {
+    fn overrides(&self) -> Result<Overrides> {
+        let mut overrides = Overrides::default();
+        for pair in &self.set {
+            overrides.set_pair(pair)?;
+        }
+        // Strings stay strings: these flags never go through TOML parsing.
+        let named = [
+            ("kafka.brokers", &self.kafka_brokers),
+            ("database.url", &self.database_url),
+            ("telemetry.format", &self.log_format),
+            ("ingest.listen", &self.ingest_listen),
+            ("query.listen", &self.query_listen),
+        ];
+        for (key, value) in named {
+            if let Some(value) = value {
+                overrides.set(key, &format!("{value:?}"));
+            }
+        }
+        Ok(overrides)
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<std::process::ExitCode> {
+    let overrides = cli.overrides()?;
+    let settings = Settings::load(cli.config.as_deref(), &overrides)?;
+    telemetry::init(&settings.telemetry);
+    match cli.command {
+        Command::Dev => dev(&settings).await?,
+        Command::Ingest => role(&settings, Role::Ingest).await?,
+        Command::Process => role(&settings, Role::Process).await?,
+        Command::Project => role(&settings, Role::Project).await?,
+        Command::Query => role(&settings, Role::Query).await?,
+        Command::Topics { command } => return topics(&settings, command).await,
+        Command::Config {
+            command: ConfigCommand::Show,
+        } => print!("{}", settings.to_toml()),
+        Command::Migrate => {
+            let db = Database::connect(&settings.database_url(), 1).await?;
+            db.migrate().await?;
+            println!("migrations applied");
+        }
+        Command::Loadgen(args) => {
+            let report = loadgen::run(&args).await?;
+            println!("{report}");
+            if report.accepted == 0 || report.not_final > 0 {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn dev(settings: &Settings) -> Result<()> {
+    let broker = Broker::from_settings(settings)?;
+    if broker.is_embedded() {
+        if let Some(moved) = prepare_database_for_fresh_log(settings).await? {
+            println!(
+                "The in-process broker starts with an empty log, so the previous run's tables \
+                 were moved aside to {} and fresh ones started.",
+                moved.display()
+            );
+        }
+    }
+    let report = broker.apply_topics(settings).await?;
+    if report.has_drift() {
+        eprint!("warning: topics differ from the catalog:\n{report}");
+    }
+    let mut running = pipeline::start(settings, &broker.bootstrap(), &Role::ALL).await?;
+    println!("orderflow dev is running");
+    println!("  broker      {}{}", broker.bootstrap(), if broker.is_embedded() { " (in-process)" } else { "" });
+    println!("  database    {}", redact_url(&settings.database_url()));
+    if let Some(addr) = running.ingest_addr {
+        println!("  ingest      http://{addr}/v1/orders");
+    }
+    if let Some(addr) = running.query_addr {
+        println!("  query       http://{addr}/v1/orders/{{order_id}}");
+    }
+    println!("Press Ctrl-C to stop.");
+    serve_until_signal(&mut running).await?;
+    running.shutdown(DRAIN_DEADLINE).await
+}
+
+async fn role(settings: &Settings, role: Role) -> Result<()> {
+    if settings.kafka.brokers.trim().is_empty() {
+        bail!("kafka.brokers is not set; set it (or ORDERFLOW_KAFKA__BROKERS), or use `orderflow dev` for the in-process broker");
+    }
+    let mut running = pipeline::start(settings, &settings.kafka.brokers, &[role]).await?;
+    if let Some(addr) = running.ingest_addr.or(running.query_addr) {
+        info!(%addr, "Listening.");
+    }
+    serve_until_signal(&mut running).await?;
+    running.shutdown(DRAIN_DEADLINE).await
+}
+
+/// Waits for SIGINT/SIGTERM (then cancels) or for a role to stop on its own.
+async fn serve_until_signal(running: &mut pipeline::Running) -> Result<()> {
+    let cancel = running.cancel_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("Shutting down: finishing in-flight work.");
+        cancel.cancel();
+    });
+    running.wait().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
+
+async fn topics(settings: &Settings, command: TopicsCommand) -> Result<std::process::ExitCode> {
+    match command {
+        TopicsCommand::Apply => {
+            if settings.kafka.brokers.trim().is_empty() {
+                bail!("kafka.brokers is not set; `topics apply` needs a broker to apply to (`orderflow dev` applies the catalog to its in-process broker itself)");
+            }
+            let broker = Broker::External(settings.kafka.brokers.clone());
+            let report = broker.apply_topics(settings).await?;
+            print!("{report}");
+            Ok(if report.has_drift() {
+                std::process::ExitCode::from(3)
+            } else {
+                std::process::ExitCode::SUCCESS
+            })
+        }
+        TopicsCommand::Docs { out, check } => {
+            let rendered = render_markdown(&Catalog::load()?);
+            match (out, check) {
+                (None, _) => print!("{rendered}"),
+                (Some(path), true) => {
+                    let current = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    if current != rendered {
+                        eprintln!("{} is stale: run `orderflow topics docs --out {}`", path.display(), path.display());
+                        return Ok(std::process::ExitCode::FAILURE);
+                    }
+                }
+                (Some(path), false) => std::fs::write(&path, rendered)
+                    .with_context(|| format!("writing {}", path.display()))?,
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A URL with any password replaced, for printing.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}://{user}:***{}", &url[..scheme_end], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -1,0 +1,190 @@
+//! Starting and stopping roles together.
+//!
+//! One root [`CancellationToken`] and a [`JoinSet`]: SIGINT/SIGTERM (or a test) cancels the
+//! root; every role stops taking work, finishes and commits what it has, and returns. A role
+//! that fails on its own cancels the root too, so the process never runs half a pipeline.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use orderflow_ingest::{IngestState, Publisher};
+use orderflow_platform::{http::Server, kafka::KafkaClients, Settings};
+use orderflow_processors::ProcessorRuntime;
+use orderflow_projections::{orders::OrdersProjection, query, Database, ProjectionWriter};
+use orderflow_schemas::Codec;
+use orderflow_topics::names;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The roles of DESIGN.md; `dev` runs them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Ingest,
+    Process,
+    Project,
+    Query,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Ingest, Role::Process, Role::Project, Role::Query];
+}
+
+/// A running set of roles.
+pub struct Running {
+    pub ingest_addr: Option<SocketAddr>,
+    pub query_addr: Option<SocketAddr>,
+    cancel: CancellationToken,
+    tasks: JoinSet<Result<()>>,
+    publisher: Option<Publisher>,
+}
+
+/// Starts `roles` against the broker at `bootstrap`.
+pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Result<Running> {
+    let codec = Arc::new(Codec::new().context("compiled-in schemas")?);
+    let clients = KafkaClients::new(&settings.kafka, bootstrap);
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+
+    let needs_db = roles.contains(&Role::Project) || roles.contains(&Role::Query);
+    let db = if needs_db {
+        let url = settings.database_url();
+        let db = Database::connect(&url, settings.database.max_connections)
+            .await
+            .context("connecting to the database (database.url)")?;
+        db.migrate().await.context("applying database migrations")?;
+        Some(db)
+    } else {
+        None
+    };
+
+    let mut query_addr = None;
+    if let (true, Some(db)) = (roles.contains(&Role::Query), &db) {
+        let server = Server::bind(settings.query.listen, query::router(db.clone()))
+            .await
+            .with_context(|| format!("binding the query API to {}", settings.query.listen))?;
+        query_addr = Some(server.local_addr()?);
+        let cancel = cancel.clone();
+        tasks.spawn(async move { server.run(cancel).await.context("query API") });
+    }
+
+    let mut ingest_addr = None;
+    let mut publisher = None;
+    if roles.contains(&Role::Ingest) {
+        let p = Publisher::new(&clients, codec.clone(), names::ORDERS_EVENTS)
+            .context("creating the ingest producer")?;
+        let status_base_url = if !settings.ingest.status_base_url.is_empty() {
+            settings.ingest.status_base_url.trim_end_matches('/').to_owned()
+        } else {
+            format!("http://{}", query_addr.unwrap_or(settings.query.listen))
+        };
+        let state = IngestState {
+            publisher: p.clone(),
+            status_base_url,
+        };
+        let router = orderflow_ingest::router(state, settings.ingest.max_body_bytes);
+        let server = Server::bind(settings.ingest.listen, router)
+            .await
+            .with_context(|| format!("binding the ingest edge to {}", settings.ingest.listen))?;
+        ingest_addr = Some(server.local_addr()?);
+        publisher = Some(p);
+        let cancel = cancel.clone();
+        tasks.spawn(async move { server.run(cancel).await.context("ingest edge") });
+    }
+
+    if roles.contains(&Role::Process) {
+        for spec in orderflow_processors::registry(settings) {
+            let runtime = ProcessorRuntime::new(spec, clients.clone(), &settings.processor, codec.clone());
+            let cancel = cancel.clone();
+            tasks.spawn(async move {
+                runtime.run(cancel).await;
+                Ok(())
+            });
+        }
+    }
+
+    if let (true, Some(db)) = (roles.contains(&Role::Project), &db) {
+        let writer = ProjectionWriter::new(
+            OrdersProjection,
+            db.clone(),
+            clients.clone(),
+            &settings.projection,
+            codec.clone(),
+        );
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            writer.run(cancel).await;
+            Ok(())
+        });
+    }
+
+    Ok(Running {
+        ingest_addr,
+        query_addr,
+        cancel,
+        tasks,
+        publisher,
+    })
+}
+
+impl Running {
+    /// The root token: cancel it to stop everything.
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Runs until the root is cancelled or a role ends on its own (which cancels the root).
+    pub async fn wait(&mut self) -> Result<()> {
+        let mut first_error = None;
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            finished = self.tasks.join_next() => {
+                if !self.cancel.is_cancelled() {
+                    warn!("A role stopped on its own; stopping the others.");
+                    self.cancel.cancel();
+                }
+                if let Some(Ok(Err(e))) = finished {
+                    first_error = Some(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Cancels and drains every role: each finishes and commits its batch. Roles still running
+    /// after `deadline` are aborted (their uncommitted work is re-done on the next start).
+    pub async fn shutdown(mut self, deadline: Duration) -> Result<()> {
+        self.cancel.cancel();
+        let drained = tokio::time::timeout(deadline, async {
+            let mut result = Ok(());
+            while let Some(joined) = self.tasks.join_next().await {
+                match joined {
+                    Ok(Err(e)) if result.is_ok() => result = Err(e),
+                    Err(e) if e.is_panic() && result.is_ok() => {
+                        result = Err(anyhow::anyhow!("a role panicked: {e}"))
+                    }
+                    _ => {}
+                }
+            }
+            result
+        })
+        .await;
+        if let Some(publisher) = &self.publisher {
+            publisher.flush(Duration::from_secs(2));
+        }
+        match drained {
+            Ok(result) => {
+                info!("All roles stopped.");
+                result
+            }
+            Err(_) => {
+                warn!(?deadline, "Roles did not stop in time; aborting them.");
+                self.tasks.abort_all();
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The ingest edge: `POST /v1/orders` turns a producer's JSON order into an `OrderPlaced` event
+//! on `orders.events` and answers `202` only once the broker acknowledged it.
+//!
+//! - [`request`] parses and checks a request body (shape, required fields, no card data) and
+//!   builds the event. Business rules (accepted currencies, totals, limits) are the saga's
+//!   validation step: an accepted order can still be rejected, with reasons, at its status URL.
+//! - [`publish`] owns the idempotent producer (`acks=all`) and the bounded wait for the ack.
+//! - [`routes`] is the HTTP surface and its problem+json errors.
+
+pub mod publish;
+pub mod request;
+pub mod routes;
+
+pub use publish::{PublishError, Publisher};
+pub use routes::{router, IngestState};

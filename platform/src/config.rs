@@ -1,0 +1,450 @@
+//! Configuration: one [`Settings`] tree, loaded with figment in a documented order.
+//!
+//! 1. `default.toml`, compiled in (every key has a default and a comment there);
+//! 2. the config file: `--config FILE` (must exist) or `./orderflow.toml` (if present);
+//! 3. `ORDERFLOW_`-prefixed environment variables, `__` between levels
+//!    (`ORDERFLOW_KAFKA__BROKERS=host:9092` sets `kafka.brokers`);
+//! 4. command-line flags, passed in as key/value overrides.
+//!
+//! Type errors name the key and what was expected (figment's messages), and [`Settings::validate`]
+//! collects every semantic error before failing. Secrets are [`Secret`]s: they print as
+//! `[redacted]`, including in `orderflow config show`.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize, Serializer};
+
+/// The compiled-in defaults: the first layer.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+/// The config file read when no `--config` is given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "orderflow.toml";
+/// Prefix of configuration environment variables.
+pub const ENV_PREFIX: &str = "ORDERFLOW_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value of the wrong type or an unknown key; the message names the key and the source.
+    #[error("{0}")]
+    Load(Box<figment::Error>),
+    #[error("config file {path} does not exist")]
+    MissingFile { path: PathBuf },
+    #[error("cannot read secret file {path} (named by {key}): {source}")]
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+    #[error("flag --set {0:?} is not KEY=VALUE")]
+    BadOverride(String),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(error: figment::Error) -> Self {
+        Self::Load(Box::new(error))
+    }
+}
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// A secret string: deserializes from a plain string, never prints or serializes its value.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(Option<SecretString>);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        let value = value.into();
+        Self((!value.is_empty()).then(|| SecretString::from(value)))
+    }
+
+    /// The value, for the one place that must use it (e.g. opening the connection).
+    pub fn expose(&self) -> Option<&str> {
+        self.0.as_ref().map(|s| s.expose_secret()).filter(|s| !s.is_empty())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.expose().is_some() { "[redacted]" } else { "\"\"" })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(if self.expose().is_some() { "[redacted]" } else { "" })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaSettings,
+    pub database: DatabaseSettings,
+    pub ingest: IngestSettings,
+    pub query: QuerySettings,
+    pub processor: BatchSettings,
+    pub projection: ProjectionSettings,
+    pub validation: ValidationSettings,
+    pub telemetry: TelemetrySettings,
+    pub dev: DevSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// Bootstrap servers; empty means the in-process broker (`dev` only).
+    pub brokers: String,
+    pub client_id: String,
+    pub fetch_wait_max_ms: u32,
+    pub session_timeout_ms: u32,
+    pub message_timeout_ms: u32,
+    pub transaction_timeout_ms: u32,
+    pub embedded_brokers: u8,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: Secret,
+    /// Path of a file holding the URL; read by [`Settings::load`] into `url`.
+    pub url_file: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSettings {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    /// Base URL of the query API for status URLs; empty means `http://<query.listen>`.
+    pub status_base_url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuerySettings {
+    pub listen: SocketAddr,
+}
+
+/// Bounds of a processor's transaction batch, and the identity of its transactional producer.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSettings {
+    pub batch_max_records: usize,
+    pub batch_max_ms: u64,
+    pub batch_idle_ms: u64,
+    pub transactional_id_prefix: String,
+    pub instance_id: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectionSettings {
+    pub batch_max_records: usize,
+    pub batch_max_ms: u64,
+    pub batch_idle_ms: u64,
+}
+
+/// Business rules of the validation step.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationSettings {
+    pub currencies: Vec<String>,
+    pub max_lines: usize,
+    pub max_quantity_per_line: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevSettings {
+    pub data_dir: PathBuf,
+}
+
+/// Command-line overrides, the last layer: `(dotted key, value)` pairs.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides(Vec<(String, toml::Value)>);
+
+impl Overrides {
+    /// Sets `key` to a value given as text: TOML syntax if it parses as a TOML value
+    /// (`5`, `true`, `["EUR"]`), else the text as a string.
+    pub fn set(&mut self, key: impl Into<String>, value: &str) -> &mut Self {
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+        self.0.push((key.into(), parsed));
+        self
+    }
+
+    /// Parses a `KEY=VALUE` flag.
+    pub fn set_pair(&mut self, pair: &str) -> Result<&mut Self> {
+        let (key, value) = pair
+            .split_once('=')
+            .filter(|(k, _)| !k.trim().is_empty())
+            .ok_or_else(|| ConfigError::BadOverride(pair.to_owned()))?;
+        Ok(self.set(key.trim(), value))
+    }
+}
+
+impl Settings {
+    /// The layered figment, before extraction. Exposed for tests and `config show`.
+    pub fn figment(config_file: Option<&Path>, overrides: &Overrides) -> Result<Figment> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        match config_file {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::MissingFile {
+                    path: path.to_owned(),
+                })
+            }
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            // `Toml::file` would also search parent directories; only the working directory's
+            // file is meant.
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
+            }
+            None => {}
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        for (key, value) in &overrides.0 {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+        Ok(figment)
+    }
+
+    /// Loads, resolves secret files and validates: the only way roles get settings.
+    pub fn load(config_file: Option<&Path>, overrides: &Overrides) -> Result<Self> {
+        let mut settings: Settings = Self::figment(config_file, overrides)?.extract()?;
+        if !settings.database.url_file.is_empty() {
+            let path = PathBuf::from(&settings.database.url_file);
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+                key: "database.url_file",
+                path,
+                source,
+            })?;
+            settings.database.url = Secret::new(text.lines().next().unwrap_or_default().trim());
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks what types cannot, collecting every error.
+    pub fn validate(&self) -> Result<()> {
+        let mut errors = Vec::new();
+        let mut check = |ok: bool, message: String| {
+            if !ok {
+                errors.push(message);
+            }
+        };
+        let k = &self.kafka;
+        check(
+            (1..=10_000).contains(&k.fetch_wait_max_ms),
+            format!("kafka.fetch_wait_max_ms: expected 1..=10000, found {}", k.fetch_wait_max_ms),
+        );
+        check(
+            k.message_timeout_ms >= 100,
+            format!("kafka.message_timeout_ms: expected at least 100, found {}", k.message_timeout_ms),
+        );
+        check(
+            (1..=16).contains(&k.embedded_brokers),
+            format!("kafka.embedded_brokers: expected 1..=16, found {}", k.embedded_brokers),
+        );
+        if let Some(url) = self.database.url.expose() {
+            check(
+                url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:"),
+                "database.url: expected a sqlite:// or postgres:// URL".to_owned(),
+            );
+        }
+        check(
+            self.database.max_connections >= 1,
+            "database.max_connections: expected at least 1, found 0".to_owned(),
+        );
+        for (key, batch_max, batch_ms) in [
+            ("processor", self.processor.batch_max_records, self.processor.batch_max_ms),
+            ("projection", self.projection.batch_max_records, self.projection.batch_max_ms),
+        ] {
+            check(
+                batch_max >= 1,
+                format!("{key}.batch_max_records: expected at least 1, found 0"),
+            );
+            check(
+                batch_ms >= 1,
+                format!("{key}.batch_max_ms: expected at least 1, found 0"),
+            );
+        }
+        for currency in &self.validation.currencies {
+            check(
+                currency.len() == 3 && currency.chars().all(|c| c.is_ascii_uppercase()),
+                format!("validation.currencies: expected ISO 4217 codes like \"EUR\", found {currency:?}"),
+            );
+        }
+        check(
+            self.validation.max_lines >= 1,
+            "validation.max_lines: expected at least 1, found 0".to_owned(),
+        );
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    /// The database URL to use: the configured one, or the SQLite file under `dev.data_dir`.
+    pub fn database_url(&self) -> String {
+        match self.database.url.expose() {
+            Some(url) => url.to_owned(),
+            None => format!(
+                "sqlite://{}?mode=rwc",
+                self.dev.data_dir.join(crate::config::EMBEDDED_DATABASE_FILE).display()
+            ),
+        }
+    }
+}
+
+/// File name of the embedded-mode SQLite database inside `dev.data_dir`.
+pub const EMBEDDED_DATABASE_FILE: &str = "orderflow.sqlite";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load(overrides: &Overrides) -> Result<Settings> {
+        Settings::load(None, overrides)
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        Jail::expect_with(|_jail| {
+            let settings = load(&Overrides::default()).expect("defaults are valid");
+            assert_eq!(settings.kafka.brokers, "");
+            assert_eq!(settings.kafka.fetch_wait_max_ms, 5);
+            assert_eq!(settings.telemetry.format, LogFormat::Human);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_env_then_flag() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                DEFAULT_CONFIG_FILE,
+                "[kafka]\nbrokers = \"file:9092\"\nclient_id = \"from-file\"\nfetch_wait_max_ms = 7\n",
+            )?;
+            let s = load(&Overrides::default()).expect("loads");
+            assert_eq!(s.kafka.brokers, "file:9092");
+            assert_eq!(s.kafka.fetch_wait_max_ms, 7);
+
+            jail.set_env("ORDERFLOW_KAFKA__BROKERS", "env:9092");
+            jail.set_env("ORDERFLOW_KAFKA__FETCH_WAIT_MAX_MS", "9");
+            let s = load(&Overrides::default()).expect("loads");
+            assert_eq!(s.kafka.brokers, "env:9092");
+            assert_eq!(s.kafka.fetch_wait_max_ms, 9);
+            assert_eq!(s.kafka.client_id, "from-file", "untouched keys keep the file value");
+
+            let mut flags = Overrides::default();
+            flags.set("kafka.brokers", "flag:9092");
+            flags.set_pair("kafka.fetch_wait_max_ms=11").expect("pair");
+            let s = load(&flags).expect("loads");
+            assert_eq!(s.kafka.brokers, "flag:9092");
+            assert_eq!(s.kafka.fetch_wait_max_ms, 11);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn explicit_config_file_must_exist() {
+        Jail::expect_with(|_jail| {
+            let err = Settings::load(Some(Path::new("nope.toml")), &Overrides::default())
+                .expect_err("missing file");
+            assert!(err.to_string().contains("nope.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_bad_value_names_its_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("ORDERFLOW_KAFKA__FETCH_WAIT_MAX_MS", "soon");
+            let err = load(&Overrides::default()).expect_err("not a number").to_string();
+            // figment names an environment key in the case it was given.
+            assert!(err.to_lowercase().contains("kafka.fetch_wait_max_ms"), "{err}");
+            assert!(err.contains("ORDERFLOW_"), "{err}");
+            assert!(err.contains("u32") || err.contains("integer"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file(DEFAULT_CONFIG_FILE, "[telemetry]\nformat = \"xml\"\n")?;
+            let err = load(&Overrides::default()).expect_err("bad enum").to_string();
+            assert!(err.contains("telemetry.format"), "{err}");
+            assert!(err.contains("human") && err.contains("json"), "{err}");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file(DEFAULT_CONFIG_FILE, "[kafka]\nbrokres = \"x\"\n")?;
+            let err = load(&Overrides::default()).expect_err("unknown key").to_string();
+            assert!(err.contains("brokres"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn semantic_errors_are_all_listed() {
+        Jail::expect_with(|_jail| {
+            let mut flags = Overrides::default();
+            flags.set("kafka.fetch_wait_max_ms", "0");
+            flags.set("validation.currencies", "[\"euro\"]");
+            flags.set("database.url", "mysql://x");
+            let err = load(&flags).expect_err("invalid").to_string();
+            assert!(err.contains("kafka.fetch_wait_max_ms"), "{err}");
+            assert!(err.contains("validation.currencies"), "{err}");
+            assert!(err.contains("database.url"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_redacted_and_read_from_files() {
+        Jail::expect_with(|jail| {
+            jail.create_file("db-url", "postgres://app:hunter2@db/orders\n")?;
+            jail.set_env("ORDERFLOW_DATABASE__URL_FILE", "db-url");
+            let s = load(&Overrides::default()).expect("loads");
+            assert_eq!(s.database_url(), "postgres://app:hunter2@db/orders");
+            let shown = s.to_toml();
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("[redacted]"), "{shown}");
+            assert!(!format!("{s:?}").contains("hunter2"));
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,130 @@
+//! HTTP conventions every orderflow server follows: RFC 9457 problem+json errors with stable
+//! `type`s and nothing internal in them, `/healthz`, and serving until a cancellation token
+//! fires (in-flight requests finish).
+
+use std::net::SocketAddr;
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Media type of problem documents.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// One invalid field of a request.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `lines[0].quantity`.
+    pub field: String,
+    pub message: String,
+}
+
+/// An RFC 9457 problem document. `type` is a stable URN per kind of problem
+/// (`urn:orderflow:problem:<code>`); clients switch on it, never on `detail`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+    /// Seconds to wait before retrying (`Retry-After`), for 429 and 503.
+    #[serde(skip)]
+    pub retry_after: Option<u32>,
+}
+
+impl Problem {
+    pub fn new(status: StatusCode, code: &str, title: &str) -> Self {
+        Self {
+            kind: format!("urn:orderflow:problem:{code}"),
+            title: title.to_owned(),
+            status: status.as_u16(),
+            detail: None,
+            errors: Vec::new(),
+            retry_after: None,
+        }
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn errors(mut self, errors: Vec<FieldError>) -> Self {
+        self.errors = errors;
+        self
+    }
+
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    pub fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found").detail(format!("{what} does not exist"))
+    }
+
+    /// For failures whose cause must not leak (database, broker); log the cause separately.
+    pub fn unavailable(what: &str) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable")
+            .detail(format!("{what} is temporarily unavailable; retry later"))
+            .retry_after(1)
+    }
+}
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let retry_after = self.retry_after;
+        let mut response = (status, Json(self)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if let Some(seconds) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}
+
+/// `/healthz`: the process is alive and serving.
+pub fn health_routes() -> Router {
+    Router::new().route("/healthz", get(|| async { "ok" }))
+}
+
+/// Fallback for unknown routes: a problem document, not an empty 404.
+pub async fn not_found_fallback() -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, "no-such-route", "No such route")
+}
+
+/// A bound listener (port 0 picks a free port) serving `router` until `cancel` fires.
+pub struct Server {
+    listener: TcpListener,
+    router: Router,
+}
+
+impl Server {
+    pub async fn bind(addr: SocketAddr, router: Router) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        Ok(Self { listener, router })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `cancel`, then lets in-flight requests finish.
+    pub async fn run(self, cancel: CancellationToken) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await
+    }
+}

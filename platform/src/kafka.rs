@@ -1,0 +1,306 @@
+//! Kafka client setup: the one place that decides client properties, so every role talks to
+//! the broker the same way. Also the in-process broker of the embedded mode.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use orderflow_schemas::{codec::CONTENT_TYPE, headers, EventKind};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer},
+    error::KafkaError,
+    message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
+    mocking::MockCluster,
+    producer::DefaultProducerContext,
+    ClientConfig, ClientContext, Offset, TopicPartitionList,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::KafkaSettings;
+
+/// The in-process Kafka cluster (librdkafka's mock cluster) of `orderflow dev` and the tests.
+///
+/// It keeps its log in memory only and dies with the process. It is not `Send`: keep it in the
+/// task that started the pipeline (the binary's main future or the test body).
+pub struct EmbeddedBroker {
+    cluster: MockCluster<'static, DefaultProducerContext>,
+    bootstrap: String,
+}
+
+impl EmbeddedBroker {
+    pub fn start(brokers: u8) -> Result<Self, rdkafka::error::KafkaError> {
+        let cluster = MockCluster::new(i32::from(brokers.max(1)))?;
+        let bootstrap = cluster.bootstrap_servers();
+        Ok(Self { cluster, bootstrap })
+    }
+
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// The mock cluster, for topic creation and fault injection (brokers down, errors, latency).
+    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        &self.cluster
+    }
+}
+
+/// Builds client configs from [`KafkaSettings`] for a given bootstrap list.
+#[derive(Debug, Clone)]
+pub struct KafkaClients {
+    settings: KafkaSettings,
+    bootstrap: String,
+}
+
+impl KafkaClients {
+    pub fn new(settings: &KafkaSettings, bootstrap: impl Into<String>) -> Self {
+        Self {
+            settings: settings.clone(),
+            bootstrap: bootstrap.into(),
+        }
+    }
+
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    pub fn settings(&self) -> &KafkaSettings {
+        &self.settings
+    }
+
+    fn base(&self, role: &str) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("client.id", format!("{}-{role}", self.settings.client_id))
+            // Broker-side topic auto-creation would hide a missing `topics apply`.
+            .set("allow.auto.create.topics", "false");
+        config
+    }
+
+    /// Idempotent producer, `acks=all`: a send resolves only once every in-sync replica has it,
+    /// and librdkafka's retries never duplicate or reorder a record.
+    pub fn idempotent_producer(&self, role: &str) -> ClientConfig {
+        let mut config = self.base(role);
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set(
+                "message.timeout.ms",
+                self.settings.message_timeout_ms.to_string(),
+            );
+        config.remove("allow.auto.create.topics");
+        config
+    }
+
+    /// Transactional producer for a processor; `transactional_id` must be stable per instance.
+    pub fn transactional_producer(&self, role: &str, transactional_id: &str) -> ClientConfig {
+        let mut config = self.idempotent_producer(role);
+        config
+            .set("transactional.id", transactional_id)
+            .set(
+                "transaction.timeout.ms",
+                self.settings.transaction_timeout_ms.to_string(),
+            )
+            // Inside a transaction the deadline is the transaction's, not the message's.
+            .set(
+                "message.timeout.ms",
+                self.settings.transaction_timeout_ms.to_string(),
+            );
+        config
+    }
+
+    /// Group consumer reading `read_committed`, offsets committed only by our code.
+    pub fn consumer(&self, role: &str, group_id: &str) -> ClientConfig {
+        let mut config = self.base(role);
+        config
+            .set("group.id", group_id)
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "fetch.wait.max.ms",
+                self.settings.fetch_wait_max_ms.to_string(),
+            )
+            .set(
+                "session.timeout.ms",
+                self.settings.session_timeout_ms.to_string(),
+            )
+            .set(
+                "heartbeat.interval.ms",
+                (self.settings.session_timeout_ms / 3).max(100).to_string(),
+            )
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        config
+    }
+
+    /// Admin and metadata client.
+    pub fn admin(&self) -> ClientConfig {
+        self.base("admin")
+    }
+
+    /// How long admin and metadata calls may take.
+    pub fn admin_timeout(&self) -> Duration {
+        Duration::from_secs(10)
+    }
+}
+
+/// Headers of an event record: its type, its content type and, when known, the trace context.
+pub fn event_headers(kind: EventKind, traceparent: Option<&str>) -> OwnedHeaders {
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: headers::EVENT_TYPE,
+            value: Some(kind.name()),
+        })
+        .insert(Header {
+            key: headers::CONTENT_TYPE,
+            value: Some(CONTENT_TYPE),
+        });
+    match traceparent {
+        Some(tp) => headers.insert(Header {
+            key: headers::TRACEPARENT,
+            value: Some(tp),
+        }),
+        None => headers,
+    }
+}
+
+/// Consumer context of every group member: logs assignments and revocations. (The batch loops
+/// drop revoked partitions' records from the batch in hand, see [`retain_assigned`].)
+pub struct GroupContext {
+    role: &'static str,
+}
+
+impl GroupContext {
+    pub fn new(role: &'static str) -> Self {
+        Self { role }
+    }
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                info!(role = self.role, partitions = tpl.count(), "Partitions assigned.")
+            }
+            Rebalance::Revoke(tpl) => {
+                info!(role = self.role, partitions = tpl.count(), "Partitions revoked.")
+            }
+            Rebalance::Error(e) => warn!(role = self.role, error = %e, "Rebalance failed."),
+        }
+    }
+}
+
+/// When a batch is complete.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchBounds {
+    pub max_records: usize,
+    /// Longest time from the batch's first record to its end.
+    pub max_wait: Duration,
+    /// The batch ends once no record arrived for this long: the input went idle.
+    pub idle: Duration,
+}
+
+/// Waits for a first record (or cancellation: empty batch), then takes more until the batch is
+/// full, `max_wait` has passed, or the input is idle for `idle`. At low load a record crosses in
+/// milliseconds; at high load batches grow and carry the throughput.
+pub async fn collect_batch<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    cancel: &CancellationToken,
+    bounds: &BatchBounds,
+) -> Vec<OwnedMessage> {
+    let mut batch = Vec::new();
+    let first = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return batch,
+            received = consumer.recv() => match received {
+                Ok(message) => break message.detach(),
+                Err(e) => debug!(error = %e, "Consumer error while idle."),
+            }
+        }
+    };
+    batch.push(first);
+    let deadline = tokio::time::Instant::now() + bounds.max_wait;
+    while batch.len() < bounds.max_records {
+        let until = deadline.min(tokio::time::Instant::now() + bounds.idle);
+        match tokio::time::timeout_at(until, consumer.recv()).await {
+            Ok(Ok(message)) => batch.push(message.detach()),
+            Ok(Err(e)) => debug!(error = %e, "Consumer error in batch."),
+            Err(_elapsed) => break,
+        }
+    }
+    batch
+}
+
+/// Drops records of partitions revoked while the batch was being collected.
+pub fn retain_assigned<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    mut batch: Vec<OwnedMessage>,
+) -> Vec<OwnedMessage> {
+    if batch.is_empty() {
+        return batch;
+    }
+    let Ok(assignment) = consumer.assignment() else {
+        return batch;
+    };
+    let before = batch.len();
+    batch.retain(|m| assignment.find_partition(m.topic(), m.partition()).is_some());
+    if batch.len() != before {
+        debug!(dropped = before - batch.len(), "Dropped records of revoked partitions.");
+    }
+    batch
+}
+
+/// The offsets to commit after `batch`: one past the last record of each partition.
+pub fn next_offsets(batch: &[OwnedMessage]) -> Result<TopicPartitionList, KafkaError> {
+    let mut next: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for m in batch {
+        let entry = next.entry((m.topic(), m.partition())).or_insert(0);
+        *entry = (*entry).max(m.offset() + 1);
+    }
+    let mut tpl = TopicPartitionList::with_capacity(next.len());
+    for ((topic, partition), offset) in next {
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    }
+    Ok(tpl)
+}
+
+/// A header's value as text.
+pub fn header_value(message: &OwnedMessage, name: &str) -> Option<String> {
+    message.headers().and_then(|hs| {
+        hs.iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    })
+}
+
+/// The source record's headers plus the dead-letter headers.
+pub fn dead_letter_headers(message: &OwnedMessage, consumer: &str, reason: &str) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new();
+    if let Some(hs) = message.headers() {
+        for h in hs.iter().filter(|h| !h.key.starts_with("dlq.")) {
+            out = out.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    let partition = message.partition().to_string();
+    let offset = message.offset().to_string();
+    for (key, value) in [
+        (headers::DLQ_REASON, reason),
+        (headers::DLQ_SOURCE_TOPIC, message.topic()),
+        (headers::DLQ_SOURCE_PARTITION, partition.as_str()),
+        (headers::DLQ_SOURCE_OFFSET, offset.as_str()),
+        (headers::DLQ_CONSUMER, consumer),
+    ] {
+        out = out.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    out
+}

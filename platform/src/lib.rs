@@ -1,0 +1,11 @@
+//! What every orderflow role shares, and nothing else: configuration ([`config`]), telemetry
+//! setup ([`telemetry`]), Kafka client setup ([`kafka`]) and the HTTP conventions every server
+//! follows ([`http`]: problem+json errors, health, graceful serving). Role logic lives in the role crates;
+//! if something here is used by one role only, it belongs in that role.
+
+pub mod config;
+pub mod http;
+pub mod kafka;
+pub mod telemetry;
+
+pub use config::{ConfigError, Settings};

@@ -1,0 +1,16 @@
+//! Projections and queries: the writers that fold the event log into tables ([`orders`]), the
+//! database they write ([`db`]: PostgreSQL, or SQLite when embedded, with migrations), and the
+//! query API that serves those tables over HTTP ([`query`]).
+//!
+//! Each projection is a consumer group writing one set of tables; its consumed offsets are
+//! stored in the same database transaction as its rows (`projection_offsets`), so the tables
+//! are exactly what the log says whatever crashes in between.
+
+pub mod db;
+pub mod orders;
+pub mod query;
+pub mod writer;
+
+pub use writer::{Projection, ProjectionWriter};
+
+pub use db::{Database, DbError};

@@ -1,0 +1,213 @@
+//! The orders projection: the current state of every order (table `orders`), folded from
+//! `orders.events`.
+//!
+//! A row's `version` is the `sequence` of the last event applied to it. `OrderPlaced`
+//! (sequence 1) inserts the row, or does nothing if it exists; every later event updates the
+//! row only if its sequence is higher than the row's version. So a duplicate or an older event
+//! never overwrites a newer row, and applying the log twice gives the same table as once.
+
+use orderflow_schemas::{FraudDecision, OrderEvent};
+use sqlx::AnyConnection;
+
+use crate::{db::Result, writer::Projection};
+
+/// Statuses an order ends in; anything else is in flight.
+pub const FINAL_STATUSES: [&str; 3] = ["confirmed", "rejected", "cancelled"];
+
+/// What one event does to the `orders` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `OrderPlaced`: the row as it starts.
+    Insert(OrderRow),
+    /// A later event: new version, maybe a new status and reasons.
+    Advance {
+        order_id: String,
+        version: i64,
+        status: Option<&'static str>,
+        reasons: Option<String>,
+        updated_at: i64,
+        event_id: String,
+    },
+}
+
+/// A row of `orders`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OrderRow {
+    pub order_id: String,
+    pub customer_id: String,
+    pub status: String,
+    pub version: i64,
+    pub currency: String,
+    pub total_minor: i64,
+    pub line_count: i64,
+    /// JSON array of `{code, field, message}` when the order was rejected.
+    pub reasons: Option<String>,
+    /// Event time of `OrderPlaced`, ms since the epoch.
+    pub placed_at: i64,
+    /// Event time of the last applied event, ms since the epoch.
+    pub updated_at: i64,
+    pub last_event_id: String,
+}
+
+/// The status an event moves its order to; `None` leaves the status as is (compensations).
+pub fn status_after(event: &OrderEvent) -> Option<&'static str> {
+    Some(match event {
+        OrderEvent::OrderPlaced(_) => "placed",
+        OrderEvent::OrderValidated(_) => "validated",
+        OrderEvent::OrderRejected(_) => "rejected",
+        OrderEvent::FraudScored(e) => match e.decision {
+            FraudDecision::Approve => "fraud_approved",
+            FraudDecision::Review => "fraud_review",
+            // An OrderRejected follows and sets the final status.
+            FraudDecision::Reject => return None,
+        },
+        OrderEvent::InventoryReservationRequested(_) => "reserving_inventory",
+        OrderEvent::InventoryReserved(_) => "inventory_reserved",
+        OrderEvent::InventoryRejected(_) => return None,
+        OrderEvent::InventoryReleased(_) => return None,
+        OrderEvent::PaymentRequested(_) => "payment_pending",
+        OrderEvent::PaymentAuthorized(_) => "paid",
+        OrderEvent::PaymentDeclined(_) => return None,
+        OrderEvent::PaymentRefunded(_) => return None,
+        OrderEvent::OrderConfirmed(_) => "confirmed",
+        OrderEvent::OrderCancelled(_) => "cancelled",
+    })
+}
+
+/// The change an event makes. Pure: the fold the projection and any checker share.
+pub fn change_for(event: &OrderEvent) -> Change {
+    let envelope = event.envelope();
+    match event {
+        OrderEvent::OrderPlaced(placed) => Change::Insert(OrderRow {
+            order_id: envelope.order_id.clone(),
+            customer_id: envelope.customer_id.clone(),
+            status: "placed".to_owned(),
+            version: envelope.sequence,
+            currency: placed.currency.clone(),
+            total_minor: placed.total_minor,
+            line_count: placed.lines.len() as i64,
+            reasons: None,
+            placed_at: envelope.occurred_at,
+            updated_at: envelope.occurred_at,
+            last_event_id: envelope.event_id.clone(),
+        }),
+        other => Change::Advance {
+            order_id: envelope.order_id.clone(),
+            version: envelope.sequence,
+            status: status_after(other),
+            reasons: match other {
+                OrderEvent::OrderRejected(r) => serde_json::to_string(
+                    &r.reasons
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({"code": r.code, "field": r.field, "message": r.message})
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .ok(),
+                _ => None,
+            },
+            updated_at: envelope.occurred_at,
+            event_id: envelope.event_id.clone(),
+        },
+    }
+}
+
+/// Applies one change inside the caller's transaction.
+pub async fn apply_change(conn: &mut AnyConnection, change: &Change) -> Result<()> {
+    match change {
+        Change::Insert(row) => {
+            sqlx::query(
+                "INSERT INTO orders (order_id, customer_id, status, version, currency, \
+                 total_minor, line_count, reasons, placed_at, updated_at, last_event_id) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                 ON CONFLICT (order_id) DO NOTHING",
+            )
+            .bind(&row.order_id)
+            .bind(&row.customer_id)
+            .bind(&row.status)
+            .bind(row.version)
+            .bind(&row.currency)
+            .bind(row.total_minor)
+            .bind(row.line_count)
+            .bind(row.reasons.clone())
+            .bind(row.placed_at)
+            .bind(row.updated_at)
+            .bind(&row.last_event_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Change::Advance {
+            order_id,
+            version,
+            status,
+            reasons,
+            updated_at,
+            event_id,
+        } => {
+            sqlx::query(
+                "UPDATE orders SET status = COALESCE($2, status), version = $3, \
+                 reasons = COALESCE($4, reasons), updated_at = $5, last_event_id = $6 \
+                 WHERE order_id = $1 AND version < $3",
+            )
+            .bind(order_id)
+            .bind(status.map(str::to_owned))
+            .bind(*version)
+            .bind(reasons.clone())
+            .bind(*updated_at)
+            .bind(event_id)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads one order.
+pub async fn get(pool: &sqlx::AnyPool, order_id: &str) -> Result<Option<OrderRow>> {
+    use sqlx::Row;
+    let row = sqlx::query(
+        "SELECT order_id, customer_id, status, version, currency, total_minor, line_count, \
+         reasons, placed_at, updated_at, last_event_id FROM orders WHERE order_id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(pool)
+    .await?;
+    row.map(|r| {
+        Ok(OrderRow {
+            order_id: r.try_get(0)?,
+            customer_id: r.try_get(1)?,
+            status: r.try_get(2)?,
+            version: r.try_get(3)?,
+            currency: r.try_get(4)?,
+            total_minor: r.try_get(5)?,
+            line_count: r.try_get(6)?,
+            reasons: r.try_get(7)?,
+            placed_at: r.try_get(8)?,
+            updated_at: r.try_get(9)?,
+            last_event_id: r.try_get(10)?,
+        })
+    })
+    .transpose()
+}
+
+/// The orders projection, for the generic writer.
+pub struct OrdersProjection;
+
+impl Projection for OrdersProjection {
+    fn name(&self) -> &'static str {
+        "orders"
+    }
+
+    fn topics(&self) -> Vec<&'static str> {
+        vec![orderflow_topics::names::ORDERS_EVENTS]
+    }
+
+    fn dead_letter_topic(&self) -> &'static str {
+        orderflow_topics::names::PROJECTION_ORDERS_DLQ
+    }
+
+    async fn apply(&self, conn: &mut AnyConnection, event: &OrderEvent) -> Result<()> {
+        apply_change(conn, &change_for(event)).await
+    }
+}

@@ -1,0 +1,272 @@
+//! The projection writer: one consumer group per projection, batched, exactly once into the
+//! database.
+//!
+//! Why a crash at any point neither loses nor doubles a row: each batch is one database
+//! transaction that (1) reads the projection's stored positions from `projection_offsets`,
+//! (2) skips every record below them — already applied by an earlier run or another replica —
+//! (3) applies the rest and (4) moves the positions, with a compare-and-set so two writers
+//! cannot both move the same partition. Rows and positions commit together or not at all.
+//! Only after the commit is the group offset committed, as a starting hint; it can lag the
+//! database (a crash in between) but never lead it, and anything re-read is skipped by (2).
+//!
+//! Poison records (undecodable) are written to the projection's dead-letter topic and
+//! acknowledged before the batch commits; a crash between the two can repeat a dead letter
+//! (consumers of dead letters key them by source topic/partition/offset), never lose one.
+
+use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
+
+use orderflow_platform::{
+    config::ProjectionSettings,
+    kafka::{
+        collect_batch, dead_letter_headers, next_offsets, retain_assigned, BatchBounds,
+        GroupContext, KafkaClients,
+    },
+};
+use orderflow_schemas::{Codec, OrderEvent};
+use rdkafka::{
+    consumer::{CommitMode, Consumer, StreamConsumer},
+    error::KafkaError,
+    message::{Message, OwnedMessage},
+    producer::{FutureProducer, FutureRecord},
+    util::Timeout,
+};
+use sqlx::{AnyConnection, Row};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::db::{Database, DbError};
+
+/// One projection: which topics it folds and how one event changes its tables.
+pub trait Projection: Send + Sync + 'static {
+    /// Name in `projection_offsets`, the consumer group and logs.
+    fn name(&self) -> &'static str;
+    fn topics(&self) -> Vec<&'static str>;
+    fn dead_letter_topic(&self) -> &'static str;
+    /// Applies one event inside the batch's transaction. Must be idempotent by itself too
+    /// (version checks), so a replay over existing rows changes nothing.
+    fn apply(
+        &self,
+        conn: &mut AnyConnection,
+        event: &OrderEvent,
+    ) -> impl Future<Output = Result<(), DbError>> + Send;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for WriterError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(DbError::Sqlx(e))
+    }
+}
+
+/// What a committed batch did, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub applied: usize,
+    pub skipped: usize,
+    pub dead_lettered: usize,
+}
+
+pub struct ProjectionWriter<P: Projection> {
+    projection: Arc<P>,
+    db: Database,
+    clients: KafkaClients,
+    settings: ProjectionSettings,
+    codec: Arc<Codec>,
+}
+
+impl<P: Projection> ProjectionWriter<P> {
+    pub fn new(
+        projection: P,
+        db: Database,
+        clients: KafkaClients,
+        settings: &ProjectionSettings,
+        codec: Arc<Codec>,
+    ) -> Self {
+        Self {
+            projection: Arc::new(projection),
+            db,
+            clients,
+            settings: settings.clone(),
+            codec,
+        }
+    }
+
+    pub fn group_id(&self) -> String {
+        format!("orderflow-projection-{}", self.projection.name())
+    }
+
+    /// Runs until cancelled; a failed session restarts from the stored positions.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match self.session(&cancel).await {
+                Ok(()) => {
+                    info!(projection = self.projection.name(), "Projection stopped.");
+                    return;
+                }
+                Err(e) => {
+                    warn!(projection = self.projection.name(), error = %e, retry_in = ?backoff, "Projection session failed; restarting.");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn session(&self, cancel: &CancellationToken) -> Result<(), WriterError> {
+        let name = self.projection.name();
+        let consumer: StreamConsumer<GroupContext> = self
+            .clients
+            .consumer(name, &self.group_id())
+            .create_with_context(GroupContext::new("projection"))?;
+        let dead_letters: FutureProducer = self
+            .clients
+            .idempotent_producer(&format!("projection-{name}-dlq"))
+            .create()?;
+        consumer.subscribe(&self.projection.topics())?;
+        info!(projection = name, group = %self.group_id(), "Projection started.");
+        let bounds = BatchBounds {
+            max_records: self.settings.batch_max_records,
+            max_wait: Duration::from_millis(self.settings.batch_max_ms),
+            idle: Duration::from_millis(self.settings.batch_idle_ms),
+        };
+        loop {
+            let batch = retain_assigned(&consumer, collect_batch(&consumer, cancel, &bounds).await);
+            if !batch.is_empty() {
+                let outcome = self.write(&batch, &dead_letters).await?;
+                // A hint for where to resume; the database's positions are the truth.
+                consumer.commit(&next_offsets(&batch)?, CommitMode::Async)?;
+                debug!(projection = name, ?outcome, "Batch committed.");
+            }
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Applies a batch exactly once: see the module docs.
+    pub async fn write(
+        &self,
+        batch: &[OwnedMessage],
+        dead_letters: &FutureProducer,
+    ) -> Result<BatchOutcome, WriterError> {
+        let name = self.projection.name();
+        let mut tx = self.db.pool().begin().await?;
+        let mut stored: BTreeMap<(String, i32), Option<i64>> = BTreeMap::new();
+        for m in batch {
+            let key = (m.topic().to_owned(), m.partition());
+            if stored.contains_key(&key) {
+                continue;
+            }
+            let next: Option<i64> = sqlx::query(
+                "SELECT next_offset FROM projection_offsets \
+                 WHERE projection = $1 AND topic = $2 AND partition_id = $3",
+            )
+            .bind(name)
+            .bind(m.topic())
+            .bind(i64::from(m.partition()))
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| row.try_get(0))
+            .transpose()?;
+            stored.insert(key, next);
+        }
+
+        let mut outcome = BatchOutcome::default();
+        let mut reached: BTreeMap<(String, i32), i64> = BTreeMap::new();
+        for m in batch {
+            let key = (m.topic().to_owned(), m.partition());
+            let from = stored.get(&key).copied().flatten().unwrap_or(0);
+            if m.offset() < from {
+                outcome.skipped += 1;
+                continue;
+            }
+            let entry = reached.entry(key).or_insert(from);
+            *entry = (*entry).max(m.offset() + 1);
+            match self.codec.decode(m.payload().unwrap_or_default()) {
+                Ok(event) => {
+                    self.projection.apply(&mut tx, &event).await?;
+                    outcome.applied += 1;
+                }
+                Err(e) => {
+                    let reason = format!("undecodable: {e}");
+                    warn!(projection = name, topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "Record sent to the dead-letter topic.");
+                    self.dead_letter(dead_letters, m, &reason).await?;
+                    outcome.dead_lettered += 1;
+                }
+            }
+        }
+
+        for ((topic, partition), next) in &reached {
+            let previous = stored.get(&(topic.clone(), *partition)).copied().flatten();
+            let moved = match previous {
+                Some(previous) => sqlx::query(
+                    "UPDATE projection_offsets SET next_offset = $4 WHERE projection = $1 \
+                     AND topic = $2 AND partition_id = $3 AND next_offset = $5",
+                )
+                .bind(name)
+                .bind(topic)
+                .bind(i64::from(*partition))
+                .bind(*next)
+                .bind(previous)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected(),
+                // A concurrent insert of the same key fails on the primary key: also a conflict.
+                None => sqlx::query(
+                    "INSERT INTO projection_offsets (projection, topic, partition_id, next_offset) \
+                     VALUES ($1, $2, $3, $4)",
+                )
+                .bind(name)
+                .bind(topic)
+                .bind(i64::from(*partition))
+                .bind(*next)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected(),
+            };
+            if moved != 1 {
+                return Err(DbError::Conflict {
+                    projection: name.to_owned(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                }
+                .into());
+            }
+        }
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    async fn dead_letter(
+        &self,
+        producer: &FutureProducer,
+        message: &OwnedMessage,
+        reason: &str,
+    ) -> Result<(), WriterError> {
+        let headers = dead_letter_headers(message, self.projection.name(), reason);
+        let record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(self.projection.dead_letter_topic())
+                .payload(message.payload().unwrap_or_default())
+                .headers(headers);
+        let record = match message.key() {
+            Some(key) => record.key(key),
+            None => record,
+        };
+        producer
+            .send(record, Timeout::Never)
+            .await
+            .map_err(|(e, _)| WriterError::Kafka(e))?;
+        Ok(())
+    }
+}

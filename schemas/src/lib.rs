@@ -1,0 +1,42 @@
+//! The event contract of orderflow: Avro schemas, the Rust event types derived from them, and the
+//! Confluent wire-format codec. No I/O, no async: every other crate builds on this one.
+//!
+//! Layout:
+//! - `avro/*.avsc` (beside this crate's `src/`) are the contract. Each file is self-contained
+//!   (the shared `Envelope`, `OrderLine`, ... records are defined inline) so any Avro tool or
+//!   schema registry can read it without references.
+//! - [`events`] holds one Rust struct per schema and [`OrderEvent`], the sum of them.
+//! - [`codec`] maps each event kind to its compiled-in schema and a fixed schema id, and encodes
+//!   and decodes values as `0x00 | schema id (u32 BE) | Avro body`.
+//! - [`ids`] derives event ids from their cause (UUIDv5), rule 1 of DESIGN.md.
+
+pub mod codec;
+pub mod events;
+pub mod ids;
+pub mod pan;
+
+pub use codec::{Codec, CodecError, EventKind};
+pub use events::{
+    Address, Envelope, FraudDecision, FraudScored, InventoryRejected, InventoryReleased,
+    InventoryReservationRequested, InventoryReserved, OrderCancelled, OrderConfirmed, OrderEvent,
+    OrderLine, OrderPlaced, OrderRejected, OrderValidated, PaymentAuthorized, PaymentDeclined,
+    PaymentRefunded, PaymentRequested, Reason, SkuQuantity, SkuShortage,
+};
+
+/// Names of the Kafka headers orderflow writes. Values are UTF-8.
+pub mod headers {
+    /// The record name of the value's schema, e.g. `OrderPlaced`.
+    pub const EVENT_TYPE: &str = "event_type";
+    /// [`crate::codec::CONTENT_TYPE`] for orderflow events.
+    pub const CONTENT_TYPE: &str = "content-type";
+    /// W3C trace context of the request or event that caused this record.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// Dead letters: why the record could not be processed.
+    pub const DLQ_REASON: &str = "dlq.reason";
+    /// Dead letters: where the record was read from.
+    pub const DLQ_SOURCE_TOPIC: &str = "dlq.source.topic";
+    pub const DLQ_SOURCE_PARTITION: &str = "dlq.source.partition";
+    pub const DLQ_SOURCE_OFFSET: &str = "dlq.source.offset";
+    /// Dead letters: the consumer (processor or projection) that gave up on the record.
+    pub const DLQ_CONSUMER: &str = "dlq.consumer";
+}

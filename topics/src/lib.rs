@@ -1,0 +1,171 @@
+//! The topic catalog — one declarative file, `catalog.toml` — and everything derived from it:
+//! the topic names the roles use ([`names`]), provisioning through the admin API ([`apply`]), and
+//! the topic documentation ([`docs`]). Nothing else decides a topic's name or shape.
+
+pub mod apply;
+pub mod docs;
+
+use std::collections::BTreeSet;
+
+use serde::Deserialize;
+
+/// The catalog source, compiled in.
+pub const CATALOG_TOML: &str = include_str!("../catalog.toml");
+
+/// Names of the topics the roles read and write. A test checks each is in the catalog.
+pub mod names {
+    pub const ORDERS_EVENTS: &str = "orders.events";
+    pub const SAGA_DLQ: &str = "orderflow.saga.dlq";
+    pub const PROJECTION_ORDERS_DLQ: &str = "orderflow.projection.orders.dlq";
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("topic catalog does not parse: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("topic catalog is invalid:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CleanupPolicy {
+    Delete,
+    Compact,
+}
+
+impl CleanupPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Delete => "delete",
+            Self::Compact => "compact",
+        }
+    }
+}
+
+/// One topic as the catalog declares it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    pub name: String,
+    pub description: String,
+    pub key: String,
+    pub value: String,
+    /// Avro record names that may appear as values.
+    pub schemas: Vec<String>,
+    pub partitions: i32,
+    /// Production replication; capped at the cluster's broker count when applied.
+    pub replication: i32,
+    pub cleanup_policy: CleanupPolicy,
+    /// Retention of a `delete` topic; `-1` keeps forever.
+    pub retention_ms: Option<i64>,
+    pub producers: Vec<String>,
+    pub consumers: Vec<String>,
+}
+
+impl TopicSpec {
+    /// Topic configs to set at creation and to compare for drift.
+    pub fn configs(&self) -> Vec<(&'static str, String)> {
+        let mut configs = vec![("cleanup.policy", self.cleanup_policy.as_str().to_owned())];
+        if let Some(ms) = self.retention_ms {
+            configs.push(("retention.ms", ms.to_string()));
+        }
+        configs
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Catalog {
+    #[serde(rename = "topic")]
+    pub topics: Vec<TopicSpec>,
+}
+
+impl Catalog {
+    /// The compiled-in catalog.
+    pub fn load() -> Result<Self, CatalogError> {
+        Self::parse(CATALOG_TOML)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, CatalogError> {
+        let catalog: Catalog = toml::from_str(text)?;
+        catalog.validate()?;
+        Ok(catalog)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TopicSpec> {
+        self.topics.iter().find(|t| t.name == name)
+    }
+
+    fn validate(&self) -> Result<(), CatalogError> {
+        let mut errors = Vec::new();
+        let mut seen = BTreeSet::new();
+        for t in &self.topics {
+            if !seen.insert(t.name.as_str()) {
+                errors.push(format!("{}: declared twice", t.name));
+            }
+            if t.partitions < 1 {
+                errors.push(format!("{}: partitions must be at least 1", t.name));
+            }
+            if t.replication < 1 {
+                errors.push(format!("{}: replication must be at least 1", t.name));
+            }
+            if t.cleanup_policy == CleanupPolicy::Compact && t.retention_ms.is_some() {
+                errors.push(format!("{}: a compacted topic takes no retention_ms", t.name));
+            }
+            let valid_name = !t.name.is_empty()
+                && t.name.len() <= 249
+                && t
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !valid_name {
+                errors.push(format!("{}: not a legal Kafka topic name", t.name));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(CatalogError::Invalid(errors))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_catalog_parses_and_names_every_topic_the_roles_use() {
+        let catalog = Catalog::load().expect("catalog is valid");
+        for name in [
+            names::ORDERS_EVENTS,
+            names::SAGA_DLQ,
+            names::PROJECTION_ORDERS_DLQ,
+        ] {
+            assert!(catalog.get(name).is_some(), "{name} missing from catalog.toml");
+        }
+    }
+
+    #[test]
+    fn invalid_catalogs_are_rejected_with_every_reason() {
+        let text = r#"
+[[topic]]
+name = "a b"
+description = ""
+key = ""
+value = ""
+schemas = []
+partitions = 0
+replication = 1
+cleanup_policy = "compact"
+retention_ms = 5
+producers = []
+consumers = []
+"#;
+        let err = Catalog::parse(text).expect_err("invalid").to_string();
+        assert!(err.contains("partitions"), "{err}");
+        assert!(err.contains("retention_ms"), "{err}");
+        assert!(err.contains("legal Kafka topic name"), "{err}");
+    }
+}
