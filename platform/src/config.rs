@@ -253,6 +253,18 @@ impl Settings {
         Ok(settings)
     }
 
+    /// Defaults plus `overrides` only: no file, no environment. For tests and tools that must
+    /// not pick up the caller's configuration.
+    pub fn from_defaults(overrides: &Overrides) -> Result<Self> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_TOML));
+        for (key, value) in &overrides.0 {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+        let settings: Settings = figment.extract()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
     /// Checks what types cannot, collecting every error.
     pub fn validate(&self) -> Result<()> {
         let mut errors = Vec::new();

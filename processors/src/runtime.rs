@@ -40,6 +40,7 @@ use rdkafka::{
     error::KafkaError,
     message::{Message, OwnedMessage},
     producer::{FutureProducer, FutureRecord, Producer},
+    TopicPartitionList,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -177,17 +178,26 @@ impl ProcessorRuntime {
         consumer.subscribe(&self.input_topics)?;
         info!(processor = self.name, group = %self.group_id, topics = ?self.input_topics, "Processor started.");
 
+        let mut last_committed = None;
         loop {
             let batch = collect_batch(&consumer, cancel, &self.bounds()).await;
             let batch = retain_assigned(&consumer, batch);
             if !batch.is_empty() {
-                if let Err(e) = self.process(&consumer, &producer, &batch).await {
-                    abort(&producer, timeout).await;
-                    return Err(e);
+                match self.process(&consumer, &producer, &batch).await {
+                    Ok(offsets) => last_committed = Some(offsets),
+                    Err(e) => {
+                        abort(&producer, timeout).await;
+                        return Err(e);
+                    }
                 }
             }
             if cancel.is_cancelled() {
-                // The last batch is committed; dropping the consumer leaves the group.
+                // The last batch's transaction is committed. Its asynchronous offset commit may
+                // still be in flight: repeat it synchronously so the group's position is stored
+                // before dropping the consumer leaves the group.
+                if let Some(offsets) = last_committed {
+                    consumer.commit(&offsets, CommitMode::Sync)?;
+                }
                 return Ok(());
             }
         }
@@ -210,7 +220,7 @@ impl ProcessorRuntime {
         consumer: &ProcessorConsumer,
         producer: &FutureProducer,
         batch: &[OwnedMessage],
-    ) -> Result<(), ProcessorError> {
+    ) -> Result<TopicPartitionList, ProcessorError> {
         let started = Instant::now();
         producer.begin_transaction()?;
         let mut deliveries = Vec::new();
@@ -283,7 +293,7 @@ impl ProcessorRuntime {
         // the only place offsets are stored on a broker that ignores transactional offsets.
         consumer.commit(&offsets, CommitMode::Async)?;
         debug!(processor = self.name, records = batch.len(), produced, dead, elapsed_ms = started.elapsed().as_millis() as u64, "Batch committed.");
-        Ok(())
+        Ok(offsets)
     }
 }
 

@@ -140,15 +140,21 @@ impl<P: Projection> ProjectionWriter<P> {
             max_wait: Duration::from_millis(self.settings.batch_max_ms),
             idle: Duration::from_millis(self.settings.batch_idle_ms),
         };
+        let mut last_committed = None;
         loop {
             let batch = retain_assigned(&consumer, collect_batch(&consumer, cancel, &bounds).await);
             if !batch.is_empty() {
                 let outcome = self.write(&batch, &dead_letters).await?;
                 // A hint for where to resume; the database's positions are the truth.
-                consumer.commit(&next_offsets(&batch)?, CommitMode::Async)?;
+                let offsets = next_offsets(&batch)?;
+                consumer.commit(&offsets, CommitMode::Async)?;
+                last_committed = Some(offsets);
                 debug!(projection = name, ?outcome, "Batch committed.");
             }
             if cancel.is_cancelled() {
+                if let Some(offsets) = last_committed {
+                    consumer.commit(&offsets, CommitMode::Sync)?;
+                }
                 return Ok(());
             }
         }

@@ -59,7 +59,7 @@ pub enum CodecError {
 pub type Result<T, E = CodecError> = std::result::Result<T, E>;
 
 /// Every schema orderflow writes, with its fixed id and its `.avsc` source.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EventKind {
     OrderPlaced,
     OrderValidated,

@@ -1,0 +1,301 @@
+//! End to end: the whole pipeline in-process, on the in-process broker with SQLite and on a
+//! separate Tansu broker with PostgreSQL. Orders go in over HTTP and are read back, final, from
+//! the query API; the event log is then checked for exactly one event of each kind per order,
+//! and the consumer groups' committed positions for the end of the log after a graceful stop.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use orderflow::{
+    embedded::Broker as PipelineBroker,
+    pipeline::{self, Role},
+};
+use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
+use orderflow_schemas::{Codec, EventKind};
+use orderflow_testkit::{eventually, Broker, Database};
+use orderflow_topics::names;
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::Message,
+    Offset, TopicPartitionList,
+};
+use serde_json::{json, Value};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn settings(db: &Database) -> Settings {
+    let mut overrides = Overrides::default();
+    overrides.set("ingest.listen", "\"127.0.0.1:0\"");
+    overrides.set("query.listen", "\"127.0.0.1:0\"");
+    overrides.set("database.url", &format!("{:?}", db.url));
+    Settings::from_defaults(&overrides).expect("test settings")
+}
+
+fn order(customer: usize, valid: bool) -> Value {
+    json!({
+        "customer_id": format!("customer-{customer}"),
+        "currency": if valid { "EUR" } else { "XXX" },
+        "lines": [
+            {"sku": "SKU-00001", "quantity": 2, "unit_price_minor": 1250},
+            {"sku": "SKU-00002", "quantity": 1, "unit_price_minor": 500}
+        ],
+        "shipping_address": {"name": "Test", "line1": "1 Road", "city": "Town", "postal_code": "12345", "country": "DE"},
+        "payment_token": "tok_test",
+        "shipping_minor": 499,
+        "tax_minor": 0,
+        "total_minor": 3499
+    })
+}
+
+/// Reads every record of orders.events (read_committed) and counts distinct event ids per
+/// order and kind.
+fn read_log(bootstrap: &str, settings: &Settings, codec: &Codec) -> BTreeMap<(String, EventKind), std::collections::BTreeSet<String>> {
+    let clients = KafkaClients::new(&settings.kafka, bootstrap);
+    let consumer: BaseConsumer = clients
+        .consumer("test-reader", &format!("test-reader-{}", uuid::Uuid::new_v4()))
+        .create()
+        .expect("reader");
+    let metadata = consumer
+        .fetch_metadata(Some(names::ORDERS_EVENTS), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition_offset(names::ORDERS_EVENTS, p.id(), Offset::Beginning)
+            .expect("partition");
+        let (_, high) = consumer
+            .fetch_watermarks(names::ORDERS_EVENTS, p.id(), Duration::from_secs(10))
+            .expect("watermarks");
+        ends.insert(p.id(), high);
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut seen: BTreeMap<(String, EventKind), std::collections::BTreeSet<String>> = BTreeMap::new();
+    let deadline = std::time::Instant::now() + DEADLINE;
+    // Until every partition is read to the end it had when we started. The consumer's position,
+    // not the last record's offset: transaction markers take offsets but are never delivered.
+    let behind = |consumer: &BaseConsumer| {
+        let positions = consumer.position().expect("positions");
+        ends.iter().any(|(p, end)| {
+            let at = positions
+                .find_partition(names::ORDERS_EVENTS, *p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            at < *end
+        })
+    };
+    while behind(&consumer) {
+        assert!(std::time::Instant::now() < deadline, "reading the log timed out");
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let message = message.expect("consume");
+        let event = codec
+            .decode(message.payload().unwrap_or_default())
+            .expect("every record on orders.events decodes");
+        let envelope = event.envelope();
+        seen.entry((envelope.order_id.clone(), event.kind()))
+            .or_default()
+            .insert(envelope.event_id.clone());
+    }
+    seen
+}
+
+/// The group's committed positions leave nothing to redo: reading on from them (read_committed)
+/// to the end of the log delivers no record. (Positions are compared by reading, not to the
+/// high watermark, because transaction markers take offsets but are never delivered.)
+fn assert_group_at_end(bootstrap: &str, settings: &Settings, group: &str) {
+    let clients = KafkaClients::new(&settings.kafka, bootstrap);
+    let consumer: BaseConsumer = clients.consumer("test-offsets", group).create().expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(names::ORDERS_EVENTS), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition(names::ORDERS_EVENTS, p.id());
+    }
+    let stored = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    // No committed position: the group would start from the beginning (auto.offset.reset),
+    // which is "nothing to redo" only if the partition holds no records; reading checks that.
+    let mut committed = TopicPartitionList::new();
+    for e in stored.elements() {
+        let offset = match e.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        committed
+            .add_partition_offset(names::ORDERS_EVENTS, e.partition(), offset)
+            .expect("partition");
+    }
+    let mut ends = BTreeMap::new();
+    for element in committed.elements() {
+        let (_, high) = consumer
+            .fetch_watermarks(names::ORDERS_EVENTS, element.partition(), Duration::from_secs(10))
+            .expect("watermarks");
+        let start = match element.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        };
+        // Partitions already at their end have nothing to read (and report no position).
+        if start < high {
+            ends.insert(element.partition(), high);
+        }
+    }
+    // Read on from the committed positions, outside the group.
+    let reader: BaseConsumer = clients
+        .consumer("test-offsets-reader", &format!("test-{}", uuid::Uuid::new_v4()))
+        .create()
+        .expect("reader");
+    reader.assign(&committed).expect("assign");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    loop {
+        let positions = reader.position().expect("positions");
+        let behind = ends.iter().any(|(p, end)| {
+            let at = positions
+                .find_partition(names::ORDERS_EVENTS, *p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+            // A position is only known once a fetch returned; before that, keep polling.
+            at.is_none_or(|at| at < *end)
+        });
+        if !behind {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "reading past the committed positions timed out");
+        if let Some(message) = reader.poll(Duration::from_millis(100)) {
+            let message = message.expect("consume");
+            panic!(
+                "group {group} committed a position before partition {} offset {}: a restart would redo it",
+                message.partition(),
+                message.offset()
+            );
+        }
+    }
+}
+
+async fn orders_flow_end_to_end(broker: Broker, db: Database) {
+    let settings = settings(&db);
+    let bootstrap = broker.bootstrap();
+    let pipeline_broker = match broker.as_embedded() {
+        Some(_) => None,
+        None => Some(PipelineBroker::External(bootstrap.clone())),
+    };
+    // Topics: the in-process broker through the mock API, Tansu through the admin API.
+    let report = match (&broker, &pipeline_broker) {
+        (Broker::Embedded(b), _) => orderflow_topics::apply::apply(
+            &orderflow_topics::Catalog::load().expect("catalog"),
+            &KafkaClients::new(&settings.kafka, &bootstrap),
+            orderflow_topics::apply::Provisioner::Embedded(b),
+        )
+        .await
+        .expect("topics"),
+        (_, Some(external)) => external.apply_topics(&settings).await.expect("topics"),
+        _ => unreachable!("a broker is embedded or external"),
+    };
+    assert!(!report.has_drift(), "{report}");
+
+    let running = pipeline::start(&settings, &bootstrap, &Role::ALL).await.expect("pipeline starts");
+    let ingest = format!("http://{}", running.ingest_addr.expect("ingest runs"));
+    let client = reqwest::Client::new();
+
+    // 12 orders from 4 customers; every third one invalid.
+    let mut expected = Vec::new();
+    for i in 0..12 {
+        let valid = i % 3 != 2;
+        let response = client
+            .post(format!("{ingest}/v1/orders"))
+            .json(&order(i % 4, valid))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(response.status(), 202, "order {i}");
+        assert!(response.headers().contains_key("location"));
+        let body: Value = response.json().await.expect("json");
+        expected.push((
+            body["order_id"].as_str().expect("order_id").to_owned(),
+            body["status_url"].as_str().expect("status_url").to_owned(),
+            valid,
+        ));
+    }
+
+    for (order_id, url, valid) in &expected {
+        let view: Value = eventually(DEADLINE, &format!("order {order_id} to be final"), || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                let response = client.get(&url).send().await.ok()?;
+                if response.status() != 200 {
+                    return None;
+                }
+                let view: Value = response.json().await.ok()?;
+                (view["final"] == true).then_some(view)
+            }
+        })
+        .await;
+        let (status, version) = if *valid { ("confirmed", 3) } else { ("rejected", 2) };
+        assert_eq!(view["status"], status, "{view}");
+        assert_eq!(view["version"], version, "{view}");
+        assert_eq!(view["order_id"], order_id.as_str());
+        assert_eq!(view["total_minor"], 3499);
+    }
+
+    // Unknown and malformed ids.
+    let query = format!("http://{}", running.query_addr.expect("query runs"));
+    let missing = client
+        .get(format!("{query}/v1/orders/{}", uuid::Uuid::new_v4()))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.headers()["content-type"], "application/problem+json");
+    let malformed = client.get(format!("{query}/v1/orders/nope")).send().await.expect("get");
+    assert_eq!(malformed.status(), 400);
+
+    running.shutdown(Duration::from_secs(30)).await.expect("graceful shutdown");
+
+    // The log: per order one OrderPlaced and either OrderValidated + OrderConfirmed or one
+    // OrderRejected — one distinct event id each, however often anything was re-processed.
+    let codec = Codec::new().expect("codec");
+    let seen = read_log(&bootstrap, &settings, &codec);
+    for (order_id, _, valid) in &expected {
+        let kinds: &[EventKind] = if *valid {
+            &[EventKind::OrderPlaced, EventKind::OrderValidated, EventKind::OrderConfirmed]
+        } else {
+            &[EventKind::OrderPlaced, EventKind::OrderRejected]
+        };
+        for kind in kinds {
+            let ids = seen.get(&(order_id.clone(), *kind));
+            assert_eq!(ids.map(|s| s.len()), Some(1), "{order_id} {kind:?}: {ids:?}");
+        }
+        let total: usize = seen
+            .iter()
+            .filter(|((o, _), _)| o == order_id)
+            .map(|(_, ids)| ids.len())
+            .sum();
+        assert_eq!(total, kinds.len(), "{order_id} has unexpected events");
+    }
+
+    // Graceful shutdown committed both groups' positions at the end of the log.
+    assert_group_at_end(&bootstrap, &settings, "orderflow-saga");
+    assert_group_at_end(&bootstrap, &settings, "orderflow-projection-orders");
+    drop(broker);
+}
+
+mod embedded_sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orders_flow_end_to_end() {
+        super::orders_flow_end_to_end(orderflow_testkit::Broker::embedded(), orderflow_testkit::Database::sqlite()).await;
+    }
+}
+
+mod tansu_postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orders_flow_end_to_end() {
+        let Some(broker) = orderflow_testkit::Broker::tansu() else { return };
+        let Some(db) = orderflow_testkit::Database::postgres().await else { return };
+        super::orders_flow_end_to_end(broker, db).await;
+    }
+}

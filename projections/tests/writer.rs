@@ -1,0 +1,185 @@
+//! The projection writer against real databases (SQLite and PostgreSQL): a batch applied twice
+//! is applied once, an older event never overwrites a newer row, poison goes to the dead-letter
+//! topic once, and the stored positions move with the rows.
+
+use std::{sync::Arc, time::Duration};
+
+use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
+use orderflow_projections::{orders, orders::OrdersProjection, Database, ProjectionWriter};
+use orderflow_schemas::{
+    Address, Codec, Envelope, OrderConfirmed, OrderEvent, OrderLine, OrderPlaced, OrderValidated,
+};
+use orderflow_testkit::Broker;
+use orderflow_topics::{
+    apply::{apply, Provisioner},
+    names, Catalog,
+};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::{OwnedMessage, Timestamp},
+    producer::FutureProducer,
+};
+use sqlx::Row;
+
+fn envelope(order: &str, sequence: i64) -> Envelope {
+    Envelope {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        order_id: order.to_owned(),
+        customer_id: "customer-1".into(),
+        occurred_at: 1_764_000_000_000 + sequence,
+        causation_id: None,
+        sequence,
+        schema_version: 1,
+    }
+}
+
+fn placed(order: &str) -> OrderEvent {
+    OrderEvent::OrderPlaced(OrderPlaced {
+        envelope: envelope(order, 1),
+        currency: "EUR".into(),
+        lines: vec![OrderLine {
+            sku: "SKU-1".into(),
+            quantity: 1,
+            unit_price_minor: 100,
+        }],
+        shipping_address: Address {
+            name: "n".into(),
+            line1: "l".into(),
+            line2: None,
+            city: "c".into(),
+            postal_code: "p".into(),
+            country: "DE".into(),
+        },
+        payment_token: "tok".into(),
+        subtotal_minor: 100,
+        shipping_minor: 0,
+        tax_minor: 0,
+        total_minor: 100,
+    })
+}
+
+fn validated(order: &str) -> OrderEvent {
+    OrderEvent::OrderValidated(OrderValidated {
+        envelope: envelope(order, 2),
+        currency: "EUR".into(),
+        total_minor: 100,
+    })
+}
+
+fn confirmed(order: &str) -> OrderEvent {
+    OrderEvent::OrderConfirmed(OrderConfirmed {
+        envelope: envelope(order, 3),
+        total_minor: 100,
+        currency: "EUR".into(),
+    })
+}
+
+fn message(codec: &Codec, payload: Option<&OrderEvent>, offset: i64) -> OwnedMessage {
+    let bytes = match payload {
+        Some(event) => codec.encode(event).expect("encodes"),
+        None => b"not an event".to_vec(),
+    };
+    OwnedMessage::new(
+        Some(bytes),
+        Some(b"customer-1".to_vec()),
+        names::ORDERS_EVENTS.to_owned(),
+        Timestamp::NotAvailable,
+        0,
+        offset,
+        None,
+    )
+}
+
+async fn stored_offset(db: &Database) -> Option<i64> {
+    sqlx::query(
+        "SELECT next_offset FROM projection_offsets WHERE projection = 'orders' AND partition_id = 0",
+    )
+    .fetch_optional(db.pool())
+    .await
+    .expect("query")
+    .map(|r| r.try_get(0).expect("i64"))
+}
+
+async fn batches_apply_exactly_once(db_url: &str) {
+    let broker = Broker::embedded();
+    let settings = Settings::from_defaults(&Overrides::default()).expect("settings");
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let provisioner = Provisioner::Embedded(broker.as_embedded().expect("embedded"));
+    apply(&Catalog::load().expect("catalog"), &clients, provisioner)
+        .await
+        .expect("topics");
+    let db = Database::connect(db_url, 2).await.expect("connect");
+    db.migrate().await.expect("migrate");
+    let codec = Arc::new(Codec::new().expect("codec"));
+    let writer = ProjectionWriter::new(
+        OrdersProjection,
+        db.clone(),
+        clients.clone(),
+        &settings.projection,
+        codec.clone(),
+    );
+    let dlq: FutureProducer = clients.idempotent_producer("test").create().expect("producer");
+
+    let a = uuid::Uuid::new_v4().to_string();
+    let batch = vec![
+        message(&codec, Some(&placed(&a)), 0),
+        message(&codec, Some(&validated(&a)), 1),
+        message(&codec, None, 2),
+        message(&codec, Some(&confirmed(&a)), 3),
+    ];
+    let first = writer.write(&batch, &dlq).await.expect("first write");
+    assert_eq!((first.applied, first.skipped, first.dead_lettered), (3, 0, 1));
+    let row = orders::get(db.pool(), &a).await.expect("get").expect("row");
+    assert_eq!((row.status.as_str(), row.version), ("confirmed", 3));
+    assert_eq!(stored_offset(&db).await, Some(4));
+
+    // Redelivery of the whole batch (a crash before the group offset was committed).
+    let again = writer.write(&batch, &dlq).await.expect("second write");
+    assert_eq!((again.applied, again.skipped, again.dead_lettered), (0, 4, 0));
+    assert_eq!(orders::get(db.pool(), &a).await.expect("get").expect("row"), row);
+    assert_eq!(stored_offset(&db).await, Some(4));
+
+    // The poison record went to the dead-letter topic exactly once.
+    let reader: BaseConsumer = clients.consumer("test", "test-dlq").create().expect("consumer");
+    let (_, high) = reader
+        .fetch_watermarks(names::PROJECTION_ORDERS_DLQ, 0, Duration::from_secs(10))
+        .expect("watermarks");
+    assert_eq!(high, 1);
+
+    // Out of order: a newer event first, then an older one, then a duplicate of the newer.
+    let b = uuid::Uuid::new_v4().to_string();
+    let confirmed_b = confirmed(&b);
+    let batch = vec![
+        message(&codec, Some(&placed(&b)), 4),
+        message(&codec, Some(&confirmed_b), 5),
+        message(&codec, Some(&validated(&b)), 6),
+        message(&codec, Some(&confirmed_b), 7),
+    ];
+    writer.write(&batch, &dlq).await.expect("write");
+    let row = orders::get(db.pool(), &b).await.expect("get").expect("row");
+    assert_eq!((row.status.as_str(), row.version), ("confirmed", 3));
+    assert_eq!(row.last_event_id, confirmed_b.envelope().event_id);
+    assert_eq!(stored_offset(&db).await, Some(8));
+
+    // A batch that starts below the stored position applies only what is new.
+    let c = uuid::Uuid::new_v4().to_string();
+    let batch = vec![
+        message(&codec, Some(&placed(&b)), 7),
+        message(&codec, Some(&placed(&c)), 8),
+    ];
+    let outcome = writer.write(&batch, &dlq).await.expect("write");
+    assert_eq!((outcome.applied, outcome.skipped), (1, 1));
+    assert_eq!(orders::get(db.pool(), &c).await.expect("get").expect("row").status, "placed");
+}
+
+#[tokio::test]
+async fn sqlite_batches_apply_exactly_once() {
+    let db = orderflow_testkit::Database::sqlite();
+    batches_apply_exactly_once(&db.url).await;
+}
+
+#[tokio::test]
+async fn postgres_batches_apply_exactly_once() {
+    let Some(db) = orderflow_testkit::Database::postgres().await else { return };
+    batches_apply_exactly_once(&db.url).await;
+}
