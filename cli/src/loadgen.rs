@@ -154,7 +154,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 pub async fn run(args: &LoadgenArgs) -> Result<Report> {
-    if !(args.rate > 0.0) {
+    if !args.rate.is_finite() || args.rate <= 0.0 {
         bail!("--rate must be a positive number of orders per second");
     }
     let client = reqwest::Client::builder()
@@ -268,12 +268,19 @@ mod tests {
             let lines = o["lines"].as_array().expect("lines");
             let subtotal: i64 = lines
                 .iter()
-                .map(|l| l["quantity"].as_i64().unwrap_or(0) * l["unit_price_minor"].as_i64().unwrap_or(0))
+                .map(|l| {
+                    l["quantity"].as_i64().unwrap_or(0)
+                        * l["unit_price_minor"].as_i64().unwrap_or(0)
+                })
                 .sum();
             assert_eq!(o["subtotal_minor"].as_i64(), Some(subtotal));
             assert_eq!(
                 o["total_minor"].as_i64(),
-                Some(subtotal + o["shipping_minor"].as_i64().unwrap_or(-1) + o["tax_minor"].as_i64().unwrap_or(-1))
+                Some(
+                    subtotal
+                        + o["shipping_minor"].as_i64().unwrap_or(-1)
+                        + o["tax_minor"].as_i64().unwrap_or(-1)
+                )
             );
             assert!((1..=4).contains(&lines.len()));
         }

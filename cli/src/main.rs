@@ -18,7 +18,11 @@ use tracing::info;
 const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
 
 #[derive(Parser)]
-#[command(name = "orderflow", version, about = "Event-driven order processing on Kafka")]
+#[command(
+    name = "orderflow",
+    version,
+    about = "Event-driven order processing on Kafka"
+)]
 struct Cli {
     /// Config file (default: ./orderflow.toml if it exists).
     #[arg(long, global = true, value_name = "FILE")]
@@ -177,7 +181,15 @@ async fn dev(settings: &Settings) -> Result<()> {
     }
     let mut running = pipeline::start(settings, &broker.bootstrap(), &Role::ALL).await?;
     println!("orderflow dev is running");
-    println!("  broker      {}{}", broker.bootstrap(), if broker.is_embedded() { " (in-process)" } else { "" });
+    println!(
+        "  broker      {}{}",
+        broker.bootstrap(),
+        if broker.is_embedded() {
+            " (in-process)"
+        } else {
+            ""
+        }
+    );
     println!("  database    {}", redact_url(&settings.database_url()));
     if let Some(addr) = running.ingest_addr {
         println!("  ingest      http://{addr}/v1/orders");
@@ -257,7 +269,11 @@ async fn topics(settings: &Settings, command: TopicsCommand) -> Result<std::proc
                     let current = std::fs::read_to_string(&path)
                         .with_context(|| format!("reading {}", path.display()))?;
                     if current != rendered {
-                        eprintln!("{} is stale: run `orderflow topics docs --out {}`", path.display(), path.display());
+                        eprintln!(
+                            "{} is stale: run `orderflow topics docs --out {}`",
+                            path.display(),
+                            path.display()
+                        );
                         return Ok(std::process::ExitCode::FAILURE);
                     }
                 }

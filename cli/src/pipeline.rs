@@ -73,8 +73,19 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     if roles.contains(&Role::Ingest) {
         let p = Publisher::new(&clients, codec.clone(), names::ORDERS_EVENTS)
             .context("creating the ingest producer")?;
+        let warm = p.clone();
+        let warmed =
+            tokio::task::spawn_blocking(move || warm.warm_up(Duration::from_secs(10))).await;
+        if let Ok(Err(e)) = warmed {
+            // Not fatal: requests answer 503 until the broker is reachable.
+            warn!(error = %e, "The ingest producer cannot reach the broker yet.");
+        }
         let status_base_url = if !settings.ingest.status_base_url.is_empty() {
-            settings.ingest.status_base_url.trim_end_matches('/').to_owned()
+            settings
+                .ingest
+                .status_base_url
+                .trim_end_matches('/')
+                .to_owned()
         } else {
             format!("http://{}", query_addr.unwrap_or(settings.query.listen))
         };
@@ -94,7 +105,8 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
 
     if roles.contains(&Role::Process) {
         for spec in orderflow_processors::registry(settings) {
-            let runtime = ProcessorRuntime::new(spec, clients.clone(), &settings.processor, codec.clone());
+            let runtime =
+                ProcessorRuntime::new(spec, clients.clone(), &settings.processor, codec.clone());
             let cancel = cancel.clone();
             tasks.spawn(async move {
                 runtime.run(cancel).await;

@@ -48,10 +48,17 @@ fn order(customer: usize, valid: bool) -> Value {
 
 /// Reads every record of orders.events (read_committed) and counts distinct event ids per
 /// order and kind.
-fn read_log(bootstrap: &str, settings: &Settings, codec: &Codec) -> BTreeMap<(String, EventKind), std::collections::BTreeSet<String>> {
+fn read_log(
+    bootstrap: &str,
+    settings: &Settings,
+    codec: &Codec,
+) -> BTreeMap<(String, EventKind), std::collections::BTreeSet<String>> {
     let clients = KafkaClients::new(&settings.kafka, bootstrap);
     let consumer: BaseConsumer = clients
-        .consumer("test-reader", &format!("test-reader-{}", uuid::Uuid::new_v4()))
+        .consumer(
+            "test-reader",
+            &format!("test-reader-{}", uuid::Uuid::new_v4()),
+        )
         .create()
         .expect("reader");
     let metadata = consumer
@@ -68,7 +75,8 @@ fn read_log(bootstrap: &str, settings: &Settings, codec: &Codec) -> BTreeMap<(St
         ends.insert(p.id(), high);
     }
     consumer.assign(&tpl).expect("assign");
-    let mut seen: BTreeMap<(String, EventKind), std::collections::BTreeSet<String>> = BTreeMap::new();
+    let mut seen: BTreeMap<(String, EventKind), std::collections::BTreeSet<String>> =
+        BTreeMap::new();
     let deadline = std::time::Instant::now() + DEADLINE;
     // Until every partition is read to the end it had when we started. The consumer's position,
     // not the last record's offset: transaction markers take offsets but are never delivered.
@@ -86,8 +94,13 @@ fn read_log(bootstrap: &str, settings: &Settings, codec: &Codec) -> BTreeMap<(St
         })
     };
     while behind(&consumer) {
-        assert!(std::time::Instant::now() < deadline, "reading the log timed out");
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else { continue };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reading the log timed out"
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
         let message = message.expect("consume");
         let event = codec
             .decode(message.payload().unwrap_or_default())
@@ -105,7 +118,10 @@ fn read_log(bootstrap: &str, settings: &Settings, codec: &Codec) -> BTreeMap<(St
 /// high watermark, because transaction markers take offsets but are never delivered.)
 fn assert_group_at_end(bootstrap: &str, settings: &Settings, group: &str) {
     let clients = KafkaClients::new(&settings.kafka, bootstrap);
-    let consumer: BaseConsumer = clients.consumer("test-offsets", group).create().expect("consumer");
+    let consumer: BaseConsumer = clients
+        .consumer("test-offsets", group)
+        .create()
+        .expect("consumer");
     let metadata = consumer
         .fetch_metadata(Some(names::ORDERS_EVENTS), Duration::from_secs(10))
         .expect("metadata");
@@ -131,7 +147,11 @@ fn assert_group_at_end(bootstrap: &str, settings: &Settings, group: &str) {
     let mut ends = BTreeMap::new();
     for element in committed.elements() {
         let (_, high) = consumer
-            .fetch_watermarks(names::ORDERS_EVENTS, element.partition(), Duration::from_secs(10))
+            .fetch_watermarks(
+                names::ORDERS_EVENTS,
+                element.partition(),
+                Duration::from_secs(10),
+            )
             .expect("watermarks");
         let start = match element.offset() {
             Offset::Offset(o) => o,
@@ -144,7 +164,10 @@ fn assert_group_at_end(bootstrap: &str, settings: &Settings, group: &str) {
     }
     // Read on from the committed positions, outside the group.
     let reader: BaseConsumer = clients
-        .consumer("test-offsets-reader", &format!("test-{}", uuid::Uuid::new_v4()))
+        .consumer(
+            "test-offsets-reader",
+            &format!("test-{}", uuid::Uuid::new_v4()),
+        )
         .create()
         .expect("reader");
     reader.assign(&committed).expect("assign");
@@ -164,7 +187,10 @@ fn assert_group_at_end(bootstrap: &str, settings: &Settings, group: &str) {
         if !behind {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "reading past the committed positions timed out");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reading past the committed positions timed out"
+        );
         if let Some(message) = reader.poll(Duration::from_millis(100)) {
             let message = message.expect("consume");
             panic!(
@@ -197,7 +223,9 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
     };
     assert!(!report.has_drift(), "{report}");
 
-    let running = pipeline::start(&settings, &bootstrap, &Role::ALL).await.expect("pipeline starts");
+    let running = pipeline::start(&settings, &bootstrap, &Role::ALL)
+        .await
+        .expect("pipeline starts");
     let ingest = format!("http://{}", running.ingest_addr.expect("ingest runs"));
     let client = reqwest::Client::new();
 
@@ -235,7 +263,11 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
             }
         })
         .await;
-        let (status, version) = if *valid { ("confirmed", 3) } else { ("rejected", 2) };
+        let (status, version) = if *valid {
+            ("confirmed", 3)
+        } else {
+            ("rejected", 2)
+        };
         assert_eq!(view["status"], status, "{view}");
         assert_eq!(view["version"], version, "{view}");
         assert_eq!(view["order_id"], order_id.as_str());
@@ -250,11 +282,21 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         .await
         .expect("get");
     assert_eq!(missing.status(), 404);
-    assert_eq!(missing.headers()["content-type"], "application/problem+json");
-    let malformed = client.get(format!("{query}/v1/orders/nope")).send().await.expect("get");
+    assert_eq!(
+        missing.headers()["content-type"],
+        "application/problem+json"
+    );
+    let malformed = client
+        .get(format!("{query}/v1/orders/nope"))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(malformed.status(), 400);
 
-    running.shutdown(Duration::from_secs(30)).await.expect("graceful shutdown");
+    running
+        .shutdown(Duration::from_secs(30))
+        .await
+        .expect("graceful shutdown");
 
     // The log: per order one OrderPlaced and either OrderValidated + OrderConfirmed or one
     // OrderRejected — one distinct event id each, however often anything was re-processed.
@@ -262,13 +304,21 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
     let seen = read_log(&bootstrap, &settings, &codec);
     for (order_id, _, valid) in &expected {
         let kinds: &[EventKind] = if *valid {
-            &[EventKind::OrderPlaced, EventKind::OrderValidated, EventKind::OrderConfirmed]
+            &[
+                EventKind::OrderPlaced,
+                EventKind::OrderValidated,
+                EventKind::OrderConfirmed,
+            ]
         } else {
             &[EventKind::OrderPlaced, EventKind::OrderRejected]
         };
         for kind in kinds {
             let ids = seen.get(&(order_id.clone(), *kind));
-            assert_eq!(ids.map(|s| s.len()), Some(1), "{order_id} {kind:?}: {ids:?}");
+            assert_eq!(
+                ids.map(|s| s.len()),
+                Some(1),
+                "{order_id} {kind:?}: {ids:?}"
+            );
         }
         let total: usize = seen
             .iter()
@@ -287,15 +337,23 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
 mod embedded_sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn orders_flow_end_to_end() {
-        super::orders_flow_end_to_end(orderflow_testkit::Broker::embedded(), orderflow_testkit::Database::sqlite()).await;
+        super::orders_flow_end_to_end(
+            orderflow_testkit::Broker::embedded(),
+            orderflow_testkit::Database::sqlite(),
+        )
+        .await;
     }
 }
 
 mod tansu_postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn orders_flow_end_to_end() {
-        let Some(broker) = orderflow_testkit::Broker::tansu() else { return };
-        let Some(db) = orderflow_testkit::Database::postgres().await else { return };
+        let Some(broker) = orderflow_testkit::Broker::tansu() else {
+            return;
+        };
+        let Some(db) = orderflow_testkit::Database::postgres().await else {
+            return;
+        };
         super::orders_flow_end_to_end(broker, db).await;
     }
 }

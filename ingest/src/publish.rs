@@ -38,9 +38,14 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn new(clients: &KafkaClients, codec: Arc<Codec>, topic: &'static str) -> Result<Self, PublishError> {
+    pub fn new(
+        clients: &KafkaClients,
+        codec: Arc<Codec>,
+        topic: &'static str,
+    ) -> Result<Self, PublishError> {
         let producer: FutureProducer = clients.idempotent_producer("ingest").create()?;
-        let message_timeout = Duration::from_millis(u64::from(clients.settings().message_timeout_ms));
+        let message_timeout =
+            Duration::from_millis(u64::from(clients.settings().message_timeout_ms));
         Ok(Self {
             producer,
             codec,
@@ -50,23 +55,43 @@ impl Publisher {
     }
 
     /// Writes the event and waits for the broker's ack. Keyed by customer: per-customer order.
-    pub async fn publish(&self, event: &OrderPlaced, traceparent: Option<&str>) -> Result<(), PublishError> {
+    pub async fn publish(
+        &self,
+        event: &OrderPlaced,
+        traceparent: Option<&str>,
+    ) -> Result<(), PublishError> {
         let wrapped = OrderEvent::OrderPlaced(event.clone());
         let payload = self.codec.encode(&wrapped)?;
         let record = FutureRecord::to(self.topic)
             .key(event.envelope.customer_id.as_bytes())
             .payload(payload.as_slice())
             .headers(event_headers(wrapped.kind(), traceparent));
-        let delivery = self.producer.send_result(record).map_err(|(e, _)| match e {
-            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => PublishError::QueueFull,
-            other => PublishError::Kafka(other),
-        })?;
+        let delivery = self
+            .producer
+            .send_result(record)
+            .map_err(|(e, _)| match e {
+                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                    PublishError::QueueFull
+                }
+                other => PublishError::Kafka(other),
+            })?;
         match tokio::time::timeout(self.ack_timeout, delivery).await {
             Err(_) => Err(PublishError::Timeout(self.ack_timeout)),
             Ok(Err(_canceled)) => Err(PublishError::Kafka(KafkaError::Canceled)),
             Ok(Ok(Err((e, _)))) => Err(PublishError::Kafka(e)),
             Ok(Ok(Ok(_))) => Ok(()),
         }
+    }
+
+    /// Connects to the cluster and learns the topic's partitions, so the first order does not
+    /// pay for it inside its ack deadline. Blocking; call it off the async workers.
+    pub fn warm_up(&self, timeout: Duration) -> Result<(), PublishError> {
+        use rdkafka::producer::Producer;
+        self.producer
+            .client()
+            .fetch_metadata(Some(self.topic), timeout)
+            .map(|_| ())
+            .map_err(PublishError::Kafka)
     }
 
     /// Waits for every queued record to be acknowledged (graceful shutdown).

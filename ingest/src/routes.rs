@@ -87,12 +87,16 @@ async fn post_order(
         }
         RequestError::CardData { field } => {
             warn!(%field, "Rejected a request carrying card data.");
-            Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "card-data-refused", "Card data refused")
-                .detail("card numbers must never be sent; send the payment provider's token")
-                .errors(vec![FieldError {
-                    field,
-                    message: "looks like a card number".to_owned(),
-                }])
+            Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "card-data-refused",
+                "Card data refused",
+            )
+            .detail("card numbers must never be sent; send the payment provider's token")
+            .errors(vec![FieldError {
+                field,
+                message: "looks like a card number".to_owned(),
+            }])
         }
         RequestError::Invalid(errors) => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,

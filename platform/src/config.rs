@@ -71,19 +71,30 @@ impl Secret {
 
     /// The value, for the one place that must use it (e.g. opening the connection).
     pub fn expose(&self) -> Option<&str> {
-        self.0.as_ref().map(|s| s.expose_secret()).filter(|s| !s.is_empty())
+        self.0
+            .as_ref()
+            .map(|s| s.expose_secret())
+            .filter(|s| !s.is_empty())
     }
 }
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.expose().is_some() { "[redacted]" } else { "\"\"" })
+        f.write_str(if self.expose().is_some() {
+            "[redacted]"
+        } else {
+            "\"\""
+        })
     }
 }
 
 impl Serialize for Secret {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(if self.expose().is_some() { "[redacted]" } else { "" })
+        serializer.serialize_str(if self.expose().is_some() {
+            "[redacted]"
+        } else {
+            ""
+        })
     }
 }
 
@@ -242,11 +253,12 @@ impl Settings {
         let mut settings: Settings = Self::figment(config_file, overrides)?.extract()?;
         if !settings.database.url_file.is_empty() {
             let path = PathBuf::from(&settings.database.url_file);
-            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
-                key: "database.url_file",
-                path,
-                source,
-            })?;
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+                    key: "database.url_file",
+                    path,
+                    source,
+                })?;
             settings.database.url = Secret::new(text.lines().next().unwrap_or_default().trim());
         }
         settings.validate()?;
@@ -276,19 +288,30 @@ impl Settings {
         let k = &self.kafka;
         check(
             (1..=10_000).contains(&k.fetch_wait_max_ms),
-            format!("kafka.fetch_wait_max_ms: expected 1..=10000, found {}", k.fetch_wait_max_ms),
+            format!(
+                "kafka.fetch_wait_max_ms: expected 1..=10000, found {}",
+                k.fetch_wait_max_ms
+            ),
         );
         check(
             k.message_timeout_ms >= 100,
-            format!("kafka.message_timeout_ms: expected at least 100, found {}", k.message_timeout_ms),
+            format!(
+                "kafka.message_timeout_ms: expected at least 100, found {}",
+                k.message_timeout_ms
+            ),
         );
         check(
             (1..=16).contains(&k.embedded_brokers),
-            format!("kafka.embedded_brokers: expected 1..=16, found {}", k.embedded_brokers),
+            format!(
+                "kafka.embedded_brokers: expected 1..=16, found {}",
+                k.embedded_brokers
+            ),
         );
         if let Some(url) = self.database.url.expose() {
             check(
-                url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:"),
+                url.starts_with("sqlite:")
+                    || url.starts_with("postgres:")
+                    || url.starts_with("postgresql:"),
                 "database.url: expected a sqlite:// or postgres:// URL".to_owned(),
             );
         }
@@ -297,8 +320,16 @@ impl Settings {
             "database.max_connections: expected at least 1, found 0".to_owned(),
         );
         for (key, batch_max, batch_ms) in [
-            ("processor", self.processor.batch_max_records, self.processor.batch_max_ms),
-            ("projection", self.projection.batch_max_records, self.projection.batch_max_ms),
+            (
+                "processor",
+                self.processor.batch_max_records,
+                self.processor.batch_max_ms,
+            ),
+            (
+                "projection",
+                self.projection.batch_max_records,
+                self.projection.batch_max_ms,
+            ),
         ] {
             check(
                 batch_max >= 1,
@@ -337,7 +368,10 @@ impl Settings {
             Some(url) => url.to_owned(),
             None => format!(
                 "sqlite://{}?mode=rwc",
-                self.dev.data_dir.join(crate::config::EMBEDDED_DATABASE_FILE).display()
+                self.dev
+                    .data_dir
+                    .join(crate::config::EMBEDDED_DATABASE_FILE)
+                    .display()
             ),
         }
     }
@@ -347,6 +381,8 @@ impl Settings {
 pub const EMBEDDED_DATABASE_FILE: &str = "orderflow.sqlite";
 
 #[cfg(test)]
+// figment::Jail's closures return figment's own (large) error type; not ours to shrink.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;
@@ -382,7 +418,10 @@ mod tests {
             let s = load(&Overrides::default()).expect("loads");
             assert_eq!(s.kafka.brokers, "env:9092");
             assert_eq!(s.kafka.fetch_wait_max_ms, 9);
-            assert_eq!(s.kafka.client_id, "from-file", "untouched keys keep the file value");
+            assert_eq!(
+                s.kafka.client_id, "from-file",
+                "untouched keys keep the file value"
+            );
 
             let mut flags = Overrides::default();
             flags.set("kafka.brokers", "flag:9092");
@@ -408,23 +447,32 @@ mod tests {
     fn a_bad_value_names_its_key() {
         Jail::expect_with(|jail| {
             jail.set_env("ORDERFLOW_KAFKA__FETCH_WAIT_MAX_MS", "soon");
-            let err = load(&Overrides::default()).expect_err("not a number").to_string();
+            let err = load(&Overrides::default())
+                .expect_err("not a number")
+                .to_string();
             // figment names an environment key in the case it was given.
-            assert!(err.to_lowercase().contains("kafka.fetch_wait_max_ms"), "{err}");
+            assert!(
+                err.to_lowercase().contains("kafka.fetch_wait_max_ms"),
+                "{err}"
+            );
             assert!(err.contains("ORDERFLOW_"), "{err}");
             assert!(err.contains("u32") || err.contains("integer"), "{err}");
             Ok(())
         });
         Jail::expect_with(|jail| {
             jail.create_file(DEFAULT_CONFIG_FILE, "[telemetry]\nformat = \"xml\"\n")?;
-            let err = load(&Overrides::default()).expect_err("bad enum").to_string();
+            let err = load(&Overrides::default())
+                .expect_err("bad enum")
+                .to_string();
             assert!(err.contains("telemetry.format"), "{err}");
             assert!(err.contains("human") && err.contains("json"), "{err}");
             Ok(())
         });
         Jail::expect_with(|jail| {
             jail.create_file(DEFAULT_CONFIG_FILE, "[kafka]\nbrokres = \"x\"\n")?;
-            let err = load(&Overrides::default()).expect_err("unknown key").to_string();
+            let err = load(&Overrides::default())
+                .expect_err("unknown key")
+                .to_string();
             assert!(err.contains("brokres"), "{err}");
             Ok(())
         });

@@ -70,14 +70,19 @@ impl Problem {
     }
 
     pub fn not_found(what: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found").detail(format!("{what} does not exist"))
+        Self::new(StatusCode::NOT_FOUND, "not-found", "Not found")
+            .detail(format!("{what} does not exist"))
     }
 
     /// For failures whose cause must not leak (database, broker); log the cause separately.
     pub fn unavailable(what: &str) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Temporarily unavailable")
-            .detail(format!("{what} is temporarily unavailable; retry later"))
-            .retry_after(1)
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "Temporarily unavailable",
+        )
+        .detail(format!("{what} is temporarily unavailable; retry later"))
+        .retry_after(1)
     }
 }
 

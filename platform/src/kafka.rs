@@ -183,10 +183,18 @@ impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                info!(role = self.role, partitions = tpl.count(), "Partitions assigned.")
+                info!(
+                    role = self.role,
+                    partitions = tpl.count(),
+                    "Partitions assigned."
+                )
             }
             Rebalance::Revoke(tpl) => {
-                info!(role = self.role, partitions = tpl.count(), "Partitions revoked.")
+                info!(
+                    role = self.role,
+                    partitions = tpl.count(),
+                    "Partitions revoked."
+                )
             }
             Rebalance::Error(e) => warn!(role = self.role, error = %e, "Rebalance failed."),
         }
@@ -246,9 +254,16 @@ pub fn retain_assigned<C: ConsumerContext + 'static>(
         return batch;
     };
     let before = batch.len();
-    batch.retain(|m| assignment.find_partition(m.topic(), m.partition()).is_some());
+    batch.retain(|m| {
+        assignment
+            .find_partition(m.topic(), m.partition())
+            .is_some()
+    });
     if batch.len() != before {
-        debug!(dropped = before - batch.len(), "Dropped records of revoked partitions.");
+        debug!(
+            dropped = before - batch.len(),
+            "Dropped records of revoked partitions."
+        );
     }
     batch
 }

@@ -119,7 +119,12 @@ pub struct ProcessorRuntime {
 }
 
 impl ProcessorRuntime {
-    pub fn new(spec: ProcessorSpec, clients: KafkaClients, batch: &BatchSettings, codec: Arc<Codec>) -> Self {
+    pub fn new(
+        spec: ProcessorSpec,
+        clients: KafkaClients,
+        batch: &BatchSettings,
+        codec: Arc<Codec>,
+    ) -> Self {
         let instance = if batch.instance_id.is_empty() {
             uuid::Uuid::new_v4().simple().to_string()
         } else {
@@ -286,13 +291,23 @@ impl ProcessorRuntime {
         let timeout = self.transaction_timeout();
         {
             let offsets = offsets.clone();
-            blocking(producer, move |p| p.send_offsets_to_transaction(&offsets, &group, timeout)).await?;
+            blocking(producer, move |p| {
+                p.send_offsets_to_transaction(&offsets, &group, timeout)
+            })
+            .await?;
         }
         blocking(producer, move |p| p.commit_transaction(timeout)).await?;
         // Rule 3: the position is written only now that every output is durable. This is also
         // the only place offsets are stored on a broker that ignores transactional offsets.
         consumer.commit(&offsets, CommitMode::Async)?;
-        debug!(processor = self.name, records = batch.len(), produced, dead, elapsed_ms = started.elapsed().as_millis() as u64, "Batch committed.");
+        debug!(
+            processor = self.name,
+            records = batch.len(),
+            produced,
+            dead,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "Batch committed."
+        );
         Ok(offsets)
     }
 }
@@ -315,4 +330,3 @@ async fn abort(producer: &FutureProducer, timeout: Duration) {
         debug!(error = %e, "Abort failed.");
     }
 }
-

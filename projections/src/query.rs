@@ -46,7 +46,10 @@ impl From<orders::OrderRow> for OrderView {
     fn from(row: orders::OrderRow) -> Self {
         Self {
             is_final: orders::FINAL_STATUSES.contains(&row.status.as_str()),
-            reasons: row.reasons.as_deref().and_then(|r| serde_json::from_str(r).ok()),
+            reasons: row
+                .reasons
+                .as_deref()
+                .and_then(|r| serde_json::from_str(r).ok()),
             placed_at: rfc3339(row.placed_at),
             updated_at: rfc3339(row.updated_at),
             order_id: row.order_id,
@@ -75,8 +78,12 @@ async fn get_order(
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     if uuid::Uuid::parse_str(&order_id).is_err() {
-        return Err(Problem::new(StatusCode::BAD_REQUEST, "invalid-order-id", "Invalid order id")
-            .detail("an order id is a UUID"));
+        return Err(Problem::new(
+            StatusCode::BAD_REQUEST,
+            "invalid-order-id",
+            "Invalid order id",
+        )
+        .detail("an order id is a UUID"));
     }
     let row = orders::get(db.pool(), &order_id).await.map_err(|e| {
         error!(error = %e, "Order query failed.");
@@ -84,7 +91,8 @@ async fn get_order(
     })?;
     let row = row.ok_or_else(|| Problem::not_found(&format!("order {order_id}")))?;
     let etag = format!("\"{}\"", row.version);
-    let etag_value = HeaderValue::from_str(&etag).map_err(|_| Problem::unavailable("the order store"))?;
+    let etag_value =
+        HeaderValue::from_str(&etag).map_err(|_| Problem::unavailable("the order store"))?;
     let cache = HeaderValue::from_static("no-cache");
     let matches = headers
         .get(header::IF_NONE_MATCH)

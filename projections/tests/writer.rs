@@ -118,7 +118,10 @@ async fn batches_apply_exactly_once(db_url: &str) {
         &settings.projection,
         codec.clone(),
     );
-    let dlq: FutureProducer = clients.idempotent_producer("test").create().expect("producer");
+    let dlq: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
 
     let a = uuid::Uuid::new_v4().to_string();
     let batch = vec![
@@ -128,19 +131,31 @@ async fn batches_apply_exactly_once(db_url: &str) {
         message(&codec, Some(&confirmed(&a)), 3),
     ];
     let first = writer.write(&batch, &dlq).await.expect("first write");
-    assert_eq!((first.applied, first.skipped, first.dead_lettered), (3, 0, 1));
+    assert_eq!(
+        (first.applied, first.skipped, first.dead_lettered),
+        (3, 0, 1)
+    );
     let row = orders::get(db.pool(), &a).await.expect("get").expect("row");
     assert_eq!((row.status.as_str(), row.version), ("confirmed", 3));
     assert_eq!(stored_offset(&db).await, Some(4));
 
     // Redelivery of the whole batch (a crash before the group offset was committed).
     let again = writer.write(&batch, &dlq).await.expect("second write");
-    assert_eq!((again.applied, again.skipped, again.dead_lettered), (0, 4, 0));
-    assert_eq!(orders::get(db.pool(), &a).await.expect("get").expect("row"), row);
+    assert_eq!(
+        (again.applied, again.skipped, again.dead_lettered),
+        (0, 4, 0)
+    );
+    assert_eq!(
+        orders::get(db.pool(), &a).await.expect("get").expect("row"),
+        row
+    );
     assert_eq!(stored_offset(&db).await, Some(4));
 
     // The poison record went to the dead-letter topic exactly once.
-    let reader: BaseConsumer = clients.consumer("test", "test-dlq").create().expect("consumer");
+    let reader: BaseConsumer = clients
+        .consumer("test", "test-dlq")
+        .create()
+        .expect("consumer");
     let (_, high) = reader
         .fetch_watermarks(names::PROJECTION_ORDERS_DLQ, 0, Duration::from_secs(10))
         .expect("watermarks");
@@ -169,7 +184,14 @@ async fn batches_apply_exactly_once(db_url: &str) {
     ];
     let outcome = writer.write(&batch, &dlq).await.expect("write");
     assert_eq!((outcome.applied, outcome.skipped), (1, 1));
-    assert_eq!(orders::get(db.pool(), &c).await.expect("get").expect("row").status, "placed");
+    assert_eq!(
+        orders::get(db.pool(), &c)
+            .await
+            .expect("get")
+            .expect("row")
+            .status,
+        "placed"
+    );
 }
 
 #[tokio::test]
@@ -180,6 +202,8 @@ async fn sqlite_batches_apply_exactly_once() {
 
 #[tokio::test]
 async fn postgres_batches_apply_exactly_once() {
-    let Some(db) = orderflow_testkit::Database::postgres().await else { return };
+    let Some(db) = orderflow_testkit::Database::postgres().await else {
+        return;
+    };
     batches_apply_exactly_once(&db.url).await;
 }

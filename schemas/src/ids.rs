@@ -29,6 +29,9 @@ mod tests {
     fn role_and_cause_both_change_the_id() {
         let cause = Uuid::from_u128(42);
         assert_ne!(derived_event_id(cause, "a"), derived_event_id(cause, "b"));
-        assert_ne!(derived_event_id(cause, "a"), derived_event_id(Uuid::from_u128(43), "a"));
+        assert_ne!(
+            derived_event_id(cause, "a"),
+            derived_event_id(Uuid::from_u128(43), "a")
+        );
     }
 }

@@ -103,7 +103,10 @@ struct Cluster {
     topics: BTreeMap<String, Existing>,
 }
 
-fn describe(admin: &AdminClient<DefaultClientContext>, clients: &KafkaClients) -> Result<Cluster, ApplyError> {
+fn describe(
+    admin: &AdminClient<DefaultClientContext>,
+    clients: &KafkaClients,
+) -> Result<Cluster, ApplyError> {
     let metadata = admin
         .inner()
         .fetch_metadata(None, clients.admin_timeout())

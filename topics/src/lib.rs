@@ -111,12 +111,14 @@ impl Catalog {
                 errors.push(format!("{}: replication must be at least 1", t.name));
             }
             if t.cleanup_policy == CleanupPolicy::Compact && t.retention_ms.is_some() {
-                errors.push(format!("{}: a compacted topic takes no retention_ms", t.name));
+                errors.push(format!(
+                    "{}: a compacted topic takes no retention_ms",
+                    t.name
+                ));
             }
             let valid_name = !t.name.is_empty()
                 && t.name.len() <= 249
-                && t
-                    .name
+                && t.name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
             if !valid_name {
@@ -143,7 +145,10 @@ mod tests {
             names::SAGA_DLQ,
             names::PROJECTION_ORDERS_DLQ,
         ] {
-            assert!(catalog.get(name).is_some(), "{name} missing from catalog.toml");
+            assert!(
+                catalog.get(name).is_some(),
+                "{name} missing from catalog.toml"
+            );
         }
     }
 

@@ -105,13 +105,17 @@ mod tansu {
 
     #[tokio::test]
     async fn apply_twice_is_a_no_op() {
-        let Some(broker) = Broker::tansu() else { return };
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
         super::apply_twice_is_a_no_op(broker).await;
     }
 
     #[tokio::test]
     async fn drift_is_reported_and_left_alone() {
-        let Some(broker) = Broker::tansu() else { return };
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
         super::drift_is_reported_and_left_alone(broker).await;
     }
 }

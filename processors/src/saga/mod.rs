@@ -46,7 +46,13 @@ impl Saga {
         let problems = self.rules.check(placed);
         if !problems.is_empty() {
             let rejected = OrderRejected {
-                envelope: next_envelope(&placed.envelope, cause, ROLE_REJECTED, EventKind::OrderRejected, 1),
+                envelope: next_envelope(
+                    &placed.envelope,
+                    cause,
+                    ROLE_REJECTED,
+                    EventKind::OrderRejected,
+                    1,
+                ),
                 stage: "validation".to_owned(),
                 reasons: problems,
             };
@@ -54,26 +60,51 @@ impl Saga {
             return Ok(());
         }
         let validated = OrderValidated {
-            envelope: next_envelope(&placed.envelope, cause, ROLE_VALIDATED, EventKind::OrderValidated, 1),
+            envelope: next_envelope(
+                &placed.envelope,
+                cause,
+                ROLE_VALIDATED,
+                EventKind::OrderValidated,
+                1,
+            ),
             currency: placed.currency.clone(),
             total_minor: placed.total_minor,
         };
-        let mut confirmed_envelope =
-            next_envelope(&placed.envelope, cause, ROLE_CONFIRMED, EventKind::OrderConfirmed, 2);
+        let mut confirmed_envelope = next_envelope(
+            &placed.envelope,
+            cause,
+            ROLE_CONFIRMED,
+            EventKind::OrderConfirmed,
+            2,
+        );
         confirmed_envelope.causation_id = Some(validated.envelope.event_id.clone());
         let confirmed = OrderConfirmed {
             envelope: confirmed_envelope,
             total_minor: placed.total_minor,
             currency: placed.currency.clone(),
         };
-        out.push(self.output_topic, key.clone(), OrderEvent::OrderValidated(validated));
-        out.push(self.output_topic, key, OrderEvent::OrderConfirmed(confirmed));
+        out.push(
+            self.output_topic,
+            key.clone(),
+            OrderEvent::OrderValidated(validated),
+        );
+        out.push(
+            self.output_topic,
+            key,
+            OrderEvent::OrderConfirmed(confirmed),
+        );
         Ok(())
     }
 }
 
 /// The envelope of an event `steps` after `input` in the order's sequence, caused by it.
-fn next_envelope(input: &Envelope, cause: Uuid, role: &str, kind: EventKind, steps: i64) -> Envelope {
+fn next_envelope(
+    input: &Envelope,
+    cause: Uuid,
+    role: &str,
+    kind: EventKind,
+    steps: i64,
+) -> Envelope {
     Envelope {
         event_id: derived_event_id(cause, role).to_string(),
         order_id: input.order_id.clone(),

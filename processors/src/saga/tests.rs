@@ -70,10 +70,19 @@ fn a_valid_order_is_validated_then_confirmed() {
     };
     assert_eq!(validated.envelope.sequence, 2);
     assert_eq!(confirmed.envelope.sequence, 3);
-    assert_eq!(validated.envelope.causation_id.as_deref(), Some(placed().envelope.event_id.as_str()));
-    assert_eq!(confirmed.envelope.causation_id.as_deref(), Some(validated.envelope.event_id.as_str()));
+    assert_eq!(
+        validated.envelope.causation_id.as_deref(),
+        Some(placed().envelope.event_id.as_str())
+    );
+    assert_eq!(
+        confirmed.envelope.causation_id.as_deref(),
+        Some(validated.envelope.event_id.as_str())
+    );
     assert_eq!(confirmed.total_minor, 3000);
-    assert_eq!(confirmed.envelope.occurred_at, placed().envelope.occurred_at);
+    assert_eq!(
+        confirmed.envelope.occurred_at,
+        placed().envelope.occurred_at
+    );
     assert_ne!(validated.envelope.event_id, confirmed.envelope.event_id);
 }
 
@@ -115,7 +124,10 @@ fn an_invalid_order_is_rejected_with_every_reason() {
         assert!(codes.contains(&code), "{code} missing from {codes:?}");
     }
     let text = format!("{rejected:?}");
-    assert!(!text.contains("4242 4242"), "the card number must not be repeated");
+    assert!(
+        !text.contains("4242 4242"),
+        "the card number must not be repeated"
+    );
 }
 
 #[test]

@@ -49,18 +49,30 @@ impl Rules {
                 format!(
                     "currency {:?} is not accepted; accepted: {}",
                     order.currency,
-                    self.currencies.iter().cloned().collect::<Vec<_>>().join(", ")
+                    self.currencies
+                        .iter()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }
         if order.lines.is_empty() {
-            reasons.push(reason("no_lines", "lines", "an order needs at least one line"));
+            reasons.push(reason(
+                "no_lines",
+                "lines",
+                "an order needs at least one line",
+            ));
         }
         if order.lines.len() > self.max_lines {
             reasons.push(reason(
                 "too_many_lines",
                 "lines",
-                format!("{} lines; at most {} allowed", order.lines.len(), self.max_lines),
+                format!(
+                    "{} lines; at most {} allowed",
+                    order.lines.len(),
+                    self.max_lines
+                ),
             ));
         }
         let mut subtotal: Option<i64> = Some(0);
@@ -100,11 +112,19 @@ impl Rules {
             ("tax_minor", order.tax_minor),
         ] {
             if value < 0 {
-                reasons.push(reason("negative_amount", field, format!("{field} cannot be negative")));
+                reasons.push(reason(
+                    "negative_amount",
+                    field,
+                    format!("{field} cannot be negative"),
+                ));
             }
         }
         match subtotal {
-            None => reasons.push(reason("amount_overflow", "lines", "the line amounts overflow")),
+            None => reasons.push(reason(
+                "amount_overflow",
+                "lines",
+                "the line amounts overflow",
+            )),
             Some(sum) if sum != order.subtotal_minor => reasons.push(reason(
                 "subtotal_mismatch",
                 "subtotal_minor",

@@ -192,7 +192,12 @@ fn schema_record_names_match_kinds_and_embed_the_same_envelope() {
             };
             shape.insert(field["name"].as_str().unwrap_or_default().into(), ty.into());
         }
-        assert_eq!(serde_json::Value::Object(shape), canonical, "{}", kind.name());
+        assert_eq!(
+            serde_json::Value::Object(shape),
+            canonical,
+            "{}",
+            kind.name()
+        );
         // And the parsed schema is a record of that name.
         assert!(matches!(codec.schema(kind), Schema::Record(r) if r.name.name == kind.name()));
     }

@@ -1,0 +1,280 @@
+//! The ingest edge over HTTP against the in-process broker: what is accepted, what is refused
+//! and how, and that a broker outage answers 503 instead of hanging or lying.
+
+use std::{sync::Arc, time::Duration};
+
+use orderflow_ingest::{IngestState, Publisher};
+use orderflow_platform::{config::Overrides, http::Server, kafka::KafkaClients, Settings};
+use orderflow_schemas::Codec;
+use orderflow_testkit::Broker;
+use orderflow_topics::{
+    apply::{apply, Provisioner},
+    names, Catalog,
+};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+struct Edge {
+    url: String,
+    clients: KafkaClients,
+    cancel: CancellationToken,
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn start(broker: &Broker) -> Edge {
+    let mut overrides = Overrides::default();
+    overrides.set("ingest.max_body_bytes", "4096");
+    let settings = Settings::from_defaults(&overrides).expect("settings");
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let provisioner = Provisioner::Embedded(broker.as_embedded().expect("embedded"));
+    apply(&Catalog::load().expect("catalog"), &clients, provisioner)
+        .await
+        .expect("topics");
+    let codec = Arc::new(Codec::new().expect("codec"));
+    let publisher = Publisher::new(&clients, codec, names::ORDERS_EVENTS).expect("publisher");
+    let state = IngestState {
+        publisher,
+        status_base_url: "http://query.example".into(),
+    };
+    let router = orderflow_ingest::router(state, settings.ingest.max_body_bytes);
+    let server = Server::bind("127.0.0.1:0".parse().expect("addr"), router)
+        .await
+        .expect("bind");
+    let url = format!("http://{}", server.local_addr().expect("addr"));
+    let cancel = CancellationToken::new();
+    tokio::spawn(server.run(cancel.clone()));
+    Edge {
+        url,
+        clients,
+        cancel,
+    }
+}
+
+fn order() -> Value {
+    json!({
+        "customer_id": "c-1",
+        "currency": "EUR",
+        "lines": [{"sku": "SKU-00001", "quantity": 1, "unit_price_minor": 100}],
+        "shipping_address": {"name": "n", "line1": "l", "city": "c", "postal_code": "p", "country": "DE"},
+        "payment_token": "tok",
+        "total_minor": 100
+    })
+}
+
+fn records_on_orders_topic(clients: &KafkaClients) -> i64 {
+    let consumer: BaseConsumer = clients
+        .consumer("test", "test-count")
+        .create()
+        .expect("consumer");
+    (0..6)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(names::ORDERS_EVENTS, p, Duration::from_secs(10))
+                .map(|(low, high)| high - low)
+                .expect("watermarks")
+        })
+        .sum()
+}
+
+async fn post(
+    edge: &Edge,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/orders", edge.url))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, headers, body)
+}
+
+#[tokio::test]
+async fn accepted_orders_are_on_the_topic() {
+    let broker = Broker::embedded();
+    let edge = start(&broker).await;
+    let (status, headers, body) =
+        post(&edge, "application/json", order().to_string().into_bytes()).await;
+    assert_eq!(status, 202, "{body}");
+    let order_id = body["order_id"].as_str().expect("order id");
+    assert_eq!(
+        body["status_url"],
+        format!("http://query.example/v1/orders/{order_id}")
+    );
+    assert_eq!(
+        headers["location"],
+        body["status_url"].as_str().expect("url")
+    );
+    assert_eq!(body["version"], 1);
+    assert_eq!(records_on_orders_topic(&edge.clients), 1);
+}
+
+#[tokio::test]
+async fn bad_requests_are_problems_and_write_nothing() {
+    let broker = Broker::embedded();
+    let edge = start(&broker).await;
+    let mut missing = order();
+    missing.as_object_mut().expect("object").remove("currency");
+    let mut card = order();
+    card["payment_token"] = json!("4111 1111 1111 1111");
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "text/plain",
+            order().to_string().into_bytes(),
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            "application/json",
+            b"{\"customer_id\":".to_vec(),
+            400,
+            "malformed-json",
+        ),
+        (
+            "application/json",
+            missing.to_string().into_bytes(),
+            422,
+            "invalid-order",
+        ),
+        (
+            "application/json",
+            card.to_string().into_bytes(),
+            422,
+            "card-data-refused",
+        ),
+        (
+            "application/json",
+            vec![b' '; 10_000],
+            413,
+            "body-too-large",
+        ),
+    ];
+    for (content_type, body, want, kind) in cases {
+        let (status, headers, problem) = post(&edge, content_type, body).await;
+        assert_eq!(status, want, "{problem}");
+        assert_eq!(headers["content-type"], "application/problem+json");
+        assert_eq!(problem["type"], format!("urn:orderflow:problem:{kind}"));
+        assert_eq!(problem["status"], want);
+        assert!(
+            !problem.to_string().contains("4111"),
+            "card number echoed: {problem}"
+        );
+    }
+    let mut invalid = order();
+    invalid["customer_id"] = json!("");
+    invalid["lines"] = json!([]);
+    let (status, _, problem) =
+        post(&edge, "application/json", invalid.to_string().into_bytes()).await;
+    assert_eq!(status, 422);
+    let fields: Vec<_> = problem["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e["field"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(fields, ["customer_id", "lines"]);
+    assert_eq!(records_on_orders_topic(&edge.clients), 0);
+
+    let unknown = reqwest::get(format!("{}/v2/nothing", edge.url))
+        .await
+        .expect("get");
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(
+        unknown.headers()["content-type"],
+        "application/problem+json"
+    );
+}
+
+/// Every order id in a record on orders.events.
+fn order_ids_on_topic(clients: &KafkaClients) -> std::collections::BTreeSet<String> {
+    use rdkafka::{message::Message, Offset, TopicPartitionList};
+    let codec = Codec::new().expect("codec");
+    let consumer: BaseConsumer = clients
+        .consumer("test", &format!("test-{}", uuid::Uuid::new_v4()))
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0;
+    for p in 0..6 {
+        let (low, high) = consumer
+            .fetch_watermarks(names::ORDERS_EVENTS, p, Duration::from_secs(10))
+            .expect("watermarks");
+        remaining += high - low;
+        tpl.add_partition_offset(names::ORDERS_EVENTS, p, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut ids = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while remaining > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reading the topic timed out"
+        );
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message.expect("record");
+            let event = codec
+                .decode(message.payload().unwrap_or_default())
+                .expect("decodes");
+            ids.insert(event.envelope().order_id.clone());
+            remaining -= 1;
+        }
+    }
+    ids
+}
+
+#[tokio::test]
+async fn broker_down_answers_503_and_never_202() {
+    let broker = Broker::embedded();
+    let edge = start(&broker).await;
+    let mut accepted = Vec::new();
+    let (status, _, body) = post(&edge, "application/json", order().to_string().into_bytes()).await;
+    assert_eq!(status, 202);
+    accepted.push(body["order_id"].as_str().expect("id").to_owned());
+
+    let cluster = broker.as_embedded().expect("embedded").cluster();
+    cluster.broker_down(1).expect("broker down");
+    let (status, headers, problem) =
+        post(&edge, "application/json", order().to_string().into_bytes()).await;
+    assert_eq!(status, 503, "{problem}");
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(problem["type"], "urn:orderflow:problem:unavailable");
+    assert!(
+        !problem.to_string().to_lowercase().contains("kafka"),
+        "internals leaked: {problem}"
+    );
+
+    // Back up: orders are accepted again once the producer has reconnected.
+    cluster.broker_up(1).expect("broker up");
+    let id = orderflow_testkit::eventually(
+        Duration::from_secs(30),
+        "a 202 after the broker is back",
+        || async {
+            let (status, _, body) =
+                post(&edge, "application/json", order().to_string().into_bytes()).await;
+            (status == 202).then(|| body["order_id"].as_str().unwrap_or_default().to_owned())
+        },
+    )
+    .await;
+    accepted.push(id);
+
+    // Every 202 names an order that is on the topic.
+    let on_topic = order_ids_on_topic(&edge.clients);
+    for id in &accepted {
+        assert!(
+            on_topic.contains(id),
+            "order {id} was accepted but is not on the topic"
+        );
+    }
+}
