@@ -1,0 +1,253 @@
+//! The README's run command as a user meets it: `orderflow dev` as a child process on the
+//! in-process broker and a SQLite file; an order posted and read back confirmed; `loadgen`
+//! against it; Ctrl-C (SIGINT) stops it cleanly; a second start moves the first run's tables
+//! aside because the in-process log starts empty.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use orderflow_testkit::{eventually, TempDir};
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
+
+struct Dev {
+    child: Child,
+    /// Keeps the stdout reader alive, so the child never writes into a closed pipe.
+    _lines: mpsc::Receiver<String>,
+    ingest: String,
+    query: String,
+    banner: Vec<String>,
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_dev(dir: &Path) -> Dev {
+    let mut child = Command::new(BIN)
+        .args([
+            "--ingest-listen",
+            "127.0.0.1:0",
+            "--query-listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "dev",
+        ])
+        .current_dir(dir)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("orderflow dev starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut banner = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !banner.iter().any(|l: &String| l.contains("Press Ctrl-C")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("dev did not print its banner in time; got {banner:?}"));
+        banner.push(line);
+    }
+    let url = |name: &str| {
+        banner
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(|rest| {
+                rest.trim()
+                    .split("/v1/")
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .unwrap_or_else(|| panic!("no {name} URL in {banner:?}"))
+    };
+    let ingest = url("ingest");
+    let query = url("query");
+    Dev {
+        child,
+        _lines: lines,
+        ingest,
+        query,
+        banner,
+    }
+}
+
+/// Sends SIGINT (what Ctrl-C sends) and waits for a clean exit.
+fn interrupt(dev: &mut Dev) {
+    let status = Command::new("kill")
+        .args(["-INT", &dev.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = dev.child.try_wait().expect("wait") {
+            assert!(status.success(), "dev exited with {status}");
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dev did not stop within 30 s of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn order() -> Value {
+    json!({
+        "customer_id": "customer-1",
+        "currency": "EUR",
+        "lines": [{"sku": "SKU-00001", "quantity": 2, "unit_price_minor": 1250}],
+        "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Berlin", "postal_code": "10115", "country": "DE"},
+        "payment_token": "tok_visa",
+        "shipping_minor": 499,
+        "total_minor": 2999
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_runs_serves_and_stops_cleanly() {
+    let dir = TempDir::new();
+    let mut dev = start_dev(&dir.0);
+    assert!(
+        dev.banner.iter().any(|l| l.contains("(in-process)")),
+        "{:?}",
+        dev.banner
+    );
+
+    let client = reqwest::Client::new();
+    let accepted: Value = client
+        .post(format!("{}/v1/orders", dev.ingest))
+        .json(&order())
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    let status_url = accepted["status_url"]
+        .as_str()
+        .expect("status_url")
+        .to_owned();
+    assert!(
+        status_url.starts_with(&dev.query),
+        "{status_url} is not on {}",
+        dev.query
+    );
+    let view: Value = eventually(Duration::from_secs(30), "the order to be confirmed", || {
+        let client = client.clone();
+        let url = status_url.clone();
+        async move {
+            let view: Value = client.get(&url).send().await.ok()?.json().await.ok()?;
+            (view["final"] == true).then_some(view)
+        }
+    })
+    .await;
+    assert_eq!(view["status"], "confirmed");
+    assert_eq!(view["version"], 3);
+
+    // loadgen against the running instance: every accepted order reaches a final status.
+    let ingest = dev.ingest.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args([
+                "loadgen",
+                "--url",
+                &ingest,
+                "--orders",
+                "40",
+                "--rate",
+                "200",
+                "--invalid-ratio",
+                "0.2",
+            ])
+            .output()
+            .expect("loadgen runs")
+    })
+    .await
+    .expect("join");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "loadgen failed:\n{report}");
+    assert!(report.contains("accepted  40 (202)"), "{report}");
+    assert!(report.contains("not final in time: 0"), "{report}");
+    assert!(report.contains("confirmed"), "{report}");
+    assert!(report.contains("rejected"), "{report}");
+
+    interrupt(&mut dev);
+    assert!(dir.0.join("data/orderflow.sqlite").exists());
+
+    // The in-process log is gone; a second start must not keep tables that disagree with it.
+    let mut second = start_dev(&dir.0);
+    assert!(
+        second.banner.iter().any(|l| l.contains("moved aside")),
+        "{:?}",
+        second.banner
+    );
+    let moved: Vec<_> = std::fs::read_dir(dir.0.join("data"))
+        .expect("data dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".previous"))
+        .collect();
+    assert_eq!(moved.len(), 1, "the first run's database is kept aside");
+    let missing = client
+        .get(status_url.replace(&dev.query, &second.query))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(
+        missing.status(),
+        404,
+        "fresh tables do not know the old order"
+    );
+    interrupt(&mut second);
+}
+
+#[test]
+fn config_show_redacts_secrets_and_bad_values_name_their_key() {
+    let dir = TempDir::new();
+    let shown = Command::new(BIN)
+        .args([
+            "--database-url",
+            "postgres://app:hunter2@db/orders",
+            "config",
+            "show",
+        ])
+        .current_dir(&dir.0)
+        .output()
+        .expect("runs");
+    assert!(shown.status.success());
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("[database]"), "{text}");
+    assert!(text.contains("[redacted]"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+
+    let bad = Command::new(BIN)
+        .args(["config", "show"])
+        .current_dir(&dir.0)
+        .env("ORDERFLOW_KAFKA__FETCH_WAIT_MAX_MS", "soon")
+        .output()
+        .expect("runs");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr).to_lowercase();
+    assert!(err.contains("kafka.fetch_wait_max_ms"), "{err}");
+}
