@@ -1,6 +1,20 @@
-//! Benchmarks of orderflow. `cargo bench -p orderflow-benches` runs the criterion micro
-//! benchmarks in `benches/`: the codec, saga validation and the projection fold — the work done
-//! per event on every hop. [`sample_order`] is the event they share.
+//! Benchmarks of orderflow.
+//!
+//! - `cargo bench -p orderflow-benches` runs the criterion micro benchmarks in `benches/`: the
+//!   codec, saga validation and the projection fold — the work done per event on every hop.
+//! - `orderflow-bench` (`src/main.rs`) is the end-to-end harness: an open-loop driver
+//!   ([`driver`]) at rising rates against a pipeline it starts ([`setup`]) or a running one, the
+//!   broker's own ceiling on the same broker ([`ceiling`]), the pipeline's CPU and memory
+//!   ([`procstat`]), and the report ([`stats`], [`report`]). BENCHMARKS.md has the figures.
+//!
+//! [`sample_order`] is the event the micro benchmarks and the ceiling share.
+
+pub mod ceiling;
+pub mod driver;
+pub mod procstat;
+pub mod report;
+pub mod setup;
+pub mod stats;
 
 use orderflow_schemas::{Address, Envelope, OrderLine, OrderPlaced};
 

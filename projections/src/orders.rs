@@ -113,14 +113,14 @@ pub fn change_for(event: &OrderEvent) -> Change {
     }
 }
 
-/// Applies one change inside the caller's transaction.
-pub async fn apply_change(conn: &mut AnyConnection, change: &Change) -> Result<()> {
+/// Applies one change inside the caller's transaction; `projected_at` is the writer's clock.
+pub async fn apply_change(conn: &mut AnyConnection, change: &Change, projected_at: i64) -> Result<()> {
     match change {
         Change::Insert(row) => {
             sqlx::query(
                 "INSERT INTO orders (order_id, customer_id, status, version, currency, \
-                 total_minor, line_count, reasons, placed_at, updated_at, last_event_id) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                 total_minor, line_count, reasons, placed_at, updated_at, last_event_id, \
+                 projected_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
                  ON CONFLICT (order_id) DO NOTHING",
             )
             .bind(&row.order_id)
@@ -134,6 +134,7 @@ pub async fn apply_change(conn: &mut AnyConnection, change: &Change) -> Result<(
             .bind(row.placed_at)
             .bind(row.updated_at)
             .bind(&row.last_event_id)
+            .bind(projected_at)
             .execute(&mut *conn)
             .await?;
         }
@@ -147,8 +148,8 @@ pub async fn apply_change(conn: &mut AnyConnection, change: &Change) -> Result<(
         } => {
             sqlx::query(
                 "UPDATE orders SET status = COALESCE($2, status), version = $3, \
-                 reasons = COALESCE($4, reasons), updated_at = $5, last_event_id = $6 \
-                 WHERE order_id = $1 AND version < $3",
+                 reasons = COALESCE($4, reasons), updated_at = $5, last_event_id = $6, \
+                 projected_at = $7 WHERE order_id = $1 AND version < $3",
             )
             .bind(order_id)
             .bind(status.map(str::to_owned))
@@ -156,6 +157,7 @@ pub async fn apply_change(conn: &mut AnyConnection, change: &Change) -> Result<(
             .bind(reasons.clone())
             .bind(*updated_at)
             .bind(event_id)
+            .bind(projected_at)
             .execute(&mut *conn)
             .await?;
         }
@@ -207,7 +209,7 @@ impl Projection for OrdersProjection {
         orderflow_topics::names::PROJECTION_ORDERS_DLQ
     }
 
-    async fn apply(&self, conn: &mut AnyConnection, event: &OrderEvent) -> Result<()> {
-        apply_change(conn, &change_for(event)).await
+    async fn apply(&self, conn: &mut AnyConnection, event: &OrderEvent, written_at: i64) -> Result<()> {
+        apply_change(conn, &change_for(event), written_at).await
     }
 }

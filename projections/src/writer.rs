@@ -43,11 +43,13 @@ pub trait Projection: Send + Sync + 'static {
     fn topics(&self) -> Vec<&'static str>;
     fn dead_letter_topic(&self) -> &'static str;
     /// Applies one event inside the batch's transaction. Must be idempotent by itself too
-    /// (version checks), so a replay over existing rows changes nothing.
+    /// (version checks), so a replay over existing rows changes nothing. `written_at` is the
+    /// writer's wall clock for this batch (ms), for freshness columns outside the fold.
     fn apply(
         &self,
         conn: &mut AnyConnection,
         event: &OrderEvent,
+        written_at: i64,
     ) -> impl Future<Output = Result<(), DbError>> + Send;
 }
 
@@ -188,6 +190,10 @@ impl<P: Projection> ProjectionWriter<P> {
             stored.insert(key, next);
         }
 
+        let written_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
         let mut outcome = BatchOutcome::default();
         let mut reached: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for m in batch {
@@ -201,7 +207,7 @@ impl<P: Projection> ProjectionWriter<P> {
             *entry = (*entry).max(m.offset() + 1);
             match self.codec.decode(m.payload().unwrap_or_default()) {
                 Ok(event) => {
-                    self.projection.apply(&mut tx, &event).await?;
+                    self.projection.apply(&mut tx, &event, written_at).await?;
                     outcome.applied += 1;
                 }
                 Err(e) => {

@@ -157,6 +157,13 @@ impl TansuProcess {
     }
 }
 
+impl TansuProcess {
+    /// The broker's process id (for CPU and memory readings).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl Drop for TansuProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();

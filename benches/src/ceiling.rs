@@ -1,0 +1,191 @@
+//! The broker's ceiling, measured on the same broker in the same run, with the same client
+//! settings and message size as the pipeline:
+//! - raw produce: an idempotent producer (`acks=all`) writing `n` records as fast as it can;
+//! - raw consume: a `read_committed` consumer reading them back;
+//! - transactional consume → produce: orderflow's own processor runtime with a step that only
+//!   passes each event on (decode, encode, one transaction per batch with the offsets), timed
+//!   from the first to the last record a `read_committed` reader sees on its output.
+
+use std::{collections::VecDeque, sync::Arc, time::Duration};
+
+use anyhow::{bail, Context, Result};
+use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
+use orderflow_processors::{runtime::StepError, Outputs, ProcessorRuntime, ProcessorSpec, Step};
+use orderflow_schemas::{Codec, OrderEvent};
+use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+    consumer::{BaseConsumer, Consumer},
+    producer::{FutureProducer, FutureRecord},
+    Offset, TopicPartitionList,
+};
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Partitions of the benchmark topics, as `orders.events`.
+const PARTITIONS: i32 = 6;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceiling {
+    pub messages: u64,
+    pub message_bytes: usize,
+    /// Records per second.
+    pub produce_rate: f64,
+    pub consume_rate: f64,
+    pub transactional_rate: f64,
+}
+
+/// Passes every event on unchanged: the cheapest possible processor.
+struct PassThrough {
+    output: &'static str,
+}
+
+impl Step for PassThrough {
+    fn handle(&mut self, event: &OrderEvent, out: &mut Outputs) -> Result<(), StepError> {
+        out.push(self.output, event.envelope().customer_id.clone(), event.clone());
+        Ok(())
+    }
+}
+
+fn leak(name: String) -> &'static str {
+    // A handful of names per harness run; the processor runtime wants 'static topic names.
+    Box::leak(name.into_boxed_str())
+}
+
+/// Creates the topics through the admin API; the in-process broker has no CreateTopics and
+/// creates them on first use instead.
+async fn create_topics(clients: &KafkaClients, names: &[&str]) {
+    let Ok(admin) = clients.admin().create::<AdminClient<DefaultClientContext>>() else {
+        return;
+    };
+    let topics: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let _ = admin.create_topics(topics.iter(), &options).await;
+}
+
+fn reader(clients: &KafkaClients, topic: &str) -> Result<BaseConsumer> {
+    let consumer: BaseConsumer = clients
+        .consumer("bench-reader", &format!("bench-reader-{}", uuid::Uuid::new_v4()))
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions().len() as i32)
+        .unwrap_or(0);
+    if partitions == 0 {
+        bail!("topic {topic} has no partitions");
+    }
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(consumer)
+}
+
+/// Reads `n` records; returns the times of the first and the last.
+fn read_n(consumer: &BaseConsumer, n: u64, timeout: Duration) -> Result<(std::time::Instant, std::time::Instant)> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut first = None;
+    let mut seen = 0;
+    while seen < n {
+        if std::time::Instant::now() > deadline {
+            bail!("read {seen} of {n} records before the deadline");
+        }
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            message?;
+            first.get_or_insert_with(std::time::Instant::now);
+            seen += 1;
+        }
+    }
+    let last = std::time::Instant::now();
+    Ok((first.unwrap_or(last), last))
+}
+
+/// Measures the three ceilings with `n` records like the pipeline's `OrderPlaced`.
+pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
+    let settings = Settings::from_defaults(&Overrides::default())?;
+    let clients = KafkaClients::new(&settings.kafka, bootstrap);
+    let codec = Arc::new(Codec::new()?);
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let input = leak(format!("orderflow.bench.{run}.in"));
+    let output = leak(format!("orderflow.bench.{run}.out"));
+    create_topics(&clients, &[input, output]).await;
+
+    // Raw produce.
+    let producer: FutureProducer = clients.idempotent_producer("bench").create()?;
+    let event = OrderEvent::OrderPlaced(crate::sample_order(2));
+    let payload = codec.encode(&event)?;
+    let started = Instant::now();
+    let mut in_flight = VecDeque::new();
+    for i in 0..n {
+        let key = format!("customer-{:04}", i % 1000);
+        let record = FutureRecord::to(input).key(key.as_bytes()).payload(payload.as_slice());
+        let delivery = producer
+            .send_result(record)
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        in_flight.push_back(delivery);
+        if in_flight.len() >= 10_000 {
+            if let Some(d) = in_flight.pop_front() {
+                d.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+            }
+        }
+    }
+    for d in in_flight {
+        d.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+    }
+    let produce_rate = n as f64 / started.elapsed().as_secs_f64();
+
+    // Raw consume.
+    let consume_rate = {
+        let consumer = reader(&clients, input)?;
+        let (first, last) = tokio::task::spawn_blocking(move || read_n(&consumer, n, Duration::from_secs(300)))
+            .await
+            .context("consume")??;
+        (n.saturating_sub(1)) as f64 / (last - first).as_secs_f64().max(1e-9)
+    };
+
+    // Transactional consume → produce through the processor runtime.
+    let spec = ProcessorSpec {
+        name: leak(format!("bench-{run}")),
+        input_topics: vec![input],
+        dead_letter_topic: output,
+        step: Box::new(PassThrough { output }),
+    };
+    let runtime = ProcessorRuntime::new(spec, clients.clone(), &settings.processor, codec.clone());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(runtime.run(cancel.clone()));
+    // The output topic may not exist yet on a broker that creates topics on first use.
+    let out_reader = {
+        let clients = clients.clone();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match reader(&clients, output) {
+                Ok(r) => break r,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    let (first, last) = tokio::task::spawn_blocking(move || read_n(&out_reader, n, Duration::from_secs(600)))
+        .await
+        .context("transactional")??;
+    cancel.cancel();
+    let _ = task.await;
+    let transactional_rate = (n.saturating_sub(1)) as f64 / (last - first).as_secs_f64().max(1e-9);
+
+    Ok(Ceiling {
+        messages: n,
+        message_bytes: payload.len(),
+        produce_rate,
+        consume_rate,
+        transactional_rate,
+    })
+}

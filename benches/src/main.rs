@@ -1,0 +1,169 @@
+//! `orderflow-bench`: the end-to-end benchmark. Starts the pipeline (or targets a running one),
+//! sweeps rising open-loop rates, measures the broker's ceiling on the same broker, and prints
+//! a Markdown report (also written with a JSON twin to `--out`). See BENCHMARKS.md.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use orderflow_benches::{
+    ceiling,
+    driver::{run_step, StepConfig},
+    procstat,
+    report::{BenchReport, Machine},
+    setup::{Pipeline, SetupKind},
+    stats::sustainable_rate,
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "orderflow-bench", about = "End-to-end benchmark of orderflow")]
+struct Args {
+    /// Which pipeline to start: the embedded default or Tansu + PostgreSQL.
+    #[arg(long, value_enum, default_value = "embedded")]
+    setup: SetupKind,
+    /// The orderflow binary to start (default: next to this one).
+    #[arg(long)]
+    orderflow: Option<PathBuf>,
+    /// Target a running instance's ingest URL instead of starting one (with --database-url
+    /// and --kafka-brokers).
+    #[arg(long, requires_all = ["database_url", "kafka_brokers"])]
+    target: Option<String>,
+    /// The running instance's database, to see orders become final.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// The running instance's broker, for the ceiling.
+    #[arg(long)]
+    kafka_brokers: Option<String>,
+    /// Process ids of a running instance, for CPU and memory (repeatable).
+    #[arg(long)]
+    pid: Vec<u32>,
+    /// Rates to sweep, orders per second.
+    #[arg(long, value_delimiter = ',', default_value = "25,50,100,200,400")]
+    rates: Vec<f64>,
+    /// Seconds to send at each rate.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// The end-to-end p99 a rate must stay under to count as sustained.
+    #[arg(long, default_value_t = 250.0)]
+    p99_threshold_ms: f64,
+    /// Records for the broker ceiling (0 skips it).
+    #[arg(long, default_value_t = 20_000)]
+    ceiling_messages: u64,
+    /// Stop the sweep at the first rate not sustained.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    stop_at_first_failure: bool,
+    /// Directory for report.json and report.md.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let mut pipeline = match &args.target {
+        Some(url) => Pipeline::running(
+            url.clone(),
+            args.database_url.clone().unwrap_or_default(),
+            args.kafka_brokers.clone().unwrap_or_default(),
+            args.pid.iter().map(|p| ("process".to_owned(), *p)).collect(),
+        ),
+        None => {
+            let orderflow = match &args.orderflow {
+                Some(path) => path.clone(),
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("bench binary has no directory")?
+                    .join("orderflow"),
+            };
+            eprintln!("Starting orderflow dev ({:?})...", args.setup);
+            Pipeline::start(args.setup, &orderflow).await?
+        }
+    };
+    sqlx::any::install_default_drivers();
+    let db = sqlx::any::AnyPoolOptions::new()
+        .max_connections(2)
+        .connect(&pipeline.database_url)
+        .await
+        .with_context(|| format!("connecting to {}", pipeline.database_url))?;
+
+    let ticks = procstat::clock_ticks();
+    let sample_all = |pipeline: &Pipeline| -> (f64, f64) {
+        pipeline
+            .processes
+            .iter()
+            .filter_map(|(_, pid)| procstat::sample(*pid, ticks))
+            .fold((0.0, 0.0), |(cpu, rss), s| (cpu + s.cpu_s, rss + s.peak_rss_mib))
+    };
+
+    // Warm-up: the first orders pay for connections and group joins.
+    let warm = StepConfig {
+        ingest_url: pipeline.ingest_url.clone(),
+        rate: 20.0,
+        duration: Duration::from_secs(2),
+        max_in_flight: 512,
+        drain: Duration::from_secs(60),
+        seed: 1,
+    };
+    run_step(&warm, &db).await?;
+
+    let mut steps = Vec::new();
+    for (i, rate) in args.rates.iter().enumerate() {
+        let config = StepConfig {
+            rate: *rate,
+            duration: Duration::from_secs(args.duration),
+            seed: 100 + i as u64,
+            ..warm.clone()
+        };
+        let (cpu_before, _) = sample_all(&pipeline);
+        let mut step = run_step(&config, &db).await?;
+        let (cpu_after, peak) = sample_all(&pipeline);
+        step.pipeline_cpu_s = cpu_after - cpu_before;
+        step.pipeline_peak_rss_mib = peak;
+        eprintln!(
+            "rate {rate}/s: achieved {:.1}/s, e2e p99 {:.1} ms, errors {}",
+            step.achieved_rate,
+            step.end_to_end.p99_ms,
+            step.error_count()
+        );
+        let sustained = step.sustained(args.p99_threshold_ms);
+        steps.push(step);
+        if !sustained && args.stop_at_first_failure {
+            break;
+        }
+    }
+    let sustainable = sustainable_rate(&steps, args.p99_threshold_ms);
+
+    let ceiling = if args.ceiling_messages > 0 && !pipeline.bootstrap.is_empty() {
+        eprintln!("Measuring the broker ceiling ({} records)...", args.ceiling_messages);
+        Some(ceiling::measure(&pipeline.bootstrap, args.ceiling_messages).await?)
+    } else {
+        None
+    };
+    pipeline.stop()?;
+
+    let report = BenchReport {
+        setup: args.target.is_none().then_some(args.setup),
+        command,
+        machine: Machine::this(),
+        orderflow_version: env!("CARGO_PKG_VERSION").to_owned(),
+        librdkafka_version: rdkafka::util::get_rdkafka_version().1,
+        p99_threshold_ms: args.p99_threshold_ms,
+        efficiency: BenchReport::efficiency(sustainable, ceiling.as_ref()),
+        sustainable_rate: sustainable,
+        ceiling,
+        steps,
+    };
+    let markdown = report.to_markdown();
+    println!("{markdown}");
+    std::fs::create_dir_all(&args.out)?;
+    let stem = match report.setup {
+        Some(SetupKind::Embedded) => "embedded",
+        Some(SetupKind::TansuPostgres) => "tansu-postgres",
+        None => "target",
+    };
+    std::fs::write(args.out.join(format!("{stem}.json")), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(args.out.join(format!("{stem}.md")), markdown)?;
+    eprintln!("Wrote {}/{stem}.json and .md", args.out.display());
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The harness's output: one JSON document for machines, one Markdown report for people.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::{ceiling::Ceiling, setup::SetupKind, stats::StepResult};
+
+/// Events a confirmed order puts on `orders.events`: placed, validated, confirmed.
+pub const MESSAGES_PER_ORDER: f64 = 3.0;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub memory_gib: f64,
+    pub kernel: String,
+}
+
+impl Machine {
+    pub fn this() -> Self {
+        let memory_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0.0);
+        Self {
+            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            memory_gib: (memory_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Efficiency {
+    pub messages_per_order: f64,
+    /// Sustained orders/s × messages per order ÷ the transactional ceiling.
+    pub vs_transactional: f64,
+    /// The same ÷ the raw produce ceiling.
+    pub vs_produce: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub setup: Option<SetupKind>,
+    pub command: String,
+    pub machine: Machine,
+    pub orderflow_version: String,
+    pub librdkafka_version: String,
+    pub p99_threshold_ms: f64,
+    pub steps: Vec<StepResult>,
+    /// Highest rate sustained (orders/s), if any.
+    pub sustainable_rate: Option<f64>,
+    pub ceiling: Option<Ceiling>,
+    pub efficiency: Option<Efficiency>,
+}
+
+impl BenchReport {
+    pub fn efficiency(sustainable: Option<f64>, ceiling: Option<&Ceiling>) -> Option<Efficiency> {
+        let (rate, ceiling) = (sustainable?, ceiling?);
+        Some(Efficiency {
+            messages_per_order: MESSAGES_PER_ORDER,
+            vs_transactional: rate * MESSAGES_PER_ORDER / ceiling.transactional_rate,
+            vs_produce: rate * MESSAGES_PER_ORDER / ceiling.produce_rate,
+        })
+    }
+
+    pub fn to_markdown(&self) -> String {
+        let mut out = String::new();
+        let setup = match self.setup {
+            Some(SetupKind::Embedded) => "in-process broker + SQLite",
+            Some(SetupKind::TansuPostgres) => "Tansu + PostgreSQL",
+            None => "running instance",
+        };
+        let _ = writeln!(out, "### {setup}\n");
+        let _ = writeln!(
+            out,
+            "Machine: {} cores, {} GiB, Linux {}; orderflow {}, librdkafka {}.  \nCommand: `{}`\n",
+            self.machine.cores,
+            self.machine.memory_gib,
+            self.machine.kernel,
+            self.orderflow_version,
+            self.librdkafka_version,
+            self.command
+        );
+        out.push_str(
+            "| target/s | achieved/s | sent | final | errors | accept p50 / p99 ms | end-to-end p50 / p90 / p99 / p99.9 / max ms | CPU s | peak RSS MiB |\n\
+             |---|---|---|---|---|---|---|---|---|\n",
+        );
+        for s in &self.steps {
+            let errors = if s.errors.is_empty() {
+                "0".to_owned()
+            } else {
+                s.errors
+                    .iter()
+                    .map(|(k, v)| format!("{v} {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let e = &s.end_to_end;
+            let _ = writeln!(
+                out,
+                "| {:.0} | {:.1} | {} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} / {:.1} / {:.1} / {:.1} | {:.1} | {:.0} |",
+                s.target_rate,
+                s.achieved_rate,
+                s.sent,
+                s.completed,
+                errors,
+                s.accept.p50_ms,
+                s.accept.p99_ms,
+                e.p50_ms,
+                e.p90_ms,
+                e.p99_ms,
+                e.p999_ms,
+                e.max_ms,
+                s.pipeline_cpu_s,
+                s.pipeline_peak_rss_mib
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\n**Sustainable throughput** (p99 end to end ≤ {} ms, no errors): {}",
+            self.p99_threshold_ms,
+            self.sustainable_rate
+                .map(|r| format!("{r:.0} orders/s"))
+                .unwrap_or_else(|| "none of the rates tried".to_owned())
+        );
+        if let Some(c) = &self.ceiling {
+            let _ = writeln!(
+                out,
+                "\n**Broker ceiling** ({} records of {} bytes, same broker): produce {:.0}/s, \
+                 consume {:.0}/s, transactional consume→produce {:.0}/s.",
+                c.messages, c.message_bytes, c.produce_rate, c.consume_rate, c.transactional_rate
+            );
+        }
+        if let Some(e) = &self.efficiency {
+            let _ = writeln!(
+                out,
+                "\n**Efficiency**: sustained rate × {} messages per order = {:.0}% of the \
+                 transactional ceiling, {:.0}% of the raw produce ceiling.",
+                e.messages_per_order,
+                e.vs_transactional * 100.0,
+                e.vs_produce * 100.0
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn efficiency_divides_the_message_rate_by_the_ceiling() {
+        let ceiling = Ceiling {
+            messages: 1000,
+            message_bytes: 200,
+            produce_rate: 6000.0,
+            consume_rate: 9000.0,
+            transactional_rate: 3000.0,
+        };
+        let e = BenchReport::efficiency(Some(500.0), Some(&ceiling)).expect("both known");
+        assert!((e.vs_transactional - 0.5).abs() < 1e-9);
+        assert!((e.vs_produce - 0.25).abs() < 1e-9);
+        assert!(BenchReport::efficiency(None, Some(&ceiling)).is_none());
+    }
+}

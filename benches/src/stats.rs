@@ -1,0 +1,184 @@
+//! Latency bookkeeping and the sweep's verdict. Pure: tested on synthetic timestamps.
+
+use std::collections::BTreeMap;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+/// A latency histogram in microseconds, 1 µs to 10 min, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    // The bounds are constants that hdrhistogram accepts; failure would be a programming error.
+    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|e| panic!("histogram bounds: {e}"))
+}
+
+/// Records `micros`, clamped into the histogram's range.
+pub fn record(histogram: &mut Histogram<u64>, micros: u64) {
+    histogram.saturating_record(micros.max(1));
+}
+
+/// Percentiles of a histogram, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct LatencySummary {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+pub fn summarize(histogram: &Histogram<u64>) -> LatencySummary {
+    if histogram.is_empty() {
+        return LatencySummary::default();
+    }
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    LatencySummary {
+        count: histogram.len(),
+        p50_ms: ms(0.50),
+        p90_ms: ms(0.90),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        max_ms: histogram.max() as f64 / 1000.0,
+    }
+}
+
+/// One rate of the sweep.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepResult {
+    /// Orders per second the driver was told to send.
+    pub target_rate: f64,
+    /// How long orders were sent, in seconds.
+    pub duration_s: f64,
+    pub sent: u64,
+    pub accepted: u64,
+    /// Accepted orders seen final in the projection.
+    pub completed: u64,
+    /// Completed orders per second, from the first scheduled send to the last completion.
+    pub achieved_rate: f64,
+    /// Errors by kind (HTTP status, timeout, not final in time, ...).
+    pub errors: BTreeMap<String, u64>,
+    /// Scheduled send → `202` (includes any queueing in the driver: open loop).
+    pub accept: LatencySummary,
+    /// Scheduled send → the projection wrote the final status.
+    pub end_to_end: LatencySummary,
+    /// CPU seconds the pipeline processes used during the step.
+    pub pipeline_cpu_s: f64,
+    /// The pipeline's peak resident memory so far, MiB.
+    pub pipeline_peak_rss_mib: f64,
+}
+
+impl StepResult {
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// Sustained: no errors, every order final, the rate achieved (within 5 %) and p99 end to
+    /// end under the threshold.
+    pub fn sustained(&self, p99_threshold_ms: f64) -> bool {
+        self.error_count() == 0
+            && self.completed == self.sent
+            && self.achieved_rate >= 0.95 * self.target_rate
+            && self.end_to_end.p99_ms <= p99_threshold_ms
+    }
+}
+
+/// The highest target rate that was sustained. Rates above a failed one do not count: a
+/// sweep is only trusted up to its first failure.
+pub fn sustainable_rate(steps: &[StepResult], p99_threshold_ms: f64) -> Option<f64> {
+    let mut sorted: Vec<&StepResult> = steps.iter().collect();
+    sorted.sort_by(|a, b| a.target_rate.total_cmp(&b.target_rate));
+    let mut best = None;
+    for step in sorted {
+        if !step.sustained(p99_threshold_ms) {
+            break;
+        }
+        best = Some(step.target_rate);
+    }
+    best
+}
+
+/// Completed orders per second over `[first_scheduled_ms, last_completed_ms]`.
+pub fn achieved_rate(completed: u64, first_scheduled_ms: i64, last_completed_ms: i64) -> f64 {
+    let span_s = (last_completed_ms - first_scheduled_ms) as f64 / 1000.0;
+    if completed == 0 || span_s <= 0.0 {
+        0.0
+    } else {
+        completed as f64 / span_s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_synthetic_latencies() {
+        let mut h = latency_histogram();
+        // 1..=1000 ms, one sample each.
+        for ms in 1..=1000u64 {
+            record(&mut h, ms * 1000);
+        }
+        let s = summarize(&h);
+        assert_eq!(s.count, 1000);
+        let close = |got: f64, want: f64| (got - want).abs() <= want * 0.002 + 0.01;
+        assert!(close(s.p50_ms, 500.0), "{s:?}");
+        assert!(close(s.p90_ms, 900.0), "{s:?}");
+        assert!(close(s.p99_ms, 990.0), "{s:?}");
+        assert!(close(s.p999_ms, 999.0), "{s:?}");
+        assert!(close(s.max_ms, 1000.0), "{s:?}");
+    }
+
+    #[test]
+    fn an_empty_histogram_summarizes_to_zero() {
+        assert_eq!(summarize(&latency_histogram()), LatencySummary::default());
+    }
+
+    #[test]
+    fn out_of_range_values_are_clamped_not_lost() {
+        let mut h = latency_histogram();
+        record(&mut h, 0);
+        record(&mut h, u64::MAX);
+        assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn achieved_rate_spans_first_send_to_last_completion() {
+        assert_eq!(achieved_rate(100, 0, 2_000), 50.0);
+        assert_eq!(achieved_rate(0, 0, 2_000), 0.0);
+        assert_eq!(achieved_rate(10, 5, 5), 0.0);
+    }
+
+    fn step(rate: f64, p99: f64, errors: u64) -> StepResult {
+        let mut s = StepResult {
+            target_rate: rate,
+            sent: 100,
+            accepted: 100,
+            completed: 100,
+            achieved_rate: rate,
+            ..StepResult::default()
+        };
+        s.end_to_end.p99_ms = p99;
+        if errors > 0 {
+            s.errors.insert("HTTP 503".into(), errors);
+        }
+        s
+    }
+
+    #[test]
+    fn the_sustainable_rate_stops_at_the_first_failure() {
+        let steps = vec![
+            step(400.0, 300.0, 0), // too slow
+            step(100.0, 20.0, 0),
+            step(200.0, 80.0, 0),
+            step(800.0, 90.0, 0), // above a failure: not trusted
+        ];
+        assert_eq!(sustainable_rate(&steps, 250.0), Some(200.0));
+        assert_eq!(sustainable_rate(&[step(100.0, 20.0, 1)], 250.0), None);
+        let mut slow = step(100.0, 20.0, 0);
+        slow.achieved_rate = 80.0;
+        assert!(!slow.sustained(250.0), "achieving 80 of 100/s is not sustaining 100/s");
+        let mut lost = step(100.0, 20.0, 0);
+        lost.completed = 99;
+        assert!(!lost.sustained(250.0));
+    }
+}
