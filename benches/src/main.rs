@@ -2,7 +2,10 @@
 //! sweeps rising open-loop rates, measures the broker's ceiling on the same broker, and prints
 //! a Markdown report (also written with a JSON twin to `--out`). See BENCHMARKS.md.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -38,7 +41,11 @@ struct Args {
     #[arg(long)]
     pid: Vec<u32>,
     /// Rates to sweep, orders per second.
-    #[arg(long, value_delimiter = ',', default_value = "25,50,100,200,400")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "50,100,200,400,800,1600,3200"
+    )]
     rates: Vec<f64>,
     /// Seconds to send at each rate.
     #[arg(long, default_value_t = 10)]
@@ -60,13 +67,18 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    let began = Instant::now();
+    let progress = |what: &str| eprintln!("[{:>6.1} s] {what}", began.elapsed().as_secs_f64());
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let mut pipeline = match &args.target {
         Some(url) => Pipeline::running(
             url.clone(),
             args.database_url.clone().unwrap_or_default(),
             args.kafka_brokers.clone().unwrap_or_default(),
-            args.pid.iter().map(|p| ("process".to_owned(), *p)).collect(),
+            args.pid
+                .iter()
+                .map(|p| ("process".to_owned(), *p))
+                .collect(),
         ),
         None => {
             let orderflow = match &args.orderflow {
@@ -76,7 +88,7 @@ async fn main() -> Result<()> {
                     .context("bench binary has no directory")?
                     .join("orderflow"),
             };
-            eprintln!("Starting orderflow dev ({:?})...", args.setup);
+            progress(&format!("Starting orderflow dev ({:?}).", args.setup));
             Pipeline::start(args.setup, &orderflow).await?
         }
     };
@@ -93,7 +105,9 @@ async fn main() -> Result<()> {
             .processes
             .iter()
             .filter_map(|(_, pid)| procstat::sample(*pid, ticks))
-            .fold((0.0, 0.0), |(cpu, rss), s| (cpu + s.cpu_s, rss + s.peak_rss_mib))
+            .fold((0.0, 0.0), |(cpu, rss), s| {
+                (cpu + s.cpu_s, rss + s.peak_rss_mib)
+            })
     };
 
     // Warm-up: the first orders pay for connections and group joins.
@@ -105,6 +119,7 @@ async fn main() -> Result<()> {
         drain: Duration::from_secs(60),
         seed: 1,
     };
+    progress("Warming up.");
     run_step(&warm, &db).await?;
 
     let mut steps = Vec::new();
@@ -120,12 +135,12 @@ async fn main() -> Result<()> {
         let (cpu_after, peak) = sample_all(&pipeline);
         step.pipeline_cpu_s = cpu_after - cpu_before;
         step.pipeline_peak_rss_mib = peak;
-        eprintln!(
-            "rate {rate}/s: achieved {:.1}/s, e2e p99 {:.1} ms, errors {}",
+        progress(&format!(
+            "Rate {rate}/s: achieved {:.1}/s, end-to-end p99 {:.1} ms, errors {}.",
             step.achieved_rate,
             step.end_to_end.p99_ms,
             step.error_count()
-        );
+        ));
         let sustained = step.sustained(args.p99_threshold_ms);
         steps.push(step);
         if !sustained && args.stop_at_first_failure {
@@ -135,11 +150,15 @@ async fn main() -> Result<()> {
     let sustainable = sustainable_rate(&steps, args.p99_threshold_ms);
 
     let ceiling = if args.ceiling_messages > 0 && !pipeline.bootstrap.is_empty() {
-        eprintln!("Measuring the broker ceiling ({} records)...", args.ceiling_messages);
+        progress(&format!(
+            "Measuring the broker ceiling ({} records).",
+            args.ceiling_messages
+        ));
         Some(ceiling::measure(&pipeline.bootstrap, args.ceiling_messages).await?)
     } else {
         None
     };
+    progress("Stopping the pipeline.");
     pipeline.stop()?;
 
     let report = BenchReport {
@@ -162,7 +181,10 @@ async fn main() -> Result<()> {
         Some(SetupKind::TansuPostgres) => "tansu-postgres",
         None => "target",
     };
-    std::fs::write(args.out.join(format!("{stem}.json")), serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(
+        args.out.join(format!("{stem}.json")),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     std::fs::write(args.out.join(format!("{stem}.md")), markdown)?;
     eprintln!("Wrote {}/{stem}.json and .md", args.out.display());
     Ok(())

@@ -63,7 +63,8 @@ mod tests {
 
     #[test]
     fn peak_rss_is_read_from_vm_hwm() {
-        let status = "Name:\torderflow\nVmPeak:\t  900000 kB\nVmHWM:\t   51200 kB\nVmRSS:\t 40000 kB\n";
+        let status =
+            "Name:\torderflow\nVmPeak:\t  900000 kB\nVmHWM:\t   51200 kB\nVmRSS:\t 40000 kB\n";
         assert_eq!(parse_vm_hwm_kib(status), Some(51_200));
     }
 

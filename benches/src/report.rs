@@ -28,7 +28,9 @@ impl Machine {
             })
             .unwrap_or(0.0);
         Self {
-            cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            cores: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
             memory_gib: (memory_kib / 1024.0 / 1024.0 * 10.0).round() / 10.0,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
@@ -142,8 +144,8 @@ impl BenchReport {
         if let Some(e) = &self.efficiency {
             let _ = writeln!(
                 out,
-                "\n**Efficiency**: sustained rate × {} messages per order = {:.0}% of the \
-                 transactional ceiling, {:.0}% of the raw produce ceiling.",
+                "\n**Efficiency**: sustained rate × {} messages per order = {:.1}% of the \
+                 transactional ceiling, {:.1}% of the raw produce ceiling.",
                 e.messages_per_order,
                 e.vs_transactional * 100.0,
                 e.vs_produce * 100.0

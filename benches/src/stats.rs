@@ -8,7 +8,8 @@ use serde::Serialize;
 /// A latency histogram in microseconds, 1 µs to 10 min, 3 significant digits.
 pub fn latency_histogram() -> Histogram<u64> {
     // The bounds are constants that hdrhistogram accepts; failure would be a programming error.
-    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|e| panic!("histogram bounds: {e}"))
+    Histogram::new_with_bounds(1, 600_000_000, 3)
+        .unwrap_or_else(|e| panic!("histogram bounds: {e}"))
 }
 
 /// Records `micros`, clamped into the histogram's range.
@@ -176,7 +177,10 @@ mod tests {
         assert_eq!(sustainable_rate(&[step(100.0, 20.0, 1)], 250.0), None);
         let mut slow = step(100.0, 20.0, 0);
         slow.achieved_rate = 80.0;
-        assert!(!slow.sustained(250.0), "achieving 80 of 100/s is not sustaining 100/s");
+        assert!(
+            !slow.sustained(250.0),
+            "achieving 80 of 100/s is not sustaining 100/s"
+        );
         let mut lost = step(100.0, 20.0, 0);
         lost.completed = 99;
         assert!(!lost.sustained(250.0));

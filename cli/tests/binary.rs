@@ -3,114 +3,24 @@
 //! against it; Ctrl-C (SIGINT) stops it cleanly; a second start moves the first run's tables
 //! aside because the in-process log starts empty.
 
-use std::{
-    io::{BufRead, BufReader},
-    path::Path,
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
-};
+use std::{path::Path, process::Command, time::Duration};
 
-use orderflow_testkit::{eventually, TempDir};
+use orderflow_testkit::{dev::DevProcess, eventually, TempDir};
 use serde_json::{json, Value};
 
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 
-struct Dev {
-    child: Child,
-    /// Keeps the stdout reader alive, so the child never writes into a closed pipe.
-    _lines: mpsc::Receiver<String>,
-    ingest: String,
-    query: String,
-    banner: Vec<String>,
+fn start_dev(dir: &Path) -> DevProcess {
+    DevProcess::start(Path::new(BIN), dir, &["--log-format".into(), "json".into()])
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"))
 }
 
-impl Drop for Dev {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_dev(dir: &Path) -> Dev {
-    let mut child = Command::new(BIN)
-        .args([
-            "--ingest-listen",
-            "127.0.0.1:0",
-            "--query-listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "dev",
-        ])
-        .current_dir(dir)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("orderflow dev starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut banner = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !banner.iter().any(|l: &String| l.contains("Press Ctrl-C")) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("dev did not print its banner in time; got {banner:?}"));
-        banner.push(line);
-    }
-    let url = |name: &str| {
-        banner
-            .iter()
-            .find_map(|l| l.trim().strip_prefix(name))
-            .map(|rest| {
-                rest.trim()
-                    .split("/v1/")
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .unwrap_or_else(|| panic!("no {name} URL in {banner:?}"))
-    };
-    let ingest = url("ingest");
-    let query = url("query");
-    Dev {
-        child,
-        _lines: lines,
-        ingest,
-        query,
-        banner,
-    }
-}
-
-/// Sends SIGINT (what Ctrl-C sends) and waits for a clean exit.
-fn interrupt(dev: &mut Dev) {
-    let status = Command::new("kill")
-        .args(["-INT", &dev.child.id().to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = dev.child.try_wait().expect("wait") {
-            assert!(status.success(), "dev exited with {status}");
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dev did not stop within 30 s of SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// Ctrl-C: a clean exit.
+fn interrupt(dev: &mut DevProcess) {
+    let status = dev
+        .interrupt()
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    assert!(status.success(), "dev exited with {status}");
 }
 
 fn order() -> Value {
@@ -137,7 +47,7 @@ async fn dev_runs_serves_and_stops_cleanly() {
 
     let client = reqwest::Client::new();
     let accepted: Value = client
-        .post(format!("{}/v1/orders", dev.ingest))
+        .post(format!("{}/v1/orders", dev.ingest_url))
         .json(&order())
         .send()
         .await
@@ -150,9 +60,9 @@ async fn dev_runs_serves_and_stops_cleanly() {
         .expect("status_url")
         .to_owned();
     assert!(
-        status_url.starts_with(&dev.query),
+        status_url.starts_with(&dev.query_url),
         "{status_url} is not on {}",
-        dev.query
+        dev.query_url
     );
     let view: Value = eventually(Duration::from_secs(30), "the order to be confirmed", || {
         let client = client.clone();
@@ -167,7 +77,7 @@ async fn dev_runs_serves_and_stops_cleanly() {
     assert_eq!(view["version"], 3);
 
     // loadgen against the running instance: every accepted order reaches a final status.
-    let ingest = dev.ingest.clone();
+    let ingest = dev.ingest_url.clone();
     let output = tokio::task::spawn_blocking(move || {
         Command::new(BIN)
             .args([
@@ -210,7 +120,7 @@ async fn dev_runs_serves_and_stops_cleanly() {
         .collect();
     assert_eq!(moved.len(), 1, "the first run's database is kept aside");
     let missing = client
-        .get(status_url.replace(&dev.query, &second.query))
+        .get(status_url.replace(&dev.query_url, &second.query_url))
         .send()
         .await
         .expect("get");

@@ -114,7 +114,11 @@ pub fn change_for(event: &OrderEvent) -> Change {
 }
 
 /// Applies one change inside the caller's transaction; `projected_at` is the writer's clock.
-pub async fn apply_change(conn: &mut AnyConnection, change: &Change, projected_at: i64) -> Result<()> {
+pub async fn apply_change(
+    conn: &mut AnyConnection,
+    change: &Change,
+    projected_at: i64,
+) -> Result<()> {
     match change {
         Change::Insert(row) => {
             sqlx::query(
@@ -209,7 +213,12 @@ impl Projection for OrdersProjection {
         orderflow_topics::names::PROJECTION_ORDERS_DLQ
     }
 
-    async fn apply(&self, conn: &mut AnyConnection, event: &OrderEvent, written_at: i64) -> Result<()> {
+    async fn apply(
+        &self,
+        conn: &mut AnyConnection,
+        event: &OrderEvent,
+        written_at: i64,
+    ) -> Result<()> {
         apply_change(conn, &change_for(event), written_at).await
     }
 }

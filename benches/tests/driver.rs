@@ -1,0 +1,61 @@
+//! The open-loop driver against a real pipeline (in-process broker, SQLite): every order it
+//! sends is accounted for — accepted and seen final, with one end-to-end sample each. No speed
+//! is asserted.
+
+use std::time::Duration;
+
+use orderflow::pipeline::{self, Role};
+use orderflow_benches::driver::{run_step, StepConfig};
+use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
+use orderflow_testkit::{Broker, Database};
+use orderflow_topics::{
+    apply::{apply, Provisioner},
+    Catalog,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sent_order_is_accounted_for() {
+    let broker = Broker::embedded();
+    let db = Database::sqlite();
+    let mut overrides = Overrides::default();
+    overrides.set("ingest.listen", "\"127.0.0.1:0\"");
+    overrides.set("query.listen", "\"127.0.0.1:0\"");
+    overrides.set("database.url", &format!("{:?}", db.url));
+    let settings = Settings::from_defaults(&overrides).expect("settings");
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let provisioner = Provisioner::Embedded(broker.as_embedded().expect("embedded"));
+    apply(&Catalog::load().expect("catalog"), &clients, provisioner)
+        .await
+        .expect("topics");
+    let running = pipeline::start(&settings, &broker.bootstrap(), &Role::ALL)
+        .await
+        .expect("pipeline");
+
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&db.url)
+        .await
+        .expect("database");
+    let config = StepConfig {
+        ingest_url: format!("http://{}", running.ingest_addr.expect("ingest")),
+        rate: 40.0,
+        duration: Duration::from_secs(1),
+        max_in_flight: 64,
+        drain: Duration::from_secs(60),
+        seed: 9,
+    };
+    let step = run_step(&config, &pool).await.expect("step");
+    assert_eq!(step.sent, 40);
+    assert_eq!(step.accepted, 40, "{:?}", step.errors);
+    assert_eq!(step.completed, 40, "{:?}", step.errors);
+    assert!(step.errors.is_empty(), "{:?}", step.errors);
+    assert_eq!(step.end_to_end.count, 40);
+    assert_eq!(step.accept.count, 40);
+    assert!(step.end_to_end.p50_ms >= step.accept.p50_ms.floor() - 1.0);
+    assert!(step.achieved_rate > 0.0);
+    running
+        .shutdown(Duration::from_secs(30))
+        .await
+        .expect("shutdown");
+}

@@ -1,0 +1,133 @@
+//! `orderflow dev` as a child process, as a user runs it: started with extra arguments, its
+//! banner read for the addresses it serves, stopped with SIGINT (what Ctrl-C sends).
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+/// A running `orderflow dev`; killed on drop if still running.
+pub struct DevProcess {
+    child: Option<Child>,
+    /// Keeps the stdout reader alive, so the child never writes into a closed pipe.
+    _lines: mpsc::Receiver<String>,
+    /// Everything printed up to "Press Ctrl-C".
+    pub banner: Vec<String>,
+    /// Base URL of the ingest edge, e.g. `http://127.0.0.1:41234`.
+    pub ingest_url: String,
+    /// Base URL of the query API.
+    pub query_url: String,
+    /// The broker's bootstrap address (the in-process one's too: it listens on TCP).
+    pub bootstrap: String,
+    /// The database URL as printed (a password would be masked).
+    pub database_url: String,
+}
+
+impl DevProcess {
+    /// Starts `binary [args...] --ingest-listen 127.0.0.1:0 --query-listen 127.0.0.1:0 dev` in
+    /// `dir` and waits (up to two minutes) for its banner.
+    pub fn start(binary: &Path, dir: &Path, args: &[String]) -> Result<Self, String> {
+        let mut child = Command::new(binary)
+            .args(args)
+            .args([
+                "--ingest-listen",
+                "127.0.0.1:0",
+                "--query-listen",
+                "127.0.0.1:0",
+                "dev",
+            ])
+            .current_dir(dir)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut banner = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !banner.iter().any(|l: &String| l.contains("Press Ctrl-C")) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => banner.push(line),
+                Err(_) => {
+                    let _ = child.kill();
+                    return Err(format!("orderflow dev printed no banner; got {banner:?}"));
+                }
+            }
+        }
+        let field = |name: &str| -> Result<String, String> {
+            banner
+                .iter()
+                .find_map(|l| l.trim().strip_prefix(name).map(|r| r.trim().to_owned()))
+                .ok_or_else(|| format!("no {name} line in {banner:?}"))
+        };
+        let base = |url: String| url.split("/v1/").next().unwrap_or_default().to_owned();
+        let ingest_url = base(field("ingest")?);
+        let query_url = base(field("query")?);
+        let bootstrap = field("broker")?
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let database_url = field("database")?;
+        Ok(Self {
+            child: Some(child),
+            _lines: lines,
+            banner,
+            ingest_url,
+            query_url,
+            bootstrap,
+            database_url,
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGINT and waits up to 30 s for the process to exit.
+    pub fn interrupt(&mut self) -> Result<ExitStatus, String> {
+        let Some(child) = self.child.as_mut() else {
+            return Err("already stopped".to_owned());
+        };
+        Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .map_err(|e| format!("cannot run kill: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    self.child = None;
+                    return Ok(status);
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Ok(None) => return Err("did not stop within 30 s of SIGINT".to_owned()),
+                Err(e) => return Err(format!("wait failed: {e}")),
+            }
+        }
+    }
+}
+
+impl Drop for DevProcess {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
