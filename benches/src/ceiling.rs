@@ -126,15 +126,38 @@ fn read_n(
     Ok((first.unwrap_or(last), last))
 }
 
+/// Writes `n` copies of `payload` (keys spread like customers) and waits for every ack.
+async fn produce_n(producer: &FutureProducer, topic: &str, payload: &[u8], n: u64) -> Result<()> {
+    let mut in_flight = VecDeque::new();
+    for i in 0..n {
+        let key = format!("customer-{:04}", i % 1000);
+        let record = FutureRecord::to(topic).key(key.as_bytes()).payload(payload);
+        let delivery = producer
+            .send_result(record)
+            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+        in_flight.push_back(delivery);
+        if in_flight.len() >= 10_000 {
+            if let Some(d) = in_flight.pop_front() {
+                d.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+            }
+        }
+    }
+    for d in in_flight {
+        d.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Measures the three ceilings with `n` records like the pipeline's `OrderPlaced`.
 pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
     let settings = Settings::from_defaults(&Overrides::default())?;
     let clients = KafkaClients::new(&settings.kafka, bootstrap);
     let codec = Arc::new(Codec::new()?);
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let input = leak(format!("orderflow.bench.{run}.in"));
-    let output = leak(format!("orderflow.bench.{run}.out"));
-    create_topics(&clients, &[input, output]).await;
+    let input = leak(format!("orderflow.bench.{run}.raw"));
+    let txn_input = leak(format!("orderflow.bench.{run}.in"));
+    let txn_output = leak(format!("orderflow.bench.{run}.out"));
+    create_topics(&clients, &[input, txn_input, txn_output]).await;
 
     // Raw produce.
     let producer: FutureProducer = clients.idempotent_producer("bench").create()?;
@@ -151,28 +174,9 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
         .await
         .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
     let started = Instant::now();
-    let mut in_flight = VecDeque::new();
-    for i in 0..n {
-        let key = format!("customer-{:04}", i % 1000);
-        let record = FutureRecord::to(input)
-            .key(key.as_bytes())
-            .payload(payload.as_slice());
-        let delivery = producer
-            .send_result(record)
-            .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-        in_flight.push_back(delivery);
-        if in_flight.len() >= 10_000 {
-            if let Some(d) = in_flight.pop_front() {
-                d.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-            }
-        }
-    }
-    for d in in_flight {
-        d.await?.map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
-    }
+    produce_n(&producer, input, &payload, n).await?;
     let produce_rate = n as f64 / started.elapsed().as_secs_f64();
 
-    // Raw consume.
     // Raw consume: from assignment (fetching starts) to the last record, the warm-up included.
     let consume_rate = {
         let consumer = reader(&clients, input)?;
@@ -184,22 +188,25 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
         (n + 1) as f64 / (last - started).as_secs_f64().max(1e-9)
     };
 
-    // Transactional consume → produce through the processor runtime.
+    // Transactional consume → produce through the processor runtime, on its own topics. It is
+    // started and warmed up first (group joined, producer initialised, one record through), then
+    // timed from the start of producing `n` records to its input to the last of them on its
+    // output: the time for `n` records to pass through a running processor.
     let spec = ProcessorSpec {
         name: leak(format!("bench-{run}")),
-        input_topics: vec![input],
-        dead_letter_topic: output,
-        step: Box::new(PassThrough { output }),
+        input_topics: vec![txn_input],
+        dead_letter_topic: txn_output,
+        step: Box::new(PassThrough { output: txn_output }),
     };
     let runtime = ProcessorRuntime::new(spec, clients.clone(), &settings.processor, codec.clone());
     let cancel = CancellationToken::new();
     let task = tokio::spawn(runtime.run(cancel.clone()));
+    produce_n(&producer, txn_input, &payload, 1).await?;
     // The output topic may not exist yet on a broker that creates topics on first use.
     let out_reader = {
-        let clients = clients.clone();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            match reader(&clients, output) {
+            match reader(&clients, txn_output) {
                 Ok(r) => break r,
                 Err(_) if std::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(200)).await
@@ -208,15 +215,19 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
             }
         }
     };
-    // Timed from the first output a reader sees (the group has joined and the first batch
-    // committed) to the last, so group-join time is not counted as throughput.
-    let (first, last) =
-        tokio::task::spawn_blocking(move || read_n(&out_reader, n + 1, Duration::from_secs(600)))
-            .await
-            .context("transactional")??;
+    let out_reader = tokio::task::spawn_blocking(move || {
+        read_n(&out_reader, 1, Duration::from_secs(120)).map(|_| out_reader)
+    })
+    .await
+    .context("transactional warm-up")??;
+    let started = std::time::Instant::now();
+    let reading =
+        tokio::task::spawn_blocking(move || read_n(&out_reader, n, Duration::from_secs(600)));
+    produce_n(&producer, txn_input, &payload, n).await?;
+    let (_, last) = reading.await.context("transactional")??;
     cancel.cancel();
     let _ = task.await;
-    let transactional_rate = n as f64 / (last - first).as_secs_f64().max(1e-9);
+    let transactional_rate = n as f64 / (last - started).as_secs_f64().max(1e-9);
 
     Ok(Ceiling {
         messages: n,

@@ -158,8 +158,10 @@ async fn main() -> Result<()> {
     } else {
         None
     };
-    progress("Stopping the pipeline.");
-    pipeline.stop()?;
+    if args.target.is_none() {
+        progress("Stopping the pipeline.");
+        pipeline.stop()?;
+    }
 
     let report = BenchReport {
         setup: args.target.is_none().then_some(args.setup),
