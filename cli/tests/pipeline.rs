@@ -21,6 +21,76 @@ use rdkafka::{
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(60);
+/// Stands for "undecodable records" in the log summary.
+const POISON: &str = "poison";
+
+/// Writes records that are not orderflow events to orders.events, as a broken producer would.
+async fn inject_poison(bootstrap: &str, settings: &Settings) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let clients = KafkaClients::new(&settings.kafka, bootstrap);
+    let producer: FutureProducer = clients
+        .idempotent_producer("test-poison")
+        .create()
+        .expect("producer");
+    for payload in [&b"{\"not\": \"avro\"}"[..], &[0u8, 0, 0, 0, 1][..]] {
+        producer
+            .send(
+                FutureRecord::to(names::ORDERS_EVENTS)
+                    .key("customer-0")
+                    .payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("poison written");
+    }
+}
+
+/// Reads a dead-letter topic until `expected` records arrived; returns their headers.
+fn read_dead_letters(
+    bootstrap: &str,
+    settings: &Settings,
+    topic: &str,
+    expected: usize,
+) -> Vec<BTreeMap<String, String>> {
+    use rdkafka::message::Headers;
+    let clients = KafkaClients::new(&settings.kafka, bootstrap);
+    let consumer: BaseConsumer = clients
+        .consumer("test-dlq", &format!("test-dlq-{}", uuid::Uuid::new_v4()))
+        .create()
+        .expect("reader");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("partition");
+    consumer.assign(&tpl).expect("assign");
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let mut letters = Vec::new();
+    while letters.len() < expected {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} dead letters on {topic}",
+            letters.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message.expect("dead letter");
+        let headers = message
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        letters.push(headers);
+    }
+    letters
+}
 
 fn settings(db: &Database) -> Settings {
     let mut overrides = Overrides::default();
@@ -102,9 +172,13 @@ fn read_log(
             continue;
         };
         let message = message.expect("consume");
-        let event = codec
-            .decode(message.payload().unwrap_or_default())
-            .expect("every record on orders.events decodes");
+        let Ok(event) = codec.decode(message.payload().unwrap_or_default()) else {
+            // The poison records the test injected.
+            seen.entry((POISON.to_owned(), EventKind::OrderPlaced))
+                .or_default()
+                .insert(format!("{}/{}", message.partition(), message.offset()));
+            continue;
+        };
         let envelope = event.envelope();
         seen.entry((envelope.order_id.clone(), event.kind()))
             .or_default()
@@ -223,6 +297,9 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
     };
     assert!(!report.has_drift(), "{report}");
 
+    // Bad input from a broken producer must not stop the pipeline.
+    inject_poison(&bootstrap, &settings).await;
+
     let running = pipeline::start(&settings, &bootstrap, &Role::ALL)
         .await
         .expect("pipeline starts");
@@ -326,6 +403,31 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
             .map(|(_, ids)| ids.len())
             .sum();
         assert_eq!(total, kinds.len(), "{order_id} has unexpected events");
+    }
+
+    // Each poison record went to each consumer's dead-letter topic, with its reason and source.
+    assert_eq!(
+        seen.get(&(POISON.to_owned(), EventKind::OrderPlaced))
+            .map(|s| s.len()),
+        Some(2)
+    );
+    for topic in [names::SAGA_DLQ, names::PROJECTION_ORDERS_DLQ] {
+        let letters = read_dead_letters(&bootstrap, &settings, topic, 2);
+        for headers in &letters {
+            assert!(
+                headers["dlq.reason"].starts_with("undecodable"),
+                "{topic}: {headers:?}"
+            );
+            assert_eq!(
+                headers["dlq.source.topic"],
+                names::ORDERS_EVENTS,
+                "{topic}: {headers:?}"
+            );
+            assert!(
+                headers["dlq.source.offset"].parse::<i64>().is_ok(),
+                "{topic}: {headers:?}"
+            );
+        }
     }
 
     // Graceful shutdown committed both groups' positions at the end of the log.
