@@ -198,7 +198,13 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
         dead_letter_topic: txn_output,
         step: Box::new(PassThrough { output: txn_output }),
     };
-    let runtime = ProcessorRuntime::new(spec, clients.clone(), &settings.processor, codec.clone());
+    let runtime = ProcessorRuntime::new(
+        spec,
+        clients.clone(),
+        &settings.processor,
+        codec.clone(),
+        orderflow_processors::ProcessorMetrics::unregistered(),
+    );
     let cancel = CancellationToken::new();
     let task = tokio::spawn(runtime.run(cancel.clone()));
     produce_n(&producer, txn_input, &payload, 1).await?;

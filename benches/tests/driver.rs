@@ -20,6 +20,7 @@ async fn every_sent_order_is_accounted_for() {
     let mut overrides = Overrides::default();
     overrides.set("ingest.listen", "\"127.0.0.1:0\"");
     overrides.set("query.listen", "\"127.0.0.1:0\"");
+    overrides.set("telemetry.listen", "\"127.0.0.1:0\"");
     overrides.set("database.url", &format!("{:?}", db.url));
     let settings = Settings::from_defaults(&overrides).expect("settings");
     let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());

@@ -197,6 +197,7 @@ async fn dev(settings: &Settings) -> Result<()> {
     if let Some(addr) = running.query_addr {
         println!("  query       http://{addr}/v1/orders/{{order_id}}");
     }
+    println!("  metrics     http://{}/metrics", running.ops_addr);
     println!("Press Ctrl-C to stop.");
     serve_until_signal(&mut running).await?;
     running.shutdown(DRAIN_DEADLINE).await

@@ -7,10 +7,17 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use orderflow_ingest::{IngestState, Publisher};
-use orderflow_platform::{http::Server, kafka::KafkaClients, Settings};
-use orderflow_processors::ProcessorRuntime;
-use orderflow_projections::{orders::OrdersProjection, query, Database, ProjectionWriter};
+use orderflow_ingest::{IngestMetrics, IngestState, Publisher};
+use orderflow_platform::{
+    http::{health_routes, Server},
+    kafka::KafkaClients,
+    metrics::{metrics_routes, ConsumerMetrics, HttpMetrics, MetricsRegistry},
+    Settings,
+};
+use orderflow_processors::{ProcessorMetrics, ProcessorRuntime};
+use orderflow_projections::{
+    orders::OrdersProjection, query, Database, ProjectionMetrics, ProjectionWriter,
+};
 use orderflow_schemas::Codec;
 use orderflow_topics::names;
 use tokio::task::JoinSet;
@@ -34,6 +41,8 @@ impl Role {
 pub struct Running {
     pub ingest_addr: Option<SocketAddr>,
     pub query_addr: Option<SocketAddr>,
+    /// The operations listener: `/metrics`, `/healthz`.
+    pub ops_addr: SocketAddr,
     cancel: CancellationToken,
     tasks: JoinSet<Result<()>>,
     publisher: Option<Publisher>,
@@ -45,6 +54,27 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     let clients = KafkaClients::new(&settings.kafka, bootstrap);
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
+    let registry = MetricsRegistry::new();
+    let consumer_metrics = ConsumerMetrics::register(&registry);
+    let http_metrics = HttpMetrics::register(&registry);
+
+    // The operations listener, whatever roles run here.
+    let ops = Server::bind(
+        settings.telemetry.listen,
+        metrics_routes(registry.clone()).merge(health_routes()),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "binding the metrics listener to {}",
+            settings.telemetry.listen
+        )
+    })?;
+    let ops_addr = ops.local_addr()?;
+    {
+        let cancel = cancel.clone();
+        tasks.spawn(async move { ops.run(cancel).await.context("metrics listener") });
+    }
 
     let needs_db = roles.contains(&Role::Project) || roles.contains(&Role::Query);
     let db = if needs_db {
@@ -60,7 +90,8 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
 
     let mut query_addr = None;
     if let (true, Some(db)) = (roles.contains(&Role::Query), &db) {
-        let server = Server::bind(settings.query.listen, query::router(db.clone()))
+        let http = http_metrics.for_server("query");
+        let server = Server::bind(settings.query.listen, http.layer(query::router(db.clone())))
             .await
             .with_context(|| format!("binding the query API to {}", settings.query.listen))?;
         query_addr = Some(server.local_addr()?);
@@ -92,8 +123,13 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         let state = IngestState {
             publisher: p.clone(),
             status_base_url,
+            metrics: IngestMetrics::register(&registry),
         };
-        let router = orderflow_ingest::router(state, settings.ingest.max_body_bytes);
+        let http = http_metrics.for_server("ingest");
+        let router = http.layer(orderflow_ingest::router(
+            state,
+            settings.ingest.max_body_bytes,
+        ));
         let server = Server::bind(settings.ingest.listen, router)
             .await
             .with_context(|| format!("binding the ingest edge to {}", settings.ingest.listen))?;
@@ -104,9 +140,15 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     }
 
     if roles.contains(&Role::Process) {
+        let metrics = ProcessorMetrics::register(&registry, consumer_metrics.clone());
         for spec in orderflow_processors::registry(settings) {
-            let runtime =
-                ProcessorRuntime::new(spec, clients.clone(), &settings.processor, codec.clone());
+            let runtime = ProcessorRuntime::new(
+                spec,
+                clients.clone(),
+                &settings.processor,
+                codec.clone(),
+                metrics.clone(),
+            );
             let cancel = cancel.clone();
             tasks.spawn(async move {
                 runtime.run(cancel).await;
@@ -122,6 +164,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             clients.clone(),
             &settings.projection,
             codec.clone(),
+            ProjectionMetrics::register(&registry, consumer_metrics.clone()),
         );
         let cancel = cancel.clone();
         tasks.spawn(async move {
@@ -133,6 +176,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     Ok(Running {
         ingest_addr,
         query_addr,
+        ops_addr,
         cancel,
         tasks,
         publisher,

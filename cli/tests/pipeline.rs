@@ -96,6 +96,7 @@ fn settings(db: &Database) -> Settings {
     let mut overrides = Overrides::default();
     overrides.set("ingest.listen", "\"127.0.0.1:0\"");
     overrides.set("query.listen", "\"127.0.0.1:0\"");
+    overrides.set("telemetry.listen", "\"127.0.0.1:0\"");
     overrides.set("database.url", &format!("{:?}", db.url));
     Settings::from_defaults(&overrides).expect("test settings")
 }
@@ -114,6 +115,23 @@ fn order(customer: usize, valid: bool) -> Value {
         "tax_minor": 0,
         "total_minor": 3499
     })
+}
+
+/// A metric name, labels its sample must have, and the value expected.
+type MetricCheck<'a> = (&'a str, Vec<(&'a str, &'a str)>, f64);
+
+/// The value of the sample `name` whose labels include `labels`, from a text exposition.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.split(['{', ' ']).next() == Some(name))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
 }
 
 /// Reads every record of orders.events (read_committed) and counts distinct event ids per
@@ -369,6 +387,82 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         .await
         .expect("get");
     assert_eq!(malformed.status(), 400);
+
+    // The metrics moved as the run implies.
+    let metrics_url = format!("http://{}/metrics", running.ops_addr);
+    let valid = expected.iter().filter(|(_, _, valid)| *valid).count() as f64;
+    let invalid = expected.len() as f64 - valid;
+    let all = expected.len() as f64;
+    let checks: Vec<MetricCheck<'_>> = vec![
+        ("orderflow_ingest_orders_accepted_total", vec![], all),
+        (
+            "orderflow_http_requests_total",
+            vec![
+                ("server", "ingest"),
+                ("route", "/v1/orders"),
+                ("method", "POST"),
+                ("status", "202"),
+            ],
+            all,
+        ),
+        (
+            "orderflow_processor_outputs_total",
+            vec![("event_type", "OrderConfirmed")],
+            valid,
+        ),
+        (
+            "orderflow_processor_outputs_total",
+            vec![("event_type", "OrderRejected")],
+            invalid,
+        ),
+        (
+            "orderflow_orders_final_total",
+            vec![("status", "confirmed")],
+            valid,
+        ),
+        (
+            "orderflow_orders_final_total",
+            vec![("status", "rejected")],
+            invalid,
+        ),
+        ("orderflow_order_end_to_end_seconds_count", vec![], all),
+        (
+            "orderflow_processor_dead_letters_total",
+            vec![("processor", "saga")],
+            2.0,
+        ),
+        (
+            "orderflow_projection_dead_letters_total",
+            vec![("projection", "orders")],
+            2.0,
+        ),
+    ];
+    let text = eventually(DEADLINE, "the metrics to reflect the run", || {
+        let client = client.clone();
+        let url = metrics_url.clone();
+        let checks = &checks;
+        async move {
+            let text = client.get(&url).send().await.ok()?.text().await.ok()?;
+            checks
+                .iter()
+                .all(|(name, labels, want)| metric(&text, name, labels) == Some(*want))
+                .then_some(text)
+        }
+    })
+    .await;
+    // Accepted = confirmed + rejected (+ cancelled: none yet).
+    let finals: f64 = ["confirmed", "rejected"]
+        .iter()
+        .filter_map(|s| metric(&text, "orderflow_orders_final_total", &[("status", s)]))
+        .sum();
+    assert_eq!(
+        metric(&text, "orderflow_ingest_orders_accepted_total", &[]),
+        Some(finals)
+    );
+    assert!(
+        !text.contains(expected[0].0.as_str()),
+        "an order id leaked into a label"
+    );
 
     running
         .shutdown(Duration::from_secs(30))

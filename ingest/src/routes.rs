@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use uuid::Uuid;
 
 use crate::{
+    metrics::{IngestMetrics, RefusedLabels},
     publish::{PublishError, Publisher},
     request::{self, RequestError},
 };
@@ -25,6 +26,7 @@ pub struct IngestState {
     pub publisher: Publisher,
     /// Base URL of the query API, for the status URL in responses (e.g. `http://host:8081`).
     pub status_base_url: String,
+    pub metrics: IngestMetrics,
 }
 
 /// The answer to an accepted order.
@@ -58,6 +60,33 @@ fn now_ms() -> i64 {
 async fn post_order(
     State(state): State<IngestState>,
     headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let answer = place_order(&state, &headers, body).await;
+    match &answer {
+        Ok(_) => {
+            state.metrics.accepted.inc();
+        }
+        Err(problem) => {
+            let reason = problem
+                .kind
+                .rsplit(':')
+                .next()
+                .unwrap_or("unknown")
+                .to_owned();
+            state
+                .metrics
+                .refused
+                .get_or_create(&RefusedLabels { reason })
+                .inc();
+        }
+    }
+    answer
+}
+
+async fn place_order(
+    state: &IngestState,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     let is_json = headers
@@ -112,21 +141,23 @@ async fn post_order(
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() == 55);
     let event = order.into_event(order_id, now_ms());
+    let publishing = std::time::Instant::now();
+    let published = state.publisher.publish(&event, traceparent).await;
     state
-        .publisher
-        .publish(&event, traceparent)
-        .await
-        .map_err(|e| {
-            warn!(error = %e, "Order not published.");
-            match e {
-                PublishError::Codec(_) => Problem::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "invalid-order",
-                    "The order is invalid",
-                ),
-                _ => Problem::unavailable("the order log").retry_after(1),
-            }
-        })?;
+        .metrics
+        .publish_seconds
+        .observe(publishing.elapsed().as_secs_f64());
+    published.map_err(|e| {
+        warn!(error = %e, "Order not published.");
+        match e {
+            PublishError::Codec(_) => Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-order",
+                "The order is invalid",
+            ),
+            _ => Problem::unavailable("the order log").retry_after(1),
+        }
+    })?;
     debug!(order_id = %order_id, "Order accepted.");
     let status_url = format!("{}/v1/orders/{order_id}", state.status_base_url);
     let location = HeaderValue::from_str(&status_url).ok();

@@ -41,6 +41,7 @@ async fn start(broker: &Broker) -> Edge {
     let state = IngestState {
         publisher,
         status_base_url: "http://query.example".into(),
+        metrics: orderflow_ingest::IngestMetrics::unregistered(),
     };
     let router = orderflow_ingest::router(state, settings.ingest.max_body_bytes);
     let server = Server::bind("127.0.0.1:0".parse().expect("addr"), router)

@@ -187,6 +187,8 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
+    /// The operations listener: `/metrics` and `/healthz` for every role in the process.
+    pub listen: SocketAddr,
     pub format: LogFormat,
     pub filter: String,
 }

@@ -10,10 +10,12 @@ use rdkafka::{
     message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
     mocking::MockCluster,
     producer::DefaultProducerContext,
-    ClientConfig, ClientContext, Offset, TopicPartitionList,
+    ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+use crate::metrics::{ConsumerMetrics, PartitionLabels};
 
 use crate::config::KafkaSettings;
 
@@ -130,7 +132,9 @@ impl KafkaClients {
                 "heartbeat.interval.ms",
                 (self.settings.session_timeout_ms / 3).max(100).to_string(),
             )
-            .set("partition.assignment.strategy", "cooperative-sticky");
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            // Feeds the lag and position gauges (GroupContext::stats).
+            .set("statistics.interval.ms", "5000");
         config
     }
 
@@ -165,19 +169,60 @@ pub fn event_headers(kind: EventKind, traceparent: Option<&str>) -> OwnedHeaders
     }
 }
 
-/// Consumer context of every group member: logs assignments and revocations. (The batch loops
-/// drop revoked partitions' records from the batch in hand, see [`retain_assigned`].)
+/// Consumer context of every group member: logs assignments and revocations and turns
+/// librdkafka's statistics into consumer lag and position gauges. (The batch loops drop revoked
+/// partitions' records from the batch in hand, see [`retain_assigned`].)
 pub struct GroupContext {
     role: &'static str,
+    group: String,
+    metrics: Option<ConsumerMetrics>,
 }
 
 impl GroupContext {
     pub fn new(role: &'static str) -> Self {
-        Self { role }
+        Self {
+            role,
+            group: String::new(),
+            metrics: None,
+        }
+    }
+
+    /// Reports lag and position of `group`'s partitions to `metrics`.
+    pub fn with_metrics(mut self, group: &str, metrics: ConsumerMetrics) -> Self {
+        self.group = group.to_owned();
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn labels(&self, topic: &str, partition: i32) -> PartitionLabels {
+        PartitionLabels {
+            group: self.group.clone(),
+            topic: topic.to_owned(),
+            partition,
+        }
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        let Some(metrics) = &self.metrics else { return };
+        for (topic, t) in &statistics.topics {
+            for (id, p) in &t.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; lag -1 means unknown.
+                if *id < 0 || !p.desired {
+                    continue;
+                }
+                let labels = self.labels(topic, *id);
+                if p.consumer_lag >= 0 {
+                    metrics.lag.get_or_create(&labels).set(p.consumer_lag);
+                }
+                if p.app_offset >= 0 {
+                    metrics.position.get_or_create(&labels).set(p.app_offset);
+                }
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -194,7 +239,15 @@ impl ConsumerContext for GroupContext {
                     role = self.role,
                     partitions = tpl.count(),
                     "Partitions revoked."
-                )
+                );
+                // Another member reports these now.
+                if let Some(metrics) = &self.metrics {
+                    for e in tpl.elements() {
+                        let labels = self.labels(e.topic(), e.partition());
+                        metrics.lag.remove(&labels);
+                        metrics.position.remove(&labels);
+                    }
+                }
             }
             Rebalance::Error(e) => warn!(role = self.role, error = %e, "Rebalance failed."),
         }

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod http;
 pub mod kafka;
+pub mod metrics;
 pub mod telemetry;
 
 pub use config::{ConfigError, Settings};

@@ -6,11 +6,13 @@
 //! batching, transactions, offsets and dead letters. [`registry`] lists the processors the
 //! binary can run — the one place that decides which exist.
 
+pub mod metrics;
 pub mod runtime;
 pub mod saga;
 
 use orderflow_platform::config::Settings;
 
+pub use metrics::ProcessorMetrics;
 pub use runtime::{Outputs, ProcessorError, ProcessorRuntime, Step};
 
 /// A processor the binary can run: a consumer group, its input topics, its dead-letter topic

@@ -45,7 +45,10 @@ use rdkafka::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::ProcessorSpec;
+use crate::{
+    metrics::{OutputLabels, ProcessorLabels, ProcessorMetrics},
+    ProcessorSpec,
+};
 
 /// A saga step or any other stateless-by-contract transformation. Plain code: no Kafka, no
 /// clock, no randomness — outputs must be a function of the input (rule 1).
@@ -116,6 +119,9 @@ pub struct ProcessorRuntime {
     codec: Arc<Codec>,
     group_id: String,
     transactional_id: String,
+    metrics: ProcessorMetrics,
+    /// This processor's label value, built once.
+    labels: ProcessorLabels,
 }
 
 impl ProcessorRuntime {
@@ -124,6 +130,7 @@ impl ProcessorRuntime {
         clients: KafkaClients,
         batch: &BatchSettings,
         codec: Arc<Codec>,
+        metrics: ProcessorMetrics,
     ) -> Self {
         let instance = if batch.instance_id.is_empty() {
             uuid::Uuid::new_v4().simple().to_string()
@@ -140,6 +147,10 @@ impl ProcessorRuntime {
             clients,
             batch: batch.clone(),
             codec,
+            labels: ProcessorLabels {
+                processor: spec.name.to_owned(),
+            },
+            metrics,
         }
     }
 
@@ -173,7 +184,10 @@ impl ProcessorRuntime {
         let consumer: ProcessorConsumer = self
             .clients
             .consumer(self.name, &self.group_id)
-            .create_with_context(GroupContext::new(self.name))?;
+            .create_with_context(
+                GroupContext::new(self.name)
+                    .with_metrics(&self.group_id, self.metrics.consumer.clone()),
+            )?;
         let producer: FutureProducer = self
             .clients
             .transactional_producer(self.name, &self.transactional_id)
@@ -192,6 +206,7 @@ impl ProcessorRuntime {
                     Ok(offsets) => last_committed = Some(offsets),
                     Err(e) => {
                         abort(&producer, timeout).await;
+                        self.metrics.aborts.get_or_create(&self.labels).inc();
                         return Err(e);
                     }
                 }
@@ -230,6 +245,7 @@ impl ProcessorRuntime {
         producer.begin_transaction()?;
         let mut deliveries = Vec::new();
         let mut outputs = Outputs::default();
+        let mut emitted: Vec<&'static str> = Vec::new();
         let mut dead = 0usize;
         for message in batch {
             let traceparent = header_value(message, headers::TRACEPARENT);
@@ -251,6 +267,7 @@ impl ProcessorRuntime {
             let handled = match handled {
                 Ok(encoded) => {
                     for (record, bytes) in encoded {
+                        emitted.push(record.event.kind().name());
                         let future_record = FutureRecord::to(record.topic)
                             .key(record.key.as_bytes())
                             .payload(bytes.as_slice())
@@ -289,6 +306,7 @@ impl ProcessorRuntime {
             .group_metadata()
             .ok_or(ProcessorError::NoGroupMetadata)?;
         let timeout = self.transaction_timeout();
+        let committing = Instant::now();
         {
             let offsets = offsets.clone();
             blocking(producer, move |p| {
@@ -300,6 +318,27 @@ impl ProcessorRuntime {
         // Rule 3: the position is written only now that every output is durable. This is also
         // the only place offsets are stored on a broker that ignores transactional offsets.
         consumer.commit(&offsets, CommitMode::Async)?;
+        let m = &self.metrics;
+        m.commit_seconds
+            .get_or_create(&self.labels)
+            .observe(committing.elapsed().as_secs_f64());
+        m.batch_records
+            .get_or_create(&self.labels)
+            .observe(batch.len() as f64);
+        m.records
+            .get_or_create(&self.labels)
+            .inc_by(batch.len() as u64);
+        m.dead_letters
+            .get_or_create(&self.labels)
+            .inc_by(dead as u64);
+        for event_type in emitted {
+            m.outputs
+                .get_or_create(&OutputLabels {
+                    processor: self.labels.processor.clone(),
+                    event_type: event_type.to_owned(),
+                })
+                .inc();
+        }
         debug!(
             processor = self.name,
             records = batch.len(),

@@ -7,6 +7,7 @@
 //! are exactly what the log says whatever crashes in between.
 
 pub mod db;
+pub mod metrics;
 pub mod orders;
 pub mod query;
 pub mod writer;
@@ -14,3 +15,4 @@ pub mod writer;
 pub use writer::{Projection, ProjectionWriter};
 
 pub use db::{Database, DbError};
+pub use metrics::ProjectionMetrics;

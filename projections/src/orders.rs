@@ -114,12 +114,13 @@ pub fn change_for(event: &OrderEvent) -> Change {
 }
 
 /// Applies one change inside the caller's transaction; `projected_at` is the writer's clock.
+/// Returns whether a row changed (`false`: the row already held this event or a newer one).
 pub async fn apply_change(
     conn: &mut AnyConnection,
     change: &Change,
     projected_at: i64,
-) -> Result<()> {
-    match change {
+) -> Result<bool> {
+    let result = match change {
         Change::Insert(row) => {
             sqlx::query(
                 "INSERT INTO orders (order_id, customer_id, status, version, currency, \
@@ -140,7 +141,7 @@ pub async fn apply_change(
             .bind(&row.last_event_id)
             .bind(projected_at)
             .execute(&mut *conn)
-            .await?;
+            .await?
         }
         Change::Advance {
             order_id,
@@ -163,10 +164,10 @@ pub async fn apply_change(
             .bind(event_id)
             .bind(projected_at)
             .execute(&mut *conn)
-            .await?;
+            .await?
         }
-    }
-    Ok(())
+    };
+    Ok(result.rows_affected() > 0)
 }
 
 /// Reads one order.
@@ -218,7 +219,7 @@ impl Projection for OrdersProjection {
         conn: &mut AnyConnection,
         event: &OrderEvent,
         written_at: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         apply_change(conn, &change_for(event), written_at).await
     }
 }

@@ -34,7 +34,20 @@ use sqlx::{AnyConnection, Row};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::db::{Database, DbError};
+use crate::{
+    db::{Database, DbError},
+    metrics::{FinalLabels, ProjectionLabels, ProjectionMetrics},
+};
+
+/// The final status an event puts its order in, if it is a final event.
+fn final_status(event: &OrderEvent) -> Option<&'static str> {
+    match event {
+        OrderEvent::OrderConfirmed(_) => Some("confirmed"),
+        OrderEvent::OrderRejected(_) => Some("rejected"),
+        OrderEvent::OrderCancelled(_) => Some("cancelled"),
+        _ => None,
+    }
+}
 
 /// One projection: which topics it folds and how one event changes its tables.
 pub trait Projection: Send + Sync + 'static {
@@ -45,12 +58,13 @@ pub trait Projection: Send + Sync + 'static {
     /// Applies one event inside the batch's transaction. Must be idempotent by itself too
     /// (version checks), so a replay over existing rows changes nothing. `written_at` is the
     /// writer's wall clock for this batch (ms), for freshness columns outside the fold.
+    /// Returns whether the tables changed (`false` for an event they already reflect).
     fn apply(
         &self,
         conn: &mut AnyConnection,
         event: &OrderEvent,
         written_at: i64,
-    ) -> impl Future<Output = Result<(), DbError>> + Send;
+    ) -> impl Future<Output = Result<bool, DbError>> + Send;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +95,8 @@ pub struct ProjectionWriter<P: Projection> {
     clients: KafkaClients,
     settings: ProjectionSettings,
     codec: Arc<Codec>,
+    metrics: ProjectionMetrics,
+    labels: ProjectionLabels,
 }
 
 impl<P: Projection> ProjectionWriter<P> {
@@ -90,13 +106,19 @@ impl<P: Projection> ProjectionWriter<P> {
         clients: KafkaClients,
         settings: &ProjectionSettings,
         codec: Arc<Codec>,
+        metrics: ProjectionMetrics,
     ) -> Self {
+        let labels = ProjectionLabels {
+            projection: projection.name().to_owned(),
+        };
         Self {
             projection: Arc::new(projection),
             db,
             clients,
             settings: settings.clone(),
             codec,
+            metrics,
+            labels,
         }
     }
 
@@ -130,7 +152,10 @@ impl<P: Projection> ProjectionWriter<P> {
         let consumer: StreamConsumer<GroupContext> = self
             .clients
             .consumer(name, &self.group_id())
-            .create_with_context(GroupContext::new("projection"))?;
+            .create_with_context(
+                GroupContext::new("projection")
+                    .with_metrics(&self.group_id(), self.metrics.consumer.clone()),
+            )?;
         let dead_letters: FutureProducer = self
             .clients
             .idempotent_producer(&format!("projection-{name}-dlq"))
@@ -169,6 +194,8 @@ impl<P: Projection> ProjectionWriter<P> {
         dead_letters: &FutureProducer,
     ) -> Result<BatchOutcome, WriterError> {
         let name = self.projection.name();
+        let started = std::time::Instant::now();
+        let mut finals: Vec<(&'static str, i64)> = Vec::new();
         let mut tx = self.db.pool().begin().await?;
         let mut stored: BTreeMap<(String, i32), Option<i64>> = BTreeMap::new();
         for m in batch {
@@ -207,8 +234,12 @@ impl<P: Projection> ProjectionWriter<P> {
             *entry = (*entry).max(m.offset() + 1);
             match self.codec.decode(m.payload().unwrap_or_default()) {
                 Ok(event) => {
-                    self.projection.apply(&mut tx, &event, written_at).await?;
+                    let changed = self.projection.apply(&mut tx, &event, written_at).await?;
                     outcome.applied += 1;
+                    // A re-emitted copy of a final event changes nothing and is not counted.
+                    if let (true, Some(status)) = (changed, final_status(&event)) {
+                        finals.push((status, event.envelope().occurred_at));
+                    }
                 }
                 Err(e) => {
                     let reason = format!("undecodable: {e}");
@@ -257,6 +288,36 @@ impl<P: Projection> ProjectionWriter<P> {
             }
         }
         tx.commit().await?;
+        // Counted after the commit: a rolled-back batch is redone and counted then.
+        let committed_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        let m = &self.metrics;
+        m.applied
+            .get_or_create(&self.labels)
+            .inc_by(outcome.applied as u64);
+        m.skipped
+            .get_or_create(&self.labels)
+            .inc_by(outcome.skipped as u64);
+        m.dead_letters
+            .get_or_create(&self.labels)
+            .inc_by(outcome.dead_lettered as u64);
+        m.batch_records
+            .get_or_create(&self.labels)
+            .observe(batch.len() as f64);
+        m.write_seconds
+            .get_or_create(&self.labels)
+            .observe(started.elapsed().as_secs_f64());
+        for (status, occurred_at) in finals {
+            m.orders_final
+                .get_or_create(&FinalLabels {
+                    status: status.to_owned(),
+                })
+                .inc();
+            m.end_to_end_seconds
+                .observe((committed_at - occurred_at).max(0) as f64 / 1000.0);
+        }
         Ok(outcome)
     }
 

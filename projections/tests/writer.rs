@@ -117,6 +117,7 @@ async fn batches_apply_exactly_once(db_url: &str) {
         clients.clone(),
         &settings.projection,
         codec.clone(),
+        orderflow_projections::ProjectionMetrics::unregistered(),
     );
     let dlq: FutureProducer = clients
         .idempotent_producer("test")

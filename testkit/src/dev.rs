@@ -20,6 +20,8 @@ pub struct DevProcess {
     pub ingest_url: String,
     /// Base URL of the query API.
     pub query_url: String,
+    /// URL of the metrics endpoint.
+    pub metrics_url: String,
     /// The broker's bootstrap address (the in-process one's too: it listens on TCP).
     pub bootstrap: String,
     /// The database URL as printed (a password would be masked).
@@ -27,7 +29,7 @@ pub struct DevProcess {
 }
 
 impl DevProcess {
-    /// Starts `binary [args...] --ingest-listen 127.0.0.1:0 --query-listen 127.0.0.1:0 dev` in
+    /// Starts `binary [args...]` with every listener on a free port, running `dev`, in
     /// `dir` and waits (up to two minutes) for its banner.
     pub fn start(binary: &Path, dir: &Path, args: &[String]) -> Result<Self, String> {
         let mut child = Command::new(binary)
@@ -37,6 +39,8 @@ impl DevProcess {
                 "127.0.0.1:0",
                 "--query-listen",
                 "127.0.0.1:0",
+                "--set",
+                "telemetry.listen=\"127.0.0.1:0\"",
                 "dev",
             ])
             .current_dir(dir)
@@ -76,6 +80,7 @@ impl DevProcess {
         let base = |url: String| url.split("/v1/").next().unwrap_or_default().to_owned();
         let ingest_url = base(field("ingest")?);
         let query_url = base(field("query")?);
+        let metrics_url = field("metrics")?;
         let bootstrap = field("broker")?
             .split_whitespace()
             .next()
@@ -88,6 +93,7 @@ impl DevProcess {
             banner,
             ingest_url,
             query_url,
+            metrics_url,
             bootstrap,
             database_url,
         })

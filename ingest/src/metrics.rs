@@ -1,0 +1,54 @@
+//! The ingest edge's metrics: orders accepted (durable on the topic), orders refused by reason
+//! (the problem type, a fixed set), and how long the broker took to acknowledge.
+
+use orderflow_platform::metrics::MetricsRegistry;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// The problem type's code, e.g. `invalid-order`, `unavailable`.
+    pub reason: String,
+}
+
+#[derive(Clone)]
+pub struct IngestMetrics {
+    pub accepted: Counter,
+    pub refused: Family<RefusedLabels, Counter>,
+    pub publish_seconds: Histogram,
+}
+
+impl IngestMetrics {
+    pub fn register(registry: &MetricsRegistry) -> Self {
+        let m = Self {
+            accepted: Counter::default(),
+            refused: Family::default(),
+            publish_seconds: Histogram::new([
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
+        };
+        registry.register(
+            "ingest_orders_accepted",
+            "Orders answered 202: acknowledged by the broker",
+            m.accepted.clone(),
+        );
+        registry.register(
+            "ingest_orders_refused",
+            "Order requests not accepted, by problem type",
+            m.refused.clone(),
+        );
+        registry.register(
+            "ingest_publish_duration_seconds",
+            "Time from handing OrderPlaced to the producer to the broker's acknowledgement",
+            m.publish_seconds.clone(),
+        );
+        m
+    }
+
+    /// Metrics that go nowhere, for tests that build the edge alone.
+    pub fn unregistered() -> Self {
+        Self::register(&MetricsRegistry::new())
+    }
+}

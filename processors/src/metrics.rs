@@ -1,0 +1,92 @@
+//! The processors' metrics: what each processor consumed, emitted and dead-lettered, its batch
+//! sizes and transaction commit latency. Counted after the transaction commits, so a batch that
+//! is aborted and redone is counted once.
+
+use orderflow_platform::metrics::{ConsumerMetrics, MetricsRegistry};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProcessorLabels {
+    pub processor: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutputLabels {
+    pub processor: String,
+    /// The output's record name (`OrderConfirmed`, `OrderRejected`, ...): the saga's outcomes.
+    pub event_type: String,
+}
+
+#[derive(Clone)]
+pub struct ProcessorMetrics {
+    pub records: Family<ProcessorLabels, Counter>,
+    pub outputs: Family<OutputLabels, Counter>,
+    pub dead_letters: Family<ProcessorLabels, Counter>,
+    pub aborts: Family<ProcessorLabels, Counter>,
+    pub batch_records: Family<ProcessorLabels, Histogram>,
+    pub commit_seconds: Family<ProcessorLabels, Histogram>,
+    pub consumer: ConsumerMetrics,
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new([1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0])
+}
+
+fn commit_histogram() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    ])
+}
+
+impl ProcessorMetrics {
+    pub fn register(registry: &MetricsRegistry, consumer: ConsumerMetrics) -> Self {
+        let m = Self {
+            records: Family::default(),
+            outputs: Family::default(),
+            dead_letters: Family::default(),
+            aborts: Family::default(),
+            batch_records: Family::new_with_constructor(batch_histogram),
+            commit_seconds: Family::new_with_constructor(commit_histogram),
+            consumer,
+        };
+        registry.register(
+            "processor_records",
+            "Input records a processor committed",
+            m.records.clone(),
+        );
+        registry.register(
+            "processor_outputs",
+            "Events a processor emitted and committed, by event type (the saga's outcomes)",
+            m.outputs.clone(),
+        );
+        registry.register(
+            "processor_dead_letters",
+            "Input records a processor sent to its dead-letter topic",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "processor_transaction_aborts",
+            "Batches aborted and redone from the last committed position",
+            m.aborts.clone(),
+        );
+        registry.register(
+            "processor_batch_records",
+            "Input records per committed transaction",
+            m.batch_records.clone(),
+        );
+        registry.register(
+            "processor_commit_duration_seconds",
+            "Time from the last output's ack to the transaction's commit",
+            m.commit_seconds.clone(),
+        );
+        m
+    }
+
+    /// Metrics that go nowhere, for tools that run a processor outside a pipeline.
+    pub fn unregistered() -> Self {
+        Self::register(&MetricsRegistry::new(), ConsumerMetrics::default())
+    }
+}
