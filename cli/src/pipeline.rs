@@ -9,6 +9,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::{Context, Result};
 use orderflow_ingest::{IngestMetrics, IngestState, Publisher};
 use orderflow_platform::{
+    health::{readiness_routes, Readiness},
     http::{health_routes, Server},
     kafka::KafkaClients,
     metrics::{metrics_routes, ConsumerMetrics, HttpMetrics, MetricsRegistry},
@@ -20,6 +21,7 @@ use orderflow_projections::{
 };
 use orderflow_schemas::Codec;
 use orderflow_topics::names;
+use rdkafka::{admin::AdminClient, client::DefaultClientContext};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -41,7 +43,7 @@ impl Role {
 pub struct Running {
     pub ingest_addr: Option<SocketAddr>,
     pub query_addr: Option<SocketAddr>,
-    /// The operations listener: `/metrics`, `/healthz`.
+    /// The operations listener: `/metrics`, `/healthz`, `/readyz`.
     pub ops_addr: SocketAddr,
     cancel: CancellationToken,
     tasks: JoinSet<Result<()>>,
@@ -57,11 +59,14 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     let registry = MetricsRegistry::new();
     let consumer_metrics = ConsumerMetrics::register(&registry);
     let http_metrics = HttpMetrics::register(&registry);
+    let readiness = Readiness::new();
 
     // The operations listener, whatever roles run here.
     let ops = Server::bind(
         settings.telemetry.listen,
-        metrics_routes(registry.clone()).merge(health_routes()),
+        metrics_routes(registry.clone())
+            .merge(health_routes())
+            .merge(readiness_routes(readiness.clone())),
     )
     .await
     .with_context(|| {
@@ -87,6 +92,18 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     } else {
         None
     };
+
+    // The query API alone never talks to the broker; every other role does.
+    let broker_for_readiness = roles
+        .iter()
+        .any(|r| *r != Role::Query)
+        .then(|| clients.clone());
+    tasks.spawn(watch_dependencies(
+        broker_for_readiness,
+        db.clone(),
+        readiness.clone(),
+        cancel.clone(),
+    ));
 
     let mut query_addr = None;
     if let (true, Some(db)) = (roles.contains(&Role::Query), &db) {
@@ -148,7 +165,8 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
                 &settings.processor,
                 codec.clone(),
                 metrics.clone(),
-            );
+            )
+            .with_readiness(readiness.clone());
             let cancel = cancel.clone();
             tasks.spawn(async move {
                 runtime.run(cancel).await;
@@ -165,7 +183,8 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             &settings.projection,
             codec.clone(),
             ProjectionMetrics::register(&registry, consumer_metrics.clone()),
-        );
+        )
+        .with_readiness(readiness.clone());
         let cancel = cancel.clone();
         tasks.spawn(async move {
             writer.run(cancel).await;
@@ -181,6 +200,54 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         tasks,
         publisher,
     })
+}
+
+/// How often the broker and the database are checked for `/readyz`.
+const READINESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Keeps the `broker` and `database` components of `/readyz` current until cancelled.
+async fn watch_dependencies(
+    clients: Option<KafkaClients>,
+    db: Option<Database>,
+    readiness: Readiness,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let admin: Option<Arc<AdminClient<DefaultClientContext>>> = match clients {
+        Some(clients) => Some(Arc::new(
+            clients
+                .admin()
+                .create()
+                .context("creating the readiness admin client")?,
+        )),
+        None => None,
+    };
+    loop {
+        if let Some(admin) = &admin {
+            let probe = admin.clone();
+            let broker = tokio::task::spawn_blocking(move || {
+                probe
+                    .inner()
+                    .fetch_metadata(None, READINESS_INTERVAL)
+                    .map(|m| m.brokers().len())
+            })
+            .await;
+            match broker {
+                Ok(Ok(n)) if n > 0 => readiness.set_ready("broker"),
+                _ => readiness.set_not_ready("broker", "broker unreachable"),
+            }
+        }
+        if let Some(db) = &db {
+            match tokio::time::timeout(READINESS_INTERVAL, db.check_ready()).await {
+                Ok(Ok(())) => readiness.set_ready("database"),
+                Ok(Err(reason)) => readiness.set_not_ready("database", reason),
+                Err(_) => readiness.set_not_ready("database", "database did not answer in time"),
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(READINESS_INTERVAL) => {}
+        }
+    }
 }
 
 impl Running {

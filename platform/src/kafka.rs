@@ -15,7 +15,10 @@ use rdkafka::{
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::metrics::{ConsumerMetrics, PartitionLabels};
+use crate::{
+    health::Readiness,
+    metrics::{ConsumerMetrics, PartitionLabels},
+};
 
 use crate::config::KafkaSettings;
 
@@ -176,6 +179,8 @@ pub struct GroupContext {
     role: &'static str,
     group: String,
     metrics: Option<ConsumerMetrics>,
+    /// Marked ready once the group assigned this member its partitions (maybe none).
+    readiness: Option<(Readiness, String)>,
 }
 
 impl GroupContext {
@@ -184,7 +189,15 @@ impl GroupContext {
             role,
             group: String::new(),
             metrics: None,
+            readiness: None,
         }
+    }
+
+    /// Reports `component` not ready until the group's first assignment reaches this member.
+    pub fn with_readiness(mut self, readiness: &Readiness, component: &str) -> Self {
+        readiness.set_not_ready(component, "joining the consumer group");
+        self.readiness = Some((readiness.clone(), component.to_owned()));
+        self
     }
 
     /// Reports lag and position of `group`'s partitions to `metrics`.
@@ -232,7 +245,10 @@ impl ConsumerContext for GroupContext {
                     role = self.role,
                     partitions = tpl.count(),
                     "Partitions assigned."
-                )
+                );
+                if let Some((readiness, component)) = &self.readiness {
+                    readiness.set_ready(component);
+                }
             }
             Rebalance::Revoke(tpl) => {
                 info!(

@@ -29,6 +29,7 @@ use std::{
 
 use orderflow_platform::{
     config::BatchSettings,
+    health::Readiness,
     kafka::{
         collect_batch, dead_letter_headers, event_headers, header_value, next_offsets,
         retain_assigned, BatchBounds, GroupContext, KafkaClients,
@@ -122,6 +123,7 @@ pub struct ProcessorRuntime {
     metrics: ProcessorMetrics,
     /// This processor's label value, built once.
     labels: ProcessorLabels,
+    readiness: Option<Readiness>,
 }
 
 impl ProcessorRuntime {
@@ -151,7 +153,14 @@ impl ProcessorRuntime {
                 processor: spec.name.to_owned(),
             },
             metrics,
+            readiness: None,
         }
+    }
+
+    /// Reports `processor <name>` on `/readyz`: not ready until its group assigned it.
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = Some(readiness);
+        self
     }
 
     pub fn group_id(&self) -> &str {
@@ -184,10 +193,14 @@ impl ProcessorRuntime {
         let consumer: ProcessorConsumer = self
             .clients
             .consumer(self.name, &self.group_id)
-            .create_with_context(
-                GroupContext::new(self.name)
-                    .with_metrics(&self.group_id, self.metrics.consumer.clone()),
-            )?;
+            .create_with_context({
+                let context = GroupContext::new(self.name)
+                    .with_metrics(&self.group_id, self.metrics.consumer.clone());
+                match &self.readiness {
+                    Some(r) => context.with_readiness(r, &format!("processor {}", self.name)),
+                    None => context,
+                }
+            })?;
         let producer: FutureProducer = self
             .clients
             .transactional_producer(self.name, &self.transactional_id)

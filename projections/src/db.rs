@@ -118,9 +118,34 @@ impl Database {
         self.backend
     }
 
-    /// Cheap liveness check for readiness.
+    /// Cheap liveness check.
     pub async fn ping(&self) -> Result<AnyQueryResult> {
         Ok(sqlx::query("SELECT 1").execute(&self.pool).await?)
+    }
+
+    /// Readiness: the database answers and every migration this binary knows is applied.
+    /// The reason, when not ready, names no credentials.
+    pub async fn check_ready(&self) -> std::result::Result<(), String> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| match e {
+                    sqlx::Error::Database(_) => "migrations not applied".to_owned(),
+                    _ => "database unreachable".to_owned(),
+                })?;
+        match applied {
+            Some(v) if v >= latest => Ok(()),
+            _ => Err(format!(
+                "migrations not applied (at {}, this binary needs {latest})",
+                applied.unwrap_or(0)
+            )),
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
 use orderflow_platform::{
     config::ProjectionSettings,
+    health::Readiness,
     kafka::{
         collect_batch, dead_letter_headers, next_offsets, retain_assigned, BatchBounds,
         GroupContext, KafkaClients,
@@ -97,6 +98,7 @@ pub struct ProjectionWriter<P: Projection> {
     codec: Arc<Codec>,
     metrics: ProjectionMetrics,
     labels: ProjectionLabels,
+    readiness: Option<Readiness>,
 }
 
 impl<P: Projection> ProjectionWriter<P> {
@@ -119,7 +121,14 @@ impl<P: Projection> ProjectionWriter<P> {
             codec,
             metrics,
             labels,
+            readiness: None,
         }
+    }
+
+    /// Reports `projection <name>` on `/readyz`: not ready until its group assigned it.
+    pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        self.readiness = Some(readiness);
+        self
     }
 
     pub fn group_id(&self) -> String {
@@ -152,10 +161,14 @@ impl<P: Projection> ProjectionWriter<P> {
         let consumer: StreamConsumer<GroupContext> = self
             .clients
             .consumer(name, &self.group_id())
-            .create_with_context(
-                GroupContext::new("projection")
-                    .with_metrics(&self.group_id(), self.metrics.consumer.clone()),
-            )?;
+            .create_with_context({
+                let context = GroupContext::new("projection")
+                    .with_metrics(&self.group_id(), self.metrics.consumer.clone());
+                match &self.readiness {
+                    Some(r) => context.with_readiness(r, &format!("projection {name}")),
+                    None => context,
+                }
+            })?;
         let dead_letters: FutureProducer = self
             .clients
             .idempotent_producer(&format!("projection-{name}-dlq"))

@@ -1,0 +1,132 @@
+//! `/readyz`: not ready while a dependency is down or a consumer has not joined its group,
+//! ready again once it is back; the reason names what is wrong.
+
+use std::time::Duration;
+
+use orderflow::pipeline::{self, Role, Running};
+use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
+use orderflow_projections::Database as ProjectionDb;
+use orderflow_testkit::{eventually, Broker, Database};
+use orderflow_topics::{
+    apply::{apply, Provisioner},
+    Catalog,
+};
+use serde_json::Value;
+use sqlx::{Connection, Executor};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+async fn start(broker: &Broker, db: &Database, roles: &[Role]) -> Running {
+    let mut overrides = Overrides::default();
+    for key in ["ingest.listen", "query.listen", "telemetry.listen"] {
+        overrides.set(key, "\"127.0.0.1:0\"");
+    }
+    overrides.set("database.url", &format!("{:?}", db.url));
+    let settings = Settings::from_defaults(&overrides).expect("settings");
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let provisioner = Provisioner::Embedded(broker.as_embedded().expect("embedded"));
+    apply(&Catalog::load().expect("catalog"), &clients, provisioner)
+        .await
+        .expect("topics");
+    pipeline::start(&settings, &broker.bootstrap(), roles)
+        .await
+        .expect("pipeline")
+}
+
+/// Waits until `/readyz` answers `status` and its report satisfies `check`.
+async fn readyz_until(
+    running: &Running,
+    status: u16,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> Value {
+    let url = format!("http://{}/readyz", running.ops_addr);
+    let client = reqwest::Client::new();
+    eventually(DEADLINE, what, || {
+        let client = client.clone();
+        let url = url.clone();
+        let check = &check;
+        async move {
+            let response = client.get(&url).send().await.ok()?;
+            let code = response.status().as_u16();
+            let body: Value = response.json().await.ok()?;
+            (code == status && check(&body)).then_some(body)
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_while_the_broker_is_down() {
+    let broker = Broker::embedded();
+    let db = Database::sqlite();
+    let running = start(&broker, &db, &Role::ALL).await;
+    let ready = readyz_until(&running, 200, "ready", |_| true).await;
+    for component in ["broker", "database", "processor saga", "projection orders"] {
+        assert_eq!(ready["components"][component], "ready", "{ready}");
+    }
+
+    let cluster = broker.as_embedded().expect("embedded").cluster();
+    cluster.broker_down(1).expect("down");
+    let down = readyz_until(&running, 503, "not ready with the broker down", |b| {
+        b["components"]["broker"] == "broker unreachable"
+    })
+    .await;
+    assert_eq!(down["ready"], false);
+
+    cluster.broker_up(1).expect("up");
+    readyz_until(&running, 200, "ready again with the broker back", |_| true).await;
+    running
+        .shutdown(Duration::from_secs(30))
+        .await
+        .expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_while_the_database_is_down_or_unmigrated() {
+    let Some(db) = Database::postgres().await else {
+        return;
+    };
+    let broker = Broker::embedded();
+    let running = start(&broker, &db, &[Role::Query]).await;
+    readyz_until(&running, 200, "ready", |b| {
+        b["components"]["database"] == "ready"
+    })
+    .await;
+
+    let (server, name) = db.url.rsplit_once('/').expect("database URL");
+    let admin_url = format!("{server}/postgres");
+    let mut admin = sqlx::PgConnection::connect(&admin_url)
+        .await
+        .expect("admin");
+    admin
+        .execute(format!("DROP DATABASE {name} WITH (FORCE)").as_str())
+        .await
+        .expect("drop");
+    readyz_until(&running, 503, "not ready without the database", |b| {
+        b["components"]["database"]
+            .as_str()
+            .is_some_and(|r| r != "ready")
+    })
+    .await;
+
+    // Back, but empty: reachable, yet the migrations are missing.
+    admin
+        .execute(format!("CREATE DATABASE {name}").as_str())
+        .await
+        .expect("create");
+    readyz_until(&running, 503, "not ready before migrations", |b| {
+        b["components"]["database"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("migrations not applied"))
+    })
+    .await;
+
+    let migrate = ProjectionDb::connect(&db.url, 1).await.expect("connect");
+    migrate.migrate().await.expect("migrate");
+    readyz_until(&running, 200, "ready after migrations", |_| true).await;
+    running
+        .shutdown(Duration::from_secs(30))
+        .await
+        .expect("shutdown");
+}
