@@ -6,28 +6,14 @@ use std::time::Duration;
 
 use orderflow::pipeline::{self, Role};
 use orderflow_benches::driver::{run_step, StepConfig};
-use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
-use orderflow_testkit::{Broker, Database};
-use orderflow_topics::{
-    apply::{apply, Provisioner},
-    Catalog,
-};
+use orderflow_testkit::{apply_topics, test_settings, Broker, Database};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_sent_order_is_accounted_for() {
     let broker = Broker::embedded();
     let db = Database::sqlite();
-    let mut overrides = Overrides::default();
-    overrides.set("ingest.listen", "\"127.0.0.1:0\"");
-    overrides.set("query.listen", "\"127.0.0.1:0\"");
-    overrides.set("telemetry.listen", "\"127.0.0.1:0\"");
-    overrides.set("database.url", &format!("{:?}", db.url));
-    let settings = Settings::from_defaults(&overrides).expect("settings");
-    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
-    let provisioner = Provisioner::Embedded(broker.as_embedded().expect("embedded"));
-    apply(&Catalog::load().expect("catalog"), &clients, provisioner)
-        .await
-        .expect("topics");
+    let settings = test_settings(Some(&db.url));
+    apply_topics(&broker, &settings).await;
     let running = pipeline::start(&settings, &broker.bootstrap(), &Role::ALL)
         .await
         .expect("pipeline");

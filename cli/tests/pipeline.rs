@@ -5,13 +5,10 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use orderflow::{
-    embedded::Broker as PipelineBroker,
-    pipeline::{self, Role},
-};
-use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
+use orderflow::pipeline::{self, Role};
+use orderflow_platform::{kafka::KafkaClients, Settings};
 use orderflow_schemas::{Codec, EventKind};
-use orderflow_testkit::{eventually, Broker, Database};
+use orderflow_testkit::{apply_topics, eventually, test_settings, Broker, Database};
 use orderflow_topics::names;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
@@ -90,15 +87,6 @@ fn read_dead_letters(
         letters.push(headers);
     }
     letters
-}
-
-fn settings(db: &Database) -> Settings {
-    let mut overrides = Overrides::default();
-    overrides.set("ingest.listen", "\"127.0.0.1:0\"");
-    overrides.set("query.listen", "\"127.0.0.1:0\"");
-    overrides.set("telemetry.listen", "\"127.0.0.1:0\"");
-    overrides.set("database.url", &format!("{:?}", db.url));
-    Settings::from_defaults(&overrides).expect("test settings")
 }
 
 fn order(customer: usize, valid: bool) -> Value {
@@ -295,25 +283,9 @@ fn assert_group_at_end(bootstrap: &str, settings: &Settings, group: &str) {
 }
 
 async fn orders_flow_end_to_end(broker: Broker, db: Database) {
-    let settings = settings(&db);
+    let settings = test_settings(Some(&db.url));
     let bootstrap = broker.bootstrap();
-    let pipeline_broker = match broker.as_embedded() {
-        Some(_) => None,
-        None => Some(PipelineBroker::External(bootstrap.clone())),
-    };
-    // Topics: the in-process broker through the mock API, Tansu through the admin API.
-    let report = match (&broker, &pipeline_broker) {
-        (Broker::Embedded(b), _) => orderflow_topics::apply::apply(
-            &orderflow_topics::Catalog::load().expect("catalog"),
-            &KafkaClients::new(&settings.kafka, &bootstrap),
-            orderflow_topics::apply::Provisioner::Embedded(b),
-        )
-        .await
-        .expect("topics"),
-        (_, Some(external)) => external.apply_topics(&settings).await.expect("topics"),
-        _ => unreachable!("a broker is embedded or external"),
-    };
-    assert!(!report.has_drift(), "{report}");
+    apply_topics(&broker, &settings).await;
 
     // Bad input from a broken producer must not stop the pipeline.
     inject_poison(&bootstrap, &settings).await;

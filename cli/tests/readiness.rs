@@ -4,30 +4,16 @@
 use std::time::Duration;
 
 use orderflow::pipeline::{self, Role, Running};
-use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
 use orderflow_projections::Database as ProjectionDb;
-use orderflow_testkit::{eventually, Broker, Database};
-use orderflow_topics::{
-    apply::{apply, Provisioner},
-    Catalog,
-};
+use orderflow_testkit::{apply_topics, eventually, test_settings, Broker, Database};
 use serde_json::Value;
 use sqlx::{Connection, Executor};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
 async fn start(broker: &Broker, db: &Database, roles: &[Role]) -> Running {
-    let mut overrides = Overrides::default();
-    for key in ["ingest.listen", "query.listen", "telemetry.listen"] {
-        overrides.set(key, "\"127.0.0.1:0\"");
-    }
-    overrides.set("database.url", &format!("{:?}", db.url));
-    let settings = Settings::from_defaults(&overrides).expect("settings");
-    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
-    let provisioner = Provisioner::Embedded(broker.as_embedded().expect("embedded"));
-    apply(&Catalog::load().expect("catalog"), &clients, provisioner)
-        .await
-        .expect("topics");
+    let settings = test_settings(Some(&db.url));
+    apply_topics(broker, &settings).await;
     pipeline::start(&settings, &broker.bootstrap(), roles)
         .await
         .expect("pipeline")

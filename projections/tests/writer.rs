@@ -4,16 +4,13 @@
 
 use std::{sync::Arc, time::Duration};
 
-use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
+use orderflow_platform::kafka::KafkaClients;
 use orderflow_projections::{orders, orders::OrdersProjection, Database, ProjectionWriter};
 use orderflow_schemas::{
     Address, Codec, Envelope, OrderConfirmed, OrderEvent, OrderLine, OrderPlaced, OrderValidated,
 };
 use orderflow_testkit::Broker;
-use orderflow_topics::{
-    apply::{apply, Provisioner},
-    names, Catalog,
-};
+use orderflow_topics::names;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     message::{OwnedMessage, Timestamp},
@@ -102,12 +99,9 @@ async fn stored_offset(db: &Database) -> Option<i64> {
 
 async fn batches_apply_exactly_once(db_url: &str) {
     let broker = Broker::embedded();
-    let settings = Settings::from_defaults(&Overrides::default()).expect("settings");
+    let settings = orderflow_testkit::test_settings(None);
     let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
-    let provisioner = Provisioner::Embedded(broker.as_embedded().expect("embedded"));
-    apply(&Catalog::load().expect("catalog"), &clients, provisioner)
-        .await
-        .expect("topics");
+    orderflow_testkit::apply_topics(&broker, &settings).await;
     let db = Database::connect(db_url, 2).await.expect("connect");
     db.migrate().await.expect("migrate");
     let codec = Arc::new(Codec::new().expect("codec"));

@@ -264,3 +264,33 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Settings for a pipeline under test: defaults only (no file, no environment), every listener
+/// on a free port, and `database_url` when given.
+pub fn test_settings(database_url: Option<&str>) -> orderflow_platform::Settings {
+    let mut overrides = orderflow_platform::config::Overrides::default();
+    for key in ["ingest.listen", "query.listen", "telemetry.listen"] {
+        overrides.set(key, "\"127.0.0.1:0\"");
+    }
+    if let Some(url) = database_url {
+        overrides.set("database.url", &format!("{url:?}"));
+    }
+    orderflow_platform::Settings::from_defaults(&overrides)
+        .unwrap_or_else(|e| panic!("test settings: {e}"))
+}
+
+/// Creates the catalog's topics on `broker` (through the mock API on the in-process broker,
+/// the admin API elsewhere) and fails the test on drift.
+pub async fn apply_topics(broker: &Broker, settings: &orderflow_platform::Settings) {
+    use orderflow_topics::apply::{apply, Provisioner};
+    let clients = orderflow_platform::kafka::KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let provisioner = match broker.as_embedded() {
+        Some(embedded) => Provisioner::Embedded(embedded),
+        None => Provisioner::Admin,
+    };
+    let catalog = orderflow_topics::Catalog::load().unwrap_or_else(|e| panic!("catalog: {e}"));
+    let report = apply(&catalog, &clients, provisioner)
+        .await
+        .unwrap_or_else(|e| panic!("topics apply: {e}"));
+    assert!(!report.has_drift(), "{report}");
+}
