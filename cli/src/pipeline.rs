@@ -39,6 +39,28 @@ impl Role {
     pub const ALL: [Role; 4] = [Role::Ingest, Role::Process, Role::Project, Role::Query];
 }
 
+/// Every metric family of the binary, registered once per process whatever roles it runs (a
+/// role that does not run leaves its families empty). The one place that decides what
+/// `/metrics` can show; rules and dashboards are checked against it.
+pub struct Metrics {
+    pub http: HttpMetrics,
+    pub ingest: IngestMetrics,
+    pub processors: ProcessorMetrics,
+    pub projections: ProjectionMetrics,
+}
+
+impl Metrics {
+    pub fn register(registry: &MetricsRegistry) -> Self {
+        let consumer = ConsumerMetrics::register(registry);
+        Self {
+            http: HttpMetrics::register(registry),
+            ingest: IngestMetrics::register(registry),
+            processors: ProcessorMetrics::register(registry, consumer.clone()),
+            projections: ProjectionMetrics::register(registry, consumer),
+        }
+    }
+}
+
 /// A running set of roles.
 pub struct Running {
     pub ingest_addr: Option<SocketAddr>,
@@ -57,8 +79,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     let cancel = CancellationToken::new();
     let mut tasks = JoinSet::new();
     let registry = MetricsRegistry::new();
-    let consumer_metrics = ConsumerMetrics::register(&registry);
-    let http_metrics = HttpMetrics::register(&registry);
+    let metrics = Metrics::register(&registry);
     let readiness = Readiness::new();
 
     // The operations listener, whatever roles run here.
@@ -107,7 +128,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
 
     let mut query_addr = None;
     if let (true, Some(db)) = (roles.contains(&Role::Query), &db) {
-        let http = http_metrics.for_server("query");
+        let http = metrics.http.for_server("query");
         let server = Server::bind(settings.query.listen, http.layer(query::router(db.clone())))
             .await
             .with_context(|| format!("binding the query API to {}", settings.query.listen))?;
@@ -140,9 +161,9 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         let state = IngestState {
             publisher: p.clone(),
             status_base_url,
-            metrics: IngestMetrics::register(&registry),
+            metrics: metrics.ingest.clone(),
         };
-        let http = http_metrics.for_server("ingest");
+        let http = metrics.http.for_server("ingest");
         let router = http.layer(orderflow_ingest::router(
             state,
             settings.ingest.max_body_bytes,
@@ -157,14 +178,13 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     }
 
     if roles.contains(&Role::Process) {
-        let metrics = ProcessorMetrics::register(&registry, consumer_metrics.clone());
         for spec in orderflow_processors::registry(settings) {
             let runtime = ProcessorRuntime::new(
                 spec,
                 clients.clone(),
                 &settings.processor,
                 codec.clone(),
-                metrics.clone(),
+                metrics.processors.clone(),
             )
             .with_readiness(readiness.clone());
             let cancel = cancel.clone();
@@ -182,7 +202,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             clients.clone(),
             &settings.projection,
             codec.clone(),
-            ProjectionMetrics::register(&registry, consumer_metrics.clone()),
+            metrics.projections.clone(),
         )
         .with_readiness(readiness.clone());
         let cancel = cancel.clone();

@@ -24,6 +24,7 @@ use axum::{
 };
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
+    metrics::MetricType,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Metric, Registry},
 };
@@ -32,20 +33,50 @@ use prometheus_client::{
 #[derive(Clone, Default)]
 pub struct MetricsRegistry {
     inner: Arc<Mutex<Registry>>,
+    /// Every registered family's full name and type, for [`Self::sample_names`].
+    families: Arc<Mutex<Vec<(String, MetricType)>>>,
 }
 
 impl MetricsRegistry {
     pub fn new() -> Self {
         Self {
             inner: Arc::new(Mutex::new(Registry::with_prefix("orderflow"))),
+            families: Arc::default(),
         }
     }
 
     /// Registers `metric` as `orderflow_<name>`.
     pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        if let Ok(mut families) = self.families.lock() {
+            families.push((format!("orderflow_{name}"), metric.metric_type()));
+        }
         if let Ok(mut registry) = self.inner.lock() {
             registry.register(name, help, metric);
         }
+    }
+
+    /// Every sample name `/metrics` can show, samples or not yet: counters as `_total`,
+    /// histograms as `_bucket`, `_sum` and `_count`, the rest as registered. Rules and
+    /// dashboards are checked against it.
+    pub fn sample_names(&self) -> std::collections::BTreeSet<String> {
+        let families = self.families.lock().map(|f| f.clone()).unwrap_or_default();
+        let mut names = std::collections::BTreeSet::new();
+        for (name, kind) in families {
+            match kind {
+                MetricType::Counter => {
+                    names.insert(format!("{name}_total"));
+                }
+                MetricType::Histogram => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        names.insert(format!("{name}{suffix}"));
+                    }
+                }
+                _ => {
+                    names.insert(name);
+                }
+            }
+        }
+        names
     }
 
     /// The text exposition of every registered metric.
