@@ -137,7 +137,7 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     let overrides = cli.overrides()?;
     let settings = Settings::load(cli.config.as_deref(), &overrides)?;
-    telemetry::init(&settings.telemetry);
+    let _telemetry = telemetry::init(&settings.telemetry)?;
     match cli.command {
         Command::Dev => dev(&settings).await?,
         Command::Ingest => role(&settings, Role::Ingest).await?,

@@ -10,9 +10,12 @@ use axum::{
     routing::post,
     Json, Router,
 };
-use orderflow_platform::http::{health_routes, not_found_fallback, FieldError, Problem};
+use orderflow_platform::{
+    http::{health_routes, not_found_fallback, FieldError, Problem},
+    telemetry::{continue_trace, current_traceparent},
+};
 use serde::Serialize;
-use tracing::{debug, warn};
+use tracing::{debug, info_span, warn, Instrument};
 use uuid::Uuid;
 
 use crate::{
@@ -62,7 +65,19 @@ async fn post_order(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
-    let answer = place_order(&state, &headers, body).await;
+    // The order's trace starts here, or continues the producer's (`traceparent` header).
+    let span = info_span!(
+        "ingest.order",
+        otel.kind = "server",
+        order_id = tracing::field::Empty,
+        trace_id = tracing::field::Empty
+    );
+    let incoming = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 55);
+    continue_trace(&span, incoming);
+    let answer = place_order(&state, &headers, body).instrument(span).await;
     match &answer {
         Ok(_) => {
             state.metrics.accepted.inc();
@@ -136,13 +151,22 @@ async fn place_order(
     })?;
 
     let order_id = Uuid::now_v7();
-    let traceparent = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() == 55);
+    tracing::Span::current().record("order_id", tracing::field::display(order_id));
+    // The event carries this span's context (falling back to the producer's header when
+    // tracing is not recording), so the processors continue the same trace.
+    let traceparent = current_traceparent().or_else(|| {
+        headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| v.len() == 55)
+            .map(str::to_owned)
+    });
     let event = order.into_event(order_id, now_ms());
     let publishing = std::time::Instant::now();
-    let published = state.publisher.publish(&event, traceparent).await;
+    let published = state
+        .publisher
+        .publish(&event, traceparent.as_deref())
+        .await;
     state
         .metrics
         .publish_seconds

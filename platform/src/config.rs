@@ -190,6 +190,9 @@ pub struct TelemetrySettings {
     /// The operations listener: `/metrics` and `/healthz` for every role in the process.
     pub listen: SocketAddr,
     pub format: LogFormat,
+    /// OTLP/HTTP traces endpoint; empty disables span export.
+    pub otlp_endpoint: String,
+    pub service_name: String,
     pub filter: String,
 }
 

@@ -34,6 +34,7 @@ use orderflow_platform::{
         collect_batch, dead_letter_headers, event_headers, header_value, next_offsets,
         retain_assigned, BatchBounds, GroupContext, KafkaClients,
     },
+    telemetry::{continue_trace, current_traceparent},
 };
 use orderflow_schemas::{headers, Codec, OrderEvent};
 use rdkafka::{
@@ -44,7 +45,7 @@ use rdkafka::{
     TopicPartitionList,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::{
     metrics::{OutputLabels, ProcessorLabels, ProcessorMetrics},
@@ -261,7 +262,18 @@ impl ProcessorRuntime {
         let mut emitted: Vec<&'static str> = Vec::new();
         let mut dead = 0usize;
         for message in batch {
-            let traceparent = header_value(message, headers::TRACEPARENT);
+            // One span per record, continuing the order's trace from the record's headers; the
+            // outputs carry this span's context on. No await inside: the guard never crosses one.
+            let incoming = header_value(message, headers::TRACEPARENT);
+            let span = info_span!(
+                "process",
+                otel.kind = "consumer",
+                processor = self.name,
+                trace_id = tracing::field::Empty
+            );
+            continue_trace(&span, incoming.as_deref());
+            let _entered = span.enter();
+            let traceparent = current_traceparent().or(incoming);
             let handled = match self.codec.decode(message.payload().unwrap_or_default()) {
                 Err(e) => Err(format!("undecodable: {e}")),
                 Ok(event) => self

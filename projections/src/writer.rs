@@ -19,11 +19,12 @@ use orderflow_platform::{
     config::ProjectionSettings,
     health::Readiness,
     kafka::{
-        collect_batch, dead_letter_headers, next_offsets, retain_assigned, BatchBounds,
-        GroupContext, KafkaClients,
+        collect_batch, dead_letter_headers, header_value, next_offsets, retain_assigned,
+        BatchBounds, GroupContext, KafkaClients,
     },
+    telemetry::continue_trace,
 };
-use orderflow_schemas::{Codec, OrderEvent};
+use orderflow_schemas::{headers, Codec, OrderEvent};
 use rdkafka::{
     consumer::{CommitMode, Consumer, StreamConsumer},
     error::KafkaError,
@@ -33,7 +34,7 @@ use rdkafka::{
 };
 use sqlx::{AnyConnection, Row};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::{
     db::{Database, DbError},
@@ -247,7 +248,20 @@ impl<P: Projection> ProjectionWriter<P> {
             *entry = (*entry).max(m.offset() + 1);
             match self.codec.decode(m.payload().unwrap_or_default()) {
                 Ok(event) => {
-                    let changed = self.projection.apply(&mut tx, &event, written_at).await?;
+                    // The order's trace continues from the record's headers into the write.
+                    let span = info_span!(
+                        "project",
+                        otel.kind = "consumer",
+                        projection = name,
+                        event_type = event.kind().name(),
+                        trace_id = tracing::field::Empty
+                    );
+                    continue_trace(&span, header_value(m, headers::TRACEPARENT).as_deref());
+                    let changed = self
+                        .projection
+                        .apply(&mut tx, &event, written_at)
+                        .instrument(span)
+                        .await?;
                     outcome.applied += 1;
                     // A re-emitted copy of a final event changes nothing and is not counted.
                     if let (true, Some(status)) = (changed, final_status(&event)) {
