@@ -12,7 +12,7 @@ use orderflow_platform::{
     health::{readiness_routes, Readiness},
     http::{health_routes, Server},
     kafka::KafkaClients,
-    metrics::{metrics_routes, ConsumerMetrics, HttpMetrics, MetricsRegistry},
+    metrics::{metrics_routes, ConsumerMetrics, HttpMetrics, MetricsRegistry, ProducerMetrics},
     Settings,
 };
 use orderflow_processors::{ProcessorMetrics, ProcessorRuntime};
@@ -47,6 +47,7 @@ pub struct Metrics {
     pub ingest: IngestMetrics,
     pub processors: ProcessorMetrics,
     pub projections: ProjectionMetrics,
+    pub producers: ProducerMetrics,
 }
 
 impl Metrics {
@@ -57,6 +58,7 @@ impl Metrics {
             ingest: IngestMetrics::register(registry),
             processors: ProcessorMetrics::register(registry, consumer.clone()),
             projections: ProjectionMetrics::register(registry, consumer),
+            producers: ProducerMetrics::register(registry),
         }
     }
 }
@@ -140,8 +142,13 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     let mut ingest_addr = None;
     let mut publisher = None;
     if roles.contains(&Role::Ingest) {
-        let p = Publisher::new(&clients, codec.clone(), names::ORDERS_EVENTS)
-            .context("creating the ingest producer")?;
+        let p = Publisher::new(
+            &clients,
+            codec.clone(),
+            names::ORDERS_EVENTS,
+            Some(metrics.producers.clone()),
+        )
+        .context("creating the ingest producer")?;
         let warm = p.clone();
         let warmed =
             tokio::task::spawn_blocking(move || warm.warm_up(Duration::from_secs(10))).await;

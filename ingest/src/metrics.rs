@@ -13,9 +13,16 @@ pub struct RefusedLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PublishErrorLabels {
+    /// `queue_full`, `timeout`, `broker` or `encoding`.
+    pub kind: String,
+}
+
 #[derive(Clone)]
 pub struct IngestMetrics {
     pub accepted: Counter,
+    pub publish_errors: Family<PublishErrorLabels, Counter>,
     pub refused: Family<RefusedLabels, Counter>,
     pub publish_seconds: Histogram,
 }
@@ -24,6 +31,7 @@ impl IngestMetrics {
     pub fn register(registry: &MetricsRegistry) -> Self {
         let m = Self {
             accepted: Counter::default(),
+            publish_errors: Family::default(),
             refused: Family::default(),
             publish_seconds: Histogram::new([
                 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -33,6 +41,11 @@ impl IngestMetrics {
             "ingest_orders_accepted",
             "Orders answered 202: acknowledged by the broker",
             m.accepted.clone(),
+        );
+        registry.register(
+            "ingest_publish_errors",
+            "OrderPlaced events the broker did not acknowledge, by kind (each answered 503)",
+            m.publish_errors.clone(),
         );
         registry.register(
             "ingest_orders_refused",

@@ -8,7 +8,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use orderflow_platform::kafka::{event_headers, KafkaClients};
+use orderflow_platform::{
+    kafka::{event_headers, KafkaClients, ProducerStatsContext},
+    metrics::ProducerMetrics,
+};
 use orderflow_schemas::{Codec, OrderEvent, OrderPlaced};
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
@@ -30,7 +33,7 @@ pub enum PublishError {
 
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer,
+    producer: FutureProducer<ProducerStatsContext>,
     codec: Arc<Codec>,
     topic: &'static str,
     /// Hard bound on the wait for an ack, a little over `message.timeout.ms`.
@@ -38,12 +41,16 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// `queue_metrics`, when given, receives the producer's queue depth every 5 s.
     pub fn new(
         clients: &KafkaClients,
         codec: Arc<Codec>,
         topic: &'static str,
+        queue_metrics: Option<ProducerMetrics>,
     ) -> Result<Self, PublishError> {
-        let producer: FutureProducer = clients.idempotent_producer("ingest").create()?;
+        let producer: FutureProducer<ProducerStatsContext> = clients
+            .idempotent_producer("ingest")
+            .create_with_context(ProducerStatsContext::new("ingest", queue_metrics))?;
         let message_timeout =
             Duration::from_millis(u64::from(clients.settings().message_timeout_ms));
         Ok(Self {

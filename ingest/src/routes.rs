@@ -19,7 +19,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use uuid::Uuid;
 
 use crate::{
-    metrics::{IngestMetrics, RefusedLabels},
+    metrics::{IngestMetrics, PublishErrorLabels, RefusedLabels},
     publish::{PublishError, Publisher},
     request::{self, RequestError},
 };
@@ -172,6 +172,19 @@ async fn place_order(
         .publish_seconds
         .observe(publishing.elapsed().as_secs_f64());
     published.map_err(|e| {
+        let kind = match &e {
+            PublishError::QueueFull => "queue_full",
+            PublishError::Timeout(_) => "timeout",
+            PublishError::Kafka(_) => "broker",
+            PublishError::Codec(_) => "encoding",
+        };
+        state
+            .metrics
+            .publish_errors
+            .get_or_create(&PublishErrorLabels {
+                kind: kind.to_owned(),
+            })
+            .inc();
         warn!(error = %e, "Order not published.");
         match e {
             PublishError::Codec(_) => Problem::new(

@@ -37,7 +37,7 @@ async fn start(broker: &Broker) -> Edge {
         .await
         .expect("topics");
     let codec = Arc::new(Codec::new().expect("codec"));
-    let publisher = Publisher::new(&clients, codec, names::ORDERS_EVENTS).expect("publisher");
+    let publisher = Publisher::new(&clients, codec, names::ORDERS_EVENTS, None).expect("publisher");
     let state = IngestState {
         publisher,
         status_base_url: "http://query.example".into(),

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     health::Readiness,
-    metrics::{ConsumerMetrics, PartitionLabels},
+    metrics::{ConsumerMetrics, PartitionLabels, ProducerLabels, ProducerMetrics},
 };
 
 use crate::config::KafkaSettings;
@@ -89,6 +89,8 @@ impl KafkaClients {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
+            // Feeds the queue-depth gauge where a ProducerStatsContext is used.
+            .set("statistics.interval.ms", "5000")
             .set(
                 "message.timeout.ms",
                 self.settings.message_timeout_ms.to_string(),
@@ -266,6 +268,34 @@ impl ConsumerContext for GroupContext {
                 }
             }
             Rebalance::Error(e) => warn!(role = self.role, error = %e, "Rebalance failed."),
+        }
+    }
+}
+
+/// Producer context that reports the producer's queue depth (see [`ProducerMetrics`]).
+pub struct ProducerStatsContext {
+    producer: String,
+    metrics: Option<ProducerMetrics>,
+}
+
+impl ProducerStatsContext {
+    pub fn new(producer: &str, metrics: Option<ProducerMetrics>) -> Self {
+        Self {
+            producer: producer.to_owned(),
+            metrics,
+        }
+    }
+}
+
+impl ClientContext for ProducerStatsContext {
+    fn stats(&self, statistics: Statistics) {
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .queue_messages
+                .get_or_create(&ProducerLabels {
+                    producer: self.producer.clone(),
+                })
+                .set(statistics.msg_cnt as i64);
         }
     }
 }

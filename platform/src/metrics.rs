@@ -206,6 +206,30 @@ async fn track(State(metrics): State<HttpMetrics>, request: Request, next: Next)
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProducerLabels {
+    /// The producing role, e.g. `ingest`.
+    pub producer: String,
+}
+
+/// Records waiting in a producer's queue (not yet acknowledged), from librdkafka's statistics.
+#[derive(Clone, Default)]
+pub struct ProducerMetrics {
+    pub queue_messages: Family<ProducerLabels, Gauge>,
+}
+
+impl ProducerMetrics {
+    pub fn register(registry: &MetricsRegistry) -> Self {
+        let metrics = Self::default();
+        registry.register(
+            "kafka_producer_queue_messages",
+            "Records in the producer's queue, waiting to be sent or acknowledged",
+            metrics.queue_messages.clone(),
+        );
+        metrics
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PartitionLabels {
     pub group: String,
     pub topic: String,
