@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use orderflow_ingest::{IngestMetrics, IngestState, Publisher};
 use orderflow_platform::{
     health::{readiness_routes, Readiness},
-    http::{health_routes, Server},
+    http::{edge, health_routes, Server},
     kafka::KafkaClients,
     metrics::{metrics_routes, ConsumerMetrics, HttpMetrics, MetricsRegistry, ProducerMetrics},
     Settings,
@@ -131,9 +131,12 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     let mut query_addr = None;
     if let (true, Some(db)) = (roles.contains(&Role::Query), &db) {
         let http = metrics.http.for_server("query");
-        let server = Server::bind(settings.query.listen, http.layer(query::router(db.clone())))
-            .await
-            .with_context(|| format!("binding the query API to {}", settings.query.listen))?;
+        let server = Server::bind(
+            settings.query.listen,
+            edge(http.layer(query::router(db.clone()))),
+        )
+        .await
+        .with_context(|| format!("binding the query API to {}", settings.query.listen))?;
         query_addr = Some(server.local_addr()?);
         let cancel = cancel.clone();
         tasks.spawn(async move { server.run(cancel).await.context("query API") });
@@ -171,10 +174,10 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             metrics: metrics.ingest.clone(),
         };
         let http = metrics.http.for_server("ingest");
-        let router = http.layer(orderflow_ingest::router(
+        let router = edge(http.layer(orderflow_ingest::router(
             state,
             settings.ingest.max_body_bytes,
-        ));
+        )));
         let server = Server::bind(settings.ingest.listen, router)
             .await
             .with_context(|| format!("binding the ingest edge to {}", settings.ingest.listen))?;

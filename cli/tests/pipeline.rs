@@ -302,12 +302,17 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         let valid = i % 3 != 2;
         let response = client
             .post(format!("{ingest}/v1/orders"))
+            .header("x-request-id", format!("test-request-{i}"))
             .json(&order(i % 4, valid))
             .send()
             .await
             .expect("post");
         assert_eq!(response.status(), 202, "order {i}");
         assert!(response.headers().contains_key("location"));
+        // The caller's request id comes back; security headers are on every response.
+        let request_id = format!("test-request-{i}");
+        assert_eq!(response.headers()["x-request-id"], request_id.as_str());
+        assert_eq!(response.headers()["x-content-type-options"], "nosniff");
         let body: Value = response.json().await.expect("json");
         expected.push((
             body["order_id"].as_str().expect("order_id").to_owned(),
@@ -352,6 +357,12 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
     assert_eq!(
         missing.headers()["content-type"],
         "application/problem+json"
+    );
+    assert_eq!(missing.headers()["x-frame-options"], "DENY");
+    let generated = missing.headers()["x-request-id"].to_str().expect("ascii");
+    assert!(
+        uuid::Uuid::parse_str(generated).is_ok(),
+        "a request id is made when none is sent"
     );
     let malformed = client
         .get(format!("{query}/v1/orders/nope"))

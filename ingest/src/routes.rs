@@ -70,6 +70,10 @@ async fn post_order(
         "ingest.order",
         otel.kind = "server",
         order_id = tracing::field::Empty,
+        request_id = headers
+            .get(orderflow_platform::http::REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
         trace_id = tracing::field::Empty
     );
     let incoming = headers

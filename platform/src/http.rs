@@ -1,6 +1,7 @@
 //! HTTP conventions every orderflow server follows: RFC 9457 problem+json errors with stable
-//! `type`s and nothing internal in them, `/healthz`, and serving until a cancellation token
-//! fires (in-flight requests finish).
+//! `type`s and nothing internal in them, `/healthz`, request ids and security headers on every
+//! response ([`edge`]), and serving until a cancellation token fires (in-flight requests
+//! finish).
 
 use std::net::SocketAddr;
 
@@ -98,6 +99,51 @@ impl IntoResponse for Problem {
         }
         response
     }
+}
+
+/// Header carrying the request id, in requests (a caller's own, if sane) and responses.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Headers every response carries: these APIs serve JSON to programs, never pages to frame,
+/// sniff or embed.
+const SECURITY_HEADERS: [(&str, &str); 5] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    (
+        "content-security-policy",
+        "default-src 'none'; frame-ancestors 'none'",
+    ),
+    ("referrer-policy", "no-referrer"),
+    ("cross-origin-resource-policy", "same-origin"),
+];
+
+/// Wraps a public router: every request gets a request id (the caller's `x-request-id` when it
+/// is 1–128 visible ASCII characters, else a new UUID), visible to handlers in the request
+/// headers and echoed in the response, and every response gets the security headers.
+pub fn edge(router: Router) -> Router {
+    router.layer(axum::middleware::from_fn(request_context))
+}
+
+async fn request_context(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let given = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| (1..=128).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned);
+    let id = given.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let value = HeaderValue::from_str(&id).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    request.headers_mut().insert(REQUEST_ID, value.clone());
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(REQUEST_ID, value);
+    for (name, content) in SECURITY_HEADERS {
+        headers.insert(name, HeaderValue::from_static(content));
+    }
+    response
 }
 
 /// `/healthz`: the process is alive and serving.
