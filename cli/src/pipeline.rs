@@ -172,6 +172,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             publisher: p.clone(),
             status_base_url,
             metrics: metrics.ingest.clone(),
+            max_batch_orders: settings.ingest.max_batch_orders,
         };
         let http = metrics.http.for_server("ingest");
         let router = edge(http.layer(orderflow_ingest::router(

@@ -69,10 +69,17 @@ pub enum RequestError {
 
 /// Parses a request body into an order request, checking everything the edge checks.
 pub fn parse(body: &[u8]) -> Result<OrderRequest, RequestError> {
-    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-        // serde_json's syntax messages carry only position information, never content.
-        RequestError::Syntax(e.to_string())
-    })?;
+    parse_value(parse_json(body)?)
+}
+
+/// Parses JSON text (one order, a batch array, or one NDJSON line).
+pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, RequestError> {
+    // serde_json's syntax messages carry only position information, never content.
+    serde_json::from_slice(body).map_err(|e| RequestError::Syntax(e.to_string()))
+}
+
+/// Checks one order given as JSON.
+pub fn parse_value(value: serde_json::Value) -> Result<OrderRequest, RequestError> {
     if let Some(field) = find_card_number(&value, String::new()) {
         return Err(RequestError::CardData { field });
     }

@@ -30,6 +30,8 @@ pub struct IngestState {
     /// Base URL of the query API, for the status URL in responses (e.g. `http://host:8081`).
     pub status_base_url: String,
     pub metrics: IngestMetrics,
+    /// Most orders one batch request may carry.
+    pub max_batch_orders: usize,
 }
 
 /// The answer to an accepted order.
@@ -47,6 +49,7 @@ pub struct Accepted {
 pub fn router(state: IngestState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/orders", post(post_order))
+        .route("/v1/orders/batch", post(post_batch))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
         .merge(health_routes())
@@ -60,29 +63,9 @@ fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
-async fn post_order(
-    State(state): State<IngestState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
-    // The order's trace starts here, or continues the producer's (`traceparent` header).
-    let span = info_span!(
-        "ingest.order",
-        otel.kind = "server",
-        order_id = tracing::field::Empty,
-        request_id = headers
-            .get(orderflow_platform::http::REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default(),
-        trace_id = tracing::field::Empty
-    );
-    let incoming = headers
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| v.len() == 55);
-    continue_trace(&span, incoming);
-    let answer = place_order(&state, &headers, body).instrument(span).await;
-    match &answer {
+/// Counts an answer for one order in the metrics.
+fn count(state: &IngestState, answer: &Result<Accepted, Problem>) {
+    match answer {
         Ok(_) => {
             state.metrics.accepted.inc();
         }
@@ -100,36 +83,54 @@ async fn post_order(
                 .inc();
         }
     }
-    answer
 }
 
-async fn place_order(
-    state: &IngestState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, Problem> {
-    let is_json = headers
+/// The caller's `traceparent`, when it is one.
+fn incoming_traceparent(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() == 55)
+        .map(str::to_owned)
+}
+
+/// One order's trace span: it starts the order's trace, or continues the producer's.
+fn order_span(headers: &HeaderMap, traceparent: Option<&str>) -> tracing::Span {
+    let span = info_span!(
+        "ingest.order",
+        otel.kind = "server",
+        order_id = tracing::field::Empty,
+        request_id = headers
+            .get(orderflow_platform::http::REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
+        trace_id = tracing::field::Empty
+    );
+    continue_trace(&span, traceparent);
+    span
+}
+
+fn content_type_is(headers: &HeaderMap, expected: &str) -> bool {
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        return Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported-media-type",
-            "Unsupported media type",
-        )
-        .detail("send the order as application/json"));
-    }
-    let body = body.map_err(|rejection| {
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(expected))
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
+    body.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {
             Problem::new(status, "body-too-large", "Request body too large")
         } else {
             Problem::new(status, "unreadable-body", "Request body could not be read")
         }
-    })?;
-    let order = request::parse(&body).map_err(|e| match e {
+    })
+}
+
+fn request_problem(e: RequestError) -> Problem {
+    match e {
         RequestError::Syntax(detail) => {
             Problem::new(StatusCode::BAD_REQUEST, "malformed-json", "Malformed JSON").detail(detail)
         }
@@ -152,19 +153,54 @@ async fn place_order(
             "The order is invalid",
         )
         .errors(errors),
-    })?;
+    }
+}
 
+async fn post_order(
+    State(state): State<IngestState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let incoming = incoming_traceparent(&headers);
+    let span = order_span(&headers, incoming.as_deref());
+    let answer = async {
+        if !content_type_is(&headers, "application/json") {
+            return Err(Problem::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                "Unsupported media type",
+            )
+            .detail("send the order as application/json"));
+        }
+        let body = read_body(body)?;
+        let value = request::parse_json(&body).map_err(request_problem)?;
+        accept(&state, value, incoming.as_deref()).await
+    }
+    .instrument(span)
+    .await;
+    count(&state, &answer);
+    let accepted = answer?;
+    let location = HeaderValue::from_str(&accepted.status_url).ok();
+    let mut response = (StatusCode::ACCEPTED, Json(accepted)).into_response();
+    if let Some(location) = location {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// Checks one order and publishes it; `Ok` only once the broker acknowledged it. Runs inside
+/// the order's span.
+async fn accept(
+    state: &IngestState,
+    value: serde_json::Value,
+    incoming: Option<&str>,
+) -> Result<Accepted, Problem> {
+    let order = request::parse_value(value).map_err(request_problem)?;
     let order_id = Uuid::now_v7();
     tracing::Span::current().record("order_id", tracing::field::display(order_id));
     // The event carries this span's context (falling back to the producer's header when
     // tracing is not recording), so the processors continue the same trace.
-    let traceparent = current_traceparent().or_else(|| {
-        headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| v.len() == 55)
-            .map(str::to_owned)
-    });
+    let traceparent = current_traceparent().or_else(|| incoming.map(str::to_owned));
     let event = order.into_event(order_id, now_ms());
     let publishing = std::time::Instant::now();
     let published = state
@@ -200,20 +236,129 @@ async fn place_order(
         }
     })?;
     debug!(order_id = %order_id, "Order accepted.");
-    let status_url = format!("{}/v1/orders/{order_id}", state.status_base_url);
-    let location = HeaderValue::from_str(&status_url).ok();
-    let mut response = (
-        StatusCode::ACCEPTED,
-        Json(Accepted {
-            order_id: order_id.to_string(),
-            status: "accepted",
-            status_url,
-            version: 1,
+    Ok(Accepted {
+        status_url: format!("{}/v1/orders/{order_id}", state.status_base_url),
+        order_id: order_id.to_string(),
+        status: "accepted",
+        version: 1,
+    })
+}
+
+/// The answer for one order of a batch: the same body as `POST /v1/orders` gives, with its
+/// HTTP status and position.
+#[derive(Debug, Serialize)]
+pub struct BatchItem {
+    /// Position of the order in the request, from 0.
+    pub index: usize,
+    /// What `POST /v1/orders` would have answered for this order alone.
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accepted: Option<Accepted>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<Problem>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BatchAnswer {
+    pub accepted: usize,
+    pub refused: usize,
+    pub results: Vec<BatchItem>,
+}
+
+/// `POST /v1/orders/batch`: a JSON array of orders (`application/json`) or one order per line
+/// (`application/x-ndjson`), at most `ingest.max_batch_orders`. Each order is checked and
+/// published on its own, concurrently, with its own trace; the answer is `200` with one result
+/// per order, in order. An order's `202` means the same as for a single order: it is durable.
+async fn post_batch(
+    State(state): State<IngestState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let ndjson = content_type_is(&headers, "application/x-ndjson");
+    if !ndjson && !content_type_is(&headers, "application/json") {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "Unsupported media type",
+        )
+        .detail("send a JSON array (application/json) or NDJSON (application/x-ndjson)"));
+    }
+    let body = read_body(body)?;
+    let items: Vec<Result<serde_json::Value, RequestError>> = if ndjson {
+        body.split(|b| *b == b'\n')
+            .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+            .map(request::parse_json)
+            .collect()
+    } else {
+        match request::parse_json(&body).map_err(request_problem)? {
+            serde_json::Value::Array(items) => items.into_iter().map(Ok).collect(),
+            _ => {
+                return Err(Problem::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid-batch",
+                    "The batch is invalid",
+                )
+                .detail("a batch is a JSON array of orders"))
+            }
+        }
+    };
+    if items.is_empty() || items.len() > state.max_batch_orders {
+        return Err(Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-batch",
+            "The batch is invalid",
+        )
+        .detail(format!(
+            "a batch holds 1 to {} orders; this one holds {}",
+            state.max_batch_orders,
+            items.len()
+        )));
+    }
+    let incoming = incoming_traceparent(&headers);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, item) in items.into_iter().enumerate() {
+        let state = state.clone();
+        let incoming = incoming.clone();
+        let span = order_span(&headers, incoming.as_deref());
+        tasks.spawn(
+            async move {
+                let answer = match item {
+                    Ok(value) => accept(&state, value, incoming.as_deref()).await,
+                    Err(e) => Err(request_problem(e)),
+                };
+                count(&state, &answer);
+                (index, answer)
+            }
+            .instrument(span),
+        );
+    }
+    let mut results = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (index, answer) = joined.map_err(|_| Problem::unavailable("the ingest edge"))?;
+        results.push(match answer {
+            Ok(accepted) => BatchItem {
+                index,
+                status: StatusCode::ACCEPTED.as_u16(),
+                accepted: Some(accepted),
+                problem: None,
+            },
+            Err(problem) => BatchItem {
+                index,
+                status: problem.status,
+                accepted: None,
+                problem: Some(problem),
+            },
+        });
+    }
+    results.sort_by_key(|r| r.index);
+    let accepted = results.iter().filter(|r| r.accepted.is_some()).count();
+    Ok((
+        StatusCode::OK,
+        Json(BatchAnswer {
+            accepted,
+            refused: results.len() - accepted,
+            results,
         }),
     )
-        .into_response();
-    if let Some(location) = location {
-        response.headers_mut().insert(header::LOCATION, location);
-    }
-    Ok(response)
+        .into_response())
 }

@@ -42,6 +42,7 @@ async fn start(broker: &Broker) -> Edge {
         publisher,
         status_base_url: "http://query.example".into(),
         metrics: orderflow_ingest::IngestMetrics::unregistered(),
+        max_batch_orders: 5,
     };
     let router = orderflow_ingest::router(state, settings.ingest.max_body_bytes);
     let server = Server::bind("127.0.0.1:0".parse().expect("addr"), router)
@@ -195,6 +196,87 @@ async fn bad_requests_are_problems_and_write_nothing() {
         unknown.headers()["content-type"],
         "application/problem+json"
     );
+}
+
+async fn post_batch(edge: &Edge, content_type: &str, body: String) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/orders/batch", edge.url))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_batch_answers_each_order_and_publishes_the_valid_ones() {
+    let broker = Broker::embedded();
+    let edge = start(&broker).await;
+    let mut invalid = order();
+    invalid["lines"] = json!([]);
+    let array = json!([order(), invalid, order()]).to_string();
+    let (status, answer) = post_batch(&edge, "application/json", array).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["refused"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let statuses: Vec<_> = answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|r| (r["index"].as_u64(), r["status"].as_u64()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            (Some(0), Some(202)),
+            (Some(1), Some(422)),
+            (Some(2), Some(202))
+        ]
+    );
+    assert_eq!(
+        answer["results"][1]["problem"]["type"],
+        "urn:orderflow:problem:invalid-order"
+    );
+    let accepted: Vec<String> = answer["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .filter_map(|r| r["accepted"]["order_id"].as_str().map(str::to_owned))
+        .collect();
+
+    // NDJSON: one order per line, a malformed line answered on its own.
+    let ndjson = format!("{}\n{{not json\n\n{}\n", order(), order());
+    let (status, answer) = post_batch(&edge, "application/x-ndjson", ndjson).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        (answer["accepted"].as_u64(), answer["refused"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(answer["results"][1]["status"], 400);
+
+    let on_topic = order_ids_on_topic(&edge.clients);
+    for id in &accepted {
+        assert!(on_topic.contains(id), "accepted {id} is not on the topic");
+    }
+    assert_eq!(
+        on_topic.len(),
+        4,
+        "exactly the accepted orders were written"
+    );
+
+    // Bounds and media type.
+    let too_many = serde_json::Value::Array(vec![order(); 6]).to_string();
+    let (status, problem) = post_batch(&edge, "application/json", too_many).await;
+    assert_eq!(status, 422, "{problem}");
+    assert_eq!(problem["type"], "urn:orderflow:problem:invalid-batch");
+    let (status, _) = post_batch(&edge, "application/json", "[]".to_owned()).await;
+    assert_eq!(status, 422);
+    let (status, _) = post_batch(&edge, "text/csv", "a,b".to_owned()).await;
+    assert_eq!(status, 415);
 }
 
 /// Every order id in a record on orders.events.

@@ -139,6 +139,7 @@ pub struct DatabaseSettings {
 pub struct IngestSettings {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
+    pub max_batch_orders: usize,
     /// Base URL of the query API for status URLs; empty means `http://<query.listen>`.
     pub status_base_url: String,
 }
@@ -351,6 +352,10 @@ impl Settings {
                 format!("validation.currencies: expected ISO 4217 codes like \"EUR\", found {currency:?}"),
             );
         }
+        check(
+            self.ingest.max_batch_orders >= 1,
+            "ingest.max_batch_orders: expected at least 1, found 0".to_owned(),
+        );
         check(
             self.validation.max_lines >= 1,
             "validation.max_lines: expected at least 1, found 0".to_owned(),
