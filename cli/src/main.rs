@@ -137,13 +137,16 @@ async fn main() -> std::process::ExitCode {
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     let overrides = cli.overrides()?;
     let settings = Settings::load(cli.config.as_deref(), &overrides)?;
+    // SIGHUP reloads with the same layers: the file and environment as they are then.
+    let config_file = cli.config.clone();
+    let reload = move || Settings::load(config_file.as_deref(), &overrides);
     let _telemetry = telemetry::init(&settings.telemetry)?;
     match cli.command {
-        Command::Dev => dev(&settings).await?,
-        Command::Ingest => role(&settings, Role::Ingest).await?,
-        Command::Process => role(&settings, Role::Process).await?,
-        Command::Project => role(&settings, Role::Project).await?,
-        Command::Query => role(&settings, Role::Query).await?,
+        Command::Dev => dev(&settings, reload).await?,
+        Command::Ingest => role(&settings, Role::Ingest, reload).await?,
+        Command::Process => role(&settings, Role::Process, reload).await?,
+        Command::Project => role(&settings, Role::Project, reload).await?,
+        Command::Query => role(&settings, Role::Query, reload).await?,
         Command::Topics { command } => return topics(&settings, command).await,
         Command::Config {
             command: ConfigCommand::Show,
@@ -164,7 +167,13 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-async fn dev(settings: &Settings) -> Result<()> {
+/// Re-reads the configuration (SIGHUP).
+type Reload = Box<dyn Fn() -> Result<Settings, orderflow_platform::ConfigError> + Send + Sync>;
+
+async fn dev(
+    settings: &Settings,
+    reload: impl Fn() -> Result<Settings, orderflow_platform::ConfigError> + Send + Sync + 'static,
+) -> Result<()> {
     let broker = Broker::from_settings(settings)?;
     if broker.is_embedded() {
         if let Some(moved) = prepare_database_for_fresh_log(settings).await? {
@@ -199,11 +208,15 @@ async fn dev(settings: &Settings) -> Result<()> {
     }
     println!("  metrics     http://{}/metrics", running.ops_addr);
     println!("Press Ctrl-C to stop.");
-    serve_until_signal(&mut running).await?;
+    serve_until_signal(&mut running, Box::new(reload)).await?;
     running.shutdown(DRAIN_DEADLINE).await
 }
 
-async fn role(settings: &Settings, role: Role) -> Result<()> {
+async fn role(
+    settings: &Settings,
+    role: Role,
+    reload: impl Fn() -> Result<Settings, orderflow_platform::ConfigError> + Send + Sync + 'static,
+) -> Result<()> {
     if settings.kafka.brokers.trim().is_empty() {
         bail!("kafka.brokers is not set; set it (or ORDERFLOW_KAFKA__BROKERS), or use `orderflow dev` for the in-process broker");
     }
@@ -211,12 +224,41 @@ async fn role(settings: &Settings, role: Role) -> Result<()> {
     if let Some(addr) = running.ingest_addr.or(running.query_addr) {
         info!(%addr, "Listening.");
     }
-    serve_until_signal(&mut running).await?;
+    serve_until_signal(&mut running, Box::new(reload)).await?;
     running.shutdown(DRAIN_DEADLINE).await
 }
 
-/// Waits for SIGINT/SIGTERM (then cancels) or for a role to stop on its own.
-async fn serve_until_signal(running: &mut pipeline::Running) -> Result<()> {
+/// Waits for SIGINT/SIGTERM (then cancels) or for a role to stop on its own; SIGHUP re-reads
+/// the configuration and applies what can change without a restart.
+async fn serve_until_signal(running: &mut pipeline::Running, reload: Reload) -> Result<()> {
+    #[cfg(unix)]
+    {
+        let reloader = running.reloader();
+        let cancel = running.cancel_token();
+        tokio::spawn(async move {
+            let Ok(mut hangups) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    received = hangups.recv() => {
+                        if received.is_none() {
+                            return;
+                        }
+                        match reload() {
+                            Ok(settings) => reloader.reload(&settings),
+                            Err(e) => tracing::warn!(error = %e, "Configuration not reloaded: it is invalid."),
+                        }
+                    }
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    drop(reload);
     let cancel = running.cancel_token();
     tokio::spawn(async move {
         shutdown_signal().await;

@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use orderflow_ingest::{IngestMetrics, IngestState, Publisher};
+use orderflow_ingest::{IngestMetrics, IngestState, Publisher, RateLimits};
 use orderflow_platform::{
     health::{readiness_routes, Readiness},
     http::{edge, health_routes, Server},
@@ -63,6 +63,20 @@ impl Metrics {
     }
 }
 
+/// Applies the reloadable parts of a new configuration to running roles: today the ingest
+/// edge's rate limits. Everything else needs a restart.
+#[derive(Clone)]
+pub struct Reloader {
+    limits: RateLimits,
+}
+
+impl Reloader {
+    pub fn reload(&self, settings: &Settings) {
+        self.limits.reload(&settings.ingest);
+        info!("Reloaded the rate limits.");
+    }
+}
+
 /// A running set of roles.
 pub struct Running {
     pub ingest_addr: Option<SocketAddr>,
@@ -71,6 +85,8 @@ pub struct Running {
     pub ops_addr: SocketAddr,
     cancel: CancellationToken,
     tasks: JoinSet<Result<()>>,
+    /// The ingest edge's rate limits, for reloads.
+    limits: RateLimits,
     publisher: Option<Publisher>,
 }
 
@@ -143,6 +159,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     }
 
     let mut ingest_addr = None;
+    let limits = RateLimits::new(&settings.ingest);
     let mut publisher = None;
     if roles.contains(&Role::Ingest) {
         let p = Publisher::new(
@@ -173,6 +190,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             status_base_url,
             metrics: metrics.ingest.clone(),
             max_batch_orders: settings.ingest.max_batch_orders,
+            limits: limits.clone(),
         };
         let http = metrics.http.for_server("ingest");
         let router = edge(http.layer(orderflow_ingest::router(
@@ -224,6 +242,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     }
 
     Ok(Running {
+        limits,
         ingest_addr,
         query_addr,
         ops_addr,
@@ -282,6 +301,13 @@ async fn watch_dependencies(
 }
 
 impl Running {
+    /// A handle that applies new settings' reloadable parts while the roles run.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            limits: self.limits.clone(),
+        }
+    }
+
     /// The root token: cancel it to stop everything.
     pub fn cancel_token(&self) -> CancellationToken {
         self.cancel.clone()

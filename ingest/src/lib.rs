@@ -7,11 +7,13 @@
 //! - [`publish`] owns the idempotent producer (`acks=all`) and the bounded wait for the ack.
 //! - [`routes`] is the HTTP surface and its problem+json errors.
 
+pub mod limits;
 pub mod metrics;
 pub mod publish;
 pub mod request;
 pub mod routes;
 
+pub use limits::RateLimits;
 pub use metrics::IngestMetrics;
 pub use publish::{PublishError, Publisher};
 pub use routes::{router, IngestState};

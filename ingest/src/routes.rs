@@ -19,6 +19,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use uuid::Uuid;
 
 use crate::{
+    limits::RateLimits,
     metrics::{IngestMetrics, PublishErrorLabels, RefusedLabels},
     publish::{PublishError, Publisher},
     request::{self, RequestError},
@@ -32,6 +33,7 @@ pub struct IngestState {
     pub metrics: IngestMetrics,
     /// Most orders one batch request may carry.
     pub max_batch_orders: usize,
+    pub limits: RateLimits,
 }
 
 /// The answer to an accepted order.
@@ -50,6 +52,10 @@ pub fn router(state: IngestState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/orders", post(post_order))
         .route("/v1/orders/batch", post(post_batch))
+        .layer(axum::middleware::from_fn_with_state(
+            state.limits.clone(),
+            crate::limits::limit,
+        ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
         .merge(health_routes())

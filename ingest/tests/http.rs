@@ -19,6 +19,7 @@ struct Edge {
     url: String,
     clients: KafkaClients,
     cancel: CancellationToken,
+    limits: orderflow_ingest::RateLimits,
 }
 
 impl Drop for Edge {
@@ -28,7 +29,14 @@ impl Drop for Edge {
 }
 
 async fn start(broker: &Broker) -> Edge {
+    start_with(broker, &[]).await
+}
+
+async fn start_with(broker: &Broker, extra: &[(&str, &str)]) -> Edge {
     let mut overrides = Overrides::default();
+    for (key, value) in extra {
+        overrides.set(*key, value);
+    }
     overrides.set("ingest.max_body_bytes", "4096");
     let settings = Settings::from_defaults(&overrides).expect("settings");
     let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
@@ -37,12 +45,14 @@ async fn start(broker: &Broker) -> Edge {
         .await
         .expect("topics");
     let codec = Arc::new(Codec::new().expect("codec"));
+    let limits = orderflow_ingest::RateLimits::new(&settings.ingest);
     let publisher = Publisher::new(&clients, codec, names::ORDERS_EVENTS, None).expect("publisher");
     let state = IngestState {
         publisher,
         status_base_url: "http://query.example".into(),
         metrics: orderflow_ingest::IngestMetrics::unregistered(),
         max_batch_orders: 5,
+        limits: limits.clone(),
     };
     let router = orderflow_ingest::router(state, settings.ingest.max_body_bytes);
     let server = Server::bind("127.0.0.1:0".parse().expect("addr"), router)
@@ -55,6 +65,7 @@ async fn start(broker: &Broker) -> Edge {
         url,
         clients,
         cancel,
+        limits,
     }
 }
 
@@ -277,6 +288,68 @@ async fn a_batch_answers_each_order_and_publishes_the_valid_ones() {
     assert_eq!(status, 422);
     let (status, _) = post_batch(&edge, "text/csv", "a,b".to_owned()).await;
     assert_eq!(status, 415);
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_headers_recover_and_reload() {
+    let broker = Broker::embedded();
+    let edge = start_with(
+        &broker,
+        &[
+            ("ingest.rate_limit_per_ip_per_second", "1"),
+            ("ingest.rate_limit_burst", "2"),
+        ],
+    )
+    .await;
+    let body = || order().to_string().into_bytes();
+    let (status, headers, _) = post(&edge, "application/json", body()).await;
+    assert_eq!(status, 202);
+    assert_eq!(headers["ratelimit-limit"], "2");
+    assert_eq!(headers["ratelimit-remaining"], "1");
+    let (status, headers, _) = post(&edge, "application/json", body()).await;
+    assert_eq!(status, 202);
+    assert_eq!(headers["ratelimit-remaining"], "0");
+    let (status, headers, problem) = post(&edge, "application/json", body()).await;
+    assert_eq!(status, 429, "{problem}");
+    assert_eq!(problem["type"], "urn:orderflow:problem:rate-limited");
+    let retry_after: u64 = headers["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("seconds");
+    assert!(retry_after >= 1);
+    assert_eq!(headers["ratelimit-remaining"], "0");
+
+    // The bucket refills at one request per second.
+    orderflow_testkit::eventually(
+        Duration::from_secs(10),
+        "the limit to let a request through",
+        || async {
+            let (status, _, _) = post(&edge, "application/json", body()).await;
+            (status == 202).then_some(())
+        },
+    )
+    .await;
+
+    // A reloaded, larger limit takes effect at once.
+    let mut overrides = Overrides::default();
+    overrides.set("ingest.rate_limit_per_ip_per_second", "100");
+    overrides.set("ingest.rate_limit_burst", "50");
+    edge.limits.reload(
+        &Settings::from_defaults(&overrides)
+            .expect("settings")
+            .ingest,
+    );
+    for _ in 0..5 {
+        let (status, headers, _) = post(&edge, "application/json", body()).await;
+        assert_eq!(status, 202);
+        assert_eq!(headers["ratelimit-limit"], "50");
+    }
+    // Health checks are never limited.
+    let health = reqwest::get(format!("{}/healthz", edge.url))
+        .await
+        .expect("get");
+    assert!(!health.headers().contains_key("ratelimit-limit"));
 }
 
 /// Every order id in a record on orders.events.

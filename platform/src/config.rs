@@ -140,6 +140,10 @@ pub struct IngestSettings {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub max_batch_orders: usize,
+    /// Requests per second per client IP; 0 turns limiting off.
+    pub rate_limit_per_ip_per_second: u32,
+    /// Burst per client IP; 0 means the per-second rate.
+    pub rate_limit_burst: u32,
     /// Base URL of the query API for status URLs; empty means `http://<query.listen>`.
     pub status_base_url: String,
 }

@@ -174,8 +174,13 @@ impl Server {
 
     /// Serves until `cancel`, then lets in-flight requests finish.
     pub async fn run(self, cancel: CancellationToken) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await
+        // Connection info lets handlers and middleware see the peer's address (rate limits).
+        axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
     }
 }
