@@ -3,10 +3,10 @@
 //! against it; Ctrl-C (SIGINT) stops it cleanly; a second start moves the first run's tables
 //! aside because the in-process log starts empty.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, process::Command};
 
-use orderflow_testkit::{dev::DevProcess, eventually, TempDir};
-use serde_json::{json, Value};
+use orderflow_testkit::{dev::DevProcess, order_json, wait_final, TempDir};
+use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 
@@ -23,18 +23,6 @@ fn interrupt(dev: &mut DevProcess) {
     assert!(status.success(), "dev exited with {status}");
 }
 
-fn order() -> Value {
-    json!({
-        "customer_id": "customer-1",
-        "currency": "EUR",
-        "lines": [{"sku": "SKU-00001", "quantity": 2, "unit_price_minor": 1250}],
-        "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Berlin", "postal_code": "10115", "country": "DE"},
-        "payment_token": "tok_visa",
-        "shipping_minor": 499,
-        "total_minor": 2999
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_runs_serves_and_stops_cleanly() {
     let dir = TempDir::new();
@@ -48,7 +36,7 @@ async fn dev_runs_serves_and_stops_cleanly() {
     let client = reqwest::Client::new();
     let accepted: Value = client
         .post(format!("{}/v1/orders", dev.ingest_url))
-        .json(&order())
+        .json(&order_json("customer-1"))
         .send()
         .await
         .expect("post")
@@ -64,15 +52,7 @@ async fn dev_runs_serves_and_stops_cleanly() {
         "{status_url} is not on {}",
         dev.query_url
     );
-    let view: Value = eventually(Duration::from_secs(30), "the order to be confirmed", || {
-        let client = client.clone();
-        let url = status_url.clone();
-        async move {
-            let view: Value = client.get(&url).send().await.ok()?.json().await.ok()?;
-            (view["final"] == true).then_some(view)
-        }
-    })
-    .await;
+    let view = wait_final(&client, &status_url).await;
     assert_eq!(view["status"], "confirmed");
     assert_eq!(view["version"], 3);
 

@@ -8,8 +8,10 @@ use opentelemetry::trace::SpanId;
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use orderflow::pipeline::{self, Role};
 use orderflow_platform::telemetry;
-use orderflow_testkit::{apply_topics, eventually, test_settings, Broker, Database};
-use serde_json::{json, Value};
+use orderflow_testkit::{
+    apply_topics, eventually, order_json, test_settings, wait_final, Broker, Database,
+};
+use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -33,15 +35,11 @@ async fn one_order_is_one_trace_from_http_to_projection() {
 
     let client = reqwest::Client::new();
     let accepted: Value = client
-        .post(format!("http://{}/v1/orders", running.ingest_addr.expect("ingest")))
-        .json(&json!({
-            "customer_id": "customer-1",
-            "currency": "EUR",
-            "lines": [{"sku": "SKU-00001", "quantity": 1, "unit_price_minor": 1000}],
-            "shipping_address": {"name": "A", "line1": "B", "city": "C", "postal_code": "D", "country": "DE"},
-            "payment_token": "tok_a",
-            "total_minor": 1000
-        }))
+        .post(format!(
+            "http://{}/v1/orders",
+            running.ingest_addr.expect("ingest")
+        ))
+        .json(&order_json("customer-1"))
         .send()
         .await
         .expect("post")
@@ -52,15 +50,8 @@ async fn one_order_is_one_trace_from_http_to_projection() {
         .as_str()
         .expect("status url")
         .to_owned();
-    eventually(DEADLINE, "the order to be confirmed", || {
-        let client = client.clone();
-        let url = status_url.clone();
-        async move {
-            let view: Value = client.get(&url).send().await.ok()?.json().await.ok()?;
-            (view["status"] == "confirmed").then_some(())
-        }
-    })
-    .await;
+    let view = wait_final(&client, &status_url).await;
+    assert_eq!(view["status"], "confirmed");
 
     // Placed, validated and confirmed each pass the saga and the projection.
     let spans: Vec<SpanData> = eventually(DEADLINE, "every span of the order", || {

@@ -70,14 +70,7 @@ async fn start_with(broker: &Broker, extra: &[(&str, &str)]) -> Edge {
 }
 
 fn order() -> Value {
-    json!({
-        "customer_id": "c-1",
-        "currency": "EUR",
-        "lines": [{"sku": "SKU-00001", "quantity": 1, "unit_price_minor": 100}],
-        "shipping_address": {"name": "n", "line1": "l", "city": "c", "postal_code": "p", "country": "DE"},
-        "payment_token": "tok",
-        "total_minor": 100
-    })
+    orderflow_testkit::order_json("c-1")
 }
 
 fn records_on_orders_topic(clients: &KafkaClients) -> i64 {

@@ -294,3 +294,39 @@ pub async fn apply_topics(broker: &Broker, settings: &orderflow_platform::Settin
         .unwrap_or_else(|e| panic!("topics apply: {e}"));
     assert!(!report.has_drift(), "{report}");
 }
+
+/// A valid order request for `customer`: two units at 12.50 EUR plus 4.99 shipping, 29.99.
+pub fn order_json(customer: &str) -> serde_json::Value {
+    serde_json::json!({
+        "customer_id": customer,
+        "currency": "EUR",
+        "lines": [{"sku": "SKU-00001", "quantity": 2, "unit_price_minor": 1250}],
+        "shipping_address": {
+            "name": "Ada", "line1": "1 Main St", "city": "Berlin",
+            "postal_code": "10115", "country": "DE"
+        },
+        "payment_token": "tok_visa",
+        "shipping_minor": 499,
+        "total_minor": 2999
+    })
+}
+
+/// Polls an order's status URL until the order is final; returns its view.
+pub async fn wait_final(client: &reqwest::Client, status_url: &str) -> serde_json::Value {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{status_url} to be final"),
+        || async {
+            let view: serde_json::Value = client
+                .get(status_url)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (view["final"] == true).then_some(view)
+        },
+    )
+    .await
+}
