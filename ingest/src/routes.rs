@@ -41,8 +41,8 @@ pub struct IngestState {
 pub struct Accepted {
     pub order_id: String,
     pub status: &'static str,
-    /// Where to read the order's status (query API). Add `?wait_for=final` to wait, bounded,
-    /// once the query API supports read-your-writes.
+    /// Where to read the order's status (query API). Read-your-writes: add `?wait_for=final`
+    /// (or `?min_version=N`) and the query waits, up to 5 s, until the order is there.
     pub status_url: String,
     /// The order's version as accepted: `OrderPlaced` is version 1.
     pub version: i64,

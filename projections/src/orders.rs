@@ -170,32 +170,90 @@ pub async fn apply_change(
     Ok(result.rows_affected() > 0)
 }
 
+/// Columns of an [`OrderRow`], in the order [`row_from`] reads them.
+const ORDER_COLUMNS: &str = "order_id, customer_id, status, version, currency, total_minor, \
+     line_count, reasons, placed_at, updated_at, last_event_id";
+
+fn row_from(r: &sqlx::any::AnyRow) -> Result<OrderRow> {
+    use sqlx::Row;
+    Ok(OrderRow {
+        order_id: r.try_get(0)?,
+        customer_id: r.try_get(1)?,
+        status: r.try_get(2)?,
+        version: r.try_get(3)?,
+        currency: r.try_get(4)?,
+        total_minor: r.try_get(5)?,
+        line_count: r.try_get(6)?,
+        reasons: r.try_get(7)?,
+        placed_at: r.try_get(8)?,
+        updated_at: r.try_get(9)?,
+        last_event_id: r.try_get(10)?,
+    })
+}
+
 /// Reads one order.
 pub async fn get(pool: &sqlx::AnyPool, order_id: &str) -> Result<Option<OrderRow>> {
-    use sqlx::Row;
-    let row = sqlx::query(
-        "SELECT order_id, customer_id, status, version, currency, total_minor, line_count, \
-         reasons, placed_at, updated_at, last_event_id FROM orders WHERE order_id = $1",
-    )
+    let row = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1"
+    ))
     .bind(order_id)
     .fetch_optional(pool)
     .await?;
-    row.map(|r| {
-        Ok(OrderRow {
-            order_id: r.try_get(0)?,
-            customer_id: r.try_get(1)?,
-            status: r.try_get(2)?,
-            version: r.try_get(3)?,
-            currency: r.try_get(4)?,
-            total_minor: r.try_get(5)?,
-            line_count: r.try_get(6)?,
-            reasons: r.try_get(7)?,
-            placed_at: r.try_get(8)?,
-            updated_at: r.try_get(9)?,
-            last_event_id: r.try_get(10)?,
-        })
-    })
-    .transpose()
+    row.as_ref().map(row_from).transpose()
+}
+
+/// Where a page of a customer's orders ends: the last row's `(placed_at, order_id)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    pub placed_at: i64,
+    pub order_id: String,
+}
+
+/// A customer's orders, newest first, `limit` at a time, after `cursor` (keyset pagination:
+/// an order placed while a client pages never shifts the pages it has not read yet).
+pub async fn customer_page(
+    pool: &sqlx::AnyPool,
+    customer_id: &str,
+    cursor: Option<&PageCursor>,
+    limit: i64,
+) -> Result<Vec<OrderRow>> {
+    let rows = match cursor {
+        None => {
+            sqlx::query(&format!(
+                "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = $1 \
+                 ORDER BY placed_at DESC, order_id DESC LIMIT $2"
+            ))
+            .bind(customer_id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+        Some(c) => {
+            sqlx::query(&format!(
+                "SELECT {ORDER_COLUMNS} FROM orders WHERE customer_id = $1 \
+                 AND (placed_at < $2 OR (placed_at = $2 AND order_id < $3)) \
+                 ORDER BY placed_at DESC, order_id DESC LIMIT $4"
+            ))
+            .bind(customer_id)
+            .bind(c.placed_at)
+            .bind(&c.order_id)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    rows.iter().map(row_from).collect()
+}
+
+/// How many orders are in each status.
+pub async fn status_counts(pool: &sqlx::AnyPool) -> Result<Vec<(String, i64)>> {
+    use sqlx::Row;
+    let rows = sqlx::query("SELECT status, COUNT(*) FROM orders GROUP BY status ORDER BY status")
+        .fetch_all(pool)
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
 }
 
 /// The orders projection, for the generic writer.

@@ -1,15 +1,24 @@
-//! The query API over the projection tables. Role `reader`. Today: one order by id, with its
-//! status and version; `ETag` is the version, so `If-None-Match` answers `304` without a body.
+//! The query API over the projection tables. Role `reader`.
+//!
+//! - `GET /v1/orders/{id}`: one order with its status and version; `ETag` is the version, so
+//!   `If-None-Match` answers `304` without a body. Read-your-writes: `?wait_for=final` or
+//!   `?min_version=N` waits (up to `wait_ms`, at most 5 s) until the projection has the order in
+//!   that state, then answers; `orderflow-wait: timeout` says it answered without it.
+//! - `GET /v1/customers/{id}/orders`: a customer's orders, newest first, with keyset
+//!   pagination (`limit`, `after` = the previous page's `next`).
+//! - `GET /v1/analytics/status-counts`: orders per status.
+
+use std::time::Duration;
 
 use axum::{
-    extract::{Path, State},
+    extract::{rejection::QueryRejection, Path, Query, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
     Json, Router,
 };
 use orderflow_platform::http::{health_routes, not_found_fallback, Problem};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tracing::error;
 
@@ -67,14 +76,42 @@ impl From<orders::OrderRow> for OrderView {
 pub fn router(db: Database) -> Router {
     Router::new()
         .route("/v1/orders/{order_id}", get(get_order))
+        .route("/v1/customers/{customer_id}/orders", get(customer_orders))
+        .route("/v1/analytics/status-counts", get(status_counts))
         .with_state(db)
         .merge(health_routes())
         .fallback(not_found_fallback)
 }
 
+/// The longest a read may wait for the projection.
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
+/// How often a waiting read looks again.
+const WAIT_POLL: Duration = Duration::from_millis(10);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderQuery {
+    /// `final`: wait until the order is confirmed, rejected or cancelled.
+    wait_for: Option<String>,
+    /// Wait until the order's version is at least this.
+    min_version: Option<i64>,
+    /// How long to wait, ms (default and maximum 5000).
+    wait_ms: Option<u64>,
+}
+
+fn invalid_query(detail: impl Into<String>) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, "invalid-query", "Invalid query").detail(detail)
+}
+
+fn store_unavailable(e: crate::db::DbError) -> Problem {
+    error!(error = %e, "Order query failed.");
+    Problem::unavailable("the order store")
+}
+
 async fn get_order(
     State(db): State<Database>,
     Path(order_id): Path<String>,
+    query: Result<Query<OrderQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, Problem> {
     if uuid::Uuid::parse_str(&order_id).is_err() {
@@ -85,10 +122,30 @@ async fn get_order(
         )
         .detail("an order id is a UUID"));
     }
-    let row = orders::get(db.pool(), &order_id).await.map_err(|e| {
-        error!(error = %e, "Order query failed.");
-        Problem::unavailable("the order store")
-    })?;
+    let Query(query) = query.map_err(|e| invalid_query(e.body_text()))?;
+    let wait_final = match query.wait_for.as_deref() {
+        None => false,
+        Some("final") => true,
+        Some(other) => return Err(invalid_query(format!("wait_for={other}: expected final"))),
+    };
+    let waiting = wait_final || query.min_version.is_some();
+    let satisfied = |row: &orders::OrderRow| {
+        (!wait_final || orders::FINAL_STATUSES.contains(&row.status.as_str()))
+            && query.min_version.is_none_or(|v| row.version >= v)
+    };
+    let wait = Duration::from_millis(query.wait_ms.unwrap_or(5_000)).min(MAX_WAIT);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut row = orders::get(db.pool(), &order_id)
+        .await
+        .map_err(store_unavailable)?;
+    while waiting && !row.as_ref().is_some_and(satisfied) && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(WAIT_POLL).await;
+        row = orders::get(db.pool(), &order_id)
+            .await
+            .map_err(store_unavailable)?;
+    }
+    let timed_out = waiting && !row.as_ref().is_some_and(satisfied);
     let row = row.ok_or_else(|| Problem::not_found(&format!("order {order_id}")))?;
     let etag = format!("\"{}\"", row.version);
     let etag_value =
@@ -105,9 +162,89 @@ async fn get_order(
         )
             .into_response());
     }
-    Ok((
+    let mut response = (
         [(header::ETAG, etag_value), (header::CACHE_CONTROL, cache)],
         Json(OrderView::from(row)),
     )
-        .into_response())
+        .into_response();
+    if waiting {
+        let outcome = if timed_out { "timeout" } else { "satisfied" };
+        response
+            .headers_mut()
+            .insert("orderflow-wait", HeaderValue::from_static(outcome));
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// Orders per page, 1–100 (default 20).
+    limit: Option<i64>,
+    /// The `next` of the previous page.
+    after: Option<String>,
+}
+
+/// One page of a customer's orders.
+#[derive(Debug, Serialize)]
+pub struct OrderPage {
+    pub orders: Vec<OrderView>,
+    /// Pass as `after` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+/// `after` cursors are `<placed_at ms>.<order id>`: opaque to clients, readable in logs.
+fn parse_cursor(text: &str) -> Option<orders::PageCursor> {
+    let (at, id) = text.split_once('.')?;
+    uuid::Uuid::parse_str(id).ok()?;
+    Some(orders::PageCursor {
+        placed_at: at.parse().ok()?,
+        order_id: id.to_owned(),
+    })
+}
+
+async fn customer_orders(
+    State(db): State<Database>,
+    Path(customer_id): Path<String>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Json<OrderPage>, Problem> {
+    let Query(query) = query.map_err(|e| invalid_query(e.body_text()))?;
+    let limit = query.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(invalid_query("limit: expected 1 to 100"));
+    }
+    let cursor = match query.after.as_deref() {
+        None => None,
+        Some(text) => Some(
+            parse_cursor(text).ok_or_else(|| invalid_query("after: not a cursor from `next`"))?,
+        ),
+    };
+    let rows = orders::customer_page(db.pool(), &customer_id, cursor.as_ref(), limit)
+        .await
+        .map_err(store_unavailable)?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| {
+            rows.last()
+                .map(|r| format!("{}.{}", r.placed_at, r.order_id))
+        })
+        .flatten();
+    Ok(Json(OrderPage {
+        orders: rows.into_iter().map(OrderView::from).collect(),
+        next,
+    }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusCounts {
+    pub counts: std::collections::BTreeMap<String, i64>,
+}
+
+async fn status_counts(State(db): State<Database>) -> Result<Json<StatusCounts>, Problem> {
+    let counts = orders::status_counts(db.pool())
+        .await
+        .map_err(store_unavailable)?;
+    Ok(Json(StatusCounts {
+        counts: counts.into_iter().collect(),
+    }))
 }

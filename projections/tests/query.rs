@@ -1,0 +1,225 @@
+//! The query API against real databases (SQLite and PostgreSQL): keyset pagination returns
+//! every order exactly once while new orders arrive, read-your-writes waits until the order
+//! reaches the asked state (bounded), and bad queries are problems.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use orderflow_platform::http::Server;
+use orderflow_projections::{
+    orders::{apply_change, Change, OrderRow},
+    query, Database,
+};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+struct Api {
+    url: String,
+    db: Database,
+    cancel: CancellationToken,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn start(url: &str) -> Api {
+    let db = Database::connect(url, 4).await.expect("connect");
+    db.migrate().await.expect("migrate");
+    let server = Server::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        query::router(db.clone()),
+    )
+    .await
+    .expect("bind");
+    let url = format!("http://{}", server.local_addr().expect("addr"));
+    let cancel = CancellationToken::new();
+    tokio::spawn(server.run(cancel.clone()));
+    Api { url, db, cancel }
+}
+
+async fn apply(db: &Database, change: Change) {
+    let mut conn = db.pool().acquire().await.expect("connection");
+    apply_change(&mut conn, &change, 0).await.expect("apply");
+}
+
+async fn place(db: &Database, customer: &str, placed_at: i64) -> String {
+    let order_id = uuid::Uuid::now_v7().to_string();
+    apply(
+        db,
+        Change::Insert(OrderRow {
+            order_id: order_id.clone(),
+            customer_id: customer.to_owned(),
+            status: "placed".into(),
+            version: 1,
+            currency: "EUR".into(),
+            total_minor: 100,
+            line_count: 1,
+            reasons: None,
+            placed_at,
+            updated_at: placed_at,
+            last_event_id: uuid::Uuid::new_v4().to_string(),
+        }),
+    )
+    .await;
+    order_id
+}
+
+async fn confirm(db: &Database, order_id: &str) {
+    apply(
+        db,
+        Change::Advance {
+            order_id: order_id.to_owned(),
+            version: 3,
+            status: Some("confirmed"),
+            reasons: None,
+            updated_at: 5,
+            event_id: uuid::Uuid::new_v4().to_string(),
+        },
+    )
+    .await;
+}
+
+async fn get(url: String) -> (u16, reqwest::header::HeaderMap, Value) {
+    let response = reqwest::get(url).await.expect("get");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    (
+        status,
+        headers,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+async fn pages_return_every_order_once_while_orders_arrive(url: &str) {
+    let api = start(url).await;
+    let mut initial = BTreeSet::new();
+    // Two orders share a placed_at: the order id breaks the tie.
+    for at in [
+        1_000, 1_001, 1_002, 1_003, 1_003, 1_004, 1_005, 1_006, 1_007, 1_008,
+    ] {
+        initial.insert(place(&api.db, "alice", at).await);
+    }
+    place(&api.db, "bob", 1_004).await;
+
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut newer = 2_000;
+    loop {
+        let mut url = format!("{}/v1/customers/alice/orders?limit=3", api.url);
+        if let Some(cursor) = &after {
+            url.push_str(&format!("&after={cursor}"));
+        }
+        let (status, _, page) = get(url).await;
+        assert_eq!(status, 200, "{page}");
+        let orders = page["orders"].as_array().expect("orders");
+        assert!(orders.len() <= 3);
+        seen.extend(
+            orders
+                .iter()
+                .map(|o| o["order_id"].as_str().expect("id").to_owned()),
+        );
+        // New orders arrive between pages.
+        place(&api.db, "alice", newer).await;
+        newer += 1;
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let unique: BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "an order came twice: {seen:?}");
+    assert_eq!(
+        unique, initial,
+        "every order placed before paging began, exactly once"
+    );
+
+    // Bad page queries are problems.
+    for query in ["limit=0", "limit=101", "after=garbage", "colour=red"] {
+        let (status, _, problem) =
+            get(format!("{}/v1/customers/alice/orders?{query}", api.url)).await;
+        assert_eq!(status, 400, "{query}: {problem}");
+        assert_eq!(problem["type"], "urn:orderflow:problem:invalid-query");
+    }
+}
+
+async fn reads_wait_for_the_asked_state(url: &str) {
+    let api = start(url).await;
+    let order = place(&api.db, "carol", 1_000).await;
+
+    // The projection confirms the order while a reader waits for it to be final.
+    let db = api.db.clone();
+    let writer_order = order.clone();
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        confirm(&db, &writer_order).await;
+    });
+    let (status, headers, view) =
+        get(format!("{}/v1/orders/{order}?wait_for=final", api.url)).await;
+    writer.await.expect("writer");
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "confirmed");
+    assert_eq!(view["version"], 3);
+    assert_eq!(headers["orderflow-wait"], "satisfied");
+
+    // A version it never reaches: the wait ends, bounded, with the current state.
+    let (status, headers, view) = get(format!(
+        "{}/v1/orders/{order}?min_version=9&wait_ms=100",
+        api.url
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(view["version"], 3);
+    assert_eq!(headers["orderflow-wait"], "timeout");
+
+    // Already there: no waiting needed.
+    let (_, headers, _) = get(format!("{}/v1/orders/{order}?min_version=2", api.url)).await;
+    assert_eq!(headers["orderflow-wait"], "satisfied");
+
+    let unknown = uuid::Uuid::new_v4();
+    let (status, _, _) = get(format!(
+        "{}/v1/orders/{unknown}?wait_for=final&wait_ms=50",
+        api.url
+    ))
+    .await;
+    assert_eq!(status, 404);
+    let (status, _, problem) = get(format!("{}/v1/orders/{order}?wait_for=soon", api.url)).await;
+    assert_eq!(status, 400, "{problem}");
+
+    let (status, _, counts) = get(format!("{}/v1/analytics/status-counts", api.url)).await;
+    assert_eq!(status, 200);
+    assert_eq!(counts["counts"]["confirmed"], 1);
+}
+
+mod sqlite {
+    #[tokio::test]
+    async fn pages_return_every_order_once_while_orders_arrive() {
+        let db = orderflow_testkit::Database::sqlite();
+        super::pages_return_every_order_once_while_orders_arrive(&db.url).await;
+    }
+
+    #[tokio::test]
+    async fn reads_wait_for_the_asked_state() {
+        let db = orderflow_testkit::Database::sqlite();
+        super::reads_wait_for_the_asked_state(&db.url).await;
+    }
+}
+
+mod postgres {
+    #[tokio::test]
+    async fn pages_return_every_order_once_while_orders_arrive() {
+        let Some(db) = orderflow_testkit::Database::postgres().await else {
+            return;
+        };
+        super::pages_return_every_order_once_while_orders_arrive(&db.url).await;
+    }
+
+    #[tokio::test]
+    async fn reads_wait_for_the_asked_state() {
+        let Some(db) = orderflow_testkit::Database::postgres().await else {
+            return;
+        };
+        super::reads_wait_for_the_asked_state(&db.url).await;
+    }
+}
