@@ -278,6 +278,105 @@ impl Projection for OrdersProjection {
         event: &OrderEvent,
         written_at: i64,
     ) -> Result<bool> {
-        apply_change(conn, &change_for(event), written_at).await
+        let changed = apply_change(conn, &change_for(event), written_at).await?;
+        // The orders row is the gate: facts move only with it, so an event the row already
+        // reflects (a duplicate, a re-emitted copy) adds nothing.
+        if changed {
+            apply_facts(conn, event).await?;
+        }
+        Ok(changed)
     }
+}
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// Updates the fact tables (`order_lines`, `customer_stats`, `customer_spend`,
+/// `sales_per_product_hour`) for an event that just changed its order's row.
+pub async fn apply_facts(conn: &mut AnyConnection, event: &OrderEvent) -> Result<()> {
+    let envelope = event.envelope();
+    match event {
+        OrderEvent::OrderPlaced(placed) => {
+            for (line_no, line) in placed.lines.iter().enumerate() {
+                sqlx::query(
+                    "INSERT INTO order_lines (order_id, line_no, sku, quantity, \
+                     unit_price_minor, currency) VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (order_id, line_no) DO NOTHING",
+                )
+                .bind(&envelope.order_id)
+                .bind(line_no as i64)
+                .bind(&line.sku)
+                .bind(i64::from(line.quantity))
+                .bind(line.unit_price_minor)
+                .bind(&placed.currency)
+                .execute(&mut *conn)
+                .await?;
+            }
+            sqlx::query(
+                "INSERT INTO customer_stats (customer_id, orders_placed, orders_confirmed, \
+                 orders_rejected, orders_cancelled, first_order_at, last_order_at) \
+                 VALUES ($1, 1, 0, 0, 0, $2, $2) \
+                 ON CONFLICT (customer_id) DO UPDATE SET \
+                 orders_placed = customer_stats.orders_placed + 1, \
+                 first_order_at = CASE WHEN excluded.first_order_at < customer_stats.first_order_at \
+                   THEN excluded.first_order_at ELSE customer_stats.first_order_at END, \
+                 last_order_at = CASE WHEN excluded.last_order_at > customer_stats.last_order_at \
+                   THEN excluded.last_order_at ELSE customer_stats.last_order_at END",
+            )
+            .bind(&envelope.customer_id)
+            .bind(envelope.occurred_at)
+            .execute(&mut *conn)
+            .await?;
+        }
+        OrderEvent::OrderConfirmed(confirmed) => {
+            count_outcome(conn, &envelope.customer_id, "orders_confirmed").await?;
+            sqlx::query(
+                "INSERT INTO customer_spend (customer_id, currency, confirmed_minor) \
+                 VALUES ($1, $2, $3) ON CONFLICT (customer_id, currency) DO UPDATE SET \
+                 confirmed_minor = customer_spend.confirmed_minor + excluded.confirmed_minor",
+            )
+            .bind(&envelope.customer_id)
+            .bind(&confirmed.currency)
+            .bind(confirmed.total_minor)
+            .execute(&mut *conn)
+            .await?;
+            // One row per line of the order, from the lines it was placed with.
+            let hour = envelope.occurred_at - envelope.occurred_at.rem_euclid(HOUR_MS);
+            sqlx::query(
+                "INSERT INTO sales_per_product_hour (sku, hour, currency, units, revenue_minor, \
+                 orders) SELECT sku, $2, currency, SUM(quantity), SUM(quantity * unit_price_minor), 1 \
+                 FROM order_lines WHERE order_id = $1 GROUP BY sku, currency \
+                 ON CONFLICT (sku, hour, currency) DO UPDATE SET \
+                 units = sales_per_product_hour.units + excluded.units, \
+                 revenue_minor = sales_per_product_hour.revenue_minor + excluded.revenue_minor, \
+                 orders = sales_per_product_hour.orders + 1",
+            )
+            .bind(&envelope.order_id)
+            .bind(hour)
+            .execute(&mut *conn)
+            .await?;
+        }
+        OrderEvent::OrderRejected(_) => {
+            count_outcome(conn, &envelope.customer_id, "orders_rejected").await?;
+        }
+        OrderEvent::OrderCancelled(_) => {
+            count_outcome(conn, &envelope.customer_id, "orders_cancelled").await?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Adds one to an outcome column of a customer's stats. `column` is one of three constants.
+async fn count_outcome(
+    conn: &mut AnyConnection,
+    customer_id: &str,
+    column: &'static str,
+) -> Result<()> {
+    sqlx::query(&format!(
+        "UPDATE customer_stats SET {column} = {column} + 1 WHERE customer_id = $1"
+    ))
+    .bind(customer_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }

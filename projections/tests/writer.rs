@@ -189,6 +189,121 @@ async fn batches_apply_exactly_once(db_url: &str) {
     );
 }
 
+/// The fact tables count each order once, however often its events are delivered.
+async fn facts_count_each_order_once(db_url: &str) {
+    let broker = Broker::embedded();
+    let settings = orderflow_testkit::test_settings(None);
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    orderflow_testkit::apply_topics(&broker, &settings).await;
+    let db = Database::connect(db_url, 2).await.expect("connect");
+    db.migrate().await.expect("migrate");
+    let codec = Arc::new(Codec::new().expect("codec"));
+    let writer = ProjectionWriter::new(
+        OrdersProjection,
+        db.clone(),
+        clients.clone(),
+        &settings.projection,
+        codec.clone(),
+        orderflow_projections::ProjectionMetrics::unregistered(),
+    );
+    let dlq: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+
+    let a = uuid::Uuid::new_v4().to_string();
+    let b = uuid::Uuid::new_v4().to_string();
+    let mut placed_a = placed(&a);
+    if let OrderEvent::OrderPlaced(p) = &mut placed_a {
+        p.lines.push(OrderLine {
+            sku: "SKU-2".into(),
+            quantity: 3,
+            unit_price_minor: 250,
+        });
+        p.lines.push(OrderLine {
+            sku: "SKU-1".into(),
+            quantity: 2,
+            unit_price_minor: 100,
+        });
+        p.total_minor = 1_050;
+    }
+    let mut confirmed_a = confirmed(&a);
+    if let OrderEvent::OrderConfirmed(c) = &mut confirmed_a {
+        c.total_minor = 1_050;
+    }
+    let rejected_b = OrderEvent::OrderRejected(orderflow_schemas::OrderRejected {
+        envelope: envelope(&b, 2),
+        stage: "validation".into(),
+        reasons: vec![],
+    });
+    let batch = vec![
+        message(&codec, Some(&placed_a), 0),
+        message(&codec, Some(&placed(&b)), 1),
+        message(&codec, Some(&confirmed_a), 2),
+        message(&codec, Some(&rejected_b), 3),
+        // The saga re-emitted the same events after a retry: new offsets, same events.
+        message(&codec, Some(&confirmed_a), 4),
+        message(&codec, Some(&placed_a), 5),
+    ];
+    writer.write(&batch, &dlq).await.expect("write");
+
+    let one = |sql: &'static str| {
+        let db = db.clone();
+        async move {
+            sqlx::query(sql)
+                .fetch_all(db.pool())
+                .await
+                .expect("query")
+                .iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| {
+                            r.try_get::<i64, _>(i)
+                                .map(|v| v.to_string())
+                                .or_else(|_| r.try_get::<String, _>(i))
+                                .expect("column")
+                        })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        one("SELECT orders_placed, orders_confirmed, orders_rejected, orders_cancelled FROM customer_stats").await,
+        ["2,1,1,0"]
+    );
+    assert_eq!(
+        one("SELECT currency, confirmed_minor FROM customer_spend").await,
+        ["EUR,1050"]
+    );
+    assert_eq!(
+        one("SELECT COUNT(*) FROM order_lines").await,
+        ["4"],
+        "three lines of A, one of B"
+    );
+    // SKU-1 appears on two lines of A (1 + 2 units); SKU-2 once (3 units); B never confirmed.
+    assert_eq!(
+        one("SELECT sku, units, revenue_minor, orders FROM sales_per_product_hour ORDER BY sku")
+            .await,
+        ["SKU-1,3,300,1", "SKU-2,3,750,1"]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_facts_count_each_order_once() {
+    let db = orderflow_testkit::Database::sqlite();
+    facts_count_each_order_once(&db.url).await;
+}
+
+#[tokio::test]
+async fn postgres_facts_count_each_order_once() {
+    let Some(db) = orderflow_testkit::Database::postgres().await else {
+        return;
+    };
+    facts_count_each_order_once(&db.url).await;
+}
+
 #[tokio::test]
 async fn sqlite_batches_apply_exactly_once() {
     let db = orderflow_testkit::Database::sqlite();
