@@ -154,7 +154,12 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Migrate => {
             let db = Database::connect(&settings.database_url(), 1).await?;
             db.migrate().await?;
-            println!("migrations applied");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or_default();
+            let created = db.ensure_event_partitions(now).await?;
+            println!("migrations applied; history partitions created: {created:?}");
         }
         Command::Loadgen(args) => {
             let report = loadgen::run(&args).await?;

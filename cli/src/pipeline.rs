@@ -225,6 +225,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     }
 
     if let (true, Some(db)) = (roles.contains(&Role::Project), &db) {
+        tasks.spawn(maintain_partitions(db.clone(), cancel.clone()));
         let writer = ProjectionWriter::new(
             OrdersProjection,
             db.clone(),
@@ -250,6 +251,28 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         tasks,
         publisher,
     })
+}
+
+/// How often the history's future partitions are checked (PostgreSQL).
+const PARTITION_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+/// Keeps `order_events` partitions created for this month and the next three, until cancelled.
+async fn maintain_partitions(db: Database, cancel: CancellationToken) -> Result<()> {
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        match db.ensure_event_partitions(now).await {
+            Ok(created) if !created.is_empty() => info!(?created, "Created history partitions."),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "Checking history partitions failed; retrying later."),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(PARTITION_INTERVAL) => {}
+        }
+    }
 }
 
 /// How often the broker and the database are checked for `/readyz`.

@@ -118,6 +118,47 @@ impl Database {
         self.backend
     }
 
+    /// PostgreSQL: creates the monthly partitions of `order_events` for the month of `now_ms`
+    /// and the next three, if missing (a no-op on SQLite). Returns the partitions created. A
+    /// month whose rows already sit in the default partition is skipped with a warning: moving
+    /// them is an operator's decision.
+    pub async fn ensure_event_partitions(&self, now_ms: i64) -> Result<Vec<String>> {
+        let mut created = Vec::new();
+        if self.backend != Backend::Postgres {
+            return Ok(created);
+        }
+        let (mut year, mut month) = year_month(now_ms);
+        for _ in 0..4 {
+            let (next_year, next_month) = if month == 12 {
+                (year + 1, 1)
+            } else {
+                (year, month + 1)
+            };
+            let name = format!("order_events_{year:04}_{month:02}");
+            let from = month_start_ms(year, month);
+            let to = month_start_ms(next_year, next_month);
+            let exists: Option<String> =
+                sqlx::query_scalar("SELECT relname::text FROM pg_class WHERE relname = $1")
+                    .bind(&name)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            if exists.is_none() {
+                let ddl = format!(
+                    "CREATE TABLE IF NOT EXISTS {name} PARTITION OF order_events \
+                     FOR VALUES FROM ({from}) TO ({to})"
+                );
+                match sqlx::query(&ddl).execute(&self.pool).await {
+                    Ok(_) => created.push(name),
+                    Err(e) => {
+                        tracing::warn!(partition = %name, error = %e, "Partition not created.")
+                    }
+                }
+            }
+            (year, month) = (next_year, next_month);
+        }
+        Ok(created)
+    }
+
     /// Cheap liveness check.
     pub async fn ping(&self) -> Result<AnyQueryResult> {
         Ok(sqlx::query("SELECT 1").execute(&self.pool).await?)
@@ -147,6 +188,21 @@ impl Database {
             )),
         }
     }
+}
+
+/// Year and month (1–12) of a time in ms since the epoch, UTC.
+fn year_month(ms: i64) -> (i32, u8) {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    (t.year(), u8::from(t.month()))
+}
+
+/// The first instant of a month, ms since the epoch, UTC.
+fn month_start_ms(year: i32, month: u8) -> i64 {
+    let month = time::Month::try_from(month).unwrap_or(time::Month::January);
+    time::Date::from_calendar_date(year, month, 1)
+        .map(|d| d.midnight().assume_utc().unix_timestamp() * 1000)
+        .unwrap_or(0)
 }
 
 fn create_sqlite_dir(url: &str) -> Result<()> {

@@ -278,6 +278,7 @@ impl Projection for OrdersProjection {
         event: &OrderEvent,
         written_at: i64,
     ) -> Result<bool> {
+        record_history(conn, event).await?;
         let changed = apply_change(conn, &change_for(event), written_at).await?;
         // The orders row is the gate: facts move only with it, so an event the row already
         // reflects (a duplicate, a re-emitted copy) adds nothing.
@@ -289,6 +290,26 @@ impl Projection for OrdersProjection {
 }
 
 const HOUR_MS: i64 = 3_600_000;
+
+/// Adds the event to `order_events`, once: a redelivered copy has the same id and changes
+/// nothing.
+pub async fn record_history(conn: &mut AnyConnection, event: &OrderEvent) -> Result<()> {
+    let envelope = event.envelope();
+    sqlx::query(
+        "INSERT INTO order_events (event_id, order_id, customer_id, sequence, event_type, \
+         occurred_at, causation_id) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+    )
+    .bind(&envelope.event_id)
+    .bind(&envelope.order_id)
+    .bind(&envelope.customer_id)
+    .bind(envelope.sequence)
+    .bind(event.kind().name())
+    .bind(envelope.occurred_at)
+    .bind(envelope.causation_id.clone())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
 
 /// Updates the fact tables (`order_lines`, `customer_stats`, `customer_spend`,
 /// `sales_per_product_hour`) for an event that just changed its order's row.

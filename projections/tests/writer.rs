@@ -282,6 +282,8 @@ async fn facts_count_each_order_once(db_url: &str) {
         ["4"],
         "three lines of A, one of B"
     );
+    // The history holds each distinct event once, the re-emitted copies not again.
+    assert_eq!(one("SELECT COUNT(*) FROM order_events").await, ["4"]);
     // SKU-1 appears on two lines of A (1 + 2 units); SKU-2 once (3 units); B never confirmed.
     assert_eq!(
         one("SELECT sku, units, revenue_minor, orders FROM sales_per_product_hour ORDER BY sku")
@@ -302,6 +304,64 @@ async fn postgres_facts_count_each_order_once() {
         return;
     };
     facts_count_each_order_once(&db.url).await;
+}
+
+/// PostgreSQL: the history is partitioned by month, partitions are made ahead of time, and the
+/// analyst role reads every table and writes none.
+#[tokio::test]
+async fn postgres_history_partitions_and_the_analyst_role() {
+    let Some(test_db) = orderflow_testkit::Database::postgres().await else {
+        return;
+    };
+    let db = Database::connect(&test_db.url, 2).await.expect("connect");
+    db.migrate().await.expect("migrate");
+    // 2025-11-24, UTC.
+    let now = 1_764_000_000_000;
+    let created = db.ensure_event_partitions(now).await.expect("partitions");
+    assert_eq!(
+        created,
+        [
+            "order_events_2025_11",
+            "order_events_2025_12",
+            "order_events_2026_01",
+            "order_events_2026_02"
+        ]
+    );
+    assert!(
+        db.ensure_event_partitions(now)
+            .await
+            .expect("again")
+            .is_empty(),
+        "idempotent"
+    );
+
+    let event = placed(&uuid::Uuid::new_v4().to_string());
+    let mut conn = db.pool().acquire().await.expect("connection");
+    orderflow_projections::orders::record_history(&mut conn, &event)
+        .await
+        .expect("history");
+    drop(conn);
+    let partition: String = sqlx::query_scalar("SELECT tableoid::regclass::text FROM order_events")
+        .fetch_one(db.pool())
+        .await
+        .expect("partition");
+    assert_eq!(partition, "order_events_2025_11");
+
+    let mut analyst = db.pool().begin().await.expect("transaction");
+    sqlx::query("SET LOCAL ROLE orderflow_analyst")
+        .execute(&mut *analyst)
+        .await
+        .expect("set role");
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM order_events")
+        .fetch_one(&mut *analyst)
+        .await
+        .expect("the analyst reads");
+    assert_eq!(count, 1);
+    let write = sqlx::query("DELETE FROM order_events")
+        .execute(&mut *analyst)
+        .await;
+    let denied = write.expect_err("the analyst cannot write").to_string();
+    assert!(denied.contains("permission denied"), "{denied}");
 }
 
 #[tokio::test]
