@@ -97,7 +97,18 @@ async fn stored_offset(db: &Database) -> Option<i64> {
     .map(|r| r.try_get(0).expect("i64"))
 }
 
-async fn batches_apply_exactly_once(db_url: &str) {
+/// An orders projection writer on a migrated database, with the in-process broker for its
+/// dead letters.
+struct Fixture {
+    broker: Broker,
+    clients: KafkaClients,
+    db: Database,
+    codec: Arc<Codec>,
+    writer: ProjectionWriter<OrdersProjection>,
+    dlq: FutureProducer,
+}
+
+async fn fixture(db_url: &str) -> Fixture {
     let broker = Broker::embedded();
     let settings = orderflow_testkit::test_settings(None);
     let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
@@ -117,6 +128,25 @@ async fn batches_apply_exactly_once(db_url: &str) {
         .idempotent_producer("test")
         .create()
         .expect("producer");
+    Fixture {
+        broker,
+        clients,
+        db,
+        codec,
+        writer,
+        dlq,
+    }
+}
+
+async fn batches_apply_exactly_once(db_url: &str) {
+    let Fixture {
+        broker: _broker,
+        clients,
+        db,
+        codec,
+        writer,
+        dlq,
+    } = fixture(db_url).await;
 
     let a = uuid::Uuid::new_v4().to_string();
     let batch = vec![
@@ -191,25 +221,14 @@ async fn batches_apply_exactly_once(db_url: &str) {
 
 /// The fact tables count each order once, however often its events are delivered.
 async fn facts_count_each_order_once(db_url: &str) {
-    let broker = Broker::embedded();
-    let settings = orderflow_testkit::test_settings(None);
-    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
-    orderflow_testkit::apply_topics(&broker, &settings).await;
-    let db = Database::connect(db_url, 2).await.expect("connect");
-    db.migrate().await.expect("migrate");
-    let codec = Arc::new(Codec::new().expect("codec"));
-    let writer = ProjectionWriter::new(
-        OrdersProjection,
-        db.clone(),
-        clients.clone(),
-        &settings.projection,
-        codec.clone(),
-        orderflow_projections::ProjectionMetrics::unregistered(),
-    );
-    let dlq: FutureProducer = clients
-        .idempotent_producer("test")
-        .create()
-        .expect("producer");
+    let Fixture {
+        broker: _broker,
+        clients: _,
+        db,
+        codec,
+        writer,
+        dlq,
+    } = fixture(db_url).await;
 
     let a = uuid::Uuid::new_v4().to_string();
     let b = uuid::Uuid::new_v4().to_string();
