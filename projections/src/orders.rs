@@ -245,6 +245,96 @@ pub async fn customer_page(
     rows.iter().map(row_from).collect()
 }
 
+/// One row of `sales_per_product_hour`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SalesRow {
+    pub sku: String,
+    /// Start of the hour, ms since the epoch.
+    pub hour: i64,
+    pub currency: String,
+    pub units: i64,
+    pub revenue_minor: i64,
+    pub orders: i64,
+}
+
+/// Sales per product per hour with `from <= hour < to`, optionally for one SKU, by hour.
+pub async fn sales(
+    pool: &sqlx::AnyPool,
+    from: i64,
+    to: i64,
+    sku: Option<&str>,
+) -> Result<Vec<SalesRow>> {
+    use sqlx::Row;
+    const COLUMNS: &str = "SELECT sku, hour, currency, units, revenue_minor, orders \
+         FROM sales_per_product_hour WHERE hour >= $1 AND hour < $2";
+    let rows = match sku {
+        Some(sku) => {
+            sqlx::query(&format!(
+                "{COLUMNS} AND sku = $3 ORDER BY hour, sku, currency LIMIT 10000"
+            ))
+            .bind(from)
+            .bind(to)
+            .bind(sku)
+            .fetch_all(pool)
+            .await?
+        }
+        None => {
+            sqlx::query(&format!(
+                "{COLUMNS} ORDER BY hour, sku, currency LIMIT 10000"
+            ))
+            .bind(from)
+            .bind(to)
+            .fetch_all(pool)
+            .await?
+        }
+    };
+    rows.iter()
+        .map(|r| {
+            Ok(SalesRow {
+                sku: r.try_get(0)?,
+                hour: r.try_get(1)?,
+                currency: r.try_get(2)?,
+                units: r.try_get(3)?,
+                revenue_minor: r.try_get(4)?,
+                orders: r.try_get(5)?,
+            })
+        })
+        .collect()
+}
+
+/// The products with the most revenue in `from <= hour < to`, per currency.
+pub async fn top_products(
+    pool: &sqlx::AnyPool,
+    from: i64,
+    to: i64,
+    limit: i64,
+) -> Result<Vec<SalesRow>> {
+    use sqlx::Row;
+    let rows = sqlx::query(
+        // Sums cast back to BIGINT: PostgreSQL sums BIGINT into NUMERIC.
+        "SELECT sku, currency, CAST(SUM(units) AS BIGINT), CAST(SUM(revenue_minor) AS BIGINT), \
+         CAST(SUM(orders) AS BIGINT) FROM sales_per_product_hour WHERE hour >= $1 AND hour < $2 \
+         GROUP BY sku, currency ORDER BY SUM(revenue_minor) DESC, sku LIMIT $3",
+    )
+    .bind(from)
+    .bind(to)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(SalesRow {
+                sku: r.try_get(0)?,
+                hour: from,
+                currency: r.try_get(1)?,
+                units: r.try_get(2)?,
+                revenue_minor: r.try_get(3)?,
+                orders: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
 /// How many orders are in each status.
 pub async fn status_counts(pool: &sqlx::AnyPool) -> Result<Vec<(String, i64)>> {
     use sqlx::Row;

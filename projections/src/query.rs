@@ -7,6 +7,9 @@
 //! - `GET /v1/customers/{id}/orders`: a customer's orders, newest first, with keyset
 //!   pagination (`limit`, `after` = the previous page's `next`).
 //! - `GET /v1/analytics/status-counts`: orders per status.
+//! - `GET /v1/analytics/sales?from=&to=[&sku=]`: confirmed sales per product per hour over a
+//!   range (ms since the epoch, `to` exclusive, at most 31 days).
+//! - `GET /v1/analytics/top-products?from=&to=[&limit=]`: products by revenue over a range.
 
 use std::time::Duration;
 
@@ -78,6 +81,8 @@ pub fn router(db: Database) -> Router {
         .route("/v1/orders/{order_id}", get(get_order))
         .route("/v1/customers/{customer_id}/orders", get(customer_orders))
         .route("/v1/analytics/status-counts", get(status_counts))
+        .route("/v1/analytics/sales", get(sales))
+        .route("/v1/analytics/top-products", get(top_products))
         .with_state(db)
         .merge(health_routes())
         .fallback(not_found_fallback)
@@ -232,6 +237,80 @@ async fn customer_orders(
     Ok(Json(OrderPage {
         orders: rows.into_iter().map(OrderView::from).collect(),
         next,
+    }))
+}
+
+/// The longest range an analytics query may cover.
+const MAX_RANGE_MS: i64 = 31 * 24 * 3_600_000;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeQuery {
+    /// Start, ms since the epoch (inclusive).
+    from: i64,
+    /// End, ms since the epoch (exclusive).
+    to: i64,
+    sku: Option<String>,
+    limit: Option<i64>,
+}
+
+impl RangeQuery {
+    fn check(&self) -> Result<(), Problem> {
+        if self.to <= self.from || self.to - self.from > MAX_RANGE_MS {
+            return Err(invalid_query(
+                "from/to: expected from < to, at most 31 days apart",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct SalesAnswer {
+    pub from: i64,
+    pub to: i64,
+    pub rows: Vec<orders::SalesRow>,
+}
+
+async fn sales(
+    State(db): State<Database>,
+    query: Result<Query<RangeQuery>, QueryRejection>,
+) -> Result<Json<SalesAnswer>, Problem> {
+    let Query(q) = query.map_err(|e| invalid_query(e.body_text()))?;
+    q.check()?;
+    if q.limit.is_some() {
+        return Err(invalid_query("limit: not a parameter of this endpoint"));
+    }
+    let rows = orders::sales(db.pool(), q.from, q.to, q.sku.as_deref())
+        .await
+        .map_err(store_unavailable)?;
+    Ok(Json(SalesAnswer {
+        from: q.from,
+        to: q.to,
+        rows,
+    }))
+}
+
+async fn top_products(
+    State(db): State<Database>,
+    query: Result<Query<RangeQuery>, QueryRejection>,
+) -> Result<Json<SalesAnswer>, Problem> {
+    let Query(q) = query.map_err(|e| invalid_query(e.body_text()))?;
+    q.check()?;
+    if q.sku.is_some() {
+        return Err(invalid_query("sku: not a parameter of this endpoint"));
+    }
+    let limit = q.limit.unwrap_or(10);
+    if !(1..=100).contains(&limit) {
+        return Err(invalid_query("limit: expected 1 to 100"));
+    }
+    let rows = orders::top_products(db.pool(), q.from, q.to, limit)
+        .await
+        .map_err(store_unavailable)?;
+    Ok(Json(SalesAnswer {
+        from: q.from,
+        to: q.to,
+        rows,
     }))
 }
 

@@ -192,7 +192,99 @@ async fn reads_wait_for_the_asked_state(url: &str) {
     assert_eq!(counts["counts"]["confirmed"], 1);
 }
 
+async fn analytics_answer_over_a_range(url: &str) {
+    let api = start(url).await;
+    let hour = 3_600_000;
+    for (sku, h, units, revenue) in [
+        ("SKU-1", 0, 2, 200),
+        ("SKU-1", 1, 1, 100),
+        ("SKU-2", 1, 5, 1_000),
+        ("SKU-3", 5, 9, 9_000),
+    ] {
+        sqlx::query(
+            "INSERT INTO sales_per_product_hour (sku, hour, currency, units, revenue_minor, orders) \
+             VALUES ($1, $2, 'EUR', $3, $4, 1)",
+        )
+        .bind(sku)
+        .bind(h * hour)
+        .bind(units)
+        .bind(revenue)
+        .execute(api.db.pool())
+        .await
+        .expect("insert");
+    }
+    let (status, _, sales) = get(format!(
+        "{}/v1/analytics/sales?from=0&to={}",
+        api.url,
+        2 * hour
+    ))
+    .await;
+    assert_eq!(status, 200, "{sales}");
+    let rows: Vec<(String, i64)> = sales["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["sku"].as_str().unwrap_or_default().to_owned(),
+                r["units"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("SKU-1".to_owned(), 2),
+            ("SKU-1".to_owned(), 1),
+            ("SKU-2".to_owned(), 5)
+        ]
+    );
+    let (_, _, one) = get(format!(
+        "{}/v1/analytics/sales?from=0&to={}&sku=SKU-2",
+        api.url,
+        2 * hour
+    ))
+    .await;
+    assert_eq!(one["rows"].as_array().map(Vec::len), Some(1));
+
+    let (status, _, top) = get(format!(
+        "{}/v1/analytics/top-products?from=0&to={}&limit=2",
+        api.url,
+        6 * hour
+    ))
+    .await;
+    assert_eq!(status, 200, "{top}");
+    let ranked: Vec<(&str, i64)> = top["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["sku"].as_str().unwrap_or_default(),
+                r["revenue_minor"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(ranked, [("SKU-3", 9_000), ("SKU-2", 1_000)]);
+
+    for bad in [
+        "from=10&to=5",
+        "from=0&to=99999999999",
+        "from=0",
+        "from=0&to=10&colour=red",
+    ] {
+        let (status, _, problem) = get(format!("{}/v1/analytics/sales?{bad}", api.url)).await;
+        assert_eq!(status, 400, "{bad}: {problem}");
+    }
+}
+
 mod sqlite {
+    #[tokio::test]
+    async fn analytics_answer_over_a_range() {
+        let db = orderflow_testkit::Database::sqlite();
+        super::analytics_answer_over_a_range(&db.url).await;
+    }
+
     #[tokio::test]
     async fn pages_return_every_order_once_while_orders_arrive() {
         let db = orderflow_testkit::Database::sqlite();
@@ -207,6 +299,14 @@ mod sqlite {
 }
 
 mod postgres {
+    #[tokio::test]
+    async fn analytics_answer_over_a_range() {
+        let Some(db) = orderflow_testkit::Database::postgres().await else {
+            return;
+        };
+        super::analytics_answer_over_a_range(&db.url).await;
+    }
+
     #[tokio::test]
     async fn pages_return_every_order_once_while_orders_arrive() {
         let Some(db) = orderflow_testkit::Database::postgres().await else {
