@@ -76,6 +76,12 @@ enum Command {
     Migrate,
     /// Post random orders to a running instance and report what became of them.
     Loadgen(LoadgenArgs),
+    /// Check the tables against the event log; exit 1 naming every breach.
+    Reconcile {
+        /// How long an order may stay in flight before it is a breach, seconds.
+        #[arg(long, default_value_t = 300)]
+        slo_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -160,6 +166,32 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 .unwrap_or_default();
             let created = db.ensure_event_partitions(now).await?;
             println!("migrations applied; history partitions created: {created:?}");
+        }
+        Command::Reconcile { slo_secs } => {
+            if settings.kafka.brokers.trim().is_empty() {
+                bail!("kafka.brokers is not set; reconcile reads the event log from the broker");
+            }
+            let db = Database::connect(&settings.database_url(), 2).await?;
+            let clients = orderflow_platform::kafka::KafkaClients::new(
+                &settings.kafka,
+                &settings.kafka.brokers,
+            );
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or_default();
+            let report = orderflow_projections::reconcile::reconcile(
+                &db,
+                &clients,
+                orderflow_topics::names::ORDERS_EVENTS,
+                Duration::from_secs(slo_secs),
+                now,
+            )
+            .await?;
+            print!("{report}");
+            if !report.is_clean() {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
         }
         Command::Loadgen(args) => {
             let report = loadgen::run(&args).await?;

@@ -507,6 +507,43 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         }
     }
 
+    // reconcile: the tables are the fold of the log; a tampered row is named.
+    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
+    let projection_db = orderflow_projections::Database::connect(&db.url, 2)
+        .await
+        .expect("database");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    let check = || {
+        orderflow_projections::reconcile::reconcile(
+            &projection_db,
+            &clients,
+            names::ORDERS_EVENTS,
+            Duration::from_secs(300),
+            now,
+        )
+    };
+    let report = check().await.expect("reconcile");
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.orders_checked, expected.len(), "{report}");
+    let (rejected, _, _) = expected
+        .iter()
+        .find(|(_, _, valid)| !valid)
+        .expect("an invalid order");
+    sqlx::query("UPDATE orders SET status = 'confirmed' WHERE order_id = $1")
+        .bind(rejected)
+        .execute(projection_db.pool())
+        .await
+        .expect("tamper");
+    let report = check().await.expect("reconcile");
+    assert_eq!(report.breaches.len(), 1, "{report}");
+    assert!(
+        report.breaches[0].contains(rejected.as_str()) && report.breaches[0].contains("status"),
+        "{report}"
+    );
+
     // Graceful shutdown committed both groups' positions at the end of the log.
     assert_group_at_end(&bootstrap, &settings, "orderflow-saga");
     assert_group_at_end(&bootstrap, &settings, "orderflow-projection-orders");

@@ -10,6 +10,7 @@ pub mod db;
 pub mod metrics;
 pub mod orders;
 pub mod query;
+pub mod reconcile;
 pub mod writer;
 
 pub use writer::{Projection, ProjectionWriter};

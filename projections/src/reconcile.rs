@@ -1,0 +1,350 @@
+//! `orderflow reconcile`: checks the invariants the tables must hold against the event log —
+//! the projection equals a fold of the log, and every order is final or still within its SLO.
+//! Each breach names the order (or customer) and what differs; the binary exits non-zero when
+//! there is any.
+//!
+//! The log is read from the beginning to the end it had when the check started, with
+//! `read_committed`; events the projection has not reached yet (its stored positions) are left
+//! out of the fold, so a running pipeline does not show up as a breach.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
+
+use orderflow_platform::kafka::KafkaClients;
+use orderflow_schemas::{Codec, OrderEvent};
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::Message,
+    Offset, TopicPartitionList,
+};
+use sqlx::Row;
+
+use crate::{
+    db::{Database, DbError},
+    orders::{change_for, Change, OrderRow, FINAL_STATUSES},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("reading {topic} did not reach its end within {waited:?}")]
+    Timeout { topic: String, waited: Duration },
+    #[error("schemas: {0}")]
+    Codec(#[from] orderflow_schemas::CodecError),
+    #[error("the log reader stopped unexpectedly")]
+    Join,
+}
+
+impl From<sqlx::Error> for ReconcileError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(DbError::Sqlx(e))
+    }
+}
+
+/// What the check found.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub events_read: usize,
+    pub orders_checked: usize,
+    /// One line per breach, naming what and where.
+    pub breaches: Vec<String>,
+}
+
+impl Report {
+    pub fn is_clean(&self) -> bool {
+        self.breaches.is_empty()
+    }
+}
+
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "read {} events, checked {} orders: {}",
+            self.events_read,
+            self.orders_checked,
+            if self.is_clean() {
+                "every invariant holds".to_owned()
+            } else {
+                format!("{} breaches", self.breaches.len())
+            }
+        )?;
+        for breach in &self.breaches {
+            writeln!(f, "BREACH    {breach}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Folds events exactly as the orders projection does (insert if absent, advance when newer).
+pub fn fold<'a>(events: impl IntoIterator<Item = &'a OrderEvent>) -> BTreeMap<String, OrderRow> {
+    let mut orders: BTreeMap<String, OrderRow> = BTreeMap::new();
+    for event in events {
+        match change_for(event) {
+            Change::Insert(row) => {
+                orders.entry(row.order_id.clone()).or_insert(row);
+            }
+            Change::Advance {
+                order_id,
+                version,
+                status,
+                reasons,
+                updated_at,
+                event_id,
+            } => {
+                if let Some(row) = orders.get_mut(&order_id) {
+                    if row.version < version {
+                        row.version = version;
+                        if let Some(status) = status {
+                            row.status = status.to_owned();
+                        }
+                        if reasons.is_some() {
+                            row.reasons = reasons;
+                        }
+                        row.updated_at = updated_at;
+                        row.last_event_id = event_id;
+                    }
+                }
+            }
+        }
+    }
+    orders
+}
+
+/// Reads `topic` up to the projection's stored positions (or the log end, if lower).
+fn read_log(
+    clients: &KafkaClients,
+    codec: &Codec,
+    topic: &str,
+    positions: &HashMap<i32, i64>,
+) -> Result<(Vec<OrderEvent>, usize), ReconcileError> {
+    let consumer: BaseConsumer = clients
+        .consumer(
+            "reconcile",
+            &format!("orderflow-reconcile-{}", uuid::Uuid::new_v4()),
+        )
+        .create()?;
+    let timeout = clients.admin_timeout();
+    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+        let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+        let end = high.min(positions.get(&p.id()).copied().unwrap_or(0));
+        if end > 0 {
+            ends.insert(p.id(), end);
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+        }
+    }
+    let mut events = Vec::new();
+    let mut undecodable = 0;
+    if ends.is_empty() {
+        return Ok((events, undecodable));
+    }
+    consumer.assign(&tpl)?;
+    let waited = Duration::from_secs(120);
+    let deadline = std::time::Instant::now() + waited;
+    let mut done: HashMap<i32, bool> = ends.keys().map(|p| (*p, false)).collect();
+    while done.values().any(|d| !d) {
+        if std::time::Instant::now() > deadline {
+            return Err(ReconcileError::Timeout {
+                topic: topic.to_owned(),
+                waited,
+            });
+        }
+        // Transaction markers take offsets but are never delivered: judge by position.
+        let position = consumer.position()?;
+        for (p, end) in &ends {
+            let at = position
+                .find_partition(topic, *p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            if at >= *end {
+                done.insert(*p, true);
+            }
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        if ends
+            .get(&message.partition())
+            .is_some_and(|end| message.offset() >= *end)
+        {
+            continue;
+        }
+        match codec.decode(message.payload().unwrap_or_default()) {
+            Ok(event) => events.push(event),
+            Err(_) => undecodable += 1,
+        }
+    }
+    Ok((events, undecodable))
+}
+
+/// Runs every check. `slo` is how long an order may stay in flight; `now_ms` the current time.
+pub async fn reconcile(
+    db: &Database,
+    clients: &KafkaClients,
+    topic: &str,
+    slo: Duration,
+    now_ms: i64,
+) -> Result<Report, ReconcileError> {
+    let codec = Codec::new()?;
+    let positions: HashMap<i32, i64> = sqlx::query(
+        "SELECT partition_id, next_offset FROM projection_offsets \
+         WHERE projection = 'orders' AND topic = $1",
+    )
+    .bind(topic)
+    .fetch_all(db.pool())
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get::<i64, _>(0)? as i32, r.try_get::<i64, _>(1)?)))
+    .collect::<Result<_, sqlx::Error>>()?;
+    let (events, _undecodable) = {
+        let clients = clients.clone();
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || read_log(&clients, &codec, &topic, &positions))
+            .await
+            .map_err(|_| ReconcileError::Join)??
+    };
+    let expected = fold(&events);
+    let mut report = Report {
+        events_read: events.len(),
+        orders_checked: expected.len(),
+        breaches: Vec::new(),
+    };
+
+    let mut actual: BTreeMap<String, OrderRow> = BTreeMap::new();
+    for order_id in expected.keys() {
+        if let Some(row) = crate::orders::get(db.pool(), order_id).await? {
+            actual.insert(order_id.clone(), row);
+        }
+    }
+    let table_count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders")
+        .fetch_one(db.pool())
+        .await?;
+    if table_count as usize > expected.len() {
+        report.breaches.push(format!(
+            "orders: the table has {table_count} rows, the log folds to {}",
+            expected.len()
+        ));
+    }
+    for (order_id, want) in &expected {
+        let Some(have) = actual.get(order_id) else {
+            report.breaches.push(format!(
+                "order {order_id}: in the log, missing from the orders table"
+            ));
+            continue;
+        };
+        let mut differences = Vec::new();
+        for (column, a, b) in [
+            ("status", want.status.clone(), have.status.clone()),
+            (
+                "version",
+                want.version.to_string(),
+                have.version.to_string(),
+            ),
+            (
+                "customer_id",
+                want.customer_id.clone(),
+                have.customer_id.clone(),
+            ),
+            (
+                "total_minor",
+                want.total_minor.to_string(),
+                have.total_minor.to_string(),
+            ),
+            ("currency", want.currency.clone(), have.currency.clone()),
+            (
+                "last_event_id",
+                want.last_event_id.clone(),
+                have.last_event_id.clone(),
+            ),
+        ] {
+            if a != b {
+                differences.push(format!("{column} is {b:?}, the log says {a:?}"));
+            }
+        }
+        if !differences.is_empty() {
+            report
+                .breaches
+                .push(format!("order {order_id}: {}", differences.join("; ")));
+        }
+        let in_flight_ms = now_ms - want.placed_at;
+        if !FINAL_STATUSES.contains(&want.status.as_str()) && in_flight_ms > slo.as_millis() as i64
+        {
+            report.breaches.push(format!(
+                "order {order_id}: still {} after {} s (SLO {} s)",
+                want.status,
+                in_flight_ms / 1000,
+                slo.as_secs()
+            ));
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use orderflow_schemas::{Envelope, OrderConfirmed, OrderValidated};
+
+    use super::*;
+
+    fn envelope(sequence: i64) -> Envelope {
+        Envelope {
+            event_id: format!("e{sequence}"),
+            order_id: "o".into(),
+            customer_id: "c".into(),
+            occurred_at: sequence,
+            causation_id: None,
+            sequence,
+            schema_version: 1,
+        }
+    }
+
+    #[test]
+    fn the_fold_keeps_the_newest_state_whatever_the_order_of_delivery() {
+        let validated = OrderEvent::OrderValidated(OrderValidated {
+            envelope: envelope(2),
+            currency: "EUR".into(),
+            total_minor: 5,
+        });
+        let confirmed = OrderEvent::OrderConfirmed(OrderConfirmed {
+            envelope: envelope(3),
+            total_minor: 5,
+            currency: "EUR".into(),
+        });
+        // No OrderPlaced: later events alone make no row, as in the projection.
+        assert!(fold([&validated, &confirmed]).is_empty());
+        let placed = OrderEvent::OrderPlaced(orderflow_schemas::OrderPlaced {
+            envelope: envelope(1),
+            currency: "EUR".into(),
+            lines: vec![],
+            shipping_address: orderflow_schemas::Address {
+                name: "n".into(),
+                line1: "l".into(),
+                line2: None,
+                city: "c".into(),
+                postal_code: "p".into(),
+                country: "DE".into(),
+            },
+            payment_token: "t".into(),
+            subtotal_minor: 5,
+            shipping_minor: 0,
+            tax_minor: 0,
+            total_minor: 5,
+        });
+        let orders = fold([&placed, &confirmed, &validated, &confirmed]);
+        let row = &orders["o"];
+        assert_eq!((row.status.as_str(), row.version), ("confirmed", 3));
+        assert_eq!(row.last_event_id, "e3");
+    }
+}
