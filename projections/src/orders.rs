@@ -264,7 +264,6 @@ pub async fn sales(
     to: i64,
     sku: Option<&str>,
 ) -> Result<Vec<SalesRow>> {
-    use sqlx::Row;
     const COLUMNS: &str = "SELECT sku, hour, currency, units, revenue_minor, orders \
          FROM sales_per_product_hour WHERE hour >= $1 AND hour < $2";
     let rows = match sku {
@@ -288,18 +287,20 @@ pub async fn sales(
             .await?
         }
     };
-    rows.iter()
-        .map(|r| {
-            Ok(SalesRow {
-                sku: r.try_get(0)?,
-                hour: r.try_get(1)?,
-                currency: r.try_get(2)?,
-                units: r.try_get(3)?,
-                revenue_minor: r.try_get(4)?,
-                orders: r.try_get(5)?,
-            })
-        })
-        .collect()
+    rows.iter().map(sales_row_from).collect()
+}
+
+/// Reads a `SalesRow` from `sku, hour, currency, units, revenue_minor, orders`.
+fn sales_row_from(r: &sqlx::any::AnyRow) -> Result<SalesRow> {
+    use sqlx::Row;
+    Ok(SalesRow {
+        sku: r.try_get(0)?,
+        hour: r.try_get(1)?,
+        currency: r.try_get(2)?,
+        units: r.try_get(3)?,
+        revenue_minor: r.try_get(4)?,
+        orders: r.try_get(5)?,
+    })
 }
 
 /// The products with the most revenue in `from <= hour < to`, per currency.
@@ -309,11 +310,12 @@ pub async fn top_products(
     to: i64,
     limit: i64,
 ) -> Result<Vec<SalesRow>> {
-    use sqlx::Row;
     let rows = sqlx::query(
-        // Sums cast back to BIGINT: PostgreSQL sums BIGINT into NUMERIC.
-        "SELECT sku, currency, CAST(SUM(units) AS BIGINT), CAST(SUM(revenue_minor) AS BIGINT), \
-         CAST(SUM(orders) AS BIGINT) FROM sales_per_product_hour WHERE hour >= $1 AND hour < $2 \
+        // The range's start stands as the hour; sums cast back to BIGINT (PostgreSQL sums
+        // BIGINT into NUMERIC).
+        "SELECT sku, CAST($1 AS BIGINT), currency, CAST(SUM(units) AS BIGINT), \
+         CAST(SUM(revenue_minor) AS BIGINT), CAST(SUM(orders) AS BIGINT) \
+         FROM sales_per_product_hour WHERE hour >= $1 AND hour < $2 \
          GROUP BY sku, currency ORDER BY SUM(revenue_minor) DESC, sku LIMIT $3",
     )
     .bind(from)
@@ -321,18 +323,7 @@ pub async fn top_products(
     .bind(limit)
     .fetch_all(pool)
     .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(SalesRow {
-                sku: r.try_get(0)?,
-                hour: from,
-                currency: r.try_get(1)?,
-                units: r.try_get(2)?,
-                revenue_minor: r.try_get(3)?,
-                orders: r.try_get(4)?,
-            })
-        })
-        .collect()
+    rows.iter().map(sales_row_from).collect()
 }
 
 /// How many orders are in each status.

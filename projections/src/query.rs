@@ -245,24 +245,30 @@ const MAX_RANGE_MS: i64 = 31 * 24 * 3_600_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RangeQuery {
+pub struct SalesQuery {
     /// Start, ms since the epoch (inclusive).
     from: i64,
     /// End, ms since the epoch (exclusive).
     to: i64,
     sku: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopProductsQuery {
+    from: i64,
+    to: i64,
+    /// Products to list, 1–100 (default 10).
     limit: Option<i64>,
 }
 
-impl RangeQuery {
-    fn check(&self) -> Result<(), Problem> {
-        if self.to <= self.from || self.to - self.from > MAX_RANGE_MS {
-            return Err(invalid_query(
-                "from/to: expected from < to, at most 31 days apart",
-            ));
-        }
-        Ok(())
+fn check_range(from: i64, to: i64) -> Result<(), Problem> {
+    if to <= from || to - from > MAX_RANGE_MS {
+        return Err(invalid_query(
+            "from/to: expected from < to, at most 31 days apart",
+        ));
     }
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]
@@ -274,13 +280,10 @@ pub struct SalesAnswer {
 
 async fn sales(
     State(db): State<Database>,
-    query: Result<Query<RangeQuery>, QueryRejection>,
+    query: Result<Query<SalesQuery>, QueryRejection>,
 ) -> Result<Json<SalesAnswer>, Problem> {
     let Query(q) = query.map_err(|e| invalid_query(e.body_text()))?;
-    q.check()?;
-    if q.limit.is_some() {
-        return Err(invalid_query("limit: not a parameter of this endpoint"));
-    }
+    check_range(q.from, q.to)?;
     let rows = orders::sales(db.pool(), q.from, q.to, q.sku.as_deref())
         .await
         .map_err(store_unavailable)?;
@@ -293,13 +296,10 @@ async fn sales(
 
 async fn top_products(
     State(db): State<Database>,
-    query: Result<Query<RangeQuery>, QueryRejection>,
+    query: Result<Query<TopProductsQuery>, QueryRejection>,
 ) -> Result<Json<SalesAnswer>, Problem> {
     let Query(q) = query.map_err(|e| invalid_query(e.body_text()))?;
-    q.check()?;
-    if q.sku.is_some() {
-        return Err(invalid_query("sku: not a parameter of this endpoint"));
-    }
+    check_range(q.from, q.to)?;
     let limit = q.limit.unwrap_or(10);
     if !(1..=100).contains(&limit) {
         return Err(invalid_query("limit: expected 1 to 100"));
