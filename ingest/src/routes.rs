@@ -12,10 +12,10 @@ use axum::{
 };
 use orderflow_platform::{
     http::{health_routes, not_found_fallback, FieldError, Problem},
-    telemetry::{continue_trace, current_traceparent},
+    telemetry::{continue_trace, current_traceparent, has_trace, new_traceparent},
 };
 use serde::Serialize;
-use tracing::{debug, info_span, warn, Instrument};
+use tracing::{debug, debug_span, warn, Instrument};
 use uuid::Uuid;
 
 use crate::{
@@ -100,9 +100,11 @@ fn incoming_traceparent(headers: &HeaderMap) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// One order's trace span: it starts the order's trace, or continues the producer's.
-fn order_span(headers: &HeaderMap, traceparent: Option<&str>) -> tracing::Span {
-    let span = info_span!(
+/// One order's trace span: it starts the order's trace, or continues the producer's. Also
+/// returns the `traceparent` to pass on when the span makes no context of its own (spans not
+/// exported): the producer's, or a new one, so every hop's logs name the same trace.
+fn order_span(headers: &HeaderMap, incoming: Option<&str>) -> (tracing::Span, Option<String>) {
+    let span = debug_span!(
         "ingest.order",
         otel.kind = "server",
         order_id = tracing::field::Empty,
@@ -112,8 +114,13 @@ fn order_span(headers: &HeaderMap, traceparent: Option<&str>) -> tracing::Span {
             .unwrap_or_default(),
         trace_id = tracing::field::Empty
     );
-    continue_trace(&span, traceparent);
-    span
+    let passed_on = if has_trace(&span) || incoming.is_some() {
+        incoming.map(str::to_owned)
+    } else {
+        Some(new_traceparent())
+    };
+    continue_trace(&span, passed_on.as_deref());
+    (span, passed_on)
 }
 
 fn content_type_is(headers: &HeaderMap, expected: &str) -> bool {
@@ -168,7 +175,7 @@ async fn post_order(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     let incoming = incoming_traceparent(&headers);
-    let span = order_span(&headers, incoming.as_deref());
+    let (span, passed_on) = order_span(&headers, incoming.as_deref());
     let answer = async {
         if !content_type_is(&headers, "application/json") {
             return Err(Problem::new(
@@ -180,7 +187,7 @@ async fn post_order(
         }
         let body = read_body(body)?;
         let value = request::parse_json(&body).map_err(request_problem)?;
-        accept(&state, value, incoming.as_deref()).await
+        accept(&state, value, passed_on.as_deref()).await
     }
     .instrument(span)
     .await;
@@ -199,14 +206,14 @@ async fn post_order(
 async fn accept(
     state: &IngestState,
     value: serde_json::Value,
-    incoming: Option<&str>,
+    passed_on: Option<&str>,
 ) -> Result<Accepted, Problem> {
     let order = request::parse_value(value).map_err(request_problem)?;
     let order_id = Uuid::now_v7();
     tracing::Span::current().record("order_id", tracing::field::display(order_id));
     // The event carries this span's context (falling back to the producer's header when
     // tracing is not recording), so the processors continue the same trace.
-    let traceparent = current_traceparent().or_else(|| incoming.map(str::to_owned));
+    let traceparent = current_traceparent().or_else(|| passed_on.map(str::to_owned));
     let event = order.into_event(order_id, now_ms());
     let publishing = std::time::Instant::now();
     let published = state
@@ -324,12 +331,11 @@ async fn post_batch(
     let mut tasks = tokio::task::JoinSet::new();
     for (index, item) in items.into_iter().enumerate() {
         let state = state.clone();
-        let incoming = incoming.clone();
-        let span = order_span(&headers, incoming.as_deref());
+        let (span, passed_on) = order_span(&headers, incoming.as_deref());
         tasks.spawn(
             async move {
                 let answer = match item {
-                    Ok(value) => accept(&state, value, incoming.as_deref()).await,
+                    Ok(value) => accept(&state, value, passed_on.as_deref()).await,
                     Err(e) => Err(request_problem(e)),
                 };
                 count(&state, &answer);

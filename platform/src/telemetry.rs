@@ -5,8 +5,10 @@
 //! One order is one trace: the ingest edge starts (or continues, from an incoming
 //! `traceparent`) a span per order and writes its W3C trace context into the Kafka headers of
 //! the event; each processor and projection continues the trace from the headers of the
-//! record it handles ([`continue_trace`]) and passes it on ([`current_traceparent`]). Spans carry
-//! a `trace_id` field, so JSON logs written inside them name the trace.
+//! record it handles ([`continue_trace`]) and passes it on ([`current_traceparent`]). The
+//! per-record spans are DEBUG spans with a `trace_id` field: exported whenever an OTLP endpoint
+//! is set, and naming the trace in the logs written inside them when the filter shows DEBUG.
+//! Without export the context still travels hop to hop in the headers.
 
 use std::collections::HashMap;
 
@@ -17,9 +19,25 @@ use opentelemetry::{
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider, Resource};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer};
+use tracing_subscriber::{
+    filter, fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter, Layer,
+};
 
 use crate::config::{LogFormat, TelemetrySettings};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_traceparents_are_well_formed_and_yield_their_trace_id() {
+        let tp = new_traceparent();
+        assert_eq!(tp.len(), 55, "{tp}");
+        let trace_id = trace_id_of(&tp).expect("trace id");
+        assert_eq!(&tp[3..35], trace_id);
+        assert_eq!(trace_id_of("00-xyz-1-01"), None);
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -46,25 +64,30 @@ impl Drop for TelemetryGuard {
 
 /// Installs logging, and span export when configured. A second call keeps the first setup.
 pub fn init(settings: &TelemetrySettings) -> Result<TelemetryGuard, TelemetryError> {
-    // Spans are always made, so trace context flows through HTTP and Kafka headers and logs
-    // carry trace ids; they leave the process only when an endpoint is configured.
-    let mut builder = SdkTracerProvider::builder().with_resource(
-        Resource::builder()
-            .with_service_name(settings.service_name.clone())
-            .build(),
-    );
-    if !settings.otlp_endpoint.is_empty() {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_endpoint(settings.otlp_endpoint.clone())
-            .build()
-            .map_err(|source| TelemetryError::Exporter {
-                endpoint: settings.otlp_endpoint.clone(),
-                source,
-            })?;
-        builder = builder.with_batch_exporter(exporter);
+    // OpenTelemetry spans cost CPU on every record of every hop (measured: the embedded
+    // pipeline's sustained rate halved), so they are made only when they go somewhere. Without
+    // an endpoint the trace context still travels: each hop passes its input's `traceparent`
+    // on, and logs carry its trace id.
+    if settings.otlp_endpoint.is_empty() {
+        init_with_provider(settings, None);
+        return Ok(TelemetryGuard { provider: None });
     }
-    let provider = builder.build();
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(settings.otlp_endpoint.clone())
+        .build()
+        .map_err(|source| TelemetryError::Exporter {
+            endpoint: settings.otlp_endpoint.clone(),
+            source,
+        })?;
+    let provider = SdkTracerProvider::builder()
+        .with_resource(
+            Resource::builder()
+                .with_service_name(settings.service_name.clone())
+                .build(),
+        )
+        .with_batch_exporter(exporter)
+        .build();
     init_with_provider(settings, Some(provider.clone()));
     Ok(TelemetryGuard {
         provider: Some(provider),
@@ -90,13 +113,20 @@ pub fn init_with_provider(
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Human => fmt::layer().compact().with_writer(std::io::stderr).boxed(),
-    };
+    }
+    .with_filter(filter);
+    // Per-record spans are DEBUG (nothing per event above DEBUG): the log filter leaves them
+    // off, and they cost nothing, unless spans are exported, where this layer takes every
+    // orderflow span whatever the log level.
     let traces = provider.map(|p| {
         opentelemetry::global::set_tracer_provider(p.clone());
-        tracing_opentelemetry::layer().with_tracer(p.tracer("orderflow"))
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("orderflow"))
+            .with_filter(filter::filter_fn(|meta| {
+                meta.is_span() && meta.target().starts_with("orderflow")
+            }))
     });
     tracing_subscriber::registry()
-        .with(filter)
         .with(logs)
         .with(traces)
         .try_init()
@@ -115,7 +145,30 @@ pub fn continue_trace(span: &tracing::Span, traceparent: Option<&str>) {
     let span_context = context.span().span_context().clone();
     if span_context.is_valid() {
         span.record("trace_id", span_context.trace_id().to_string());
+    } else if let Some(trace_id) = traceparent.and_then(trace_id_of) {
+        // Spans are not exported: the trace id still names the order's trace in the logs.
+        span.record("trace_id", trace_id);
     }
+}
+
+/// Whether `span` carries an OpenTelemetry context (spans are being exported).
+pub fn has_trace(span: &tracing::Span) -> bool {
+    span.context().span().span_context().is_valid()
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`).
+pub fn trace_id_of(traceparent: &str) -> Option<&str> {
+    let mut parts = traceparent.split('-');
+    let (_version, trace_id) = (parts.next()?, parts.next()?);
+    (trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit())).then_some(trace_id)
+}
+
+/// A new W3C `traceparent` for a trace that starts here (an order from a producer that sent
+/// none), used when spans are not exported and so make no context of their own.
+pub fn new_traceparent() -> String {
+    let trace = uuid::Uuid::new_v4().simple().to_string();
+    let span = &uuid::Uuid::new_v4().simple().to_string()[..16];
+    format!("00-{trace}-{span}-01")
 }
 
 /// The W3C `traceparent` of the current span, to pass the trace on; `None` when tracing is

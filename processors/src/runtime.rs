@@ -45,7 +45,7 @@ use rdkafka::{
     TopicPartitionList,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn};
+use tracing::{debug, debug_span, info, warn};
 
 use crate::{
     metrics::{OutputLabels, ProcessorLabels, ProcessorMetrics},
@@ -265,7 +265,7 @@ impl ProcessorRuntime {
             // One span per record, continuing the order's trace from the record's headers; the
             // outputs carry this span's context on. No await inside: the guard never crosses one.
             let incoming = header_value(message, headers::TRACEPARENT);
-            let span = info_span!(
+            let span = debug_span!(
                 "process",
                 otel.kind = "consumer",
                 processor = self.name,

@@ -34,7 +34,7 @@ use rdkafka::{
 };
 use sqlx::{AnyConnection, Row};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, debug_span, info, warn, Instrument};
 
 use crate::{
     db::{Database, DbError},
@@ -249,7 +249,7 @@ impl<P: Projection> ProjectionWriter<P> {
             match self.codec.decode(m.payload().unwrap_or_default()) {
                 Ok(event) => {
                     // The order's trace continues from the record's headers into the write.
-                    let span = info_span!(
+                    let span = debug_span!(
                         "project",
                         otel.kind = "consumer",
                         projection = name,
