@@ -7,7 +7,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use orderflow_benches::sample_order;
 use orderflow_platform::{config::Overrides, Settings};
 use orderflow_processors::{
-    saga::{validation::Rules, Saga},
+    saga::SagaState,
     Outputs, Step,
 };
 use orderflow_projections::orders::change_for;
@@ -36,12 +36,18 @@ fn codec(c: &mut Criterion) {
 
 fn saga(c: &mut Criterion) {
     let settings = Settings::from_defaults(&Overrides::default()).expect("settings");
-    let mut saga = Saga::new(Rules::from_settings(&settings.validation), "orders.events");
+    let mut saga = orderflow_processors::saga_step(
+        &settings,
+        orderflow_processors::SharedModel::new(settings.fraud.clone()),
+    );
     let event = OrderEvent::OrderPlaced(sample_order(4));
-    c.bench_function("saga/validate_and_confirm_4_lines", |b| {
+    // A fresh partition state per order: validation, fraud scoring and the reservation request.
+    c.bench_function("saga/validate_score_reserve_4_lines", |b| {
         b.iter(|| {
+            let mut state = SagaState::default();
             let mut out = Outputs::default();
-            saga.handle(black_box(&event), &mut out).expect("handled");
+            saga.handle(&mut state, black_box(&event), &mut out)
+                .expect("handled");
             out
         })
     });

@@ -12,7 +12,9 @@ use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
-use orderflow_processors::{runtime::StepError, Outputs, ProcessorRuntime, ProcessorSpec, Step};
+use orderflow_processors::{
+    runtime::StepError, state::NoState, Outputs, ProcessorIo, ProcessorRuntime, Step,
+};
 use orderflow_schemas::{Codec, OrderEvent};
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
@@ -44,7 +46,14 @@ struct PassThrough {
 }
 
 impl Step for PassThrough {
-    fn handle(&mut self, event: &OrderEvent, out: &mut Outputs) -> Result<(), StepError> {
+    type State = NoState;
+
+    fn handle(
+        &mut self,
+        _state: &mut NoState,
+        event: &OrderEvent,
+        out: &mut Outputs,
+    ) -> Result<(), StepError> {
         out.push(
             self.output,
             event.envelope().customer_id.clone(),
@@ -192,14 +201,15 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
     // started and warmed up first (group joined, producer initialised, one record through), then
     // timed from the start of producing `n` records to its input to the last of them on its
     // output: the time for `n` records to pass through a running processor.
-    let spec = ProcessorSpec {
+    let io = ProcessorIo {
         name: leak(format!("bench-{run}")),
-        input_topics: vec![txn_input],
+        input_topic: txn_input,
         dead_letter_topic: txn_output,
-        step: Box::new(PassThrough { output: txn_output }),
+        changelog_topic: None,
     };
     let runtime = ProcessorRuntime::new(
-        spec,
+        io,
+        PassThrough { output: txn_output },
         clients.clone(),
         &settings.processor,
         codec.clone(),

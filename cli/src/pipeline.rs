@@ -7,7 +7,10 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use orderflow_ingest::{IngestMetrics, IngestState, Publisher, RateLimits};
+use orderflow_ingest::{
+    IngestMetrics, IngestState, OrderDirectory, OrderLocation, Publisher, RateLimits,
+    SharedDirectory,
+};
 use orderflow_platform::{
     health::{readiness_routes, Readiness},
     http::{edge, health_routes, Server},
@@ -15,7 +18,8 @@ use orderflow_platform::{
     metrics::{metrics_routes, ConsumerMetrics, HttpMetrics, MetricsRegistry, ProducerMetrics},
     Settings,
 };
-use orderflow_processors::{ProcessorMetrics, ProcessorRuntime};
+use orderflow_gateway::simulator::Simulator;
+use orderflow_processors::{ProcessorDeps, ProcessorMetrics, SharedModel};
 use orderflow_projections::{
     orders::OrdersProjection, query, Database, ProjectionMetrics, ProjectionWriter,
 };
@@ -63,17 +67,44 @@ impl Metrics {
     }
 }
 
-/// Applies the reloadable parts of a new configuration to running roles: today the ingest
-/// edge's rate limits. Everything else needs a restart.
+/// Applies the reloadable parts of a new configuration to running roles: the ingest edge's
+/// rate limits and the fraud model. Everything else needs a restart.
 #[derive(Clone)]
 pub struct Reloader {
     limits: RateLimits,
+    fraud: SharedModel,
 }
 
 impl Reloader {
     pub fn reload(&self, settings: &Settings) {
         self.limits.reload(&settings.ingest);
-        info!("Reloaded the rate limits.");
+        self.fraud.reload(&settings.fraud);
+        info!("Reloaded the rate limits and the fraud model.");
+    }
+}
+
+/// The orders projection as the ingest edge's order directory.
+struct ProjectedOrders(Database);
+
+impl OrderDirectory for ProjectedOrders {
+    fn locate(
+        &self,
+        order_id: &str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Option<OrderLocation>, String>> + Send + '_>,
+    > {
+        let order_id = order_id.to_owned();
+        Box::pin(async move {
+            orderflow_projections::orders::get(self.0.pool(), &order_id)
+                .await
+                .map(|row| {
+                    row.map(|r| OrderLocation {
+                        customer_id: r.customer_id,
+                        status: r.status,
+                    })
+                })
+                .map_err(|e| e.to_string())
+        })
     }
 }
 
@@ -81,12 +112,15 @@ impl Reloader {
 pub struct Running {
     pub ingest_addr: Option<SocketAddr>,
     pub query_addr: Option<SocketAddr>,
+    /// The simulated payment gateway, when this process runs it (no `payment.gateway_url`).
+    pub gateway_addr: Option<SocketAddr>,
     /// The operations listener: `/metrics`, `/healthz`, `/readyz`.
     pub ops_addr: SocketAddr,
     cancel: CancellationToken,
     tasks: JoinSet<Result<()>>,
     /// The ingest edge's rate limits, for reloads.
     limits: RateLimits,
+    fraud: SharedModel,
     publisher: Option<Publisher>,
 }
 
@@ -120,7 +154,10 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         tasks.spawn(async move { ops.run(cancel).await.context("metrics listener") });
     }
 
-    let needs_db = roles.contains(&Role::Project) || roles.contains(&Role::Query);
+    // The ingest edge reads the orders projection to route commands on existing orders.
+    let needs_db = roles.contains(&Role::Project)
+        || roles.contains(&Role::Query)
+        || roles.contains(&Role::Ingest);
     let db = if needs_db {
         let url = settings.database_url();
         let db = Database::connect(&url, settings.database.max_connections)
@@ -191,6 +228,9 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             metrics: metrics.ingest.clone(),
             max_batch_orders: settings.ingest.max_batch_orders,
             limits: limits.clone(),
+            directory: db.clone().map(|db| Arc::new(ProjectedOrders(db)) as SharedDirectory),
+            orders_topic: names::ORDERS_EVENTS,
+            inventory_topic: names::INVENTORY_COMMANDS,
         };
         let http = metrics.http.for_server("ingest");
         let router = edge(http.layer(orderflow_ingest::router(
@@ -206,19 +246,35 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         tasks.spawn(async move { server.run(cancel).await.context("ingest edge") });
     }
 
+    let fraud = SharedModel::new(settings.fraud.clone());
+    let mut gateway_addr = None;
     if roles.contains(&Role::Process) {
-        for spec in orderflow_processors::registry(settings) {
-            let runtime = ProcessorRuntime::new(
-                spec,
-                clients.clone(),
-                &settings.processor,
-                codec.clone(),
-                metrics.processors.clone(),
-            )
-            .with_readiness(readiness.clone());
+        let gateway_url = if settings.payment.gateway_url.trim().is_empty() {
+            let simulator = Simulator::bind(&settings.gateway).await.with_context(|| {
+                format!(
+                    "binding the simulated payment gateway to {}",
+                    settings.gateway.listen
+                )
+            })?;
+            let addr = simulator.local_addr()?;
+            gateway_addr = Some(addr);
             let cancel = cancel.clone();
+            tasks.spawn(async move { simulator.run(cancel).await.context("simulated gateway") });
+            format!("http://{addr}")
+        } else {
+            settings.payment.gateway_url.clone()
+        };
+        let deps = ProcessorDeps {
+            clients: clients.clone(),
+            codec: codec.clone(),
+            metrics: metrics.processors.clone(),
+            readiness: Some(readiness.clone()),
+            fraud: fraud.clone(),
+            gateway_url,
+        };
+        for (_name, task) in orderflow_processors::processors(settings, &deps, &cancel) {
             tasks.spawn(async move {
-                runtime.run(cancel).await;
+                task.await;
                 Ok(())
             });
         }
@@ -244,6 +300,8 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
 
     Ok(Running {
         limits,
+        fraud,
+        gateway_addr,
         ingest_addr,
         query_addr,
         ops_addr,
@@ -328,6 +386,7 @@ impl Running {
     pub fn reloader(&self) -> Reloader {
         Reloader {
             limits: self.limits.clone(),
+            fraud: self.fraud.clone(),
         }
     }
 

@@ -6,7 +6,9 @@
 //!   validation step: an accepted order can still be rejected, with reasons, at its status URL.
 //! - [`publish`] owns the idempotent producer (`acks=all`) and the bounded wait for the ack.
 //! - [`routes`] is the HTTP surface and its problem+json errors.
+//! - [`commands`] turns cancellations, review decisions and restocks into events.
 
+pub mod commands;
 pub mod limits;
 pub mod metrics;
 pub mod publish;
@@ -16,4 +18,5 @@ pub mod routes;
 pub use limits::RateLimits;
 pub use metrics::IngestMetrics;
 pub use publish::{PublishError, Publisher};
+pub use commands::{OrderDirectory, OrderLocation, SharedDirectory};
 pub use routes::{router, IngestState};

@@ -61,18 +61,30 @@ impl Publisher {
         })
     }
 
-    /// Writes the event and waits for the broker's ack. Keyed by customer: per-customer order.
+    /// Writes the order and waits for the broker's ack. Keyed by customer: per-customer order.
     pub async fn publish(
         &self,
         event: &OrderPlaced,
         traceparent: Option<&str>,
     ) -> Result<(), PublishError> {
         let wrapped = OrderEvent::OrderPlaced(event.clone());
-        let payload = self.codec.encode(&wrapped)?;
-        let record = FutureRecord::to(self.topic)
-            .key(event.envelope.customer_id.as_bytes())
+        self.publish_to(self.topic, &event.envelope.customer_id, &wrapped, traceparent)
+            .await
+    }
+
+    /// Writes any event to `topic` under `key` and waits for the broker's ack.
+    pub async fn publish_to(
+        &self,
+        topic: &str,
+        key: &str,
+        event: &OrderEvent,
+        traceparent: Option<&str>,
+    ) -> Result<(), PublishError> {
+        let payload = self.codec.encode(event)?;
+        let record = FutureRecord::to(topic)
+            .key(key.as_bytes())
             .payload(payload.as_slice())
-            .headers(event_headers(wrapped.kind(), traceparent));
+            .headers(event_headers(event.kind(), traceparent));
         let delivery = self
             .producer
             .send_result(record)

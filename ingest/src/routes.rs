@@ -34,6 +34,10 @@ pub struct IngestState {
     /// Most orders one batch request may carry.
     pub max_batch_orders: usize,
     pub limits: RateLimits,
+    /// Finds an order's customer for commands on it (the orders projection).
+    pub directory: Option<crate::commands::SharedDirectory>,
+    pub orders_topic: &'static str,
+    pub inventory_topic: &'static str,
 }
 
 /// The answer to an accepted order.
@@ -52,6 +56,9 @@ pub fn router(state: IngestState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/orders", post(post_order))
         .route("/v1/orders/batch", post(post_batch))
+        .route("/v1/orders/{order_id}/cancel", post(crate::commands::cancel))
+        .route("/v1/orders/{order_id}/review", post(crate::commands::review))
+        .route("/v1/inventory", post(crate::commands::restock))
         .layer(axum::middleware::from_fn_with_state(
             state.limits.clone(),
             crate::limits::limit,
@@ -62,7 +69,7 @@ pub fn router(state: IngestState, max_body_bytes: usize) -> Router {
         .fallback(not_found_fallback)
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -131,7 +138,7 @@ fn content_type_is(headers: &HeaderMap, expected: &str) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(expected))
 }
 
-fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
+pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, Problem> {
     body.map_err(|rejection| {
         let status = rejection.status();
         if status == StatusCode::PAYLOAD_TOO_LARGE {

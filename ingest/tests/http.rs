@@ -53,6 +53,9 @@ async fn start_with(broker: &Broker, extra: &[(&str, &str)]) -> Edge {
         metrics: orderflow_ingest::IngestMetrics::unregistered(),
         max_batch_orders: 5,
         limits: limits.clone(),
+        directory: None,
+        orders_topic: names::ORDERS_EVENTS,
+        inventory_topic: names::INVENTORY_COMMANDS,
     };
     let router = orderflow_ingest::router(state, settings.ingest.max_body_bytes);
     let server = Server::bind("127.0.0.1:0".parse().expect("addr"), router)

@@ -108,8 +108,65 @@ pub struct Settings {
     pub processor: BatchSettings,
     pub projection: ProjectionSettings,
     pub validation: ValidationSettings,
+    pub saga: SagaSettings,
+    pub fraud: FraudSettings,
+    pub payment: PaymentSettings,
+    pub gateway: GatewaySettings,
     pub telemetry: TelemetrySettings,
     pub dev: DevSettings,
+}
+
+/// Step deadlines of the saga. A step with no answer by then cancels the order.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SagaSettings {
+    pub review_timeout_ms: i64,
+    pub inventory_timeout_ms: i64,
+}
+
+/// The fraud model: a logistic score over the order's features plus hard rules. Reloadable.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FraudSettings {
+    pub bias: f64,
+    pub weight_amount: f64,
+    pub weight_velocity: f64,
+    pub weight_first_order: f64,
+    pub weight_items: f64,
+    pub weight_country_change: f64,
+    pub velocity_window_ms: i64,
+    pub review_threshold: f64,
+    pub reject_threshold: f64,
+    pub max_orders_per_window: u32,
+    pub review_amount_minor: i64,
+}
+
+/// The payment worker and its gateway client.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentSettings {
+    /// Base URL of the payment gateway; empty: `dev` starts the simulated one in-process.
+    pub gateway_url: String,
+    pub concurrency: usize,
+    pub attempt_timeout_ms: u64,
+    pub max_attempts: u32,
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+    pub breaker_failures: u32,
+    pub breaker_open_ms: u64,
+    pub payment_timeout_ms: i64,
+}
+
+/// The simulated payment gateway (`orderflow gateway`, and in-process in `dev`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySettings {
+    pub listen: SocketAddr,
+    pub latency_ms: u64,
+    pub decline_rate: f64,
+    pub failure_rate: f64,
+    pub slow_rate: f64,
+    pub slow_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -163,6 +220,7 @@ pub struct BatchSettings {
     pub batch_idle_ms: u64,
     pub transactional_id_prefix: String,
     pub instance_id: String,
+    pub tick_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -363,6 +421,38 @@ impl Settings {
         check(
             self.validation.max_lines >= 1,
             "validation.max_lines: expected at least 1, found 0".to_owned(),
+        );
+        let f = &self.fraud;
+        check(
+            0.0 < f.review_threshold && f.review_threshold <= f.reject_threshold && f.reject_threshold <= 1.0,
+            format!(
+                "fraud.review_threshold and fraud.reject_threshold: expected 0 < review <= reject <= 1, found {} and {}",
+                f.review_threshold, f.reject_threshold
+            ),
+        );
+        check(
+            f.velocity_window_ms > 0,
+            "fraud.velocity_window_ms: expected a positive duration".to_owned(),
+        );
+        for (key, rate) in [
+            ("gateway.decline_rate", self.gateway.decline_rate),
+            ("gateway.failure_rate", self.gateway.failure_rate),
+            ("gateway.slow_rate", self.gateway.slow_rate),
+        ] {
+            check(
+                (0.0..=1.0).contains(&rate),
+                format!("{key}: expected a rate in 0..=1, found {rate}"),
+            );
+        }
+        let p = &self.payment;
+        check(
+            p.concurrency >= 1 && p.max_attempts >= 1,
+            "payment.concurrency and payment.max_attempts: expected at least 1".to_owned(),
+        );
+        check(
+            self.saga.review_timeout_ms > 0 && self.saga.inventory_timeout_ms > 0,
+            "saga.review_timeout_ms and saga.inventory_timeout_ms: expected positive durations"
+                .to_owned(),
         );
         if errors.is_empty() {
             Ok(())

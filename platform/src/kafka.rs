@@ -143,6 +143,25 @@ impl KafkaClients {
         config
     }
 
+    /// A consumer without a group that reads assigned partitions to their end
+    /// (`read_committed`, end-of-partition events on): restoring state from a changelog, and
+    /// tools that read the log.
+    pub fn reader(&self, role: &str) -> ClientConfig {
+        let mut config = self.base(role);
+        config
+            .set("group.id", format!("{}-{role}-reader", self.settings.client_id))
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "fetch.wait.max.ms",
+                self.settings.fetch_wait_max_ms.to_string(),
+            );
+        config
+    }
+
     /// Admin and metadata client.
     pub fn admin(&self) -> ClientConfig {
         self.base("admin")
@@ -318,10 +337,29 @@ pub async fn collect_batch<C: ConsumerContext + 'static>(
     cancel: &CancellationToken,
     bounds: &BatchBounds,
 ) -> Vec<OwnedMessage> {
+    collect_batch_within(consumer, cancel, bounds, None).await
+}
+
+/// [`collect_batch`], but an empty batch once `first_within` passed without a first record (for
+/// callers with timers to run). Records, once received, are always returned: none is dropped.
+pub async fn collect_batch_within<C: ConsumerContext + 'static>(
+    consumer: &StreamConsumer<C>,
+    cancel: &CancellationToken,
+    bounds: &BatchBounds,
+    first_within: Option<Duration>,
+) -> Vec<OwnedMessage> {
     let mut batch = Vec::new();
+    let give_up = first_within.map(|d| tokio::time::Instant::now() + d);
     let first = loop {
+        let idle_until = async {
+            match give_up {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = cancel.cancelled() => return batch,
+            _ = idle_until => return batch,
             received = consumer.recv() => match received {
                 Ok(message) => break message.detach(),
                 Err(e) => debug!(error = %e, "Consumer error while idle."),

@@ -1,40 +1,142 @@
 //! Processors: the runtime that runs a step exactly once per input on any broker
-//! ([`runtime`]), and the order saga's steps ([`saga`]).
+//! ([`runtime`], with changelog-backed [`state`]), and the steps: the order [`saga`], the
+//! [`inventory`] processor and the [`payments`] worker.
 //!
-//! A step is plain code ([`runtime::Step`]): it sees one decoded event and pushes output events;
-//! it never touches Kafka, so it is unit-tested without a broker. The runtime owns consuming,
-//! batching, transactions, offsets and dead letters. [`registry`] lists the processors the
-//! binary can run — the one place that decides which exist.
+//! A step is plain code ([`runtime::Step`]): it sees one decoded event and the state of its
+//! partition, and pushes output events; it never touches Kafka, so it is unit-tested without a
+//! broker. The runtime owns consuming, batching, transactions, state restore, positions and dead
+//! letters. [`processors`] lists the processors the binary runs — the one place that decides
+//! which exist and what they read and write.
 
+pub mod inventory;
 pub mod metrics;
+pub mod payments;
 pub mod runtime;
 pub mod saga;
+pub mod state;
 
-use orderflow_platform::config::Settings;
+use std::{future::Future, pin::Pin, sync::Arc};
+
+use orderflow_platform::{config::Settings, health::Readiness, kafka::KafkaClients};
+use orderflow_schemas::Codec;
+use orderflow_topics::names;
+use tokio_util::sync::CancellationToken;
 
 pub use metrics::ProcessorMetrics;
-pub use runtime::{Outputs, ProcessorError, ProcessorRuntime, Step};
+pub use runtime::{Outputs, ProcessorError, ProcessorIo, ProcessorRuntime, Step};
+pub use saga::fraud::SharedModel;
 
-/// A processor the binary can run: a consumer group, its input topics, its dead-letter topic
-/// and its step.
-pub struct ProcessorSpec {
-    /// Role name, used in the consumer group, the transactional id, logs and metrics.
-    pub name: &'static str,
-    pub input_topics: Vec<&'static str>,
-    pub dead_letter_topic: &'static str,
-    pub step: Box<dyn Step>,
+/// A processor's run loop, ready to be spawned.
+pub type ProcessorTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What every processor needs from the process.
+#[derive(Clone)]
+pub struct ProcessorDeps {
+    pub clients: KafkaClients,
+    pub codec: Arc<Codec>,
+    pub metrics: ProcessorMetrics,
+    pub readiness: Option<Readiness>,
+    /// The fraud model, shared with the reloader.
+    pub fraud: SharedModel,
+    /// Base URL of the payment gateway.
+    pub gateway_url: String,
 }
 
-/// Every processor, built from the settings.
-pub fn registry(settings: &Settings) -> Vec<ProcessorSpec> {
-    use orderflow_topics::names;
-    vec![ProcessorSpec {
-        name: "saga",
-        input_topics: vec![names::ORDERS_EVENTS],
-        dead_letter_topic: names::SAGA_DLQ,
-        step: Box::new(saga::Saga::new(
-            saga::validation::Rules::from_settings(&settings.validation),
-            names::ORDERS_EVENTS,
-        )),
-    }]
+/// The saga processor's inputs and outputs.
+pub const SAGA: ProcessorIo = ProcessorIo {
+    name: "saga",
+    input_topic: names::ORDERS_EVENTS,
+    dead_letter_topic: names::SAGA_DLQ,
+    changelog_topic: Some(names::SAGA_CHANGELOG),
+};
+
+pub const INVENTORY: ProcessorIo = ProcessorIo {
+    name: "inventory",
+    input_topic: names::INVENTORY_COMMANDS,
+    dead_letter_topic: names::INVENTORY_DLQ,
+    changelog_topic: Some(names::INVENTORY_CHANGELOG),
+};
+
+pub const PAYMENTS: ProcessorIo = ProcessorIo {
+    name: "payments",
+    input_topic: names::PAYMENTS_REQUESTS,
+    dead_letter_topic: names::PAYMENTS_DLQ,
+    changelog_topic: None,
+};
+
+/// Where the saga writes.
+pub const SAGA_TOPICS: saga::SagaTopics = saga::SagaTopics {
+    orders: names::ORDERS_EVENTS,
+    inventory_commands: names::INVENTORY_COMMANDS,
+    payment_requests: names::PAYMENTS_REQUESTS,
+};
+
+/// The saga step, built from the settings.
+pub fn saga_step(settings: &Settings, fraud: SharedModel) -> saga::Saga {
+    saga::Saga::new(
+        saga::validation::Rules::from_settings(&settings.validation),
+        fraud,
+        settings.saga.clone(),
+        SAGA_TOPICS,
+    )
+}
+
+/// Every processor, each as a task that runs until `cancel` fires.
+pub fn processors(
+    settings: &Settings,
+    deps: &ProcessorDeps,
+    cancel: &CancellationToken,
+) -> Vec<(&'static str, ProcessorTask)> {
+    fn task<S: Step>(
+        io: ProcessorIo,
+        step: S,
+        settings: &Settings,
+        deps: &ProcessorDeps,
+        cancel: &CancellationToken,
+    ) -> (&'static str, ProcessorTask)
+    where
+        S: Send,
+    {
+        let mut runtime = ProcessorRuntime::new(
+            io,
+            step,
+            deps.clients.clone(),
+            &settings.processor,
+            deps.codec.clone(),
+            deps.metrics.clone(),
+        );
+        if let Some(readiness) = &deps.readiness {
+            runtime = runtime.with_readiness(readiness.clone());
+        }
+        let cancel = cancel.clone();
+        (io.name, Box::pin(runtime.run(cancel)))
+    }
+    vec![
+        task(
+            SAGA,
+            saga_step(settings, deps.fraud.clone()),
+            settings,
+            deps,
+            cancel,
+        ),
+        task(
+            INVENTORY,
+            inventory::Inventory::new(names::ORDERS_EVENTS),
+            settings,
+            deps,
+            cancel,
+        ),
+        task(
+            PAYMENTS,
+            payments::PaymentWorker::new(
+                &deps.gateway_url,
+                &settings.payment,
+                deps.metrics.gateway.clone(),
+                names::ORDERS_EVENTS,
+            ),
+            settings,
+            deps,
+            cancel,
+        ),
+    ]
 }

@@ -5,7 +5,7 @@
 use orderflow_platform::metrics::{ConsumerMetrics, MetricsRegistry};
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -28,7 +28,28 @@ pub struct ProcessorMetrics {
     pub aborts: Family<ProcessorLabels, Counter>,
     pub batch_records: Family<ProcessorLabels, Histogram>,
     pub commit_seconds: Family<ProcessorLabels, Histogram>,
+    pub restore_seconds: Family<ProcessorLabels, Histogram>,
+    pub gateway: GatewayMetrics,
     pub consumer: ConsumerMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GatewayCallLabels {
+    /// `charge`, `refund` or `void`.
+    pub operation: String,
+    /// `authorized`, `declined`, `refunded`, `error` (5xx, timeout, unreachable) or
+    /// `rejected` (the circuit breaker was open; no call was made).
+    pub outcome: String,
+}
+
+/// The payment worker's calls to the gateway.
+#[derive(Clone, Debug)]
+pub struct GatewayMetrics {
+    pub calls: Family<GatewayCallLabels, Counter>,
+    pub call_seconds: Family<GatewayCallLabels, Histogram>,
+    pub retries: Counter,
+    /// 1 while the circuit breaker is open (calls rejected without trying), else 0.
+    pub circuit_open: Gauge,
 }
 
 fn batch_histogram() -> Histogram {
@@ -50,6 +71,13 @@ impl ProcessorMetrics {
             aborts: Family::default(),
             batch_records: Family::new_with_constructor(batch_histogram),
             commit_seconds: Family::new_with_constructor(commit_histogram),
+            restore_seconds: Family::new_with_constructor(commit_histogram),
+            gateway: GatewayMetrics {
+                calls: Family::default(),
+                call_seconds: Family::new_with_constructor(commit_histogram),
+                retries: Counter::default(),
+                circuit_open: Gauge::default(),
+            },
             consumer,
         };
         registry.register(
@@ -81,6 +109,31 @@ impl ProcessorMetrics {
             "processor_commit_duration_seconds",
             "Time from the last output's ack to the transaction's commit",
             m.commit_seconds.clone(),
+        );
+        registry.register(
+            "processor_restore_duration_seconds",
+            "Time to restore the state of newly assigned partitions from the changelog",
+            m.restore_seconds.clone(),
+        );
+        registry.register(
+            "payment_gateway_calls",
+            "Calls of the payment worker to the gateway, by operation and outcome",
+            m.gateway.calls.clone(),
+        );
+        registry.register(
+            "payment_gateway_call_duration_seconds",
+            "Latency of gateway calls, by operation and outcome",
+            m.gateway.call_seconds.clone(),
+        );
+        registry.register(
+            "payment_gateway_retries",
+            "Gateway calls retried after an error",
+            m.gateway.retries.clone(),
+        );
+        registry.register(
+            "payment_gateway_circuit_open",
+            "1 while the payment gateway's circuit breaker is open",
+            m.gateway.circuit_open.clone(),
         );
         m
     }

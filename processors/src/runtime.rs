@@ -1,28 +1,38 @@
 //! The processor runtime: consume → step → produce, effectively once on any broker.
 //!
 //! Each batch is one Kafka transaction on a transactional producer: the outputs, any dead
-//! letters and the consumed offsets (`send_offsets_to_transaction` with the group metadata, so a
-//! zombie of an old generation is fenced where the broker supports it, KIP-447). Consumers read
-//! `read_committed`.
+//! letters, the state changes (to the processor's compacted changelog, partition for partition
+//! with the input) and the consumed offsets (`send_offsets_to_transaction` with the group
+//! metadata, so a zombie of an old generation is fenced where the broker supports it, KIP-447).
+//! Consumers read `read_committed`. A batch is bounded by count and time and ends early when the
+//! input goes idle.
 //!
 //! The brokers used here show aborted records to `read_committed` readers and one of them never
 //! stores transactional offsets (DESIGN.md), so correctness does not rest on the transaction:
 //!
-//! 1. **Deterministic outputs**: steps derive ids, sequences and times from the input only, so
-//!    re-processing re-emits byte-identical events.
-//! 2. **Idempotent consumers**: every consumer downstream drops an event it already applied.
-//! 3. **Positions after outputs**: the group offset is committed (again, outside the
-//!    transaction) only after `commit_transaction` returned, i.e. after every output of the
-//!    batch was acknowledged. A crash anywhere before that re-processes the batch — duplicates
-//!    that rule 2 drops; a crash after it loses nothing, because the outputs are durable.
+//! 1. **Deterministic outputs**: steps derive ids, sequences and times from the input and the
+//!    state only, so re-processing re-emits byte-identical events.
+//! 2. **Idempotent application**: every step (and every consumer downstream) drops an input whose
+//!    effect its state already holds.
+//! 3. **Positions live with the state**: the changelog holds, with the state, the input offset
+//!    the state reflects; both are written only after every output of the batch was
+//!    acknowledged, and on assignment the partition resumes from there (never later; records
+//!    below it are skipped). A crash before that re-processes the batch from the previous
+//!    position — duplicates that rule 2 drops; a crash after it loses nothing, because the
+//!    outputs are durable. The group offset is committed after the transaction as well (the
+//!    only stored position of a stateless processor).
 //!
-//! On any error inside a batch the transaction is aborted and the session restarts: new
-//! producer (re-initialising after an ambiguous commit, rather than guessing its outcome), new
-//! consumer, resuming from the last committed position. A record that cannot be decoded, or that
-//! a step declares poison, goes to the dead-letter topic with the reason, source topic,
-//! partition and offset in headers, and the partition keeps moving.
+//! Rebalances happen only while the runtime polls for a batch, when no transaction is open;
+//! revoked partitions drop their state, assigned ones restore it from the changelog before any
+//! of their records is processed (`/readyz` reports "restoring" meanwhile). On any error inside
+//! a batch the transaction is aborted and the session restarts: new producer (re-initialising
+//! after an ambiguous commit, rather than guessing its outcome), new consumer, state restored
+//! from the changelog. A record that cannot be decoded, or that a step declares poison, goes to
+//! the dead-letter topic with the reason, source topic, partition and offset in headers, and the
+//! partition keeps moving.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -31,39 +41,66 @@ use orderflow_platform::{
     config::BatchSettings,
     health::Readiness,
     kafka::{
-        collect_batch, dead_letter_headers, event_headers, header_value, next_offsets,
+        collect_batch_within, dead_letter_headers, event_headers, header_value, next_offsets,
         retain_assigned, BatchBounds, GroupContext, KafkaClients,
     },
     telemetry::{continue_trace, current_traceparent},
 };
 use orderflow_schemas::{headers, Codec, OrderEvent};
 use rdkafka::{
-    consumer::{CommitMode, Consumer, StreamConsumer},
+    consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer},
     error::KafkaError,
     message::{Message, OwnedMessage},
-    producer::{FutureProducer, FutureRecord, Producer},
-    TopicPartitionList,
+    producer::{future_producer::DeliveryFuture, FutureProducer, FutureRecord, Producer},
+    Offset, TopicPartitionList,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, debug_span, info, warn};
 
 use crate::{
     metrics::{OutputLabels, ProcessorLabels, ProcessorMetrics},
-    ProcessorSpec,
+    state::{PartitionState, POSITION_KEY},
 };
 
-/// A saga step or any other stateless-by-contract transformation. Plain code: no Kafka, no
-/// clock, no randomness — outputs must be a function of the input (rule 1).
-pub trait Step: Send + 'static {
-    fn handle(&mut self, event: &OrderEvent, out: &mut Outputs) -> Result<(), StepError>;
+/// A processing step: plain code that sees one decoded input at a time, with the state of its
+/// partition, and pushes outputs. No Kafka, no clock, no randomness in `handle`: outputs must be
+/// a function of the input and the state (rule 1). I/O a step needs (the payment gateway) happens
+/// in [`Step::prepare`], whose answers must themselves be repeatable (idempotency keys).
+pub trait Step: Send + Sync + 'static {
+    /// The state of one input partition, restored from the changelog on assignment.
+    type State: PartitionState;
+
+    /// Called once per batch with every decoded input before any `handle`, for I/O.
+    fn prepare(
+        &mut self,
+        _inputs: &[OrderEvent],
+    ) -> impl std::future::Future<Output = Result<(), StepError>> + Send {
+        async { Ok(()) }
+    }
+
+    fn handle(
+        &mut self,
+        state: &mut Self::State,
+        event: &OrderEvent,
+        out: &mut Outputs,
+    ) -> Result<(), StepError>;
+
+    /// Timers: called about every `processor.tick_ms` per assigned partition with the wall
+    /// clock. Outputs go into the next transaction; the state cannot change here, so a timer's
+    /// effect is an event that comes back through the input and is applied like any other.
+    fn tick(&mut self, _partition: i32, _state: &Self::State, _now_ms: i64, _out: &mut Outputs) {}
 }
 
-/// Why a step gave up on an input. Any variant sends the input to the dead-letter topic.
+/// Why a step gave up on an input.
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
-    /// The input can never be processed (retrying cannot help).
+    /// The input can never be processed (retrying cannot help): it goes to the dead-letter
+    /// topic and the partition moves on.
     #[error("{0}")]
     Poison(String),
+    /// A dependency failed; the batch is aborted and redone from its start after a backoff.
+    #[error("{0}")]
+    Retry(String),
 }
 
 /// An event a step wants written.
@@ -71,6 +108,8 @@ pub enum StepError {
 pub struct OutputRecord {
     pub topic: &'static str,
     pub key: String,
+    /// An explicit partition (timers write back to their own input partition); `None`: by key.
+    pub partition: Option<i32>,
     pub event: OrderEvent,
 }
 
@@ -82,7 +121,28 @@ pub struct Outputs {
 
 impl Outputs {
     pub fn push(&mut self, topic: &'static str, key: String, event: OrderEvent) {
-        self.records.push(OutputRecord { topic, key, event });
+        self.records.push(OutputRecord {
+            topic,
+            key,
+            partition: None,
+            event,
+        });
+    }
+
+    /// An output for one partition of `topic`, whatever its key hashes to.
+    pub fn push_to_partition(
+        &mut self,
+        topic: &'static str,
+        partition: i32,
+        key: String,
+        event: OrderEvent,
+    ) {
+        self.records.push(OutputRecord {
+            topic,
+            key,
+            partition: Some(partition),
+            event,
+        });
     }
 
     pub fn drain(&mut self) -> std::vec::Drain<'_, OutputRecord> {
@@ -91,6 +151,10 @@ impl Outputs {
 
     pub fn records(&self) -> &[OutputRecord] {
         &self.records
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
     }
 }
 
@@ -106,16 +170,41 @@ pub enum ProcessorError {
     NoGroupMetadata,
     #[error("schemas: {0}")]
     Codec(#[from] orderflow_schemas::CodecError),
+    #[error("restoring partition {partition} from {topic}: {reason}")]
+    Restore {
+        topic: &'static str,
+        partition: i32,
+        reason: String,
+    },
+    #[error("step: {0}")]
+    Step(String),
 }
 
 type ProcessorConsumer = StreamConsumer<GroupContext>;
 
+/// What the runtime needs to know about a processor besides its step.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessorIo {
+    /// Role name: consumer group `orderflow-<name>`, transactional id, logs, metrics.
+    pub name: &'static str,
+    pub input_topic: &'static str,
+    pub dead_letter_topic: &'static str,
+    /// Compacted topic with the input's partition count; `None` for a stateless processor.
+    pub changelog_topic: Option<&'static str>,
+}
+
+/// One input partition's state and the input position it reflects.
+struct Slot<T> {
+    state: T,
+    /// The next input offset to process, as stored in the changelog; `None`: not stored yet
+    /// (the group's committed offset decides).
+    position: Option<i64>,
+}
+
 /// Runs one processor until cancelled.
-pub struct ProcessorRuntime {
-    name: &'static str,
-    input_topics: Vec<&'static str>,
-    dead_letter_topic: &'static str,
-    step: Box<dyn Step>,
+pub struct ProcessorRuntime<S: Step> {
+    io: ProcessorIo,
+    step: S,
     clients: KafkaClients,
     batch: BatchSettings,
     codec: Arc<Codec>,
@@ -127,9 +216,10 @@ pub struct ProcessorRuntime {
     readiness: Option<Readiness>,
 }
 
-impl ProcessorRuntime {
+impl<S: Step> ProcessorRuntime<S> {
     pub fn new(
-        spec: ProcessorSpec,
+        io: ProcessorIo,
+        step: S,
         clients: KafkaClients,
         batch: &BatchSettings,
         codec: Arc<Codec>,
@@ -141,25 +231,25 @@ impl ProcessorRuntime {
             batch.instance_id.clone()
         };
         Self {
-            name: spec.name,
-            input_topics: spec.input_topics,
-            dead_letter_topic: spec.dead_letter_topic,
-            step: spec.step,
-            group_id: format!("orderflow-{}", spec.name),
-            transactional_id: format!("{}-{}-{instance}", batch.transactional_id_prefix, spec.name),
+            group_id: format!("orderflow-{}", io.name),
+            transactional_id: format!("{}-{}-{instance}", batch.transactional_id_prefix, io.name),
+            io,
+            step,
             clients,
             batch: batch.clone(),
             codec,
             labels: ProcessorLabels {
-                processor: spec.name.to_owned(),
+                processor: io.name.to_owned(),
             },
             metrics,
             readiness: None,
         }
     }
 
-    /// Reports `processor <name>` on `/readyz`: not ready until its group assigned it.
+    /// Reports `processor <name>` (group joined) and `processor <name> state` (every assigned
+    /// partition's state restored) on `/readyz`.
     pub fn with_readiness(mut self, readiness: Readiness) -> Self {
+        readiness.set_not_ready(&self.state_component(), "state not restored yet");
         self.readiness = Some(readiness);
         self
     }
@@ -168,17 +258,21 @@ impl ProcessorRuntime {
         &self.group_id
     }
 
+    fn state_component(&self) -> String {
+        format!("processor {} state", self.io.name)
+    }
+
     /// Runs sessions until `cancel` fires; a failed session is retried with backoff.
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.session(&cancel).await {
                 Ok(()) => {
-                    info!(processor = self.name, "Processor stopped.");
+                    info!(processor = self.io.name, "Processor stopped.");
                     return;
                 }
                 Err(e) => {
-                    warn!(processor = self.name, error = %e, retry_in = ?backoff, "Processor session failed; restarting from the last committed position.");
+                    warn!(processor = self.io.name, error = %e, retry_in = ?backoff, "Processor session failed; restarting from the stored position.");
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
@@ -189,35 +283,67 @@ impl ProcessorRuntime {
         }
     }
 
-    /// One consumer and one producer, until cancelled (Ok) or an error (Err).
+    /// One consumer and one producer, until cancelled (Ok) or an error (Err). State lives in
+    /// the session: a failed session's half-applied batch is thrown away with it, and the next
+    /// session restores from the changelog.
     async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ProcessorError> {
         let consumer: ProcessorConsumer = self
             .clients
-            .consumer(self.name, &self.group_id)
+            .consumer(self.io.name, &self.group_id)
             .create_with_context({
-                let context = GroupContext::new(self.name)
+                let context = GroupContext::new(self.io.name)
                     .with_metrics(&self.group_id, self.metrics.consumer.clone());
                 match &self.readiness {
-                    Some(r) => context.with_readiness(r, &format!("processor {}", self.name)),
+                    Some(r) => context.with_readiness(r, &format!("processor {}", self.io.name)),
                     None => context,
                 }
             })?;
         let producer: FutureProducer = self
             .clients
-            .transactional_producer(self.name, &self.transactional_id)
+            .transactional_producer(self.io.name, &self.transactional_id)
             .create()?;
         let timeout = self.transaction_timeout();
+        // Fences an earlier producer with the same transactional id (a zombie of this
+        // instance) and aborts its open transaction, where the broker supports it.
         blocking(&producer, move |p| p.init_transactions(timeout)).await?;
-        consumer.subscribe(&self.input_topics)?;
-        info!(processor = self.name, group = %self.group_id, topics = ?self.input_topics, "Processor started.");
+        consumer.subscribe(&[self.io.input_topic])?;
+        info!(processor = self.io.name, group = %self.group_id, topic = self.io.input_topic, "Processor started.");
 
+        let mut slots: BTreeMap<i32, Slot<S::State>> = BTreeMap::new();
+        let tick = Duration::from_millis(self.batch.tick_ms.max(10));
+        let mut last_tick = Instant::now();
         let mut last_committed = None;
         loop {
-            let batch = collect_batch(&consumer, cancel, &self.bounds()).await;
-            let batch = retain_assigned(&consumer, batch);
-            if !batch.is_empty() {
-                match self.process(&consumer, &producer, &batch).await {
-                    Ok(offsets) => last_committed = Some(offsets),
+            let batch =
+                collect_batch_within(&consumer, cancel, &self.bounds(), Some(tick)).await;
+            // Rebalances happen inside the consumer's poll, i.e. while collecting: no
+            // transaction is open then. Partitions revoked meanwhile lose their records and
+            // state here; partitions assigned get their state restored before any of their
+            // records is processed.
+            self.sync_assignment(&consumer, &mut slots).await?;
+            let batch = retain_assigned(&consumer, batch)
+                .into_iter()
+                .filter(|m| match slots.get(&m.partition()) {
+                    // Below the stored position: the state already holds its effect.
+                    Some(slot) => slot.position.is_none_or(|p| m.offset() >= p),
+                    None => false,
+                })
+                .collect::<Vec<_>>();
+            let mut timers = Outputs::default();
+            if last_tick.elapsed() >= tick {
+                last_tick = Instant::now();
+                let now_ms = wall_clock_ms();
+                for (partition, slot) in &slots {
+                    self.step.tick(*partition, &slot.state, now_ms, &mut timers);
+                }
+            }
+            if !batch.is_empty() || !timers.is_empty() {
+                match self
+                    .process(&consumer, &producer, &batch, timers, &mut slots)
+                    .await
+                {
+                    Ok(Some(offsets)) => last_committed = Some(offsets),
+                    Ok(None) => {}
                     Err(e) => {
                         abort(&producer, timeout).await;
                         self.metrics.aborts.get_or_create(&self.labels).inc();
@@ -237,6 +363,95 @@ impl ProcessorRuntime {
         }
     }
 
+    /// Drops the state of revoked partitions and restores the state of newly assigned ones.
+    async fn sync_assignment(
+        &self,
+        consumer: &ProcessorConsumer,
+        slots: &mut BTreeMap<i32, Slot<S::State>>,
+    ) -> Result<(), ProcessorError> {
+        let assigned: BTreeSet<i32> = consumer
+            .assignment()?
+            .elements_for_topic(self.io.input_topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect();
+        slots.retain(|p, _| assigned.contains(p));
+        let new: Vec<i32> = assigned
+            .iter()
+            .copied()
+            .filter(|p| !slots.contains_key(p))
+            .collect();
+        let component = self.state_component();
+        if new.is_empty() {
+            if let Some(r) = &self.readiness {
+                r.set_ready(&component);
+            }
+            return Ok(());
+        }
+        if let Some(r) = &self.readiness {
+            r.set_not_ready(&component, format!("restoring partitions {new:?}"));
+        }
+        let started = Instant::now();
+        for partition in new {
+            let slot = match self.io.changelog_topic {
+                None => Slot {
+                    state: S::State::default(),
+                    position: None,
+                },
+                Some(topic) => {
+                    let slot = restore::<S::State>(&self.clients, self.io.name, topic, partition)
+                        .await?;
+                    if let Some(position) = slot.position {
+                        self.seek_back_if_ahead(consumer, partition, position)
+                            .await?;
+                    }
+                    slot
+                }
+            };
+            info!(processor = self.io.name, partition, position = ?slot.position, "Partition state restored.");
+            slots.insert(partition, slot);
+        }
+        self.metrics
+            .restore_seconds
+            .get_or_create(&self.labels)
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(r) = &self.readiness {
+            r.set_ready(&component);
+        }
+        Ok(())
+    }
+
+    /// Resume never later than the state (rule 3): if the group's committed offset is ahead of
+    /// the changelog's position, seek back to the changelog's. (Offsets are committed after the
+    /// changelog is written, so this only happens after an operator moved the group.)
+    async fn seek_back_if_ahead(
+        &self,
+        consumer: &ProcessorConsumer,
+        partition: i32,
+        position: i64,
+    ) -> Result<(), ProcessorError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(self.io.input_topic, partition);
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+        let ahead = committed
+            .find_partition(self.io.input_topic, partition)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .is_some_and(|o| o > position);
+        if ahead {
+            warn!(processor = self.io.name, partition, position, "The group's offset is ahead of the state; seeking back to the state's position.");
+            consumer.seek(
+                self.io.input_topic,
+                partition,
+                Offset::Offset(position),
+                Duration::from_secs(10),
+            )?;
+        }
+        Ok(())
+    }
+
     fn bounds(&self) -> BatchBounds {
         BatchBounds {
             max_records: self.batch.batch_max_records,
@@ -249,90 +464,140 @@ impl ProcessorRuntime {
         Duration::from_millis(u64::from(self.clients.settings().transaction_timeout_ms))
     }
 
+    /// One transaction: the timers' outputs, every record's outputs (or dead letter), then the
+    /// state changes and positions, then the offsets. Returns the offsets committed, if any
+    /// input was consumed.
     async fn process(
         &mut self,
         consumer: &ProcessorConsumer,
         producer: &FutureProducer,
         batch: &[OwnedMessage],
-    ) -> Result<TopicPartitionList, ProcessorError> {
+        mut timers: Outputs,
+        slots: &mut BTreeMap<i32, Slot<S::State>>,
+    ) -> Result<Option<TopicPartitionList>, ProcessorError> {
         let started = Instant::now();
         producer.begin_transaction()?;
         let mut deliveries = Vec::new();
-        let mut outputs = Outputs::default();
         let mut emitted: Vec<&'static str> = Vec::new();
+        for record in timers.drain() {
+            let bytes = self.codec.encode(&record.event)?;
+            emitted.push(record.event.kind().name());
+            deliveries.push(send(producer, &record, &bytes, None)?);
+        }
+
+        // Decode everything first, so that `prepare` sees the whole batch.
+        let decoded: Vec<Result<OrderEvent, String>> = batch
+            .iter()
+            .map(|m| {
+                self.codec
+                    .decode(m.payload().unwrap_or_default())
+                    .map_err(|e| format!("undecodable: {e}"))
+            })
+            .collect();
+        let inputs: Vec<OrderEvent> = decoded.iter().filter_map(|d| d.as_ref().ok()).cloned().collect();
+        self.step
+            .prepare(&inputs)
+            .await
+            .map_err(|e| ProcessorError::Step(e.to_string()))?;
+
+        let mut outputs = Outputs::default();
         let mut dead = 0usize;
-        for message in batch {
+        for (message, event) in batch.iter().zip(decoded) {
             // One span per record, continuing the order's trace from the record's headers; the
             // outputs carry this span's context on. No await inside: the guard never crosses one.
             let incoming = header_value(message, headers::TRACEPARENT);
             let span = debug_span!(
                 "process",
                 otel.kind = "consumer",
-                processor = self.name,
+                processor = self.io.name,
                 trace_id = tracing::field::Empty
             );
             continue_trace(&span, incoming.as_deref());
             let _entered = span.enter();
             let traceparent = current_traceparent().or(incoming);
-            let handled = match self.codec.decode(message.payload().unwrap_or_default()) {
-                Err(e) => Err(format!("undecodable: {e}")),
-                Ok(event) => self
-                    .step
-                    .handle(&event, &mut outputs)
-                    .map_err(|e| e.to_string())
-                    .and_then(|()| {
-                        outputs
-                            .records()
-                            .iter()
-                            .map(|r| self.codec.encode(&r.event).map(|bytes| (r, bytes)))
-                            .collect::<Result<Vec<_>, _>>()
-                            .map_err(|e| format!("output does not encode: {e}"))
-                    }),
+            let Some(slot) = slots.get_mut(&message.partition()) else {
+                continue;
             };
-            let handled = match handled {
+            let handled = match event {
+                Err(reason) => Err(reason),
+                Ok(event) => match self.step.handle(&mut slot.state, &event, &mut outputs) {
+                    Err(StepError::Retry(reason)) => {
+                        return Err(ProcessorError::Step(reason));
+                    }
+                    Err(StepError::Poison(reason)) => Err(reason),
+                    Ok(()) => outputs
+                        .records()
+                        .iter()
+                        .map(|r| self.codec.encode(&r.event).map(|bytes| (r, bytes)))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| format!("output does not encode: {e}")),
+                },
+            };
+            match handled {
                 Ok(encoded) => {
                     for (record, bytes) in encoded {
                         emitted.push(record.event.kind().name());
-                        let future_record = FutureRecord::to(record.topic)
-                            .key(record.key.as_bytes())
-                            .payload(bytes.as_slice())
-                            .headers(event_headers(record.event.kind(), traceparent.as_deref()));
-                        deliveries.push(producer.send_result(future_record).map_err(|(e, _)| e)?);
+                        deliveries.push(send(producer, record, &bytes, traceparent.as_deref())?);
                     }
-                    Ok(())
                 }
-                Err(reason) => Err(reason),
-            };
-            outputs.drain();
-            if let Err(reason) = handled {
-                dead += 1;
-                warn!(processor = self.name, topic = message.topic(), partition = message.partition(), offset = message.offset(), %reason, "Record sent to the dead-letter topic.");
-                let dlq_headers = dead_letter_headers(message, self.name, &reason);
-                let record = FutureRecord::to(self.dead_letter_topic)
-                    .payload(message.payload().unwrap_or_default())
-                    .headers(dlq_headers);
-                let record = match message.key() {
-                    Some(key) => record.key(key),
-                    None => record,
-                };
-                deliveries.push(producer.send_result(record).map_err(|(e, _)| e)?);
+                Err(reason) => {
+                    dead += 1;
+                    warn!(processor = self.io.name, topic = message.topic(), partition = message.partition(), offset = message.offset(), %reason, "Record sent to the dead-letter topic.");
+                    let dlq_headers = dead_letter_headers(message, self.io.name, &reason);
+                    let record = FutureRecord::to(self.io.dead_letter_topic)
+                        .payload(message.payload().unwrap_or_default())
+                        .headers(dlq_headers);
+                    let record = match message.key() {
+                        Some(key) => record.key(key),
+                        None => record,
+                    };
+                    deliveries.push(producer.send_result(record).map_err(|(e, _)| e)?);
+                }
             }
+            outputs.drain();
         }
         let produced = deliveries.len();
-        for delivery in deliveries {
-            match delivery.await {
-                Err(_canceled) => return Err(ProcessorError::DeliveryCancelled),
-                Ok(Err((e, _))) => return Err(e.into()),
-                Ok(Ok(_)) => {}
+        await_all(deliveries).await?;
+
+        // Rule 3: the state and its position are written only now that every output of the
+        // batch is acknowledged. A crash before this point re-processes the batch from the
+        // previous position; its outputs come again, byte-identical, and consumers drop them.
+        let offsets = if batch.is_empty() {
+            None
+        } else {
+            Some(next_offsets(batch)?)
+        };
+        if let Some(topic) = self.io.changelog_topic {
+            let mut changelog = Vec::new();
+            for (partition, slot) in slots.iter_mut() {
+                let mut records = slot.state.changes();
+                if let Some(next) = offsets.as_ref().and_then(|o| {
+                    o.find_partition(self.io.input_topic, *partition)
+                        .and_then(|e| match e.offset() {
+                            Offset::Offset(n) => Some(n),
+                            _ => None,
+                        })
+                }) {
+                    slot.position = Some(next);
+                    records.push((POSITION_KEY.to_owned(), Some(next.to_string().into_bytes())));
+                }
+                for (key, value) in records {
+                    let mut record = FutureRecord::to(topic).partition(*partition).key(key.as_bytes());
+                    if let Some(value) = &value {
+                        record = record.payload(value.as_slice());
+                    }
+                    changelog.push(producer.send_result(record).map_err(|(e, _)| e)?);
+                }
             }
+            await_all(changelog).await?;
         }
-        let offsets = next_offsets(batch)?;
-        let group = consumer
-            .group_metadata()
-            .ok_or(ProcessorError::NoGroupMetadata)?;
+
         let timeout = self.transaction_timeout();
         let committing = Instant::now();
-        {
+        if let Some(offsets) = &offsets {
+            let group = consumer
+                .group_metadata()
+                .ok_or(ProcessorError::NoGroupMetadata)?;
             let offsets = offsets.clone();
             blocking(producer, move |p| {
                 p.send_offsets_to_transaction(&offsets, &group, timeout)
@@ -340,9 +605,11 @@ impl ProcessorRuntime {
             .await?;
         }
         blocking(producer, move |p| p.commit_transaction(timeout)).await?;
-        // Rule 3: the position is written only now that every output is durable. This is also
-        // the only place offsets are stored on a broker that ignores transactional offsets.
-        consumer.commit(&offsets, CommitMode::Async)?;
+        // The group offset (the only stored position of a stateless processor, and the only
+        // one on a broker that ignores transactional offsets) follows the commit.
+        if let Some(offsets) = &offsets {
+            consumer.commit(offsets, CommitMode::Async)?;
+        }
         let m = &self.metrics;
         m.commit_seconds
             .get_or_create(&self.labels)
@@ -365,7 +632,7 @@ impl ProcessorRuntime {
                 .inc();
         }
         debug!(
-            processor = self.name,
+            processor = self.io.name,
             records = batch.len(),
             produced,
             dead,
@@ -374,6 +641,111 @@ impl ProcessorRuntime {
         );
         Ok(offsets)
     }
+}
+
+/// Sends one output inside the open transaction.
+fn send(
+    producer: &FutureProducer,
+    record: &OutputRecord,
+    bytes: &[u8],
+    traceparent: Option<&str>,
+) -> Result<DeliveryFuture, ProcessorError> {
+    let mut future_record = FutureRecord::to(record.topic)
+        .key(record.key.as_bytes())
+        .payload(bytes)
+        .headers(event_headers(record.event.kind(), traceparent));
+    if let Some(partition) = record.partition {
+        future_record = future_record.partition(partition);
+    }
+    Ok(producer.send_result(future_record).map_err(|(e, _)| e)?)
+}
+
+/// Waits for every delivery; the first failure fails the batch.
+async fn await_all(deliveries: Vec<DeliveryFuture>) -> Result<(), ProcessorError> {
+    for delivery in deliveries {
+        match delivery.await {
+            Err(_canceled) => return Err(ProcessorError::DeliveryCancelled),
+            Ok(Err((e, _))) => return Err(e.into()),
+            Ok(Ok(_)) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Reads changelog partition `partition` to its end into a fresh state.
+async fn restore<T: PartitionState>(
+    clients: &KafkaClients,
+    role: &'static str,
+    topic: &'static str,
+    partition: i32,
+) -> Result<Slot<T>, ProcessorError> {
+    let clients = clients.clone();
+    let failed = move |reason: String| ProcessorError::Restore {
+        topic,
+        partition,
+        reason,
+    };
+    tokio::task::spawn_blocking(move || {
+        let reader: BaseConsumer = clients.reader(role).create()?;
+        let timeout = Duration::from_secs(10);
+        let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
+        let mut slot = Slot {
+            state: T::default(),
+            position: None,
+        };
+        if high <= low {
+            return Ok(slot);
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
+        reader.assign(&tpl)?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if Instant::now() > deadline {
+                return Err(failed(format!(
+                    "not at the end (offset {high}) after 120 s"
+                )));
+            }
+            match reader.poll(Duration::from_millis(500)) {
+                None => continue,
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(message)) => {
+                    let key = message
+                        .key()
+                        .and_then(|k| std::str::from_utf8(k).ok())
+                        .ok_or_else(|| {
+                            failed(format!("record at offset {} has no UTF-8 key", message.offset()))
+                        })?;
+                    if key == POSITION_KEY {
+                        let position = message
+                            .payload()
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .and_then(|v| v.parse::<i64>().ok())
+                            .ok_or_else(|| {
+                                failed(format!("bad position at offset {}", message.offset()))
+                            })?;
+                        slot.position = Some(position);
+                    } else {
+                        slot.state.restore(key, message.payload()).map_err(failed)?;
+                    }
+                    if message.offset() + 1 >= high {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(slot)
+    })
+    .await
+    .map_err(|_| ProcessorError::Join)?
+}
+
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 /// Runs a blocking producer call (transaction control) off the async workers.

@@ -71,6 +71,17 @@ pub fn status_after(event: &OrderEvent) -> Option<&'static str> {
         OrderEvent::PaymentRefunded(_) => return None,
         OrderEvent::OrderConfirmed(_) => "confirmed",
         OrderEvent::OrderCancelled(_) => "cancelled",
+        OrderEvent::PaymentRefundRequested(_) => "refund_pending",
+        // Inputs to the saga from outside it and the inventory processor's per-line replies
+        // carry sequence 0: they never move an order's row; the saga's answers do.
+        OrderEvent::OrderCancellationRequested(_)
+        | OrderEvent::FraudReviewDecided(_)
+        | OrderEvent::OrderStepTimedOut(_)
+        | OrderEvent::InventoryRestocked(_)
+        | OrderEvent::InventoryLineReserved(_)
+        | OrderEvent::InventoryLineRejected(_)
+        | OrderEvent::InventoryLineReleased(_)
+        | OrderEvent::InventoryReleaseRequested(_) => return None,
     })
 }
 

@@ -75,11 +75,20 @@ pub enum EventKind {
     PaymentRefunded,
     OrderConfirmed,
     OrderCancelled,
+    OrderCancellationRequested,
+    FraudReviewDecided,
+    OrderStepTimedOut,
+    InventoryRestocked,
+    InventoryLineReserved,
+    InventoryLineRejected,
+    InventoryLineReleased,
+    InventoryReleaseRequested,
+    PaymentRefundRequested,
 }
 
 impl EventKind {
     /// All kinds, in schema-id order.
-    pub const ALL: [EventKind; 14] = [
+    pub const ALL: [EventKind; 23] = [
         Self::OrderPlaced,
         Self::OrderValidated,
         Self::OrderRejected,
@@ -94,6 +103,15 @@ impl EventKind {
         Self::PaymentRefunded,
         Self::OrderConfirmed,
         Self::OrderCancelled,
+        Self::OrderCancellationRequested,
+        Self::FraudReviewDecided,
+        Self::OrderStepTimedOut,
+        Self::InventoryRestocked,
+        Self::InventoryLineReserved,
+        Self::InventoryLineRejected,
+        Self::InventoryLineReleased,
+        Self::InventoryReleaseRequested,
+        Self::PaymentRefundRequested,
     ];
 
     /// The record name, also sent as the `event_type` Kafka header.
@@ -113,6 +131,15 @@ impl EventKind {
             Self::PaymentRefunded => "PaymentRefunded",
             Self::OrderConfirmed => "OrderConfirmed",
             Self::OrderCancelled => "OrderCancelled",
+            Self::OrderCancellationRequested => "OrderCancellationRequested",
+            Self::FraudReviewDecided => "FraudReviewDecided",
+            Self::OrderStepTimedOut => "OrderStepTimedOut",
+            Self::InventoryRestocked => "InventoryRestocked",
+            Self::InventoryLineReserved => "InventoryLineReserved",
+            Self::InventoryLineRejected => "InventoryLineRejected",
+            Self::InventoryLineReleased => "InventoryLineReleased",
+            Self::InventoryReleaseRequested => "InventoryReleaseRequested",
+            Self::PaymentRefundRequested => "PaymentRefundRequested",
         }
     }
 
@@ -133,6 +160,15 @@ impl EventKind {
             Self::PaymentRefunded => 12,
             Self::OrderConfirmed => 13,
             Self::OrderCancelled => 14,
+            Self::OrderCancellationRequested => 15,
+            Self::FraudReviewDecided => 16,
+            Self::OrderStepTimedOut => 17,
+            Self::InventoryRestocked => 18,
+            Self::InventoryLineReserved => 19,
+            Self::InventoryLineRejected => 20,
+            Self::InventoryLineReleased => 21,
+            Self::InventoryReleaseRequested => 22,
+            Self::PaymentRefundRequested => 23,
         }
     }
 
@@ -160,6 +196,15 @@ impl EventKind {
             Self::PaymentRefunded => include_str!("../avro/payment_refunded.avsc"),
             Self::OrderConfirmed => include_str!("../avro/order_confirmed.avsc"),
             Self::OrderCancelled => include_str!("../avro/order_cancelled.avsc"),
+            Self::OrderCancellationRequested => include_str!("../avro/order_cancellation_requested.avsc"),
+            Self::FraudReviewDecided => include_str!("../avro/fraud_review_decided.avsc"),
+            Self::OrderStepTimedOut => include_str!("../avro/order_step_timed_out.avsc"),
+            Self::InventoryRestocked => include_str!("../avro/inventory_restocked.avsc"),
+            Self::InventoryLineReserved => include_str!("../avro/inventory_line_reserved.avsc"),
+            Self::InventoryLineRejected => include_str!("../avro/inventory_line_rejected.avsc"),
+            Self::InventoryLineReleased => include_str!("../avro/inventory_line_released.avsc"),
+            Self::InventoryReleaseRequested => include_str!("../avro/inventory_release_requested.avsc"),
+            Self::PaymentRefundRequested => include_str!("../avro/payment_refund_requested.avsc"),
         }
     }
 
@@ -216,6 +261,15 @@ impl Codec {
             OrderEvent::PaymentRefunded(e) => self.body(kind, e),
             OrderEvent::OrderConfirmed(e) => self.body(kind, e),
             OrderEvent::OrderCancelled(e) => self.body(kind, e),
+            OrderEvent::OrderCancellationRequested(e) => self.body(kind, e),
+            OrderEvent::FraudReviewDecided(e) => self.body(kind, e),
+            OrderEvent::OrderStepTimedOut(e) => self.body(kind, e),
+            OrderEvent::InventoryRestocked(e) => self.body(kind, e),
+            OrderEvent::InventoryLineReserved(e) => self.body(kind, e),
+            OrderEvent::InventoryLineRejected(e) => self.body(kind, e),
+            OrderEvent::InventoryLineReleased(e) => self.body(kind, e),
+            OrderEvent::InventoryReleaseRequested(e) => self.body(kind, e),
+            OrderEvent::PaymentRefundRequested(e) => self.body(kind, e),
         }?;
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.push(MAGIC_BYTE);
@@ -258,6 +312,15 @@ impl Codec {
             EventKind::PaymentRefunded => OrderEvent::PaymentRefunded(self.read(kind, body)?),
             EventKind::OrderConfirmed => OrderEvent::OrderConfirmed(self.read(kind, body)?),
             EventKind::OrderCancelled => OrderEvent::OrderCancelled(self.read(kind, body)?),
+            EventKind::OrderCancellationRequested => OrderEvent::OrderCancellationRequested(self.read(kind, body)?),
+            EventKind::FraudReviewDecided => OrderEvent::FraudReviewDecided(self.read(kind, body)?),
+            EventKind::OrderStepTimedOut => OrderEvent::OrderStepTimedOut(self.read(kind, body)?),
+            EventKind::InventoryRestocked => OrderEvent::InventoryRestocked(self.read(kind, body)?),
+            EventKind::InventoryLineReserved => OrderEvent::InventoryLineReserved(self.read(kind, body)?),
+            EventKind::InventoryLineRejected => OrderEvent::InventoryLineRejected(self.read(kind, body)?),
+            EventKind::InventoryLineReleased => OrderEvent::InventoryLineReleased(self.read(kind, body)?),
+            EventKind::InventoryReleaseRequested => OrderEvent::InventoryReleaseRequested(self.read(kind, body)?),
+            EventKind::PaymentRefundRequested => OrderEvent::PaymentRefundRequested(self.read(kind, body)?),
         })
     }
 

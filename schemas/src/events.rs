@@ -174,6 +174,84 @@ pub struct OrderCancelled {
     pub initiated_by: String,
 }
 
+/// Decision of an admin on an order held for fraud review.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReviewDecision {
+    Approve,
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCancellationRequested {
+    pub envelope: Envelope,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FraudReviewDecided {
+    pub envelope: Envelope,
+    pub decision: ReviewDecision,
+    pub reviewer: String,
+    pub note: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderStepTimedOut {
+    pub envelope: Envelope,
+    /// `review` or `inventory`.
+    pub step: String,
+    pub stage_event_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryRestocked {
+    pub envelope: Envelope,
+    pub sku: String,
+    pub quantity: i32,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryLineReserved {
+    pub envelope: Envelope,
+    pub sku: String,
+    pub quantity: i32,
+    pub available_after: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryLineRejected {
+    pub envelope: Envelope,
+    pub sku: String,
+    pub requested: i32,
+    pub available: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryLineReleased {
+    pub envelope: Envelope,
+    pub sku: String,
+    pub quantity: i32,
+    pub available_after: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReleaseRequested {
+    pub envelope: Envelope,
+    pub sku: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRefundRequested {
+    pub envelope: Envelope,
+    pub amount_minor: i64,
+    pub currency: String,
+    pub idempotency_key: String,
+    pub charge_idempotency_key: String,
+}
+
 /// Every event of an order's life, as it travels on the event topics.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OrderEvent {
@@ -191,6 +269,15 @@ pub enum OrderEvent {
     PaymentRefunded(PaymentRefunded),
     OrderConfirmed(OrderConfirmed),
     OrderCancelled(OrderCancelled),
+    OrderCancellationRequested(OrderCancellationRequested),
+    FraudReviewDecided(FraudReviewDecided),
+    OrderStepTimedOut(OrderStepTimedOut),
+    InventoryRestocked(InventoryRestocked),
+    InventoryLineReserved(InventoryLineReserved),
+    InventoryLineRejected(InventoryLineRejected),
+    InventoryLineReleased(InventoryLineReleased),
+    InventoryReleaseRequested(InventoryReleaseRequested),
+    PaymentRefundRequested(PaymentRefundRequested),
 }
 
 impl OrderEvent {
@@ -211,6 +298,15 @@ impl OrderEvent {
             Self::PaymentRefunded(e) => &e.envelope,
             Self::OrderConfirmed(e) => &e.envelope,
             Self::OrderCancelled(e) => &e.envelope,
+            Self::OrderCancellationRequested(e) => &e.envelope,
+            Self::FraudReviewDecided(e) => &e.envelope,
+            Self::OrderStepTimedOut(e) => &e.envelope,
+            Self::InventoryRestocked(e) => &e.envelope,
+            Self::InventoryLineReserved(e) => &e.envelope,
+            Self::InventoryLineRejected(e) => &e.envelope,
+            Self::InventoryLineReleased(e) => &e.envelope,
+            Self::InventoryReleaseRequested(e) => &e.envelope,
+            Self::PaymentRefundRequested(e) => &e.envelope,
         }
     }
 
@@ -232,6 +328,15 @@ impl OrderEvent {
             Self::PaymentRefunded(_) => K::PaymentRefunded,
             Self::OrderConfirmed(_) => K::OrderConfirmed,
             Self::OrderCancelled(_) => K::OrderCancelled,
+            Self::OrderCancellationRequested(_) => K::OrderCancellationRequested,
+            Self::FraudReviewDecided(_) => K::FraudReviewDecided,
+            Self::OrderStepTimedOut(_) => K::OrderStepTimedOut,
+            Self::InventoryRestocked(_) => K::InventoryRestocked,
+            Self::InventoryLineReserved(_) => K::InventoryLineReserved,
+            Self::InventoryLineRejected(_) => K::InventoryLineRejected,
+            Self::InventoryLineReleased(_) => K::InventoryLineReleased,
+            Self::InventoryReleaseRequested(_) => K::InventoryReleaseRequested,
+            Self::PaymentRefundRequested(_) => K::PaymentRefundRequested,
         }
     }
 }

@@ -20,8 +20,17 @@ pub use events::{
     Address, Envelope, FraudDecision, FraudScored, InventoryRejected, InventoryReleased,
     InventoryReservationRequested, InventoryReserved, OrderCancelled, OrderConfirmed, OrderEvent,
     OrderLine, OrderPlaced, OrderRejected, OrderValidated, PaymentAuthorized, PaymentDeclined,
-    PaymentRefunded, PaymentRequested, Reason, SkuQuantity, SkuShortage,
+    PaymentRefunded, PaymentRequested, Reason, SkuQuantity, SkuShortage, OrderCancellationRequested, FraudReviewDecided, OrderStepTimedOut, InventoryRestocked, InventoryLineReserved, InventoryLineRejected, InventoryLineReleased, InventoryReleaseRequested, PaymentRefundRequested, ReviewDecision,
 };
+
+/// A SKU is 1–64 characters of ASCII letters, digits, `-` and `_` (the one definition; the
+/// ingest edge, the saga and the inventory tools all check it).
+pub fn is_valid_sku(sku: &str) -> bool {
+    (1..=64).contains(&sku.len())
+        && sku
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
 
 /// Names of the Kafka headers orderflow writes. Values are UTF-8.
 pub mod headers {

@@ -17,6 +17,12 @@ pub mod names {
     pub const ORDERS_EVENTS: &str = "orders.events";
     pub const SAGA_DLQ: &str = "orderflow.saga.dlq";
     pub const PROJECTION_ORDERS_DLQ: &str = "orderflow.projection.orders.dlq";
+    pub const SAGA_CHANGELOG: &str = "orderflow.saga.changelog";
+    pub const INVENTORY_COMMANDS: &str = "inventory.commands";
+    pub const INVENTORY_CHANGELOG: &str = "orderflow.inventory.changelog";
+    pub const INVENTORY_DLQ: &str = "orderflow.inventory.dlq";
+    pub const PAYMENTS_REQUESTS: &str = "payments.requests";
+    pub const PAYMENTS_DLQ: &str = "orderflow.payments.dlq";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +150,12 @@ mod tests {
             names::ORDERS_EVENTS,
             names::SAGA_DLQ,
             names::PROJECTION_ORDERS_DLQ,
+            names::SAGA_CHANGELOG,
+            names::INVENTORY_COMMANDS,
+            names::INVENTORY_CHANGELOG,
+            names::INVENTORY_DLQ,
+            names::PAYMENTS_REQUESTS,
+            names::PAYMENTS_DLQ,
         ] {
             assert!(
                 catalog.get(name).is_some(),

@@ -1,7 +1,13 @@
-use orderflow_platform::config::ValidationSettings;
-use orderflow_schemas::{Address, OrderLine};
+use std::collections::VecDeque;
+
+use orderflow_platform::config::{FraudSettings, Overrides, Settings, ValidationSettings};
+use orderflow_schemas::{
+    Address, Codec, InventoryRestocked, OrderCancellationRequested, OrderLine, PaymentAuthorized,
+    PaymentDeclined, PaymentRefunded,
+};
 
 use super::*;
+use crate::inventory::{Inventory, InventoryState};
 
 fn rules() -> validation::Rules {
     validation::Rules::from_settings(&ValidationSettings {
@@ -51,65 +57,308 @@ fn placed() -> OrderPlaced {
     }
 }
 
-fn run(event: OrderEvent) -> Vec<OrderEvent> {
-    let mut saga = Saga::new(rules(), "orders.events");
-    let mut out = Outputs::default();
-    saga.handle(&event, &mut out).expect("handled");
-    out.drain().map(|r| r.event).collect()
+
+const TOPICS: SagaTopics = SagaTopics {
+    orders: "orders.events",
+    inventory_commands: "inventory.commands",
+    payment_requests: "payments.requests",
+};
+
+fn defaults() -> Settings {
+    Settings::from_defaults(&Overrides::default()).expect("default settings")
 }
 
+fn fraud() -> FraudSettings {
+    defaults().fraud
+}
+
+fn saga() -> Saga {
+    Saga::new(
+        rules(),
+        SharedModel::new(fraud()),
+        defaults().saga,
+        TOPICS,
+    )
+}
+
+fn order(n: u128, customer: &str, lines: &[(&str, i32)]) -> OrderPlaced {
+    let mut o = placed();
+    o.envelope.event_id = Uuid::from_u128(0x1000 + n).to_string();
+    o.envelope.order_id = Uuid::from_u128(0x2000 + n).to_string();
+    o.envelope.customer_id = customer.to_owned();
+    o.lines = lines
+        .iter()
+        .map(|(sku, quantity)| OrderLine {
+            sku: (*sku).to_owned(),
+            quantity: *quantity,
+            unit_price_minor: 1000,
+        })
+        .collect();
+    o.subtotal_minor = o.lines.iter().map(|l| i64::from(l.quantity) * 1000).sum();
+    o.total_minor = o.subtotal_minor + o.shipping_minor + o.tax_minor;
+    o
+}
+
+/// How the simulated payment gateway answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Pay {
+    Authorize,
+    Decline,
+    /// Never answers (the request stays in `payments`).
+    Hold,
+}
+
+/// The saga, the inventory processor and a payment worker stand-in, wired by in-memory queues.
+struct World {
+    saga: Saga,
+    saga_state: SagaState,
+    inventory: Inventory,
+    stock: InventoryState,
+    pay: Pay,
+    /// Everything written to the orders topic, in order.
+    log: Vec<OrderEvent>,
+    orders: VecDeque<OrderEvent>,
+    commands: VecDeque<OrderEvent>,
+    payments: VecDeque<OrderEvent>,
+    /// Deliver every record twice (a redelivery after a crash, an aborted batch shown).
+    twice: bool,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            saga: saga(),
+            saga_state: SagaState::default(),
+            inventory: Inventory::new("orders.events"),
+            stock: InventoryState::default(),
+            pay: Pay::Authorize,
+            log: Vec::new(),
+            orders: VecDeque::new(),
+            commands: VecDeque::new(),
+            payments: VecDeque::new(),
+            twice: false,
+        }
+    }
+
+    fn restock(&mut self, sku: &str, quantity: i32, n: u128) {
+        let id = Uuid::from_u128(0x9000 + n).to_string();
+        self.commands
+            .push_back(OrderEvent::InventoryRestocked(InventoryRestocked {
+                envelope: Envelope {
+                    event_id: id.clone(),
+                    order_id: id,
+                    customer_id: String::new(),
+                    occurred_at: 0,
+                    causation_id: None,
+                    sequence: 0,
+                    schema_version: 1,
+                },
+                sku: sku.to_owned(),
+                quantity,
+                source: "test".into(),
+            }));
+        self.run();
+    }
+
+    fn place(&mut self, order: OrderPlaced) {
+        let event = OrderEvent::OrderPlaced(order);
+        self.log.push(event.clone());
+        self.orders.push_back(event);
+    }
+
+    fn input(&mut self, event: OrderEvent) {
+        self.log.push(event.clone());
+        self.orders.push_back(event);
+    }
+
+    fn route(&mut self, out: &mut Outputs) {
+        for record in out.drain() {
+            match record.topic {
+                "orders.events" => {
+                    self.log.push(record.event.clone());
+                    self.orders.push_back(record.event);
+                }
+                "inventory.commands" => self.commands.push_back(record.event),
+                "payments.requests" => self.payments.push_back(record.event),
+                other => panic!("unexpected topic {other}"),
+            }
+        }
+    }
+
+    fn answer_payment(&self, request: &OrderEvent) -> Option<OrderEvent> {
+        let envelope = |role: &str, kind: EventKind| {
+            let e = request.envelope();
+            Envelope {
+                event_id: derived_event_id(
+                    Uuid::parse_str(&e.event_id).expect("uuid"),
+                    role,
+                )
+                .to_string(),
+                order_id: e.order_id.clone(),
+                customer_id: e.customer_id.clone(),
+                occurred_at: e.occurred_at,
+                causation_id: Some(e.event_id.clone()),
+                sequence: e.sequence + 1,
+                schema_version: kind.schema_version(),
+            }
+        };
+        match (request, self.pay) {
+            (_, Pay::Hold) => None,
+            (OrderEvent::PaymentRequested(p), Pay::Authorize) => {
+                Some(OrderEvent::PaymentAuthorized(PaymentAuthorized {
+                    envelope: envelope("payments/authorized", EventKind::PaymentAuthorized),
+                    amount_minor: p.amount_minor,
+                    currency: p.currency.clone(),
+                    authorization_id: format!("auth-{}", p.idempotency_key),
+                }))
+            }
+            (OrderEvent::PaymentRequested(p), Pay::Decline) => {
+                Some(OrderEvent::PaymentDeclined(PaymentDeclined {
+                    envelope: envelope("payments/declined", EventKind::PaymentDeclined),
+                    amount_minor: p.amount_minor,
+                    currency: p.currency.clone(),
+                    reason: "insufficient funds".into(),
+                }))
+            }
+            (OrderEvent::PaymentRefundRequested(r), _) => {
+                Some(OrderEvent::PaymentRefunded(PaymentRefunded {
+                    envelope: envelope("payments/refunded", EventKind::PaymentRefunded),
+                    amount_minor: r.amount_minor,
+                    currency: r.currency.clone(),
+                    refund_id: format!("ref-{}", r.idempotency_key),
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs until every queue is empty (held payments stay queued).
+    fn run(&mut self) {
+        let mut held = VecDeque::new();
+        loop {
+            let mut out = Outputs::default();
+            if let Some(event) = self.orders.pop_front() {
+                for _ in 0..if self.twice { 2 } else { 1 } {
+                    self.saga
+                        .handle(&mut self.saga_state, &event, &mut out)
+                        .expect("saga handles");
+                }
+            } else if let Some(event) = self.commands.pop_front() {
+                for _ in 0..if self.twice { 2 } else { 1 } {
+                    self.inventory
+                        .handle(&mut self.stock, &event, &mut out)
+                        .expect("inventory handles");
+                }
+            } else if let Some(request) = self.payments.pop_front() {
+                match self.answer_payment(&request) {
+                    Some(answer) => {
+                        for _ in 0..if self.twice { 2 } else { 1 } {
+                            out.push("orders.events", String::new(), answer.clone());
+                        }
+                    }
+                    None => held.push_back(request),
+                }
+            } else {
+                break;
+            }
+            self.route(&mut out);
+        }
+        self.payments = held;
+    }
+
+    /// The order's timeline as the projection sees it: distinct events by id, sequenced ones.
+    fn timeline(&self, order_id: &str) -> Vec<(i64, &'static str)> {
+        let mut seen = HashSet::new();
+        self.log
+            .iter()
+            .filter(|e| e.envelope().order_id == order_id && e.envelope().sequence > 0)
+            .filter(|e| seen.insert(e.envelope().event_id.clone()))
+            .map(|e| (e.envelope().sequence, e.kind().name()))
+            .collect()
+    }
+
+    fn kinds(&self, order_id: &str) -> Vec<&'static str> {
+        self.timeline(order_id).into_iter().map(|(_, k)| k).collect()
+    }
+
+    fn status(&self, order_id: &str) -> String {
+        match &self.saga_state.order(order_id).expect("order known").stage {
+            Stage::Done { status } => status.clone(),
+            Stage::Confirmed => "confirmed".into(),
+            other => format!("{other:?}"),
+        }
+    }
+
+    fn available(&self, sku: &str) -> i64 {
+        self.stock.sku(sku).map_or(0, |s| s.available)
+    }
+}
+
+const HAPPY: [&str; 8] = [
+    "OrderPlaced",
+    "OrderValidated",
+    "FraudScored",
+    "InventoryReservationRequested",
+    "InventoryReserved",
+    "PaymentRequested",
+    "PaymentAuthorized",
+    "OrderConfirmed",
+];
+
 #[test]
-fn a_valid_order_is_validated_then_confirmed() {
-    let outputs = run(OrderEvent::OrderPlaced(placed()));
-    assert_eq!(outputs.len(), 2);
-    let OrderEvent::OrderValidated(validated) = &outputs[0] else {
-        panic!("expected OrderValidated, got {:?}", outputs[0]);
-    };
-    let OrderEvent::OrderConfirmed(confirmed) = &outputs[1] else {
-        panic!("expected OrderConfirmed, got {:?}", outputs[1]);
-    };
-    assert_eq!(validated.envelope.sequence, 2);
-    assert_eq!(confirmed.envelope.sequence, 3);
-    assert_eq!(
-        validated.envelope.causation_id.as_deref(),
-        Some(placed().envelope.event_id.as_str())
-    );
-    assert_eq!(
-        confirmed.envelope.causation_id.as_deref(),
-        Some(validated.envelope.event_id.as_str())
-    );
-    assert_eq!(confirmed.total_minor, 3000);
-    assert_eq!(
-        confirmed.envelope.occurred_at,
-        placed().envelope.occurred_at
-    );
-    assert_ne!(validated.envelope.event_id, confirmed.envelope.event_id);
+fn a_valid_order_runs_the_whole_saga_and_is_confirmed() {
+    let mut world = World::new();
+    world.restock("SKU-1", 10, 1);
+    let o = order(1, "c-1", &[("SKU-1", 3)]);
+    let id = o.envelope.order_id.clone();
+    world.place(o);
+    world.run();
+    assert_eq!(world.kinds(&id), HAPPY);
+    let sequences: Vec<i64> = world.timeline(&id).iter().map(|(s, _)| *s).collect();
+    assert_eq!(sequences, (1..=8).collect::<Vec<_>>(), "one version per event");
+    assert_eq!(world.status(&id), "confirmed");
+    assert_eq!(world.available("SKU-1"), 7);
 }
 
 #[test]
 fn outputs_are_deterministic() {
-    let first = run(OrderEvent::OrderPlaced(placed()));
-    let second = run(OrderEvent::OrderPlaced(placed()));
-    assert_eq!(first, second);
-    let codec = orderflow_schemas::Codec::new().expect("codec");
-    for (a, b) in first.iter().zip(&second) {
-        assert_eq!(codec.encode(a).expect("a"), codec.encode(b).expect("b"));
-    }
+    let codec = Codec::new().expect("codec");
+    let run = || {
+        let mut world = World::new();
+        world.restock("SKU-1", 10, 1);
+        world.place(order(1, "c-1", &[("SKU-1", 3), ("SKU-2", 1)]));
+        world.restock("SKU-2", 1, 2);
+        world.run();
+        world
+            .log
+            .iter()
+            .map(|e| codec.encode(e).expect("encodes"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(run(), run());
 }
 
 #[test]
 fn an_invalid_order_is_rejected_with_every_reason() {
-    let mut order = placed();
-    order.currency = "JPY".into();
-    order.lines[0].quantity = 0;
-    order.total_minor = 1;
-    order.shipping_address.city = " ".into();
-    order.payment_token = "4242 4242 4242 4242".into();
-    let outputs = run(OrderEvent::OrderPlaced(order));
-    assert_eq!(outputs.len(), 1);
-    let OrderEvent::OrderRejected(rejected) = &outputs[0] else {
-        panic!("expected OrderRejected, got {:?}", outputs[0]);
-    };
+    let mut o = placed();
+    o.currency = "JPY".into();
+    o.lines[0].quantity = 0;
+    o.total_minor = 1;
+    o.shipping_address.city = " ".into();
+    o.payment_token = "4242 4242 4242 4242".into();
+    let mut world = World::new();
+    world.place(o);
+    world.run();
+    let rejected: Vec<_> = world
+        .log
+        .iter()
+        .filter_map(|e| match e {
+            OrderEvent::OrderRejected(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rejected.len(), 1);
+    let rejected = rejected[0];
     assert_eq!(rejected.envelope.sequence, 2);
     assert_eq!(rejected.stage, "validation");
     let codes: Vec<_> = rejected.reasons.iter().map(|r| r.code.as_str()).collect();
@@ -123,30 +372,350 @@ fn an_invalid_order_is_rejected_with_every_reason() {
     ] {
         assert!(codes.contains(&code), "{code} missing from {codes:?}");
     }
-    let text = format!("{rejected:?}");
     assert!(
-        !text.contains("4242 4242"),
+        !format!("{rejected:?}").contains("4242 4242"),
         "the card number must not be repeated"
     );
 }
 
 #[test]
-fn later_events_produce_nothing() {
-    let outputs = run(OrderEvent::OrderPlaced(placed()));
-    for event in outputs {
-        assert!(run(event).is_empty());
+fn every_input_delivered_twice_changes_nothing_and_re_emits_the_same_events() {
+    let scenario = |twice: bool| {
+        let mut world = World::new();
+        world.twice = twice;
+        world.restock("SKU-1", 4, 1);
+        world.restock("SKU-1", 4, 1); // the same restock event again
+        for n in 0..6 {
+            world.place(order(n, &format!("c-{}", n % 2), &[("SKU-1", 2)]));
+        }
+        world.run();
+        let mut distinct: Vec<_> = world.log.iter().map(|e| e.envelope().event_id.clone()).collect();
+        distinct.sort();
+        distinct.dedup();
+        (distinct, world.available("SKU-1"), world.log.clone())
+    };
+    let (once, stock_once, _) = scenario(false);
+    let (twice, stock_twice, log_twice) = scenario(true);
+    assert_eq!(once, twice, "the same events, by id");
+    assert_eq!(stock_once, 0);
+    assert_eq!(stock_twice, stock_once);
+    // A repeated id is a re-emission: byte-identical.
+    let codec = Codec::new().expect("codec");
+    let mut by_id: HashMap<String, Vec<u8>> = HashMap::new();
+    for event in &log_twice {
+        let bytes = codec.encode(event).expect("encodes");
+        let first = by_id.entry(event.envelope().event_id.clone()).or_insert(bytes.clone());
+        assert_eq!(*first, bytes, "conflicting events with one id");
     }
 }
 
 #[test]
+fn competing_orders_never_oversell() {
+    let mut world = World::new();
+    world.restock("HOT", 7, 1);
+    let ids: Vec<String> = (0..20)
+        .map(|n| {
+            let o = order(n, &format!("c-{n}"), &[("HOT", 1)]);
+            let id = o.envelope.order_id.clone();
+            world.place(o);
+            id
+        })
+        .collect();
+    world.run();
+    let confirmed = ids.iter().filter(|id| world.status(id) == "confirmed").count();
+    assert_eq!(confirmed, 7, "min(demand 20, stock 7)");
+    assert_eq!(ids.iter().filter(|id| world.status(id) == "rejected").count(), 13);
+    assert_eq!(world.available("HOT"), 0);
+}
+
+#[test]
+fn a_short_line_releases_the_lines_already_reserved() {
+    let mut world = World::new();
+    world.restock("A", 5, 1);
+    world.restock("B", 1, 2);
+    let o = order(1, "c-1", &[("A", 2), ("B", 3)]);
+    let id = o.envelope.order_id.clone();
+    world.place(o);
+    world.run();
+    assert_eq!(
+        world.kinds(&id),
+        [
+            "OrderPlaced",
+            "OrderValidated",
+            "FraudScored",
+            "InventoryReservationRequested",
+            "InventoryRejected",
+            "InventoryReleased",
+            "OrderRejected"
+        ]
+    );
+    assert_eq!(world.available("A"), 5, "A was reserved, then released");
+    assert_eq!(world.available("B"), 1);
+}
+
+#[test]
+fn a_declined_payment_releases_stock_and_cancels() {
+    let mut world = World::new();
+    world.pay = Pay::Decline;
+    world.restock("A", 5, 1);
+    let o = order(1, "c-1", &[("A", 2)]);
+    let id = o.envelope.order_id.clone();
+    world.place(o);
+    world.run();
+    assert_eq!(
+        world.kinds(&id)[5..],
+        ["PaymentRequested", "PaymentDeclined", "InventoryReleased", "OrderCancelled"]
+    );
+    assert_eq!(world.status(&id), "cancelled");
+    assert_eq!(world.available("A"), 5);
+}
+
+fn cancel_request(id: &str, customer: &str, n: u128) -> OrderEvent {
+    OrderEvent::OrderCancellationRequested(OrderCancellationRequested {
+        envelope: Envelope {
+            event_id: Uuid::from_u128(0x5000 + n).to_string(),
+            order_id: id.to_owned(),
+            customer_id: customer.to_owned(),
+            occurred_at: 1_764_000_001_000,
+            causation_id: None,
+            sequence: 0,
+            schema_version: 1,
+        },
+        reason: "changed my mind".into(),
+    })
+}
+
+#[test]
+fn cancellation_while_reserving_releases_and_cancels() {
+    let mut world = World::new();
+    world.restock("A", 5, 1);
+    let o = order(1, "c-1", &[("A", 2)]);
+    let id = o.envelope.order_id.clone();
+    world.place(o);
+    // Only the saga's first step: the reservation command waits in the inventory's queue.
+    let placed = world.orders.pop_front().expect("placed");
+    let mut out = Outputs::default();
+    world.saga.handle(&mut world.saga_state, &placed, &mut out).expect("handled");
+    world.route(&mut out);
+    world.orders.clear(); // its own timeline events: nothing to do
+    world.input(cancel_request(&id, "c-1", 1));
+    world.run();
+    assert_eq!(world.status(&id), "cancelled");
+    assert_eq!(world.available("A"), 5, "reserved after the cancel arrived, then released");
+    assert!(world.kinds(&id).ends_with(&["InventoryReleased", "OrderCancelled"]));
+}
+
+#[test]
+fn cancellation_while_paying_waits_for_the_answer_then_refunds() {
+    let mut world = World::new();
+    world.pay = Pay::Hold;
+    world.restock("A", 5, 1);
+    let o = order(1, "c-1", &[("A", 2)]);
+    let id = o.envelope.order_id.clone();
+    world.place(o);
+    world.run();
+    assert_eq!(world.payments.len(), 1, "the payment is in flight");
+    world.input(cancel_request(&id, "c-1", 1));
+    world.run();
+    assert!(world.kinds(&id).ends_with(&["PaymentRequested"]), "nothing until the answer");
+    world.pay = Pay::Authorize;
+    world.run();
+    assert_eq!(
+        world.kinds(&id)[5..],
+        [
+            "PaymentRequested",
+            "PaymentAuthorized",
+            "PaymentRefundRequested",
+            "PaymentRefunded",
+            "InventoryReleased",
+            "OrderCancelled"
+        ]
+    );
+    assert_eq!(world.available("A"), 5);
+}
+
+#[test]
+fn cancellation_after_confirmation_refunds_and_releases() {
+    let mut world = World::new();
+    world.restock("A", 5, 1);
+    let o = order(1, "c-1", &[("A", 2)]);
+    let id = o.envelope.order_id.clone();
+    world.place(o);
+    world.run();
+    assert_eq!(world.status(&id), "confirmed");
+    world.input(cancel_request(&id, "c-1", 1));
+    world.input(cancel_request(&id, "c-1", 2)); // a second request changes nothing
+    world.run();
+    assert_eq!(world.status(&id), "cancelled");
+    assert_eq!(
+        world.kinds(&id)[7..],
+        [
+            "OrderConfirmed",
+            "PaymentRefundRequested",
+            "PaymentRefunded",
+            "InventoryReleased",
+            "OrderCancelled"
+        ]
+    );
+    assert_eq!(world.available("A"), 5);
+}
+
+fn big_order(n: u128) -> OrderPlaced {
+    // Total at or above the review amount (10 000.00): held for review.
+    let mut o = order(n, "c-big", &[("A", 1)]);
+    o.lines[0].unit_price_minor = 1_000_000;
+    o.subtotal_minor = 1_000_000;
+    o.total_minor = o.subtotal_minor + o.shipping_minor + o.tax_minor;
+    o
+}
+
+fn decision(id: &str, decision: ReviewDecision, n: u128) -> OrderEvent {
+    OrderEvent::FraudReviewDecided(FraudReviewDecided {
+        envelope: Envelope {
+            event_id: Uuid::from_u128(0x7000 + n).to_string(),
+            order_id: id.to_owned(),
+            customer_id: "c-big".into(),
+            occurred_at: 1_764_000_002_000,
+            causation_id: None,
+            sequence: 0,
+            schema_version: 1,
+        },
+        decision,
+        reviewer: "ops".into(),
+        note: String::new(),
+    })
+}
+
+#[test]
+fn review_holds_the_order_until_an_admin_decides() {
+    for (choice, status) in [
+        (ReviewDecision::Approve, "confirmed"),
+        (ReviewDecision::Reject, "rejected"),
+    ] {
+        let mut world = World::new();
+        world.restock("A", 2000, 1);
+        let o = big_order(1);
+        let id = o.envelope.order_id.clone();
+        world.place(o);
+        world.run();
+        assert!(matches!(
+            world.saga_state.order(&id).expect("known").stage,
+            Stage::Review { .. }
+        ));
+        world.input(decision(&id, choice, 1));
+        world.input(decision(&id, ReviewDecision::Reject, 2)); // too late: ignored
+        world.run();
+        assert_eq!(world.status(&id), status);
+    }
+}
+
+#[test]
+fn a_step_with_no_answer_times_out_and_cancels() {
+    let mut world = World::new();
+    let o = big_order(1);
+    let id = o.envelope.order_id.clone();
+    let placed_at = o.envelope.occurred_at;
+    world.place(o);
+    world.run();
+    let review_timeout = defaults().saga.review_timeout_ms;
+    let mut out = Outputs::default();
+    world.saga.tick(3, &world.saga_state, placed_at + review_timeout - 1, &mut out);
+    assert!(out.is_empty(), "not due yet");
+    world.saga.tick(3, &world.saga_state, placed_at + review_timeout, &mut out);
+    assert_eq!(out.records().len(), 1);
+    assert_eq!(out.records()[0].partition, Some(3), "back to its own partition");
+    let mut again = Outputs::default();
+    world.saga.tick(3, &world.saga_state, placed_at + review_timeout + 1000, &mut again);
+    assert!(again.is_empty(), "a due timer is written once");
+    world.route(&mut out);
+    world.run();
+    assert_eq!(world.status(&id), "cancelled");
+    let OrderEvent::OrderCancelled(cancelled) = world.log.last().expect("events") else {
+        panic!("expected OrderCancelled last");
+    };
+    assert_eq!(cancelled.initiated_by, "timeout");
+}
+
+#[test]
+fn an_inventory_timeout_releases_everything() {
+    let mut world = World::new();
+    world.restock("A", 5, 1);
+    let o = order(1, "c-1", &[("A", 2)]);
+    let id = o.envelope.order_id.clone();
+    let placed_at = o.envelope.occurred_at;
+    world.place(o);
+    let placed = world.orders.pop_front().expect("placed");
+    let mut out = Outputs::default();
+    world.saga.handle(&mut world.saga_state, &placed, &mut out).expect("handled");
+    world.route(&mut out);
+    world.orders.clear();
+    let mut timers = Outputs::default();
+    world.saga.tick(0, &world.saga_state, placed_at + defaults().saga.inventory_timeout_ms, &mut timers);
+    world.route(&mut timers);
+    world.run();
+    assert_eq!(world.status(&id), "cancelled");
+    assert_eq!(world.available("A"), 5, "reserved late, released by the timeout's release");
+}
+
+#[test]
+fn fraud_rejects_a_burst_of_orders_from_one_customer() {
+    let mut world = World::new();
+    world.restock("A", 1000, 1);
+    let burst = fraud().max_orders_per_window as u128 + 5;
+    let ids: Vec<String> = (0..burst)
+        .map(|n| {
+            let mut o = order(n, "c-burst", &[("A", 1)]);
+            o.envelope.occurred_at += n as i64;
+            let id = o.envelope.order_id.clone();
+            world.place(o);
+            id
+        })
+        .collect();
+    world.run();
+    let last = ids.last().expect("orders");
+    assert_eq!(world.status(last), "rejected");
+    let scored = world.log.iter().rev().find_map(|e| match e {
+        OrderEvent::FraudScored(s) if s.envelope.order_id == *last => Some(s.clone()),
+        _ => None,
+    });
+    let scored = scored.expect("scored");
+    assert_eq!(scored.decision, FraudDecision::Reject);
+    assert!(scored.reasons.iter().any(|r| r.contains("rule:")), "{:?}", scored.reasons);
+}
+
+#[test]
 fn a_malformed_event_id_is_poison() {
-    let mut order = placed();
-    order.envelope.event_id = "not-a-uuid".into();
-    let mut saga = Saga::new(rules(), "orders.events");
+    let mut o = placed();
+    o.envelope.event_id = "not-a-uuid".into();
+    let mut saga = saga();
+    let mut state = SagaState::default();
     let mut out = Outputs::default();
     let err = saga
-        .handle(&OrderEvent::OrderPlaced(order), &mut out)
+        .handle(&mut state, &OrderEvent::OrderPlaced(o), &mut out)
         .expect_err("poison");
+    assert!(matches!(err, StepError::Poison(_)));
     assert!(err.to_string().contains("event_id"));
     assert!(out.records().is_empty());
+}
+
+#[test]
+fn state_survives_a_changelog_round_trip() {
+    let mut world = World::new();
+    world.restock("A", 5, 1);
+    world.place(order(1, "c-1", &[("A", 2)]));
+    world.run();
+    let records = world.saga_state.changes();
+    let mut restored = SagaState::default();
+    for (key, value) in &records {
+        restored.restore(key, value.as_deref()).expect("restores");
+    }
+    let id = Uuid::from_u128(0x2001).to_string();
+    assert_eq!(restored.order(&id), world.saga_state.order(&id));
+    assert!(restored.changes().is_empty());
+    let stock = world.stock.changes();
+    let mut restored_stock = InventoryState::default();
+    for (key, value) in &stock {
+        restored_stock.restore(key, value.as_deref()).expect("restores");
+    }
+    assert_eq!(restored_stock.sku("A"), world.stock.sku("A"));
 }

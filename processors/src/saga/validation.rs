@@ -22,13 +22,7 @@ fn reason(code: &str, field: impl Into<String>, message: impl Into<String>) -> R
     }
 }
 
-/// A SKU is 1–64 characters of ASCII letters, digits, `-` and `_`.
-pub fn is_valid_sku(sku: &str) -> bool {
-    (1..=64).contains(&sku.len())
-        && sku
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-}
+pub use orderflow_schemas::is_valid_sku;
 
 impl Rules {
     pub fn from_settings(settings: &ValidationSettings) -> Self {

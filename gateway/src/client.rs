@@ -1,0 +1,142 @@
+//! An HTTP client for the gateway: one attempt per call, bounded by a timeout. Retries, backoff
+//! and the circuit breaker belong to the caller (the payment worker), which knows its deadlines.
+
+use std::time::Duration;
+
+use crate::protocol::{Answer, ChargeRequest, Faults, RefundRequest, Report};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No answer in time; the call may or may not have happened (retry with the same key).
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// 5xx: the gateway failed; retry with the same key.
+    #[error("gateway error {0}")]
+    Server(u16),
+    /// 4xx: the request itself is wrong; retrying cannot help.
+    #[error("request refused ({status}): {body}")]
+    Refused { status: u16, body: String },
+    #[error("answer does not parse: {0}")]
+    BadAnswer(String),
+}
+
+impl GatewayError {
+    /// Whether retrying the same call may succeed.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, Self::Refused { .. } | Self::BadAnswer(_))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayClient {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl GatewayClient {
+    /// `base` like `http://127.0.0.1:8090`.
+    pub fn new(base: &str) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+        }
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn charge(
+        &self,
+        request: &ChargeRequest,
+        timeout: Duration,
+    ) -> Result<Answer, GatewayError> {
+        self.post(&format!("{}/v1/charges", self.base), Some(request), timeout)
+            .await
+    }
+
+    pub async fn void(&self, key: &str, timeout: Duration) -> Result<Answer, GatewayError> {
+        self.post::<()>(&format!("{}/v1/charges/{key}/void", self.base), None, timeout)
+            .await
+    }
+
+    pub async fn refund(
+        &self,
+        request: &RefundRequest,
+        timeout: Duration,
+    ) -> Result<Answer, GatewayError> {
+        self.post(&format!("{}/v1/refunds", self.base), Some(request), timeout)
+            .await
+    }
+
+    /// Every charge key the gateway saw.
+    pub async fn report(&self, timeout: Duration) -> Result<Report, GatewayError> {
+        let response = self
+            .http
+            .get(format!("{}/v1/charges", self.base))
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| classify(e, timeout))?;
+        parse(response).await
+    }
+
+    /// Changes the simulator's faults (the simulated gateway only).
+    pub async fn set_faults(&self, faults: &Faults, timeout: Duration) -> Result<(), GatewayError> {
+        let response = self
+            .http
+            .put(format!("{}/v1/faults", self.base))
+            .json(faults)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| classify(e, timeout))?;
+        let _: Faults = parse(response).await?;
+        Ok(())
+    }
+
+    async fn post<T: serde::Serialize>(
+        &self,
+        url: &str,
+        body: Option<&T>,
+        timeout: Duration,
+    ) -> Result<Answer, GatewayError> {
+        let mut request = self.http.post(url).timeout(timeout);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.map_err(|e| classify(e, timeout))?;
+        parse(response).await
+    }
+}
+
+fn classify(e: reqwest::Error, timeout: Duration) -> GatewayError {
+    if e.is_timeout() {
+        GatewayError::Timeout(timeout)
+    } else {
+        GatewayError::Unreachable(e.to_string())
+    }
+}
+
+async fn parse<T: serde::de::DeserializeOwned>(
+    response: reqwest::Response,
+) -> Result<T, GatewayError> {
+    let status = response.status();
+    if status.is_server_error() {
+        return Err(GatewayError::Server(status.as_u16()));
+    }
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        return Err(GatewayError::Refused {
+            status: status.as_u16(),
+            body: body.chars().take(500).collect(),
+        });
+    }
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| GatewayError::Unreachable(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| GatewayError::BadAnswer(e.to_string()))
+}
