@@ -27,8 +27,8 @@ pub struct LoadgenArgs {
     /// Orders per second (open loop: the schedule does not slow down for the server).
     #[arg(long, default_value_t = 50.0)]
     pub rate: f64,
-    /// Size of the customer pool.
-    #[arg(long, default_value_t = 50)]
+    /// Size of the customer pool (a small pool trips the fraud model's velocity rule).
+    #[arg(long, default_value_t = 1000)]
     pub customers: u32,
     /// Size of the SKU pool.
     #[arg(long, default_value_t = 100)]
@@ -45,6 +45,10 @@ pub struct LoadgenArgs {
     /// Seed of the random orders (same seed, same orders).
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Units of every SKU of the pool to restock (POST /v1/inventory) before sending orders;
+    /// 0: none.
+    #[arg(long, default_value_t = 100_000)]
+    pub stock_per_sku: u32,
 }
 
 /// What a run saw.
@@ -167,6 +171,26 @@ pub async fn run(args: &LoadgenArgs) -> Result<Report> {
         .build()
         .context("building the HTTP client")?;
     let endpoint = format!("{}/v1/orders", args.url.trim_end_matches('/'));
+    if args.stock_per_sku > 0 {
+        let items: Vec<Value> = (0..args.skus.max(1))
+            .map(|i| json!({"sku": format!("SKU-{i:05}"), "quantity": args.stock_per_sku}))
+            .collect();
+        for chunk in items.chunks(200) {
+            let response = client
+                .post(format!("{}/v1/inventory", args.url.trim_end_matches('/')))
+                .json(&chunk)
+                .send()
+                .await
+                .context("restocking the SKU pool")?;
+            if !response.status().is_success() {
+                bail!(
+                    "restocking the SKU pool: HTTP {}: {}",
+                    response.status(),
+                    response.text().await.unwrap_or_default()
+                );
+            }
+        }
+    }
     let mut rng = StdRng::seed_from_u64(args.seed);
     let started = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / args.rate);

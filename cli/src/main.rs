@@ -82,6 +82,37 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         slo_secs: u64,
     },
+    /// Run the in-process broker on its own, with the topic catalog applied, and print its
+    /// address (a throwaway local Kafka; its log lives in memory).
+    Broker,
+    /// Run the simulated payment gateway on its own (gateway.listen).
+    Gateway,
+    /// Stock commands.
+    Inventory {
+        #[command(subcommand)]
+        command: InventoryCommand,
+    },
+    /// Decide an order held for fraud review, through a running ingest edge.
+    Review {
+        order_id: String,
+        /// approve or reject
+        #[arg(value_parser = ["approve", "reject"])]
+        decision: String,
+        /// Who decided (recorded in the event).
+        #[arg(long)]
+        reviewer: String,
+        #[arg(long, default_value = "")]
+        note: String,
+        /// Base URL of the ingest edge.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum InventoryCommand {
+    /// Publish restocks from a CSV (sku,quantity) or JSON ([{"sku","quantity"}]) file.
+    Load { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -193,6 +224,37 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 return Ok(std::process::ExitCode::FAILURE);
             }
         }
+        Command::Broker => broker(&settings).await?,
+        Command::Gateway => {
+            let simulator = orderflow_gateway::simulator::Simulator::bind(&settings.gateway)
+                .await
+                .with_context(|| format!("binding {}", settings.gateway.listen))?;
+            println!("simulated payment gateway: http://{}", simulator.local_addr()?);
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                stop.cancel();
+            });
+            simulator.run(cancel).await?;
+        }
+        Command::Inventory {
+            command: InventoryCommand::Load { file },
+        } => {
+            let n = orderflow::admin::load_inventory(&settings, &file).await?;
+            println!("{n} restocks published from {}", file.display());
+        }
+        Command::Review {
+            order_id,
+            decision,
+            reviewer,
+            note,
+            url,
+        } => {
+            let answer =
+                orderflow::admin::review(&url, &order_id, &decision, &reviewer, &note).await?;
+            println!("{answer}");
+        }
         Command::Loadgen(args) => {
             let report = loadgen::run(&args).await?;
             println!("{report}");
@@ -243,10 +305,30 @@ async fn dev(
     if let Some(addr) = running.query_addr {
         println!("  query       http://{addr}/v1/orders/{{order_id}}");
     }
+    if let Some(addr) = running.gateway_addr {
+        println!("  gateway     http://{addr} (simulated)");
+    }
     println!("  metrics     http://{}/metrics", running.ops_addr);
     println!("Press Ctrl-C to stop.");
     serve_until_signal(&mut running, Box::new(reload)).await?;
     running.shutdown(DRAIN_DEADLINE).await
+}
+
+/// `orderflow broker`: the in-process broker alone, until Ctrl-C.
+async fn broker(settings: &Settings) -> Result<()> {
+    let broker = Broker::from_settings(&Settings {
+        kafka: orderflow_platform::config::KafkaSettings {
+            brokers: String::new(),
+            ..settings.kafka.clone()
+        },
+        ..settings.clone()
+    })?;
+    broker.apply_topics(settings).await?;
+    // The first line is the address, for scripts (and tests) to read.
+    println!("{}", broker.bootstrap());
+    println!("in-process broker running with the topic catalog applied; Ctrl-C stops it (its log is in memory and goes with it)");
+    shutdown_signal().await;
+    Ok(())
 }
 
 async fn role(
@@ -256,6 +338,9 @@ async fn role(
 ) -> Result<()> {
     if settings.kafka.brokers.trim().is_empty() {
         bail!("kafka.brokers is not set; set it (or ORDERFLOW_KAFKA__BROKERS), or use `orderflow dev` for the in-process broker");
+    }
+    if role == Role::Process && settings.payment.gateway_url.trim().is_empty() {
+        bail!("payment.gateway_url is not set; point it at the payment gateway (or run `orderflow gateway` for the simulated one)");
     }
     let mut running = pipeline::start(settings, &settings.kafka.brokers, &[role]).await?;
     if let Some(addr) = running.ingest_addr.or(running.query_addr) {
