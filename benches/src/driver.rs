@@ -113,7 +113,24 @@ pub async fn run_step(config: &StepConfig, db: &AnyPool) -> Result<StepResult> {
         concurrency: config.max_in_flight,
         wait_secs: 0,
         seed: config.seed,
+        stock_per_sku: 0,
     };
+    // Enough stock for every order of the step, so the saga's inventory step never refuses.
+    let stock: Vec<serde_json::Value> = (0..args.skus)
+        .map(|i| serde_json::json!({"sku": format!("SKU-{i:05}"), "quantity": 1_000_000}))
+        .collect();
+    for chunk in stock.chunks(100) {
+        let response = client
+            .post(format!("{}/v1/inventory", config.ingest_url.trim_end_matches('/')))
+            .json(&chunk)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "restocking answered {}",
+            response.status()
+        );
+    }
     let total = (config.rate * config.duration.as_secs_f64()).round() as u64;
     let completion = Arc::new(Mutex::new(Completion {
         end_to_end: Some(latency_histogram()),

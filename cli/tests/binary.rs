@@ -34,6 +34,7 @@ async fn dev_runs_serves_and_stops_cleanly() {
     );
 
     let client = reqwest::Client::new();
+    orderflow_testkit::restock(&client, &dev.ingest_url, &[("SKU-00001", 10)]).await;
     let accepted: Value = client
         .post(format!("{}/v1/orders", dev.ingest_url))
         .json(&order_json("customer-1"))
@@ -54,7 +55,7 @@ async fn dev_runs_serves_and_stops_cleanly() {
     );
     let view = wait_final(&client, &status_url).await;
     assert_eq!(view["status"], "confirmed");
-    assert_eq!(view["version"], 3);
+    assert_eq!(view["version"], 8, "placed .. confirmed: {view}");
 
     // loadgen against the running instance: every accepted order reaches a final status.
     let ingest = dev.ingest_url.clone();

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 use orderflow::pipeline::{self, Role};
 use orderflow_platform::{kafka::KafkaClients, Settings};
 use orderflow_schemas::{Codec, EventKind};
-use orderflow_testkit::{apply_topics, eventually, test_settings, Broker, Database};
+use orderflow_testkit::{apply_topics, eventually, restock, test_settings, Broker, Database};
 use orderflow_topics::names;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
@@ -295,6 +295,7 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         .expect("pipeline starts");
     let ingest = format!("http://{}", running.ingest_addr.expect("ingest runs"));
     let client = reqwest::Client::new();
+    restock(&client, &ingest, &[("SKU-00001", 100), ("SKU-00002", 100)]).await;
 
     // 12 orders from 4 customers; every third one invalid.
     let mut expected = Vec::new();
@@ -336,7 +337,7 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         })
         .await;
         let (status, version) = if *valid {
-            ("confirmed", 3)
+            ("confirmed", 8)
         } else {
             ("rejected", 2)
         };
@@ -452,25 +453,32 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         .await
         .expect("graceful shutdown");
 
-    // The log: per order one OrderPlaced and either OrderValidated + OrderConfirmed or one
-    // OrderRejected — one distinct event id each, however often anything was re-processed.
+    // The log: per order the saga's whole path, or OrderPlaced and one OrderRejected — as many
+    // distinct event ids of each kind as the path has, however often anything was re-processed.
     let codec = Codec::new().expect("codec");
     let seen = read_log(&bootstrap, &settings, &codec);
     for (order_id, _, valid) in &expected {
-        let kinds: &[EventKind] = if *valid {
+        let kinds: &[(EventKind, usize)] = if *valid {
             &[
-                EventKind::OrderPlaced,
-                EventKind::OrderValidated,
-                EventKind::OrderConfirmed,
+                (EventKind::OrderPlaced, 1),
+                (EventKind::OrderValidated, 1),
+                (EventKind::FraudScored, 1),
+                (EventKind::InventoryReservationRequested, 1),
+                // One answer per SKU from the inventory processor.
+                (EventKind::InventoryLineReserved, 2),
+                (EventKind::InventoryReserved, 1),
+                (EventKind::PaymentRequested, 1),
+                (EventKind::PaymentAuthorized, 1),
+                (EventKind::OrderConfirmed, 1),
             ]
         } else {
-            &[EventKind::OrderPlaced, EventKind::OrderRejected]
+            &[(EventKind::OrderPlaced, 1), (EventKind::OrderRejected, 1)]
         };
-        for kind in kinds {
+        for (kind, count) in kinds {
             let ids = seen.get(&(order_id.clone(), *kind));
             assert_eq!(
                 ids.map(|s| s.len()),
-                Some(1),
+                Some(*count),
                 "{order_id} {kind:?}: {ids:?}"
             );
         }
@@ -479,7 +487,8 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
             .filter(|((o, _), _)| o == order_id)
             .map(|(_, ids)| ids.len())
             .sum();
-        assert_eq!(total, kinds.len(), "{order_id} has unexpected events");
+        let want: usize = kinds.iter().map(|(_, n)| n).sum();
+        assert_eq!(total, want, "{order_id} has unexpected events");
     }
 
     // Each poison record went to each consumer's dead-letter topic, with its reason and source.

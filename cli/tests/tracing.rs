@@ -34,6 +34,12 @@ async fn one_order_is_one_trace_from_http_to_projection() {
         .expect("pipeline");
 
     let client = reqwest::Client::new();
+    orderflow_testkit::restock(
+        &client,
+        &format!("http://{}", running.ingest_addr.expect("ingest")),
+        &[("SKU-00001", 10)],
+    )
+    .await;
     let accepted: Value = client
         .post(format!(
             "http://{}/v1/orders",

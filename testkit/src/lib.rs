@@ -269,9 +269,16 @@ where
 /// on a free port, and `database_url` when given.
 pub fn test_settings(database_url: Option<&str>) -> orderflow_platform::Settings {
     let mut overrides = orderflow_platform::config::Overrides::default();
-    for key in ["ingest.listen", "query.listen", "telemetry.listen"] {
+    for key in [
+        "ingest.listen",
+        "query.listen",
+        "telemetry.listen",
+        "gateway.listen",
+    ] {
         overrides.set(key, "\"127.0.0.1:0\"");
     }
+    // Tests decide declines themselves (payment token `tok_decline...`).
+    overrides.set("gateway.decline_rate", "0.0");
     if let Some(url) = database_url {
         overrides.set("database.url", &format!("{url:?}"));
     }
@@ -293,6 +300,21 @@ pub async fn apply_topics(broker: &Broker, settings: &orderflow_platform::Settin
         .await
         .unwrap_or_else(|e| panic!("topics apply: {e}"));
     assert!(!report.has_drift(), "{report}");
+}
+
+/// Restocks SKUs through a running ingest edge (`POST /v1/inventory`), before orders need them.
+pub async fn restock(client: &reqwest::Client, ingest: &str, items: &[(&str, i32)]) {
+    let body: Vec<serde_json::Value> = items
+        .iter()
+        .map(|(sku, quantity)| serde_json::json!({"sku": sku, "quantity": quantity}))
+        .collect();
+    let response = client
+        .post(format!("{ingest}/v1/inventory"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("restock: {e}"));
+    assert_eq!(response.status(), 202, "restock answered {}", response.status());
 }
 
 /// A valid order request for `customer`: two units at 12.50 EUR plus 4.99 shipping, 29.99.

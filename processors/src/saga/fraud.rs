@@ -77,7 +77,10 @@ pub fn assess(model: &FraudSettings, placed: &OrderPlaced, customer: &CustomerSt
         .iter()
         .filter(|(id, t)| *id != placed.envelope.order_id && *t > at - model.velocity_window_ms && *t <= at)
         .count();
-    let first_order = customer.orders_seen == 0;
+    // The customer's state may already hold this order (re-scoring after a crash): never count
+    // the order against itself.
+    let itself = u64::from(customer.recent.iter().any(|(id, _)| *id == placed.envelope.order_id));
+    let first_order = customer.orders_seen.saturating_sub(itself) == 0;
     let items: i64 = placed.lines.iter().map(|l| i64::from(l.quantity.max(0))).sum();
     let country_change = customer
         .last_country

@@ -168,6 +168,12 @@ pub struct Saga {
     /// Timer events already written by this process, so a due timer is written once, not once
     /// per tick (a repeat after a restart is harmless: same id, same bytes).
     timers_sent: HashMap<i32, HashSet<String>>,
+    /// When this process first saw each pending step (wall clock, by the id of the event that
+    /// started it). A deadline is due when it passed in event time *and* the step has waited
+    /// that long here: a backlog (orders placed long before they are processed) or a restart
+    /// does not time out steps that were never given their time. Not state: after a restart a
+    /// step gets its full time again, which only ever delays a timeout.
+    first_seen: HashMap<String, i64>,
 }
 
 impl Saga {
@@ -183,6 +189,7 @@ impl Saga {
             timeouts,
             topics,
             timers_sent: HashMap::new(),
+            first_seen: HashMap::new(),
         }
     }
 }
@@ -836,12 +843,19 @@ impl Step for Saga {
 
     fn tick(&mut self, partition: i32, state: &SagaState, now_ms: i64, out: &mut Outputs) {
         let mut due = HashSet::new();
+        let mut pending = HashSet::new();
         let sent = self.timers_sent.entry(partition).or_default();
         for (order_id, order) in state.orders.iter() {
             let Some((deadline, step, stage_event_id)) = deadline(&self.timeouts, order) else {
                 continue;
             };
-            if deadline > now_ms {
+            pending.insert(stage_event_id.to_owned());
+            let seen = *self
+                .first_seen
+                .entry(stage_event_id.to_owned())
+                .or_insert(now_ms);
+            let timeout = deadline - order.since;
+            if deadline > now_ms || now_ms - seen < timeout {
                 continue;
             }
             let Ok(stage_event) = Uuid::parse_str(stage_event_id) else {
@@ -873,6 +887,10 @@ impl Step for Saga {
         }
         // Forget timers whose order moved on.
         sent.retain(|id| due.contains(id));
+        if partition == 0 {
+            // Once per round of ticks is enough to drop steps no partition is waiting on.
+            self.first_seen.retain(|id, _| pending.contains(id));
+        }
     }
 }
 

@@ -619,6 +619,8 @@ fn a_step_with_no_answer_times_out_and_cancels() {
     world.run();
     let review_timeout = defaults().saga.review_timeout_ms;
     let mut out = Outputs::default();
+    // First seen by this process at placement time; due a full timeout later.
+    world.saga.tick(3, &world.saga_state, placed_at, &mut out);
     world.saga.tick(3, &world.saga_state, placed_at + review_timeout - 1, &mut out);
     assert!(out.is_empty(), "not due yet");
     world.saga.tick(3, &world.saga_state, placed_at + review_timeout, &mut out);
@@ -650,7 +652,13 @@ fn an_inventory_timeout_releases_everything() {
     world.route(&mut out);
     world.orders.clear();
     let mut timers = Outputs::default();
-    world.saga.tick(0, &world.saga_state, placed_at + defaults().saga.inventory_timeout_ms, &mut timers);
+    let timeout = defaults().saga.inventory_timeout_ms;
+    // A backlog: first seen long after the deadline passed in event time; not due until the
+    // step has waited its full time here.
+    world.saga.tick(0, &world.saga_state, placed_at + 10 * timeout, &mut timers);
+    assert!(timers.is_empty(), "a step is given its time in this process");
+    world.saga.tick(0, &world.saga_state, placed_at + 11 * timeout, &mut timers);
+    assert_eq!(timers.records().len(), 1);
     world.route(&mut timers);
     world.run();
     assert_eq!(world.status(&id), "cancelled");
