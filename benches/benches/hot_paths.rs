@@ -6,10 +6,7 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use orderflow_benches::sample_order;
 use orderflow_platform::{config::Overrides, Settings};
-use orderflow_processors::{
-    saga::SagaState,
-    Outputs, Step,
-};
+use orderflow_processors::{saga::SagaState, Outputs, Step};
 use orderflow_projections::orders::change_for;
 use orderflow_schemas::{Codec, OrderEvent};
 

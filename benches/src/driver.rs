@@ -121,7 +121,10 @@ pub async fn run_step(config: &StepConfig, db: &AnyPool) -> Result<StepResult> {
         .collect();
     for chunk in stock.chunks(100) {
         let response = client
-            .post(format!("{}/v1/inventory", config.ingest_url.trim_end_matches('/')))
+            .post(format!(
+                "{}/v1/inventory",
+                config.ingest_url.trim_end_matches('/')
+            ))
             .json(&chunk)
             .send()
             .await?;

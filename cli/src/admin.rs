@@ -13,8 +13,8 @@ use orderflow_topics::names;
 /// Parses a stock file: CSV (`sku,quantity` per line, an optional header line) or a JSON array
 /// of `{"sku", "quantity"}`. Errors name the file and the line or item.
 pub fn parse_stock_file(path: &Path) -> Result<Vec<RestockItem>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let name = path.display();
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
@@ -81,7 +81,13 @@ pub async fn load_inventory(settings: &Settings, path: &Path) -> Result<usize> {
 
 /// `orderflow review ORDER DECISION`: posts the decision to a running ingest edge, which checks
 /// the order is held for review and publishes it.
-pub async fn review(url: &str, order_id: &str, decision: &str, reviewer: &str, note: &str) -> Result<String> {
+pub async fn review(
+    url: &str,
+    order_id: &str,
+    decision: &str,
+    reviewer: &str,
+    note: &str,
+) -> Result<String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
@@ -120,7 +126,9 @@ mod tests {
         assert_eq!(parse_stock_file(&json).expect("parses").len(), 1);
 
         std::fs::write(&csv, "SKU-1,10\nSKU-2,lots\n").expect("write");
-        let err = parse_stock_file(&csv).expect_err("bad quantity").to_string();
+        let err = parse_stock_file(&csv)
+            .expect_err("bad quantity")
+            .to_string();
         assert!(err.contains("stock.csv:2"), "{err}");
 
         std::fs::write(&json, r#"[{"sku": "SKU-1", "qty": 3}]"#).expect("write");

@@ -229,7 +229,10 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             let simulator = orderflow_gateway::simulator::Simulator::bind(&settings.gateway)
                 .await
                 .with_context(|| format!("binding {}", settings.gateway.listen))?;
-            println!("simulated payment gateway: http://{}", simulator.local_addr()?);
+            println!(
+                "simulated payment gateway: http://{}",
+                simulator.local_addr()?
+            );
             let cancel = tokio_util::sync::CancellationToken::new();
             let stop = cancel.clone();
             tokio::spawn(async move {

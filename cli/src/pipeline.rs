@@ -7,6 +7,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
+use orderflow_gateway::simulator::Simulator;
 use orderflow_ingest::{
     IngestMetrics, IngestState, OrderDirectory, OrderLocation, Publisher, RateLimits,
     SharedDirectory,
@@ -18,7 +19,6 @@ use orderflow_platform::{
     metrics::{metrics_routes, ConsumerMetrics, HttpMetrics, MetricsRegistry, ProducerMetrics},
     Settings,
 };
-use orderflow_gateway::simulator::Simulator;
 use orderflow_processors::{ProcessorDeps, ProcessorMetrics, SharedModel};
 use orderflow_projections::{
     orders::OrdersProjection, query, Database, ProjectionMetrics, ProjectionWriter,
@@ -228,7 +228,9 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             metrics: metrics.ingest.clone(),
             max_batch_orders: settings.ingest.max_batch_orders,
             limits: limits.clone(),
-            directory: db.clone().map(|db| Arc::new(ProjectedOrders(db)) as SharedDirectory),
+            directory: db
+                .clone()
+                .map(|db| Arc::new(ProjectedOrders(db)) as SharedDirectory),
             orders_topic: names::ORDERS_EVENTS,
             inventory_topic: names::INVENTORY_COMMANDS,
         };

@@ -93,6 +93,9 @@ fn start_processor(bootstrap: &str, gateway: &str) -> Child {
             // supports it (Tansu).
             "--set",
             "processor.instance_id=\"crash\"",
+            // A killed member holds its partitions until its session times out: keep it short.
+            "--set",
+            "kafka.session_timeout_ms=3000",
             "process",
         ])
         .env_remove("RUST_LOG")
@@ -187,17 +190,21 @@ impl Log {
         };
         let envelope = event.envelope().clone();
         match self.bytes.get(&envelope.event_id) {
-            Some(first) if first != payload => self
-                .conflicts
-                .push(format!("{} ({})", envelope.event_id, event.kind().name())),
+            Some(first) if first != payload => {
+                self.conflicts
+                    .push(format!("{} ({})", envelope.event_id, event.kind().name()))
+            }
             Some(_) => return,
             None => {
-                self.bytes.insert(envelope.event_id.clone(), payload.to_vec());
+                self.bytes
+                    .insert(envelope.event_id.clone(), payload.to_vec());
             }
         }
         if matches!(
             event,
-            OrderEvent::OrderConfirmed(_) | OrderEvent::OrderRejected(_) | OrderEvent::OrderCancelled(_)
+            OrderEvent::OrderConfirmed(_)
+                | OrderEvent::OrderRejected(_)
+                | OrderEvent::OrderCancelled(_)
         ) {
             self.finals
                 .entry(envelope.order_id.clone())
@@ -229,9 +236,8 @@ fn reader(settings: &Settings, bootstrap: &str) -> BaseConsumer {
 fn poll_into(consumer: &BaseConsumer, codec: &Codec, log: &mut Log, for_at_most: Duration) {
     let until = Instant::now() + for_at_most;
     while Instant::now() < until {
-        match consumer.poll(Duration::from_millis(50)) {
-            Some(Ok(message)) => log.add(codec, message.payload().unwrap_or_default()),
-            Some(Err(_)) | None => {}
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
+            log.add(codec, message.payload().unwrap_or_default());
         }
     }
 }
@@ -245,15 +251,30 @@ fn valid_paths() -> Vec<Vec<&'static str>> {
         with(&[
             &head,
             &reserve,
-            &["InventoryReserved", "PaymentRequested", "PaymentAuthorized", "OrderConfirmed"],
+            &[
+                "InventoryReserved",
+                "PaymentRequested",
+                "PaymentAuthorized",
+                "OrderConfirmed",
+            ],
         ]),
         with(&[
             &head,
             &reserve,
-            &["InventoryReserved", "PaymentRequested", "PaymentDeclined", "InventoryReleased", "OrderCancelled"],
+            &[
+                "InventoryReserved",
+                "PaymentRequested",
+                "PaymentDeclined",
+                "InventoryReleased",
+                "OrderCancelled",
+            ],
         ]),
         with(&[&head, &reserve, &["InventoryRejected", "OrderRejected"]]),
-        with(&[&head, &reserve, &["InventoryRejected", "InventoryReleased", "OrderRejected"]]),
+        with(&[
+            &head,
+            &reserve,
+            &["InventoryRejected", "InventoryReleased", "OrderRejected"],
+        ]),
         with(&[&head, &["OrderRejected"]]),
         // The inventory step's deadline passed (a processor down for longer than it).
         with(&[&head, &reserve, &["InventoryReleased", "OrderCancelled"]]),
@@ -275,7 +296,10 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
 
     // Stock, then the orders, straight onto the topics.
     let clients = KafkaClients::new(&settings.kafka, &bootstrap);
-    let producer: FutureProducer = clients.idempotent_producer("crash-test").create().expect("producer");
+    let producer: FutureProducer = clients
+        .idempotent_producer("crash-test")
+        .create()
+        .expect("producer");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
@@ -292,7 +316,9 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         let bytes = codec.encode(&event).expect("encode");
         producer
             .send(
-                FutureRecord::to(names::INVENTORY_COMMANDS).key(&sku).payload(&bytes),
+                FutureRecord::to(names::INVENTORY_COMMANDS)
+                    .key(&sku)
+                    .payload(&bytes),
                 Duration::from_secs(30),
             )
             .await
@@ -301,7 +327,9 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
     let placed = orders(n, now);
     let mut deliveries = Vec::with_capacity(n);
     for order in &placed {
-        let bytes = codec.encode(&OrderEvent::OrderPlaced(order.clone())).expect("encode");
+        let bytes = codec
+            .encode(&OrderEvent::OrderPlaced(order.clone()))
+            .expect("encode");
         loop {
             let record = FutureRecord::to(names::ORDERS_EVENTS)
                 .key(&order.envelope.customer_id)
@@ -359,10 +387,17 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         "{broker_name}: {n} orders final in {:.1} s with {kills} SIGKILLs",
         started.elapsed().as_secs_f64()
     );
-    assert!(kills >= 3, "{broker_name}: the run was too short to kill the processor");
+    assert!(
+        kills >= 3,
+        "{broker_name}: the run was too short to kill the processor"
+    );
 
     // Re-emissions are byte-identical.
-    assert!(log.conflicts.is_empty(), "{broker_name}: conflicting events: {:?}", log.conflicts);
+    assert!(
+        log.conflicts.is_empty(),
+        "{broker_name}: conflicting events: {:?}",
+        log.conflicts
+    );
 
     // One final event per order, one valid path, sequences 1..n.
     let paths = valid_paths();
@@ -370,7 +405,11 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
     let mut confirmed_units: BTreeMap<String, i64> = BTreeMap::new();
     for order in &placed {
         let id = &order.envelope.order_id;
-        assert_eq!(log.finals[id].len(), 1, "{broker_name}: {id} has several final events");
+        assert_eq!(
+            log.finals[id].len(),
+            1,
+            "{broker_name}: {id} has several final events"
+        );
         let events = &log.by_order[id];
         let mut timeline: Vec<(i64, &'static str)> = events
             .values()
@@ -379,9 +418,16 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
             .collect();
         timeline.sort();
         let kinds: Vec<&str> = timeline.iter().map(|(_, k)| *k).collect();
-        assert!(paths.iter().any(|p| *p == kinds), "{broker_name}: {id} took no valid path: {kinds:?}");
+        assert!(
+            paths.contains(&kinds),
+            "{broker_name}: {id} took no valid path: {kinds:?}"
+        );
         let sequences: Vec<i64> = timeline.iter().map(|(s, _)| *s).collect();
-        assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>(), "{broker_name}: {id}");
+        assert_eq!(
+            sequences,
+            (1..=sequences.len() as i64).collect::<Vec<_>>(),
+            "{broker_name}: {id}"
+        );
         if kinds.last() == Some(&"OrderConfirmed") {
             confirmed.insert(id.clone());
             for line in &order.lines {
@@ -397,10 +443,14 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         for event in events.values() {
             match event {
                 OrderEvent::InventoryLineReserved(r) => {
-                    *holding.entry((r.sku.clone(), order_id.clone())).or_default() += i64::from(r.quantity)
+                    *holding
+                        .entry((r.sku.clone(), order_id.clone()))
+                        .or_default() += i64::from(r.quantity)
                 }
                 OrderEvent::InventoryLineReleased(r) => {
-                    *holding.entry((r.sku.clone(), order_id.clone())).or_default() -= i64::from(r.quantity)
+                    *holding
+                        .entry((r.sku.clone(), order_id.clone()))
+                        .or_default() -= i64::from(r.quantity)
                 }
                 _ => {}
             }
@@ -412,7 +462,13 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         .map(|((sku, order_id), held)| {
             let mut kinds: Vec<(i64, &str, String)> = log.by_order[order_id]
                 .values()
-                .map(|e| (e.envelope().sequence, e.kind().name(), e.envelope().event_id.clone()))
+                .map(|e| {
+                    (
+                        e.envelope().sequence,
+                        e.kind().name(),
+                        e.envelope().event_id.clone(),
+                    )
+                })
                 .collect();
             kinds.sort();
             format!("{order_id} holds {held} of {sku}: {kinds:?}")
@@ -440,7 +496,10 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
             held, sold,
             "{broker_name}: {sku}: reservations left {held}, confirmed {sold}; not released: {stuck:#?}"
         );
-        assert!(sold <= i64::from(STOCK), "{broker_name}: {sku} oversold: {sold}");
+        assert!(
+            sold <= i64::from(STOCK),
+            "{broker_name}: {sku} oversold: {sold}"
+        );
     }
     assert!(
         confirmed.len() < n && !confirmed.is_empty(),
@@ -454,12 +513,19 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         .expect("gateway report");
     let mut charged = BTreeSet::new();
     for record in &report.charges {
-        assert!(record.charges <= 1, "{broker_name}: {} charged twice", record.idempotency_key);
+        assert!(
+            record.charges <= 1,
+            "{broker_name}: {} charged twice",
+            record.idempotency_key
+        );
         if record.status == "authorized" {
             charged.insert(record.idempotency_key.clone());
         }
     }
-    assert_eq!(charged, confirmed, "{broker_name}: standing charges differ from confirmed orders");
+    assert_eq!(
+        charged, confirmed,
+        "{broker_name}: standing charges differ from confirmed orders"
+    );
     stop_gateway.cancel();
 }
 

@@ -58,8 +58,12 @@ impl GatewayClient {
     }
 
     pub async fn void(&self, key: &str, timeout: Duration) -> Result<Answer, GatewayError> {
-        self.post::<()>(&format!("{}/v1/charges/{key}/void", self.base), None, timeout)
-            .await
+        self.post::<()>(
+            &format!("{}/v1/charges/{key}/void", self.base),
+            None,
+            timeout,
+        )
+        .await
     }
 
     pub async fn refund(

@@ -267,9 +267,13 @@ async fn report(State(sim): State<Sim>) -> Json<Report> {
 async fn set_faults(State(sim): State<Sim>, Json(faults): Json<Faults>) -> Response {
     for rate in [faults.decline_rate, faults.failure_rate, faults.slow_rate] {
         if !(0.0..=1.0).contains(&rate) {
-            return Problem::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid-rate", "Invalid rate")
-                .detail("rates are in 0..=1")
-                .into_response();
+            return Problem::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-rate",
+                "Invalid rate",
+            )
+            .detail("rates are in 0..=1")
+            .into_response();
         }
     }
     match sim.faults.lock() {

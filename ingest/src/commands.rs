@@ -115,10 +115,11 @@ async fn locate(state: &IngestState, order_id: &str) -> Result<OrderLocation, Pr
     };
     match directory.locate(order_id).await {
         Ok(Some(location)) => Ok(location),
-        Ok(None) => Err(Problem::not_found(&format!("order {order_id}"))
-            .detail(format!(
+        Ok(None) => Err(
+            Problem::not_found(&format!("order {order_id}")).detail(format!(
                 "order {order_id} is not known (yet): an order just accepted appears within moments"
-            ))),
+            )),
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "Order lookup failed.");
             Err(Problem::unavailable("the order directory"))
@@ -127,8 +128,12 @@ async fn locate(state: &IngestState, order_id: &str) -> Result<OrderLocation, Pr
 }
 
 fn conflict(order_id: &str, status: &str, what: &str) -> Problem {
-    Problem::new(StatusCode::CONFLICT, "order-state-conflict", "Not possible now")
-        .detail(format!("order {order_id} is {status}: {what}"))
+    Problem::new(
+        StatusCode::CONFLICT,
+        "order-state-conflict",
+        "Not possible now",
+    )
+    .detail(format!("order {order_id} is {status}: {what}"))
 }
 
 fn envelope(order_id: &str, customer_id: &str, kind: EventKind) -> Envelope {
@@ -143,7 +148,12 @@ fn envelope(order_id: &str, customer_id: &str, kind: EventKind) -> Envelope {
     }
 }
 
-async fn publish(state: &IngestState, topic: &str, key: &str, event: &OrderEvent) -> Result<(), Problem> {
+async fn publish(
+    state: &IngestState,
+    topic: &str,
+    key: &str,
+    event: &OrderEvent,
+) -> Result<(), Problem> {
     state
         .publisher
         .publish_to(topic, key, event, None)
@@ -167,11 +177,22 @@ pub async fn cancel(
         parse(&body)?
     };
     let location = locate(&state, &order_id).await?;
-    if matches!(location.status.as_str(), "rejected" | "cancelled" | "refund_pending") {
-        return Err(conflict(&order_id, &location.status, "there is nothing to cancel"));
+    if matches!(
+        location.status.as_str(),
+        "rejected" | "cancelled" | "refund_pending"
+    ) {
+        return Err(conflict(
+            &order_id,
+            &location.status,
+            "there is nothing to cancel",
+        ));
     }
     let event = OrderEvent::OrderCancellationRequested(OrderCancellationRequested {
-        envelope: envelope(&order_id, &location.customer_id, EventKind::OrderCancellationRequested),
+        envelope: envelope(
+            &order_id,
+            &location.customer_id,
+            EventKind::OrderCancellationRequested,
+        ),
         reason: request.reason.chars().take(500).collect(),
     });
     publish(&state, state.orders_topic, &location.customer_id, &event).await?;
@@ -203,10 +224,18 @@ pub async fn review(
     }
     let location = locate(&state, &order_id).await?;
     if location.status != "fraud_review" {
-        return Err(conflict(&order_id, &location.status, "only an order held for review can be decided"));
+        return Err(conflict(
+            &order_id,
+            &location.status,
+            "only an order held for review can be decided",
+        ));
     }
     let event = OrderEvent::FraudReviewDecided(FraudReviewDecided {
-        envelope: envelope(&order_id, &location.customer_id, EventKind::FraudReviewDecided),
+        envelope: envelope(
+            &order_id,
+            &location.customer_id,
+            EventKind::FraudReviewDecided,
+        ),
         decision,
         reviewer: request.reviewer.chars().take(200).collect(),
         note: request.note.chars().take(1000).collect(),

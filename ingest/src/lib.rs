@@ -15,8 +15,8 @@ pub mod publish;
 pub mod request;
 pub mod routes;
 
+pub use commands::{OrderDirectory, OrderLocation, SharedDirectory};
 pub use limits::RateLimits;
 pub use metrics::IngestMetrics;
 pub use publish::{PublishError, Publisher};
-pub use commands::{OrderDirectory, OrderLocation, SharedDirectory};
 pub use routes::{router, IngestState};

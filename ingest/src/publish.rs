@@ -68,8 +68,13 @@ impl Publisher {
         traceparent: Option<&str>,
     ) -> Result<(), PublishError> {
         let wrapped = OrderEvent::OrderPlaced(event.clone());
-        self.publish_to(self.topic, &event.envelope.customer_id, &wrapped, traceparent)
-            .await
+        self.publish_to(
+            self.topic,
+            &event.envelope.customer_id,
+            &wrapped,
+            traceparent,
+        )
+        .await
     }
 
     /// Writes any event to `topic` under `key` and waits for the broker's ack.

@@ -56,8 +56,14 @@ pub fn router(state: IngestState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/orders", post(post_order))
         .route("/v1/orders/batch", post(post_batch))
-        .route("/v1/orders/{order_id}/cancel", post(crate::commands::cancel))
-        .route("/v1/orders/{order_id}/review", post(crate::commands::review))
+        .route(
+            "/v1/orders/{order_id}/cancel",
+            post(crate::commands::cancel),
+        )
+        .route(
+            "/v1/orders/{order_id}/review",
+            post(crate::commands::review),
+        )
         .route("/v1/inventory", post(crate::commands::restock))
         .layer(axum::middleware::from_fn_with_state(
             state.limits.clone(),

@@ -149,7 +149,10 @@ impl KafkaClients {
     pub fn reader(&self, role: &str) -> ClientConfig {
         let mut config = self.base(role);
         config
-            .set("group.id", format!("{}-{role}-reader", self.settings.client_id))
+            .set(
+                "group.id",
+                format!("{}-{role}-reader", self.settings.client_id),
+            )
             .set("isolation.level", "read_committed")
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

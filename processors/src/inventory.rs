@@ -99,10 +99,13 @@ impl Inventory {
         Self { replies }
     }
 
-    fn reply_envelope(command: &Envelope, role: &str, kind: EventKind) -> Result<Envelope, StepError> {
-        let cause = Uuid::parse_str(&command.event_id).map_err(|_| {
-            StepError::Poison(format!("malformed event_id {:?}", command.event_id))
-        })?;
+    fn reply_envelope(
+        command: &Envelope,
+        role: &str,
+        kind: EventKind,
+    ) -> Result<Envelope, StepError> {
+        let cause = Uuid::parse_str(&command.event_id)
+            .map_err(|_| StepError::Poison(format!("malformed event_id {:?}", command.event_id)))?;
         Ok(Envelope {
             event_id: derived_event_id(cause, role).to_string(),
             order_id: command.order_id.clone(),
@@ -126,7 +129,11 @@ impl Inventory {
                 quantity,
                 available_after,
             } => OrderEvent::InventoryLineReserved(InventoryLineReserved {
-                envelope: Self::reply_envelope(command, ROLE_RESERVED, EventKind::InventoryLineReserved)?,
+                envelope: Self::reply_envelope(
+                    command,
+                    ROLE_RESERVED,
+                    EventKind::InventoryLineReserved,
+                )?,
                 sku: sku.to_owned(),
                 quantity: *quantity,
                 available_after: clamp(*available_after),
@@ -135,7 +142,11 @@ impl Inventory {
                 requested,
                 available,
             } => OrderEvent::InventoryLineRejected(InventoryLineRejected {
-                envelope: Self::reply_envelope(command, ROLE_REJECTED, EventKind::InventoryLineRejected)?,
+                envelope: Self::reply_envelope(
+                    command,
+                    ROLE_REJECTED,
+                    EventKind::InventoryLineRejected,
+                )?,
                 sku: sku.to_owned(),
                 requested: *requested,
                 available: clamp(*available),

@@ -93,10 +93,7 @@ pub fn processors(
         settings: &Settings,
         deps: &ProcessorDeps,
         cancel: &CancellationToken,
-    ) -> (&'static str, ProcessorTask)
-    where
-        S: Send,
-    {
+    ) -> (&'static str, ProcessorTask) {
         let mut runtime = ProcessorRuntime::new(
             io,
             step,

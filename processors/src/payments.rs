@@ -84,7 +84,11 @@ enum CallFailure {
 
 impl Caller {
     /// One operation, retried with backoff through the breaker.
-    async fn call<F, Fut>(&self, operation: &'static str, attempt: F) -> Result<Answer, GatewayError>
+    async fn call<F, Fut>(
+        &self,
+        operation: &'static str,
+        attempt: F,
+    ) -> Result<Answer, GatewayError>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<Answer, GatewayError>>,
@@ -163,7 +167,8 @@ impl Caller {
                     Ok(answer) => Ok(answer),
                     Err(e)
                         if e.is_transient()
-                            && now_ms > p.envelope.occurred_at + self.settings.payment_timeout_ms =>
+                            && now_ms
+                                > p.envelope.occurred_at + self.settings.payment_timeout_ms =>
                     {
                         warn!(order_id = %p.envelope.order_id, error = %e, "No answer to the charge in time; voiding it.");
                         let key = p.idempotency_key.clone();
@@ -295,7 +300,8 @@ impl Step for PaymentWorker {
         }
         let mut transient = None;
         while let Some(joined) = calls.join_next().await {
-            let answers = joined.map_err(|e| StepError::Retry(format!("gateway call task: {e}")))?;
+            let answers =
+                joined.map_err(|e| StepError::Retry(format!("gateway call task: {e}")))?;
             for (id, answer) in answers {
                 match answer {
                     Ok(answer) => {
@@ -343,7 +349,11 @@ impl Step for PaymentWorker {
         let reply = match (event, answer) {
             (OrderEvent::PaymentRequested(p), Answer::Authorized { authorization_id }) => {
                 OrderEvent::PaymentAuthorized(PaymentAuthorized {
-                    envelope: answer_envelope(envelope, ROLE_AUTHORIZED, EventKind::PaymentAuthorized)?,
+                    envelope: answer_envelope(
+                        envelope,
+                        ROLE_AUTHORIZED,
+                        EventKind::PaymentAuthorized,
+                    )?,
                     amount_minor: p.amount_minor,
                     currency: p.currency.clone(),
                     authorization_id,

@@ -314,8 +314,7 @@ impl<S: Step> ProcessorRuntime<S> {
         let mut last_tick = Instant::now();
         let mut last_committed = None;
         loop {
-            let batch =
-                collect_batch_within(&consumer, cancel, &self.bounds(), Some(tick)).await;
+            let batch = collect_batch_within(&consumer, cancel, &self.bounds(), Some(tick)).await;
             // Rebalances happen inside the consumer's poll, i.e. while collecting: no
             // transaction is open then. Partitions revoked meanwhile lose their records and
             // state here; partitions assigned get their state restored before any of their
@@ -399,8 +398,8 @@ impl<S: Step> ProcessorRuntime<S> {
                     position: None,
                 },
                 Some(topic) => {
-                    let slot = restore::<S::State>(&self.clients, self.io.name, topic, partition)
-                        .await?;
+                    let slot =
+                        restore::<S::State>(&self.clients, self.io.name, topic, partition).await?;
                     if let Some(position) = slot.position {
                         self.seek_back_if_ahead(consumer, partition, position)
                             .await?;
@@ -441,7 +440,12 @@ impl<S: Step> ProcessorRuntime<S> {
             })
             .is_some_and(|o| o > position);
         if ahead {
-            warn!(processor = self.io.name, partition, position, "The group's offset is ahead of the state; seeking back to the state's position.");
+            warn!(
+                processor = self.io.name,
+                partition,
+                position,
+                "The group's offset is ahead of the state; seeking back to the state's position."
+            );
             consumer.seek(
                 self.io.input_topic,
                 partition,
@@ -494,7 +498,11 @@ impl<S: Step> ProcessorRuntime<S> {
                     .map_err(|e| format!("undecodable: {e}"))
             })
             .collect();
-        let inputs: Vec<OrderEvent> = decoded.iter().filter_map(|d| d.as_ref().ok()).cloned().collect();
+        let inputs: Vec<OrderEvent> = decoded
+            .iter()
+            .filter_map(|d| d.as_ref().ok())
+            .cloned()
+            .collect();
         self.step
             .prepare(&inputs)
             .await
@@ -582,7 +590,9 @@ impl<S: Step> ProcessorRuntime<S> {
                     records.push((POSITION_KEY.to_owned(), Some(next.to_string().into_bytes())));
                 }
                 for (key, value) in records {
-                    let mut record = FutureRecord::to(topic).partition(*partition).key(key.as_bytes());
+                    let mut record = FutureRecord::to(topic)
+                        .partition(*partition)
+                        .key(key.as_bytes());
                     if let Some(value) = &value {
                         record = record.payload(value.as_slice());
                     }
@@ -715,7 +725,10 @@ async fn restore<T: PartitionState>(
                         .key()
                         .and_then(|k| std::str::from_utf8(k).ok())
                         .ok_or_else(|| {
-                            failed(format!("record at offset {} has no UTF-8 key", message.offset()))
+                            failed(format!(
+                                "record at offset {} has no UTF-8 key",
+                                message.offset()
+                            ))
                         })?;
                     if key == POSITION_KEY {
                         let position = message

@@ -121,7 +121,9 @@ pub struct NoState;
 
 impl PartitionState for NoState {
     fn restore(&mut self, key: &str, _value: Option<&[u8]>) -> Result<(), String> {
-        Err(format!("a stateless processor has no changelog entry {key:?}"))
+        Err(format!(
+            "a stateless processor has no changelog entry {key:?}"
+        ))
     }
 
     fn changes(&mut self) -> Vec<ChangelogRecord> {
@@ -146,7 +148,10 @@ mod tests {
         store.changes_into(&mut records);
         assert_eq!(
             records,
-            vec![("s:a".to_owned(), None), ("s:b".to_owned(), Some(b"3".to_vec()))]
+            vec![
+                ("s:a".to_owned(), None),
+                ("s:b".to_owned(), Some(b"3".to_vec()))
+            ]
         );
         let mut again = Vec::new();
         store.changes_into(&mut again);

@@ -196,14 +196,18 @@ impl EventKind {
             Self::PaymentRefunded => include_str!("../avro/payment_refunded.avsc"),
             Self::OrderConfirmed => include_str!("../avro/order_confirmed.avsc"),
             Self::OrderCancelled => include_str!("../avro/order_cancelled.avsc"),
-            Self::OrderCancellationRequested => include_str!("../avro/order_cancellation_requested.avsc"),
+            Self::OrderCancellationRequested => {
+                include_str!("../avro/order_cancellation_requested.avsc")
+            }
             Self::FraudReviewDecided => include_str!("../avro/fraud_review_decided.avsc"),
             Self::OrderStepTimedOut => include_str!("../avro/order_step_timed_out.avsc"),
             Self::InventoryRestocked => include_str!("../avro/inventory_restocked.avsc"),
             Self::InventoryLineReserved => include_str!("../avro/inventory_line_reserved.avsc"),
             Self::InventoryLineRejected => include_str!("../avro/inventory_line_rejected.avsc"),
             Self::InventoryLineReleased => include_str!("../avro/inventory_line_released.avsc"),
-            Self::InventoryReleaseRequested => include_str!("../avro/inventory_release_requested.avsc"),
+            Self::InventoryReleaseRequested => {
+                include_str!("../avro/inventory_release_requested.avsc")
+            }
             Self::PaymentRefundRequested => include_str!("../avro/payment_refund_requested.avsc"),
         }
     }
@@ -312,15 +316,27 @@ impl Codec {
             EventKind::PaymentRefunded => OrderEvent::PaymentRefunded(self.read(kind, body)?),
             EventKind::OrderConfirmed => OrderEvent::OrderConfirmed(self.read(kind, body)?),
             EventKind::OrderCancelled => OrderEvent::OrderCancelled(self.read(kind, body)?),
-            EventKind::OrderCancellationRequested => OrderEvent::OrderCancellationRequested(self.read(kind, body)?),
+            EventKind::OrderCancellationRequested => {
+                OrderEvent::OrderCancellationRequested(self.read(kind, body)?)
+            }
             EventKind::FraudReviewDecided => OrderEvent::FraudReviewDecided(self.read(kind, body)?),
             EventKind::OrderStepTimedOut => OrderEvent::OrderStepTimedOut(self.read(kind, body)?),
             EventKind::InventoryRestocked => OrderEvent::InventoryRestocked(self.read(kind, body)?),
-            EventKind::InventoryLineReserved => OrderEvent::InventoryLineReserved(self.read(kind, body)?),
-            EventKind::InventoryLineRejected => OrderEvent::InventoryLineRejected(self.read(kind, body)?),
-            EventKind::InventoryLineReleased => OrderEvent::InventoryLineReleased(self.read(kind, body)?),
-            EventKind::InventoryReleaseRequested => OrderEvent::InventoryReleaseRequested(self.read(kind, body)?),
-            EventKind::PaymentRefundRequested => OrderEvent::PaymentRefundRequested(self.read(kind, body)?),
+            EventKind::InventoryLineReserved => {
+                OrderEvent::InventoryLineReserved(self.read(kind, body)?)
+            }
+            EventKind::InventoryLineRejected => {
+                OrderEvent::InventoryLineRejected(self.read(kind, body)?)
+            }
+            EventKind::InventoryLineReleased => {
+                OrderEvent::InventoryLineReleased(self.read(kind, body)?)
+            }
+            EventKind::InventoryReleaseRequested => {
+                OrderEvent::InventoryReleaseRequested(self.read(kind, body)?)
+            }
+            EventKind::PaymentRefundRequested => {
+                OrderEvent::PaymentRefundRequested(self.read(kind, body)?)
+            }
         })
     }
 

@@ -17,10 +17,13 @@ pub mod pan;
 
 pub use codec::{Codec, CodecError, EventKind};
 pub use events::{
-    Address, Envelope, FraudDecision, FraudScored, InventoryRejected, InventoryReleased,
-    InventoryReservationRequested, InventoryReserved, OrderCancelled, OrderConfirmed, OrderEvent,
-    OrderLine, OrderPlaced, OrderRejected, OrderValidated, PaymentAuthorized, PaymentDeclined,
-    PaymentRefunded, PaymentRequested, Reason, SkuQuantity, SkuShortage, OrderCancellationRequested, FraudReviewDecided, OrderStepTimedOut, InventoryRestocked, InventoryLineReserved, InventoryLineRejected, InventoryLineReleased, InventoryReleaseRequested, PaymentRefundRequested, ReviewDecision,
+    Address, Envelope, FraudDecision, FraudReviewDecided, FraudScored, InventoryLineRejected,
+    InventoryLineReleased, InventoryLineReserved, InventoryRejected, InventoryReleaseRequested,
+    InventoryReleased, InventoryReservationRequested, InventoryReserved, InventoryRestocked,
+    OrderCancellationRequested, OrderCancelled, OrderConfirmed, OrderEvent, OrderLine, OrderPlaced,
+    OrderRejected, OrderStepTimedOut, OrderValidated, PaymentAuthorized, PaymentDeclined,
+    PaymentRefundRequested, PaymentRefunded, PaymentRequested, Reason, ReviewDecision, SkuQuantity,
+    SkuShortage,
 };
 
 /// A SKU is 1–64 characters of ASCII letters, digits, `-` and `_` (the one definition; the

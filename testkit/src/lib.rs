@@ -314,7 +314,12 @@ pub async fn restock(client: &reqwest::Client, ingest: &str, items: &[(&str, i32
         .send()
         .await
         .unwrap_or_else(|e| panic!("restock: {e}"));
-    assert_eq!(response.status(), 202, "restock answered {}", response.status());
+    assert_eq!(
+        response.status(),
+        202,
+        "restock answered {}",
+        response.status()
+    );
 }
 
 /// A valid order request for `customer`: two units at 12.50 EUR plus 4.99 shipping, 29.99.

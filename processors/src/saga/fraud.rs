@@ -75,13 +75,24 @@ pub fn assess(model: &FraudSettings, placed: &OrderPlaced, customer: &CustomerSt
     let velocity = customer
         .recent
         .iter()
-        .filter(|(id, t)| *id != placed.envelope.order_id && *t > at - model.velocity_window_ms && *t <= at)
+        .filter(|(id, t)| {
+            *id != placed.envelope.order_id && *t > at - model.velocity_window_ms && *t <= at
+        })
         .count();
     // The customer's state may already hold this order (re-scoring after a crash): never count
     // the order against itself.
-    let itself = u64::from(customer.recent.iter().any(|(id, _)| *id == placed.envelope.order_id));
+    let itself = u64::from(
+        customer
+            .recent
+            .iter()
+            .any(|(id, _)| *id == placed.envelope.order_id),
+    );
     let first_order = customer.orders_seen.saturating_sub(itself) == 0;
-    let items: i64 = placed.lines.iter().map(|l| i64::from(l.quantity.max(0))).sum();
+    let items: i64 = placed
+        .lines
+        .iter()
+        .map(|l| i64::from(l.quantity.max(0)))
+        .sum();
     let country_change = customer
         .last_country
         .as_deref()
@@ -89,7 +100,11 @@ pub fn assess(model: &FraudSettings, placed: &OrderPlaced, customer: &CustomerSt
     let major = placed.total_minor.max(0) as f64 / 100.0;
 
     let contributions = [
-        ("amount", model.weight_amount * (1.0 + major).ln(), format!("amount {major:.2}")),
+        (
+            "amount",
+            model.weight_amount * (1.0 + major).ln(),
+            format!("amount {major:.2}"),
+        ),
         (
             "velocity",
             model.weight_velocity * velocity as f64,
@@ -100,13 +115,25 @@ pub fn assess(model: &FraudSettings, placed: &OrderPlaced, customer: &CustomerSt
         ),
         (
             "first_order",
-            if first_order { model.weight_first_order } else { 0.0 },
+            if first_order {
+                model.weight_first_order
+            } else {
+                0.0
+            },
             "first order of the customer".to_owned(),
         ),
-        ("items", model.weight_items * items as f64, format!("{items} items")),
+        (
+            "items",
+            model.weight_items * items as f64,
+            format!("{items} items"),
+        ),
         (
             "country_change",
-            if country_change { model.weight_country_change } else { 0.0 },
+            if country_change {
+                model.weight_country_change
+            } else {
+                0.0
+            },
             format!(
                 "shipping country {} differs from the previous order's {}",
                 placed.shipping_address.country,

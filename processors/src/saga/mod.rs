@@ -24,10 +24,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use orderflow_platform::config::SagaSettings;
 use orderflow_schemas::{
     ids::derived_event_id, Envelope, EventKind, FraudDecision, FraudReviewDecided, FraudScored,
-    InventoryRejected, InventoryReleaseRequested, InventoryReleased,
-    InventoryReservationRequested, InventoryReserved, OrderCancelled, OrderConfirmed, OrderEvent,
-    OrderPlaced, OrderRejected, OrderStepTimedOut, OrderValidated, PaymentRefundRequested,
-    PaymentRequested, Reason, ReviewDecision, SkuQuantity, SkuShortage,
+    InventoryRejected, InventoryReleaseRequested, InventoryReleased, InventoryReservationRequested,
+    InventoryReserved, OrderCancelled, OrderConfirmed, OrderEvent, OrderPlaced, OrderRejected,
+    OrderStepTimedOut, OrderValidated, PaymentRefundRequested, PaymentRequested, Reason,
+    ReviewDecision, SkuQuantity, SkuShortage,
 };
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -92,7 +92,9 @@ impl PartitionState for SagaState {
 #[serde(tag = "stage", rename_all = "snake_case")]
 pub enum Stage {
     /// Held for an admin's decision.
-    Review { scored_event_id: String },
+    Review {
+        scored_event_id: String,
+    },
     /// Waiting for the inventory's answer per SKU: the command id per SKU still pending.
     Reserving {
         request_id: String,
@@ -101,12 +103,18 @@ pub enum Stage {
         shortages: Vec<(String, i32, i32)>,
     },
     /// Waiting for the payment worker's answer to `request_id`.
-    Paying { request_id: String },
+    Paying {
+        request_id: String,
+    },
     Confirmed,
     /// Waiting for the refund of a confirmed order the customer cancelled.
-    Refunding { request_id: String },
+    Refunding {
+        request_id: String,
+    },
     /// `rejected` or `cancelled`.
-    Done { status: String },
+    Done {
+        status: String,
+    },
 }
 
 /// The saga's state of one order.
@@ -228,8 +236,11 @@ impl Emitter<'_> {
         order.sequence += 1;
         let envelope = self.envelope(role, kind, &order.customer_id, order.sequence);
         let id = envelope.event_id.clone();
-        self.out
-            .push(self.topics.orders, order.customer_id.clone(), build(envelope));
+        self.out.push(
+            self.topics.orders,
+            order.customer_id.clone(),
+            build(envelope),
+        );
         id
     }
 
@@ -254,34 +265,49 @@ impl Emitter<'_> {
             );
         }
         let lines = order.sku_lines();
-        self.timeline(order, role::RELEASED, EventKind::InventoryReleased, |envelope| {
-            OrderEvent::InventoryReleased(InventoryReleased {
-                envelope,
-                lines,
-                reason: reason.to_owned(),
-            })
-        });
+        self.timeline(
+            order,
+            role::RELEASED,
+            EventKind::InventoryReleased,
+            |envelope| {
+                OrderEvent::InventoryReleased(InventoryReleased {
+                    envelope,
+                    lines,
+                    reason: reason.to_owned(),
+                })
+            },
+        );
     }
 
     fn cancel(&mut self, order: &mut OrderState, reason: &str, initiated_by: &str) {
-        self.timeline(order, role::CANCELLED, EventKind::OrderCancelled, |envelope| {
-            OrderEvent::OrderCancelled(OrderCancelled {
-                envelope,
-                reason: reason.to_owned(),
-                initiated_by: initiated_by.to_owned(),
-            })
-        });
+        self.timeline(
+            order,
+            role::CANCELLED,
+            EventKind::OrderCancelled,
+            |envelope| {
+                OrderEvent::OrderCancelled(OrderCancelled {
+                    envelope,
+                    reason: reason.to_owned(),
+                    initiated_by: initiated_by.to_owned(),
+                })
+            },
+        );
         finish(order, "cancelled");
     }
 
     fn reject(&mut self, order: &mut OrderState, stage: &str, reasons: Vec<Reason>) {
-        self.timeline(order, role::REJECTED, EventKind::OrderRejected, |envelope| {
-            OrderEvent::OrderRejected(OrderRejected {
-                envelope,
-                stage: stage.to_owned(),
-                reasons,
-            })
-        });
+        self.timeline(
+            order,
+            role::REJECTED,
+            EventKind::OrderRejected,
+            |envelope| {
+                OrderEvent::OrderRejected(OrderRejected {
+                    envelope,
+                    stage: stage.to_owned(),
+                    reasons,
+                })
+            },
+        );
         finish(order, "rejected");
     }
 
@@ -347,8 +373,11 @@ impl Emitter<'_> {
         });
         self.out
             .push(self.topics.orders, order.customer_id.clone(), event.clone());
-        self.out
-            .push(self.topics.payment_requests, self.order_id.to_owned(), event);
+        self.out.push(
+            self.topics.payment_requests,
+            self.order_id.to_owned(),
+            event,
+        );
         order.sequence += 1; // the worker's answer
         order.since = self.occurred_at;
         order.stage = Stage::Paying { request_id };
@@ -372,8 +401,11 @@ impl Emitter<'_> {
         });
         self.out
             .push(self.topics.orders, order.customer_id.clone(), event.clone());
-        self.out
-            .push(self.topics.payment_requests, self.order_id.to_owned(), event);
+        self.out.push(
+            self.topics.payment_requests,
+            self.order_id.to_owned(),
+            event,
+        );
         order.sequence += 1; // the worker's answer
         order.since = self.occurred_at;
         order.stage = Stage::Refunding { request_id };
@@ -442,13 +474,18 @@ impl Saga {
             return Ok(());
         }
         let (currency, total) = (placed.currency.clone(), placed.total_minor);
-        em.timeline(&mut order, role::VALIDATED, EventKind::OrderValidated, |envelope| {
-            OrderEvent::OrderValidated(OrderValidated {
-                envelope,
-                currency,
-                total_minor: total,
-            })
-        });
+        em.timeline(
+            &mut order,
+            role::VALIDATED,
+            EventKind::OrderValidated,
+            |envelope| {
+                OrderEvent::OrderValidated(OrderValidated {
+                    envelope,
+                    currency,
+                    total_minor: total,
+                })
+            },
+        );
 
         let model = self.fraud.current();
         let customer = state
@@ -461,14 +498,19 @@ impl Saga {
         customer.record(placed, model.velocity_window_ms);
         state.customers.put(envelope.customer_id.clone(), customer);
         let reasons = assessment.reasons.clone();
-        let scored_id = em.timeline(&mut order, role::SCORED, EventKind::FraudScored, |envelope| {
-            OrderEvent::FraudScored(FraudScored {
-                envelope,
-                score: assessment.score,
-                decision: assessment.decision,
-                reasons,
-            })
-        });
+        let scored_id = em.timeline(
+            &mut order,
+            role::SCORED,
+            EventKind::FraudScored,
+            |envelope| {
+                OrderEvent::FraudScored(FraudScored {
+                    envelope,
+                    score: assessment.score,
+                    decision: assessment.decision,
+                    reasons,
+                })
+            },
+        );
         match assessment.decision {
             FraudDecision::Approve => em.reserve(&mut order),
             FraudDecision::Review => {
@@ -530,7 +572,10 @@ impl Saga {
                     message: if decided.note.is_empty() {
                         format!("rejected on review by {}", decided.reviewer)
                     } else {
-                        format!("rejected on review by {}: {}", decided.reviewer, decided.note)
+                        format!(
+                            "rejected on review by {}: {}",
+                            decided.reviewer, decided.note
+                        )
                     },
                 }],
             ),
@@ -590,9 +635,12 @@ impl Saga {
         };
         if shortages.is_empty() {
             let lines = order.sku_lines();
-            em.timeline(order, role::RESERVED, EventKind::InventoryReserved, |envelope| {
-                OrderEvent::InventoryReserved(InventoryReserved { envelope, lines })
-            });
+            em.timeline(
+                order,
+                role::RESERVED,
+                EventKind::InventoryReserved,
+                |envelope| OrderEvent::InventoryReserved(InventoryReserved { envelope, lines }),
+            );
             em.request_payment(order);
             return Ok(());
         }
@@ -612,12 +660,17 @@ impl Saga {
                 available,
             })
             .collect();
-        em.timeline(order, role::INVENTORY_REJECTED, EventKind::InventoryRejected, |envelope| {
-            OrderEvent::InventoryRejected(InventoryRejected {
-                envelope,
-                shortages,
-            })
-        });
+        em.timeline(
+            order,
+            role::INVENTORY_REJECTED,
+            EventKind::InventoryRejected,
+            |envelope| {
+                OrderEvent::InventoryRejected(InventoryRejected {
+                    envelope,
+                    shortages,
+                })
+            },
+        );
         if any_reserved {
             em.release_all(order, "another line is out of stock");
         }
@@ -664,13 +717,18 @@ impl Saga {
                 Some(_) => em.request_refund(order),
                 None => {
                     let (total_minor, currency) = (order.total_minor, order.currency.clone());
-                    em.timeline(order, role::CONFIRMED, EventKind::OrderConfirmed, |envelope| {
-                        OrderEvent::OrderConfirmed(OrderConfirmed {
-                            envelope,
-                            total_minor,
-                            currency,
-                        })
-                    });
+                    em.timeline(
+                        order,
+                        role::CONFIRMED,
+                        EventKind::OrderConfirmed,
+                        |envelope| {
+                            OrderEvent::OrderConfirmed(OrderConfirmed {
+                                envelope,
+                                total_minor,
+                                currency,
+                            })
+                        },
+                    );
                     order.stage = Stage::Confirmed;
                     order.payment_token.clear();
                 }
@@ -782,7 +840,6 @@ impl Saga {
         em.cancel(order, &reason, "timeout");
         Ok(())
     }
-
 }
 
 /// The deadline of an order's current step, with the step and the event that started it.

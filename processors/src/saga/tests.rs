@@ -57,7 +57,6 @@ fn placed() -> OrderPlaced {
     }
 }
 
-
 const TOPICS: SagaTopics = SagaTopics {
     orders: "orders.events",
     inventory_commands: "inventory.commands",
@@ -73,12 +72,7 @@ fn fraud() -> FraudSettings {
 }
 
 fn saga() -> Saga {
-    Saga::new(
-        rules(),
-        SharedModel::new(fraud()),
-        defaults().saga,
-        TOPICS,
-    )
+    Saga::new(rules(), SharedModel::new(fraud()), defaults().saga, TOPICS)
 }
 
 fn order(n: u128, customer: &str, lines: &[(&str, i32)]) -> OrderPlaced {
@@ -189,11 +183,8 @@ impl World {
         let envelope = |role: &str, kind: EventKind| {
             let e = request.envelope();
             Envelope {
-                event_id: derived_event_id(
-                    Uuid::parse_str(&e.event_id).expect("uuid"),
-                    role,
-                )
-                .to_string(),
+                event_id: derived_event_id(Uuid::parse_str(&e.event_id).expect("uuid"), role)
+                    .to_string(),
                 order_id: e.order_id.clone(),
                 customer_id: e.customer_id.clone(),
                 occurred_at: e.occurred_at,
@@ -278,7 +269,10 @@ impl World {
     }
 
     fn kinds(&self, order_id: &str) -> Vec<&'static str> {
-        self.timeline(order_id).into_iter().map(|(_, k)| k).collect()
+        self.timeline(order_id)
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect()
     }
 
     fn status(&self, order_id: &str) -> String {
@@ -315,7 +309,11 @@ fn a_valid_order_runs_the_whole_saga_and_is_confirmed() {
     world.run();
     assert_eq!(world.kinds(&id), HAPPY);
     let sequences: Vec<i64> = world.timeline(&id).iter().map(|(s, _)| *s).collect();
-    assert_eq!(sequences, (1..=8).collect::<Vec<_>>(), "one version per event");
+    assert_eq!(
+        sequences,
+        (1..=8).collect::<Vec<_>>(),
+        "one version per event"
+    );
     assert_eq!(world.status(&id), "confirmed");
     assert_eq!(world.available("SKU-1"), 7);
 }
@@ -389,7 +387,11 @@ fn every_input_delivered_twice_changes_nothing_and_re_emits_the_same_events() {
             world.place(order(n, &format!("c-{}", n % 2), &[("SKU-1", 2)]));
         }
         world.run();
-        let mut distinct: Vec<_> = world.log.iter().map(|e| e.envelope().event_id.clone()).collect();
+        let mut distinct: Vec<_> = world
+            .log
+            .iter()
+            .map(|e| e.envelope().event_id.clone())
+            .collect();
         distinct.sort();
         distinct.dedup();
         (distinct, world.available("SKU-1"), world.log.clone())
@@ -404,7 +406,9 @@ fn every_input_delivered_twice_changes_nothing_and_re_emits_the_same_events() {
     let mut by_id: HashMap<String, Vec<u8>> = HashMap::new();
     for event in &log_twice {
         let bytes = codec.encode(event).expect("encodes");
-        let first = by_id.entry(event.envelope().event_id.clone()).or_insert(bytes.clone());
+        let first = by_id
+            .entry(event.envelope().event_id.clone())
+            .or_insert(bytes.clone());
         assert_eq!(*first, bytes, "conflicting events with one id");
     }
 }
@@ -422,9 +426,17 @@ fn competing_orders_never_oversell() {
         })
         .collect();
     world.run();
-    let confirmed = ids.iter().filter(|id| world.status(id) == "confirmed").count();
+    let confirmed = ids
+        .iter()
+        .filter(|id| world.status(id) == "confirmed")
+        .count();
     assert_eq!(confirmed, 7, "min(demand 20, stock 7)");
-    assert_eq!(ids.iter().filter(|id| world.status(id) == "rejected").count(), 13);
+    assert_eq!(
+        ids.iter()
+            .filter(|id| world.status(id) == "rejected")
+            .count(),
+        13
+    );
     assert_eq!(world.available("HOT"), 0);
 }
 
@@ -464,7 +476,12 @@ fn a_declined_payment_releases_stock_and_cancels() {
     world.run();
     assert_eq!(
         world.kinds(&id)[5..],
-        ["PaymentRequested", "PaymentDeclined", "InventoryReleased", "OrderCancelled"]
+        [
+            "PaymentRequested",
+            "PaymentDeclined",
+            "InventoryReleased",
+            "OrderCancelled"
+        ]
     );
     assert_eq!(world.status(&id), "cancelled");
     assert_eq!(world.available("A"), 5);
@@ -495,14 +512,23 @@ fn cancellation_while_reserving_releases_and_cancels() {
     // Only the saga's first step: the reservation command waits in the inventory's queue.
     let placed = world.orders.pop_front().expect("placed");
     let mut out = Outputs::default();
-    world.saga.handle(&mut world.saga_state, &placed, &mut out).expect("handled");
+    world
+        .saga
+        .handle(&mut world.saga_state, &placed, &mut out)
+        .expect("handled");
     world.route(&mut out);
     world.orders.clear(); // its own timeline events: nothing to do
     world.input(cancel_request(&id, "c-1", 1));
     world.run();
     assert_eq!(world.status(&id), "cancelled");
-    assert_eq!(world.available("A"), 5, "reserved after the cancel arrived, then released");
-    assert!(world.kinds(&id).ends_with(&["InventoryReleased", "OrderCancelled"]));
+    assert_eq!(
+        world.available("A"),
+        5,
+        "reserved after the cancel arrived, then released"
+    );
+    assert!(world
+        .kinds(&id)
+        .ends_with(&["InventoryReleased", "OrderCancelled"]));
 }
 
 #[test]
@@ -517,7 +543,10 @@ fn cancellation_while_paying_waits_for_the_answer_then_refunds() {
     assert_eq!(world.payments.len(), 1, "the payment is in flight");
     world.input(cancel_request(&id, "c-1", 1));
     world.run();
-    assert!(world.kinds(&id).ends_with(&["PaymentRequested"]), "nothing until the answer");
+    assert!(
+        world.kinds(&id).ends_with(&["PaymentRequested"]),
+        "nothing until the answer"
+    );
     world.pay = Pay::Authorize;
     world.run();
     assert_eq!(
@@ -621,13 +650,29 @@ fn a_step_with_no_answer_times_out_and_cancels() {
     let mut out = Outputs::default();
     // First seen by this process at placement time; due a full timeout later.
     world.saga.tick(3, &world.saga_state, placed_at, &mut out);
-    world.saga.tick(3, &world.saga_state, placed_at + review_timeout - 1, &mut out);
+    world.saga.tick(
+        3,
+        &world.saga_state,
+        placed_at + review_timeout - 1,
+        &mut out,
+    );
     assert!(out.is_empty(), "not due yet");
-    world.saga.tick(3, &world.saga_state, placed_at + review_timeout, &mut out);
+    world
+        .saga
+        .tick(3, &world.saga_state, placed_at + review_timeout, &mut out);
     assert_eq!(out.records().len(), 1);
-    assert_eq!(out.records()[0].partition, Some(3), "back to its own partition");
+    assert_eq!(
+        out.records()[0].partition,
+        Some(3),
+        "back to its own partition"
+    );
     let mut again = Outputs::default();
-    world.saga.tick(3, &world.saga_state, placed_at + review_timeout + 1000, &mut again);
+    world.saga.tick(
+        3,
+        &world.saga_state,
+        placed_at + review_timeout + 1000,
+        &mut again,
+    );
     assert!(again.is_empty(), "a due timer is written once");
     world.route(&mut out);
     world.run();
@@ -648,21 +693,35 @@ fn an_inventory_timeout_releases_everything() {
     world.place(o);
     let placed = world.orders.pop_front().expect("placed");
     let mut out = Outputs::default();
-    world.saga.handle(&mut world.saga_state, &placed, &mut out).expect("handled");
+    world
+        .saga
+        .handle(&mut world.saga_state, &placed, &mut out)
+        .expect("handled");
     world.route(&mut out);
     world.orders.clear();
     let mut timers = Outputs::default();
     let timeout = defaults().saga.inventory_timeout_ms;
     // A backlog: first seen long after the deadline passed in event time; not due until the
     // step has waited its full time here.
-    world.saga.tick(0, &world.saga_state, placed_at + 10 * timeout, &mut timers);
-    assert!(timers.is_empty(), "a step is given its time in this process");
-    world.saga.tick(0, &world.saga_state, placed_at + 11 * timeout, &mut timers);
+    world
+        .saga
+        .tick(0, &world.saga_state, placed_at + 10 * timeout, &mut timers);
+    assert!(
+        timers.is_empty(),
+        "a step is given its time in this process"
+    );
+    world
+        .saga
+        .tick(0, &world.saga_state, placed_at + 11 * timeout, &mut timers);
     assert_eq!(timers.records().len(), 1);
     world.route(&mut timers);
     world.run();
     assert_eq!(world.status(&id), "cancelled");
-    assert_eq!(world.available("A"), 5, "reserved late, released by the timeout's release");
+    assert_eq!(
+        world.available("A"),
+        5,
+        "reserved late, released by the timeout's release"
+    );
 }
 
 #[test]
@@ -688,7 +747,11 @@ fn fraud_rejects_a_burst_of_orders_from_one_customer() {
     });
     let scored = scored.expect("scored");
     assert_eq!(scored.decision, FraudDecision::Reject);
-    assert!(scored.reasons.iter().any(|r| r.contains("rule:")), "{:?}", scored.reasons);
+    assert!(
+        scored.reasons.iter().any(|r| r.contains("rule:")),
+        "{:?}",
+        scored.reasons
+    );
 }
 
 #[test]
@@ -723,7 +786,9 @@ fn state_survives_a_changelog_round_trip() {
     let stock = world.stock.changes();
     let mut restored_stock = InventoryState::default();
     for (key, value) in &stock {
-        restored_stock.restore(key, value.as_deref()).expect("restores");
+        restored_stock
+            .restore(key, value.as_deref())
+            .expect("restores");
     }
     assert_eq!(restored_stock.sku("A"), world.stock.sku("A"));
 }
