@@ -126,10 +126,19 @@ async fn charge(State(sim): State<Sim>, Json(request): Json<ChargeRequest>) -> R
     let faults = match sim.before().await {
         Ok(f) => f,
         Err(response) => {
+            // A failed call records no answer, but it was a call for the key.
             let mut ledger = sim.ledger();
-            if let Some(c) = ledger.charges.get_mut(&request.idempotency_key) {
-                c.attempts += 1;
-            }
+            ledger
+                .charges
+                .entry(request.idempotency_key.clone())
+                .or_insert_with(|| Charge {
+                    amount_minor: request.amount_minor,
+                    answer: None,
+                    voided: false,
+                    refunded: false,
+                    attempts: 0,
+                })
+                .attempts += 1;
             return response;
         }
     };
