@@ -181,7 +181,7 @@ pub struct Saga {
     /// that long here: a backlog (orders placed long before they are processed) or a restart
     /// does not time out steps that were never given their time. Not state: after a restart a
     /// step gets its full time again, which only ever delays a timeout.
-    first_seen: HashMap<String, i64>,
+    first_seen: HashMap<i32, HashMap<String, i64>>,
 }
 
 impl Saga {
@@ -902,13 +902,13 @@ impl Step for Saga {
         let mut due = HashSet::new();
         let mut pending = HashSet::new();
         let sent = self.timers_sent.entry(partition).or_default();
+        let first_seen = self.first_seen.entry(partition).or_default();
         for (order_id, order) in state.orders.iter() {
             let Some((deadline, step, stage_event_id)) = deadline(&self.timeouts, order) else {
                 continue;
             };
             pending.insert(stage_event_id.to_owned());
-            let seen = *self
-                .first_seen
+            let seen = *first_seen
                 .entry(stage_event_id.to_owned())
                 .or_insert(now_ms);
             let timeout = deadline - order.since;
@@ -944,10 +944,7 @@ impl Step for Saga {
         }
         // Forget timers whose order moved on.
         sent.retain(|id| due.contains(id));
-        if partition == 0 {
-            // Once per round of ticks is enough to drop steps no partition is waiting on.
-            self.first_seen.retain(|id, _| pending.contains(id));
-        }
+        first_seen.retain(|id, _| pending.contains(id));
     }
 }
 
