@@ -46,6 +46,19 @@ struct Charge {
     attempts: u32,
 }
 
+impl Charge {
+    /// A key not answered yet.
+    fn new(amount_minor: i64) -> Self {
+        Self {
+            amount_minor,
+            answer: None,
+            voided: false,
+            refunded: false,
+            attempts: 0,
+        }
+    }
+}
+
 #[derive(Clone)]
 struct Sim {
     ledger: Arc<Mutex<Ledger>>,
@@ -131,13 +144,7 @@ async fn charge(State(sim): State<Sim>, Json(request): Json<ChargeRequest>) -> R
             ledger
                 .charges
                 .entry(request.idempotency_key.clone())
-                .or_insert_with(|| Charge {
-                    amount_minor: request.amount_minor,
-                    answer: None,
-                    voided: false,
-                    refunded: false,
-                    attempts: 0,
-                })
+                .or_insert_with(|| Charge::new(request.amount_minor))
                 .attempts += 1;
             return response;
         }
@@ -147,13 +154,7 @@ async fn charge(State(sim): State<Sim>, Json(request): Json<ChargeRequest>) -> R
         let charge = ledger
             .charges
             .entry(request.idempotency_key.clone())
-            .or_insert_with(|| Charge {
-                amount_minor: request.amount_minor,
-                answer: None,
-                voided: false,
-                refunded: false,
-                attempts: 0,
-            });
+            .or_insert_with(|| Charge::new(request.amount_minor));
         charge.attempts += 1;
         match &charge.answer {
             Some(answer) => answer.clone(),
@@ -185,13 +186,7 @@ async fn void(State(sim): State<Sim>, Path(key): Path<String>) -> Response {
     };
     let answer = {
         let mut ledger = sim.ledger();
-        let charge = ledger.charges.entry(key).or_insert_with(|| Charge {
-            amount_minor: 0,
-            answer: None,
-            voided: false,
-            refunded: false,
-            attempts: 0,
-        });
+        let charge = ledger.charges.entry(key).or_insert_with(|| Charge::new(0));
         match &charge.answer {
             Some(answer) => answer.clone(),
             None => {

@@ -212,7 +212,24 @@ struct Emitter<'a> {
     order_id: &'a str,
 }
 
-impl Emitter<'_> {
+impl<'a> Emitter<'a> {
+    /// The emitter of what `input` (whose id parsed as `cause`) causes.
+    fn for_input(
+        out: &'a mut Outputs,
+        topics: SagaTopics,
+        input: &'a Envelope,
+        cause: Uuid,
+    ) -> Self {
+        Self {
+            out,
+            topics,
+            cause,
+            cause_id: &input.event_id,
+            occurred_at: input.occurred_at,
+            order_id: &input.order_id,
+        }
+    }
+
     fn envelope(&self, role: &str, kind: EventKind, customer_id: &str, sequence: i64) -> Envelope {
         Envelope {
             event_id: derived_event_id(self.cause, role).to_string(),
@@ -459,14 +476,7 @@ impl Saga {
             },
             cancel_requested: None,
         };
-        let mut em = Emitter {
-            out,
-            topics: self.topics,
-            cause,
-            cause_id: &envelope.event_id,
-            occurred_at: envelope.occurred_at,
-            order_id: &envelope.order_id,
-        };
+        let mut em = Emitter::for_input(out, self.topics, envelope, cause);
         let problems = self.rules.check(placed);
         if !problems.is_empty() {
             em.reject(&mut order, "validation", problems);
@@ -553,14 +563,7 @@ impl Saga {
         let Some(order) = state.orders.get_mut(&envelope.order_id) else {
             return Ok(());
         };
-        let mut em = Emitter {
-            out,
-            topics: self.topics,
-            cause,
-            cause_id: &envelope.event_id,
-            occurred_at: envelope.occurred_at,
-            order_id: &envelope.order_id,
-        };
+        let mut em = Emitter::for_input(out, self.topics, envelope, cause);
         match decided.decision {
             ReviewDecision::Approve => em.reserve(order),
             ReviewDecision::Reject => em.reject(
@@ -625,14 +628,7 @@ impl Saga {
         }
         let shortages = std::mem::take(shortages);
         let any_reserved = !reserved.is_empty();
-        let mut em = Emitter {
-            out,
-            topics: self.topics,
-            cause,
-            cause_id: &envelope.event_id,
-            occurred_at: envelope.occurred_at,
-            order_id: &envelope.order_id,
-        };
+        let mut em = Emitter::for_input(out, self.topics, envelope, cause);
         if shortages.is_empty() {
             let lines = order.sku_lines();
             em.timeline(
@@ -704,14 +700,7 @@ impl Saga {
         let Some(order) = state.orders.get_mut(&envelope.order_id) else {
             return Ok(());
         };
-        let mut em = Emitter {
-            out,
-            topics: self.topics,
-            cause,
-            cause_id: &envelope.event_id,
-            occurred_at: envelope.occurred_at,
-            order_id: &envelope.order_id,
-        };
+        let mut em = Emitter::for_input(out, self.topics, envelope, cause);
         match event {
             OrderEvent::PaymentAuthorized(_) => match order.cancel_requested.clone() {
                 Some(_) => em.request_refund(order),
@@ -778,14 +767,7 @@ impl Saga {
         } else {
             reason
         };
-        let mut em = Emitter {
-            out,
-            topics: self.topics,
-            cause,
-            cause_id: &envelope.event_id,
-            occurred_at: envelope.occurred_at,
-            order_id: &envelope.order_id,
-        };
+        let mut em = Emitter::for_input(out, self.topics, envelope, cause);
         match &order.stage {
             Stage::Review { .. } => em.cancel(order, reason, "customer"),
             Stage::Reserving { .. } => {
@@ -825,14 +807,7 @@ impl Saga {
         let Some(order) = state.orders.get_mut(&envelope.order_id) else {
             return Ok(());
         };
-        let mut em = Emitter {
-            out,
-            topics: self.topics,
-            cause,
-            cause_id: &envelope.event_id,
-            occurred_at: envelope.occurred_at,
-            order_id: &envelope.order_id,
-        };
+        let mut em = Emitter::for_input(out, self.topics, envelope, cause);
         let reason = format!("no answer from the {} step in time", timed_out.step);
         if timed_out.step == STEP_INVENTORY {
             em.release_all(order, &reason);
