@@ -21,7 +21,10 @@ use orderflow_platform::{
 };
 use orderflow_processors::{ProcessorDeps, ProcessorMetrics, SharedModel};
 use orderflow_projections::{
-    orders::OrdersProjection, query, Database, ProjectionMetrics, ProjectionWriter,
+    cache::{listen, ChangeFeed, OrderCache},
+    db::Backend,
+    orders::OrdersProjection,
+    query, Database, ProjectionMetrics, ProjectionWriter,
 };
 use orderflow_schemas::Codec;
 use orderflow_topics::names;
@@ -181,12 +184,36 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         cancel.clone(),
     ));
 
+    // Committed projection changes, announced to this process's query cache.
+    let changes = ChangeFeed::new();
     let mut query_addr = None;
     if let (true, Some(db)) = (roles.contains(&Role::Query), &db) {
+        let cache = OrderCache::new(
+            settings.query.cache_capacity,
+            Duration::from_millis(settings.query.cache_ttl_ms),
+            metrics.projections.cache.clone(),
+        );
+        tasks.spawn({
+            let (cache, changes, cancel) = (cache.clone(), changes.clone(), cancel.clone());
+            async move {
+                cache.follow(changes, cancel).await;
+                Ok(())
+            }
+        });
+        // Other processes' projection writers announce their changes through PostgreSQL.
+        if db.backend() == Backend::Postgres {
+            tasks.spawn({
+                let (url, cache, cancel) = (settings.database_url(), cache.clone(), cancel.clone());
+                async move {
+                    listen(url, cache, cancel).await;
+                    Ok(())
+                }
+            });
+        }
         let http = metrics.http.for_server("query");
         let server = Server::bind(
             settings.query.listen,
-            edge(http.layer(query::router(db.clone()))),
+            edge(http.layer(query::router(db.clone(), cache))),
         )
         .await
         .with_context(|| format!("binding the query API to {}", settings.query.listen))?;
@@ -292,7 +319,8 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             codec.clone(),
             metrics.projections.clone(),
         )
-        .with_readiness(readiness.clone());
+        .with_readiness(readiness.clone())
+        .with_change_feed(changes.clone());
         let cancel = cancel.clone();
         tasks.spawn(async move {
             writer.run(cancel).await;

@@ -1,20 +1,29 @@
-//! The crash test: the broker and the processors run as separate OS processes; the processor
-//! process is SIGKILLed at random moments, again and again, while 10 000 orders flow, and
-//! restarted. Afterwards the test reads the log itself (not the projections) and checks:
+//! The crash tests: the broker and the processors run as separate OS processes, and the
+//! processors are disturbed while thousands of orders flow:
+//!
+//! - **kill**: one processor process SIGKILLed at random moments, again and again, and
+//!   restarted (10 000 orders);
+//! - **rebalance**: instances join and leave (gracefully or killed) mid-stream (5 000 orders);
+//! - **freeze-thaw** (Tansu): a processor frozen with SIGSTOP past its session and transaction
+//!   timeouts while a successor takes over, then thawed to run alongside it as a zombie.
+//!
+//! Afterwards the test reads the log itself (not the projections), every record ever written
+//! (`read_uncommitted`: zombies' and aborted transactions' records too), and checks:
 //!
 //! - every order ended confirmed, rejected or cancelled, with exactly one final event;
 //! - the distinct events of each order form one valid saga path, numbered 1..n;
-//! - an event id that appears more than once is byte-identical each time (a re-emission);
+//! - an event id that appears more than once is byte-identical each time (a re-emission, never
+//!   a second outcome: a zombie changed nothing its successor decided);
 //! - stock never went negative, and what is left is the restocks minus what confirmed orders
 //!   hold (every other reservation was released);
 //! - the gateway saw exactly one successful charge per confirmed order and none standing for
 //!   the others.
 //!
 //! On the in-process broker (`orderflow broker` in its own process) and on Tansu.
-//! `CRASH_TEST_ORDERS` changes the number of orders (default 10 000).
+//! `CRASH_TEST_ORDERS` changes the number of orders.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -22,30 +31,20 @@ use std::{
 
 use orderflow_gateway::{simulator::Simulator, GatewayClient};
 use orderflow_platform::{kafka::KafkaClients, Settings};
-use orderflow_schemas::{
-    Address, Codec, Envelope, InventoryRestocked, OrderEvent, OrderLine, OrderPlaced,
+use orderflow_schemas::{Codec, OrderEvent, OrderPlaced};
+use orderflow_testkit::{
+    apply_topics,
+    log::{now_ms, order_placed, restocked, Log, LogReader},
+    test_settings, Broker,
 };
-use orderflow_testkit::{apply_topics, test_settings, Broker};
 use orderflow_topics::names;
 use rand::{rngs::StdRng, Rng, SeedableRng};
-use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
-    message::Message,
-    producer::{FutureProducer, FutureRecord},
-    Offset, TopicPartitionList,
-};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 const SKUS: usize = 20;
 /// Units per SKU: less than the demand, so stock runs out and orders are rejected for it.
 const STOCK: i32 = 600;
-
-fn order_count() -> usize {
-    std::env::var("CRASH_TEST_ORDERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000)
-}
 
 /// `orderflow broker` in its own process; killed on drop.
 struct BrokerProcess(Child, String);
@@ -79,25 +78,32 @@ impl Drop for BrokerProcess {
     }
 }
 
-/// `orderflow process` in its own process.
-fn start_processor(bootstrap: &str, gateway: &str) -> Child {
-    Command::new(BIN)
-        .args([
-            "--kafka-brokers",
-            bootstrap,
-            "--set",
-            "telemetry.listen=\"127.0.0.1:0\"",
-            "--set",
-            &format!("payment.gateway_url={gateway:?}"),
-            // A stable identity: a restarted instance fences its predecessor where the broker
-            // supports it (Tansu).
-            "--set",
-            "processor.instance_id=\"crash\"",
-            // A killed member holds its partitions until its session times out: keep it short.
-            "--set",
-            "kafka.session_timeout_ms=3000",
-            "process",
-        ])
+/// `orderflow process` in its own process, as instance `instance` (its transactional ids).
+fn start_processor(
+    bootstrap: &str,
+    gateway: &str,
+    instance: &str,
+    extra: &[(&str, &str)],
+) -> Child {
+    let mut command = Command::new(BIN);
+    command.args([
+        "--kafka-brokers",
+        bootstrap,
+        "--set",
+        "telemetry.listen=\"127.0.0.1:0\"",
+        "--set",
+        &format!("payment.gateway_url={gateway:?}"),
+        "--set",
+        &format!("processor.instance_id={instance:?}"),
+        // A killed member holds its partitions until its session times out: keep it short.
+        "--set",
+        "kafka.session_timeout_ms=3000",
+    ]);
+    for (key, value) in extra {
+        command.args(["--set", &format!("{key}={value}")]);
+    }
+    command
+        .arg("process")
         .env_remove("RUST_LOG")
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -107,15 +113,204 @@ fn start_processor(bootstrap: &str, gateway: &str) -> Child {
         .expect("orderflow process starts")
 }
 
-fn envelope(event_id: String, order_id: String, customer_id: String, at: i64) -> Envelope {
-    Envelope {
-        event_id,
-        order_id,
-        customer_id,
-        occurred_at: at,
-        causation_id: None,
-        sequence: 0,
-        schema_version: 1,
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{name} {}", child.id());
+}
+
+/// SIGTERM, then wait for a graceful exit (SIGKILL after 30 s).
+fn stop_gracefully(mut child: Child) {
+    signal(&child, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if child.try_wait().expect("try_wait").is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn kill(mut child: Child) {
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+}
+
+/// What happens to the processor processes while the orders flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scenario {
+    /// One instance, SIGKILLed every 3–8 s and restarted under the same identity.
+    Kill,
+    /// Instance `a` stays; `b` and `c` join, leave (SIGTERM) or crash and restart (SIGKILL)
+    /// every 3–8 s.
+    Rebalance,
+    /// The running instance is frozen (SIGSTOP) past its session and transaction timeouts, a
+    /// successor starts, then the frozen one is thawed and runs alongside before it leaves.
+    FreezeThaw,
+}
+
+impl Scenario {
+    fn orders(self) -> usize {
+        let default = match self {
+            Self::Kill => 10_000,
+            Self::Rebalance | Self::FreezeThaw => 5_000,
+        };
+        std::env::var("CRASH_TEST_ORDERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// After this many actions the processors are left alone to finish.
+    fn max_actions(self) -> usize {
+        match self {
+            Self::Kill => 40,
+            Self::Rebalance => 20,
+            // Three freeze → thaw → leave cycles.
+            Self::FreezeThaw => 9,
+        }
+    }
+
+    /// Settings every processor of the scenario runs with.
+    fn extra(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            // Frozen for 9 s: past the session (3 s) and transaction (5 s) timeouts.
+            Self::FreezeThaw => &[("kafka.transaction_timeout_ms", "5000")],
+            Self::Kill | Self::Rebalance => &[],
+        }
+    }
+}
+
+/// The processor processes of one run, driven by a [`Scenario`].
+struct Fleet {
+    scenario: Scenario,
+    bootstrap: String,
+    gateway: String,
+    rng: StdRng,
+    /// Running (possibly frozen) processes by instance id.
+    members: BTreeMap<String, Child>,
+    frozen: Option<String>,
+    /// Members that are thawed zombies, to be stopped at the next step.
+    thawed: Option<String>,
+    next_at: Instant,
+    started: usize,
+    /// Kills, joins, leaves, freezes: what the scenario did.
+    actions: usize,
+}
+
+impl Fleet {
+    fn new(scenario: Scenario, bootstrap: &str, gateway: &str) -> Self {
+        let mut fleet = Self {
+            scenario,
+            bootstrap: bootstrap.to_owned(),
+            gateway: gateway.to_owned(),
+            rng: StdRng::seed_from_u64(11),
+            members: BTreeMap::new(),
+            frozen: None,
+            thawed: None,
+            next_at: Instant::now(),
+            started: 0,
+            actions: 0,
+        };
+        let first = match scenario {
+            Scenario::Kill => "crash".to_owned(),
+            Scenario::Rebalance => "a".to_owned(),
+            Scenario::FreezeThaw => fleet.fresh_id(),
+        };
+        fleet.start(&first);
+        fleet.schedule(3000..8000);
+        fleet
+    }
+
+    fn fresh_id(&mut self) -> String {
+        format!("instance-{}", self.started)
+    }
+
+    fn start(&mut self, instance: &str) {
+        self.started += 1;
+        let child = start_processor(
+            &self.bootstrap,
+            &self.gateway,
+            instance,
+            self.scenario.extra(),
+        );
+        self.members.insert(instance.to_owned(), child);
+    }
+
+    fn schedule(&mut self, millis: std::ops::Range<u64>) {
+        self.next_at = Instant::now() + Duration::from_millis(self.rng.random_range(millis));
+    }
+
+    /// Does the scenario's next thing if it is due.
+    fn step(&mut self) {
+        if Instant::now() < self.next_at || self.actions >= self.scenario.max_actions() {
+            return;
+        }
+        match self.scenario {
+            Scenario::Kill => {
+                let child = self.members.remove("crash").expect("running");
+                kill(child);
+                self.start("crash");
+                self.schedule(3000..8000);
+            }
+            Scenario::Rebalance => {
+                let id = if self.rng.random_bool(0.5) { "b" } else { "c" };
+                match self.members.remove(id) {
+                    // Leaves for good: gracefully (its batch committed or aborted, the group
+                    // left), as a scale-down does.
+                    Some(child) if self.rng.random_bool(0.5) => stop_gracefully(child),
+                    // Crashes and comes back under its identity, as a StatefulSet pod does:
+                    // its init aborts the transaction it left open. (One that never came back
+                    // would leave it open for good on Tansu, which has no transaction timeout,
+                    // and block `read_committed` readers of its partitions: docs/architecture.md.)
+                    Some(child) => {
+                        kill(child);
+                        self.start(id);
+                    }
+                    None => self.start(id),
+                }
+                self.schedule(3000..8000);
+            }
+            Scenario::FreezeThaw => {
+                if let Some(id) = self.thawed.take() {
+                    // The thawed zombie ran alongside its successor; now it leaves.
+                    let child = self.members.remove(&id).expect("thawed member");
+                    stop_gracefully(child);
+                    // The successor alone for a while: joining a group takes seconds on Tansu.
+                    self.schedule(8000..15000);
+                } else if let Some(id) = self.frozen.take() {
+                    signal(&self.members[&id], "CONT");
+                    self.thawed = Some(id);
+                    self.schedule(3000..6000);
+                } else {
+                    let (id, child) = self.members.iter().next().expect("one running");
+                    signal(child, "STOP");
+                    self.frozen = Some(id.clone());
+                    let successor = self.fresh_id();
+                    self.start(&successor);
+                    self.next_at = Instant::now() + Duration::from_secs(9);
+                }
+            }
+        }
+        self.actions += 1;
+    }
+
+    /// Thaws a frozen member, so that every member can finish its work.
+    fn thaw(&mut self) {
+        if let Some(id) = self.frozen.take() {
+            signal(&self.members[&id], "CONT");
+        }
+    }
+
+    fn stop(mut self) {
+        self.thaw();
+        for child in std::mem::take(&mut self.members).into_values() {
+            kill(child);
+        }
     }
 }
 
@@ -129,117 +324,20 @@ fn orders(n: usize, now: i64) -> Vec<OrderPlaced> {
                 .collect();
             skus.sort_unstable();
             skus.dedup();
-            let lines: Vec<OrderLine> = skus
+            let lines: Vec<(String, i32)> = skus
                 .iter()
-                .map(|s| OrderLine {
-                    sku: format!("SKU-{s:03}"),
-                    quantity: rng.random_range(1..=2),
-                    unit_price_minor: 500,
-                })
+                .map(|s| (format!("SKU-{s:03}"), rng.random_range(1..=2)))
                 .collect();
-            let subtotal: i64 = lines
-                .iter()
-                .map(|l| i64::from(l.quantity) * l.unit_price_minor)
-                .sum();
-            let mut e = envelope(
-                uuid::Uuid::new_v4().to_string(),
-                uuid::Uuid::new_v4().to_string(),
-                format!("customer-{}", i % (n / 2).max(1)),
-                now + i as i64,
-            );
-            e.sequence = 1;
-            OrderPlaced {
-                envelope: e,
-                currency: "EUR".into(),
-                lines,
-                shipping_address: Address {
-                    name: "Test".into(),
-                    line1: "1 Road".into(),
-                    line2: None,
-                    city: "Town".into(),
-                    postal_code: "12345".into(),
-                    country: "DE".into(),
-                },
-                payment_token: if i % 10 == 3 {
-                    "tok_decline_crash".into()
-                } else {
-                    "tok_ok".into()
-                },
-                subtotal_minor: subtotal,
-                shipping_minor: 0,
-                tax_minor: 0,
-                total_minor: subtotal,
-            }
+            let lines: Vec<(&str, i32)> = lines.iter().map(|(s, q)| (s.as_str(), *q)).collect();
+            let token = if i % 10 == 3 {
+                "tok_decline_crash"
+            } else {
+                "tok_ok"
+            };
+            let customer = format!("customer-{}", i % (n / 2).max(1));
+            order_placed(&customer, &lines, token, now + i as i64)
         })
         .collect()
-}
-
-/// Everything read from orders.events so far: payloads by event id, events by order.
-#[derive(Default)]
-struct Log {
-    bytes: HashMap<String, Vec<u8>>,
-    conflicts: Vec<String>,
-    by_order: HashMap<String, BTreeMap<String, OrderEvent>>,
-    finals: HashMap<String, BTreeSet<String>>,
-}
-
-impl Log {
-    fn add(&mut self, codec: &Codec, payload: &[u8]) {
-        let Ok(event) = codec.decode(payload) else {
-            return;
-        };
-        let envelope = event.envelope().clone();
-        match self.bytes.get(&envelope.event_id) {
-            Some(first) if first != payload => {
-                self.conflicts
-                    .push(format!("{} ({})", envelope.event_id, event.kind().name()))
-            }
-            Some(_) => return,
-            None => {
-                self.bytes
-                    .insert(envelope.event_id.clone(), payload.to_vec());
-            }
-        }
-        if matches!(
-            event,
-            OrderEvent::OrderConfirmed(_)
-                | OrderEvent::OrderRejected(_)
-                | OrderEvent::OrderCancelled(_)
-        ) {
-            self.finals
-                .entry(envelope.order_id.clone())
-                .or_default()
-                .insert(envelope.event_id.clone());
-        }
-        self.by_order
-            .entry(envelope.order_id)
-            .or_default()
-            .insert(envelope.event_id, event);
-    }
-}
-
-fn reader(settings: &Settings, bootstrap: &str) -> BaseConsumer {
-    let clients = KafkaClients::new(&settings.kafka, bootstrap);
-    let consumer: BaseConsumer = clients
-        .consumer("crash-reader", &format!("crash-{}", uuid::Uuid::new_v4()))
-        .create()
-        .expect("reader");
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..6 {
-        tpl.add_partition_offset(names::ORDERS_EVENTS, p, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&tpl).expect("assign");
-    consumer
-}
-
-fn poll_into(consumer: &BaseConsumer, codec: &Codec, log: &mut Log, for_at_most: Duration) {
-    let until = Instant::now() + for_at_most;
-    while Instant::now() < until {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
-            log.add(codec, message.payload().unwrap_or_default());
-        }
-    }
 }
 
 /// Reservations still held by orders whose final event is not `OrderConfirmed`.
@@ -311,11 +409,11 @@ fn valid_paths() -> Vec<Vec<&'static str>> {
     ]
 }
 
-async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
-    let n = order_count();
+async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, settings: Settings) {
+    let n = scenario.orders();
     let codec = Codec::new().expect("codec");
 
-    // The gateway: in this process (the processors are what gets killed).
+    // The gateway: in this process (the processors are what gets disturbed).
     let mut gateway_settings = settings.gateway.clone();
     gateway_settings.listen = "127.0.0.1:0".parse().expect("addr");
     gateway_settings.latency_ms = 1;
@@ -330,20 +428,10 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         .idempotent_producer("crash-test")
         .create()
         .expect("producer");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default();
+    let now = now_ms();
     for s in 0..SKUS {
-        let id = uuid::Uuid::new_v4().to_string();
         let sku = format!("SKU-{s:03}");
-        let event = OrderEvent::InventoryRestocked(InventoryRestocked {
-            envelope: envelope(id.clone(), id, String::new(), now),
-            sku: sku.clone(),
-            quantity: STOCK,
-            source: "crash test".into(),
-        });
-        let bytes = codec.encode(&event).expect("encode");
+        let bytes = codec.encode(&restocked(&sku, STOCK, now)).expect("encode");
         producer
             .send(
                 FutureRecord::to(names::INVENTORY_COMMANDS)
@@ -378,61 +466,54 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         d.await.expect("delivered").expect("order written");
     }
 
-    // Run the processors, killing them at random moments until every order is final.
-    let consumer = reader(&settings, &bootstrap);
-    let mut log = Log::default();
-    let mut rng = StdRng::seed_from_u64(11);
-    let mut processor = start_processor(&bootstrap, &gateway_url);
-    let mut kills = 0;
+    // Run the processors, disturbing them as the scenario says, until every order is final.
+    let mut reader = LogReader::everything(&settings, &bootstrap);
+    let mut fleet = Fleet::new(scenario, &bootstrap, &gateway_url);
     let started = Instant::now();
     let deadline = started + Duration::from_secs(600);
-    let mut next_kill = Instant::now() + Duration::from_millis(rng.random_range(3000..8000));
     loop {
-        poll_into(&consumer, &codec, &mut log, Duration::from_millis(200));
+        reader.poll_for(Duration::from_millis(200));
         let done = placed
             .iter()
-            .all(|o| log.finals.contains_key(&o.envelope.order_id));
+            .all(|o| reader.log.finals.contains_key(&o.envelope.order_id));
         if done {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{broker_name}: only {} of {n} orders final after {kills} kills",
-            log.finals.len()
+            "{broker_name}, {scenario:?}: only {} of {n} orders final after {} actions",
+            reader.log.finals.len(),
+            fleet.actions
         );
-        if Instant::now() >= next_kill && kills < 40 {
-            processor.kill().expect("SIGKILL");
-            processor.wait().expect("reaped");
-            kills += 1;
-            processor = start_processor(&bootstrap, &gateway_url);
-            next_kill = Instant::now() + Duration::from_millis(rng.random_range(3000..8000));
-        }
+        fleet.step();
     }
+    fleet.thaw();
     // A final order's compensations (stock releases) are answered by the inventory after the
-    // saga's final event: let the processor finish them — until every reservation of an order
+    // saga's final event: let the processors finish them — until every reservation of an order
     // that did not confirm is released, or the deadline (then the checks below name the rest).
     let settle = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < settle && !unreleased(&log).is_empty() {
-        poll_into(&consumer, &codec, &mut log, Duration::from_millis(500));
+    while Instant::now() < settle && !unreleased(&reader.log).is_empty() {
+        reader.poll_for(Duration::from_millis(500));
     }
     // And the last batches' re-emissions.
-    poll_into(&consumer, &codec, &mut log, Duration::from_secs(2));
-    processor.kill().expect("SIGKILL");
-    processor.wait().expect("reaped");
-    poll_into(&consumer, &codec, &mut log, Duration::from_secs(1));
+    reader.poll_for(Duration::from_secs(2));
+    let actions = fleet.actions;
+    fleet.stop();
+    reader.poll_for(Duration::from_secs(1));
+    let log = reader.log;
     eprintln!(
-        "{broker_name}: {n} orders final in {:.1} s with {kills} SIGKILLs",
+        "{broker_name}, {scenario:?}: {n} orders final in {:.1} s after {actions} actions",
         started.elapsed().as_secs_f64()
     );
     assert!(
-        kills >= 3,
-        "{broker_name}: the run was too short to kill the processor"
+        actions >= 3,
+        "{broker_name}, {scenario:?}: the run was too short to disturb the processors"
     );
 
     // Re-emissions are byte-identical.
     assert!(
         log.conflicts.is_empty(),
-        "{broker_name}: conflicting events: {:?}",
+        "{broker_name}, {scenario:?}: conflicting events: {:?}",
         log.conflicts
     );
 
@@ -445,7 +526,7 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         assert_eq!(
             log.finals[id].len(),
             1,
-            "{broker_name}: {id} has several final events"
+            "{broker_name}, {scenario:?}: {id} has several final events"
         );
         let events = &log.by_order[id];
         let mut timeline: Vec<(i64, &'static str)> = events
@@ -457,13 +538,13 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         let kinds: Vec<&str> = timeline.iter().map(|(_, k)| *k).collect();
         assert!(
             paths.contains(&kinds),
-            "{broker_name}: {id} took no valid path: {kinds:?}"
+            "{broker_name}, {scenario:?}: {id} took no valid path: {kinds:?}"
         );
         let sequences: Vec<i64> = timeline.iter().map(|(s, _)| *s).collect();
         assert_eq!(
             sequences,
             (1..=sequences.len() as i64).collect::<Vec<_>>(),
-            "{broker_name}: {id}"
+            "{broker_name}, {scenario:?}: {id}"
         );
         if kinds.last() == Some(&"OrderConfirmed") {
             confirmed.insert(id.clone());
@@ -515,7 +596,10 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         for event in events.values() {
             match event {
                 OrderEvent::InventoryLineReserved(r) => {
-                    assert!(r.available_after >= 0, "{broker_name}: stock went negative");
+                    assert!(
+                        r.available_after >= 0,
+                        "{broker_name}, {scenario:?}: stock went negative"
+                    );
                     *reserved.entry(r.sku.clone()).or_default() += i64::from(r.quantity);
                 }
                 OrderEvent::InventoryLineReleased(r) => {
@@ -531,16 +615,16 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
         let sold = confirmed_units.get(&sku).copied().unwrap_or(0);
         assert_eq!(
             held, sold,
-            "{broker_name}: {sku}: reservations left {held}, confirmed {sold}; not released: {stuck:#?}"
+            "{broker_name}, {scenario:?}: {sku}: reservations left {held}, confirmed {sold}; not released: {stuck:#?}"
         );
         assert!(
             sold <= i64::from(STOCK),
-            "{broker_name}: {sku} oversold: {sold}"
+            "{broker_name}, {scenario:?}: {sku} oversold: {sold}"
         );
     }
     assert!(
         confirmed.len() < n && !confirmed.is_empty(),
-        "{broker_name}: the run should confirm some orders and reject or cancel others"
+        "{broker_name}, {scenario:?}: the run should confirm some orders and reject or cancel others"
     );
 
     // The gateway: one standing charge per confirmed order, none for the others.
@@ -552,7 +636,7 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
     for record in &report.charges {
         assert!(
             record.charges <= 1,
-            "{broker_name}: {} charged twice",
+            "{broker_name}, {scenario:?}: {} charged twice",
             record.idempotency_key
         );
         if record.status == "authorized" {
@@ -561,24 +645,48 @@ async fn crash_test(broker_name: &str, bootstrap: String, settings: Settings) {
     }
     assert_eq!(
         charged, confirmed,
-        "{broker_name}: standing charges differ from confirmed orders"
+        "{broker_name}, {scenario:?}: standing charges differ from confirmed orders"
     );
     stop_gateway.cancel();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn processors_killed_again_and_again_on_the_in_process_broker() {
+async fn on_the_in_process_broker(scenario: Scenario) {
     let broker = BrokerProcess::start();
     let settings = test_settings(None);
-    crash_test("in-process broker", broker.1.clone(), settings).await;
+    crash_test(scenario, "in-process broker", broker.1.clone(), settings).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn processors_killed_again_and_again_on_tansu() {
+async fn on_tansu(scenario: Scenario) {
     let Some(broker) = Broker::tansu() else {
         return;
     };
     let settings = test_settings(None);
     apply_topics(&broker, &settings).await;
-    crash_test("tansu", broker.bootstrap(), settings).await;
+    crash_test(scenario, "tansu", broker.bootstrap(), settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processors_killed_again_and_again_on_the_in_process_broker() {
+    on_the_in_process_broker(Scenario::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processors_killed_again_and_again_on_tansu() {
+    on_tansu(Scenario::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_join_and_leave_mid_stream_on_the_in_process_broker() {
+    on_the_in_process_broker(Scenario::Rebalance).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_join_and_leave_mid_stream_on_tansu() {
+    on_tansu(Scenario::Rebalance).await;
+}
+
+/// Tansu only: the mock cluster fences nothing and has no transaction timeout to pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_and_thawed_processor_changes_nothing_its_successor_decided_on_tansu() {
+    on_tansu(Scenario::FreezeThaw).await;
 }

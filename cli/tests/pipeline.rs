@@ -8,7 +8,9 @@ use std::{collections::BTreeMap, time::Duration};
 use orderflow::pipeline::{self, Role};
 use orderflow_platform::{kafka::KafkaClients, Settings};
 use orderflow_schemas::{Codec, EventKind};
-use orderflow_testkit::{apply_topics, eventually, restock, test_settings, Broker, Database};
+use orderflow_testkit::{
+    apply_topics, eventually, log::read_dead_letters, restock, test_settings, Broker, Database,
+};
 use orderflow_topics::names;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
@@ -40,53 +42,6 @@ async fn inject_poison(bootstrap: &str, settings: &Settings) {
             .await
             .expect("poison written");
     }
-}
-
-/// Reads a dead-letter topic until `expected` records arrived; returns their headers.
-fn read_dead_letters(
-    bootstrap: &str,
-    settings: &Settings,
-    topic: &str,
-    expected: usize,
-) -> Vec<BTreeMap<String, String>> {
-    use rdkafka::message::Headers;
-    let clients = KafkaClients::new(&settings.kafka, bootstrap);
-    let consumer: BaseConsumer = clients
-        .consumer("test-dlq", &format!("test-dlq-{}", uuid::Uuid::new_v4()))
-        .create()
-        .expect("reader");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .expect("partition");
-    consumer.assign(&tpl).expect("assign");
-    let deadline = std::time::Instant::now() + DEADLINE;
-    let mut letters = Vec::new();
-    while letters.len() < expected {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {} dead letters on {topic}",
-            letters.len()
-        );
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let message = message.expect("dead letter");
-        let headers = message
-            .headers()
-            .map(|hs| {
-                hs.iter()
-                    .map(|h| {
-                        (
-                            h.key.to_owned(),
-                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        letters.push(headers);
-    }
-    letters
 }
 
 fn order(customer: usize, valid: bool) -> Value {
@@ -498,7 +453,7 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         Some(2)
     );
     for topic in [names::SAGA_DLQ, names::PROJECTION_ORDERS_DLQ] {
-        let letters = read_dead_letters(&bootstrap, &settings, topic, 2);
+        let letters = read_dead_letters(&settings, &bootstrap, topic, 2);
         for headers in &letters {
             assert!(
                 headers["dlq.reason"].starts_with("undecodable"),

@@ -59,7 +59,8 @@ async fn one_order_is_one_trace_from_http_to_projection() {
     let view = wait_final(&client, &status_url).await;
     assert_eq!(view["status"], "confirmed");
 
-    // Placed, validated and confirmed each pass the saga and the projection.
+    // Placed, validated and confirmed each pass the saga and the projection; the reservation
+    // passes the inventory processor and the payment request the payment worker.
     let spans: Vec<SpanData> = eventually(DEADLINE, "every span of the order", || {
         let exporter = exporter.clone();
         async move {
@@ -71,7 +72,13 @@ async fn one_order_is_one_trace_from_http_to_projection() {
                 .filter(|s| s.span_context.trace_id() == trace)
                 .collect();
             let count = |name: &str| of_trace.iter().filter(|s| s.name == name).count();
-            (count("process") >= 3 && count("project") >= 3).then_some(of_trace)
+            let processors = processors_of(&of_trace);
+            (count("process") >= 3
+                && count("project") >= 3
+                && ["saga", "inventory", "payments"]
+                    .iter()
+                    .all(|p| processors.contains(*p)))
+            .then_some(of_trace)
         }
     })
     .await;
@@ -114,4 +121,18 @@ async fn one_order_is_one_trace_from_http_to_projection() {
         .await
         .expect("shutdown");
     let _ = provider.shutdown();
+}
+
+/// The `processor` attribute of every `process` span: which processors the trace crossed.
+fn processors_of(spans: &[SpanData]) -> std::collections::BTreeSet<String> {
+    spans
+        .iter()
+        .filter(|s| s.name == "process")
+        .filter_map(|s| {
+            s.attributes
+                .iter()
+                .find(|kv| kv.key.as_str() == "processor")
+                .map(|kv| kv.value.to_string())
+        })
+        .collect()
 }

@@ -209,6 +209,8 @@ pub struct IngestSettings {
 #[serde(deny_unknown_fields)]
 pub struct QuerySettings {
     pub listen: SocketAddr,
+    pub cache_capacity: u64,
+    pub cache_ttl_ms: u64,
 }
 
 /// Bounds of a processor's transaction batch, and the identity of its transactional producer.
@@ -221,6 +223,9 @@ pub struct BatchSettings {
     pub transactional_id_prefix: String,
     pub instance_id: String,
     pub tick_ms: u64,
+    /// Input records taken from the consumer and not yet committed above which the processor
+    /// pauses its partitions (no more fetching) until the batch in hand commits.
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -408,6 +413,10 @@ impl Settings {
                 format!("{key}.batch_max_ms: expected at least 1, found 0"),
             );
         }
+        check(
+            self.processor.max_in_flight >= 1,
+            "processor.max_in_flight: expected at least 1, found 0".to_owned(),
+        );
         for currency in &self.validation.currencies {
             check(
                 currency.len() == 3 && currency.chars().all(|c| c.is_ascii_uppercase()),

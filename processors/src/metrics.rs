@@ -29,6 +29,10 @@ pub struct ProcessorMetrics {
     pub batch_records: Family<ProcessorLabels, Histogram>,
     pub commit_seconds: Family<ProcessorLabels, Histogram>,
     pub restore_seconds: Family<ProcessorLabels, Histogram>,
+    /// Partitions paused for backpressure right now.
+    pub paused_partitions: Family<ProcessorLabels, Gauge>,
+    /// Times a processor paused its partitions for backpressure.
+    pub pauses: Family<ProcessorLabels, Counter>,
     pub gateway: GatewayMetrics,
     pub consumer: ConsumerMetrics,
 }
@@ -72,6 +76,8 @@ impl ProcessorMetrics {
             batch_records: Family::new_with_constructor(batch_histogram),
             commit_seconds: Family::new_with_constructor(commit_histogram),
             restore_seconds: Family::new_with_constructor(commit_histogram),
+            paused_partitions: Family::default(),
+            pauses: Family::default(),
             gateway: GatewayMetrics {
                 calls: Family::default(),
                 call_seconds: Family::new_with_constructor(commit_histogram),
@@ -114,6 +120,16 @@ impl ProcessorMetrics {
             "processor_restore_duration_seconds",
             "Time to restore the state of newly assigned partitions from the changelog",
             m.restore_seconds.clone(),
+        );
+        registry.register(
+            "processor_paused_partitions",
+            "Input partitions paused because the records in flight reached processor.max_in_flight",
+            m.paused_partitions.clone(),
+        );
+        registry.register(
+            "processor_pauses",
+            "Times a processor paused its input partitions for backpressure",
+            m.pauses.clone(),
         );
         registry.register(
             "payment_gateway_calls",

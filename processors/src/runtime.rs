@@ -22,6 +22,11 @@
 //!    outputs are durable. The group offset is committed after the transaction as well (the
 //!    only stored position of a stateless processor).
 //!
+//! Backpressure: once the records taken and not yet committed reach `processor.max_in_flight`
+//! (a full batch), every assigned partition is paused, so the client stops fetching behind a
+//! slow batch, and resumed after the batch commits. `Step::prepare` (the step's I/O) runs before
+//! the transaction opens, so slow I/O never holds a transaction open.
+//!
 //! Rebalances happen only while the runtime polls for a batch, when no transaction is open;
 //! revoked partitions drop their state, assigned ones restore it from the changelog before any
 //! of their records is processed (`/readyz` reports "restoring" meanwhile). On any error inside
@@ -337,6 +342,10 @@ impl<S: Step> ProcessorRuntime<S> {
                 }
             }
             if !batch.is_empty() || !timers.is_empty() {
+                // Backpressure: the batch in hand is every record in flight; at the bound the
+                // client stops fetching until it has committed (a slow batch must not pile up
+                // more input in memory behind it).
+                let paused = self.pause_if_full(&consumer, batch.len())?;
                 match self
                     .process(&consumer, &producer, &batch, timers, &mut slots)
                     .await
@@ -346,8 +355,21 @@ impl<S: Step> ProcessorRuntime<S> {
                     Err(e) => {
                         abort(&producer, timeout).await;
                         self.metrics.aborts.get_or_create(&self.labels).inc();
+                        self.metrics
+                            .paused_partitions
+                            .get_or_create(&self.labels)
+                            .set(0);
                         return Err(e);
                     }
+                }
+                if let Some(partitions) = paused {
+                    // No rebalance can have happened meanwhile (the consumer was not polled),
+                    // so these are still this member's partitions.
+                    consumer.resume(&partitions)?;
+                    self.metrics
+                        .paused_partitions
+                        .get_or_create(&self.labels)
+                        .set(0);
                 }
             }
             if cancel.is_cancelled() {
@@ -456,6 +478,35 @@ impl<S: Step> ProcessorRuntime<S> {
         Ok(())
     }
 
+    /// Pauses every assigned partition when `in_flight` records reached
+    /// `processor.max_in_flight`; returns what was paused, to resume once they are committed.
+    fn pause_if_full(
+        &self,
+        consumer: &ProcessorConsumer,
+        in_flight: usize,
+    ) -> Result<Option<TopicPartitionList>, ProcessorError> {
+        if in_flight < self.batch.max_in_flight {
+            return Ok(None);
+        }
+        let partitions = consumer.assignment()?;
+        if partitions.count() == 0 {
+            return Ok(None);
+        }
+        consumer.pause(&partitions)?;
+        debug!(
+            processor = self.io.name,
+            in_flight,
+            partitions = partitions.count(),
+            "Partitions paused until the batch commits."
+        );
+        self.metrics.pauses.get_or_create(&self.labels).inc();
+        self.metrics
+            .paused_partitions
+            .get_or_create(&self.labels)
+            .set(partitions.count() as i64);
+        Ok(Some(partitions))
+    }
+
     fn bounds(&self) -> BatchBounds {
         BatchBounds {
             max_records: self.batch.batch_max_records,
@@ -480,15 +531,6 @@ impl<S: Step> ProcessorRuntime<S> {
         slots: &mut BTreeMap<i32, Slot<S::State>>,
     ) -> Result<Option<TopicPartitionList>, ProcessorError> {
         let started = Instant::now();
-        producer.begin_transaction()?;
-        let mut deliveries = Vec::new();
-        let mut emitted: Vec<&'static str> = Vec::new();
-        for record in timers.drain() {
-            let bytes = self.codec.encode(&record.event)?;
-            emitted.push(record.event.kind().name());
-            deliveries.push(send(producer, &record, &bytes, None)?);
-        }
-
         // Decode everything first, so that `prepare` sees the whole batch.
         let decoded: Vec<Result<OrderEvent, String>> = batch
             .iter()
@@ -507,6 +549,17 @@ impl<S: Step> ProcessorRuntime<S> {
             .prepare(&inputs)
             .await
             .map_err(|e| ProcessorError::Step(e.to_string()))?;
+
+        // The transaction opens only now: a slow `prepare` (the gateway) keeps no transaction
+        // open and cannot run it into its timeout.
+        producer.begin_transaction()?;
+        let mut deliveries = Vec::new();
+        let mut emitted: Vec<&'static str> = Vec::new();
+        for record in timers.drain() {
+            let bytes = self.codec.encode(&record.event)?;
+            emitted.push(record.event.kind().name());
+            deliveries.push(send(producer, &record, &bytes, None)?);
+        }
 
         let mut outputs = Outputs::default();
         let mut dead = 0usize;

@@ -1,11 +1,13 @@
 //! Projections and queries: the writers that fold the event log into tables ([`orders`]), the
 //! database they write ([`db`]: PostgreSQL, or SQLite when embedded, with migrations), and the
-//! query API that serves those tables over HTTP ([`query`]).
+//! query API that serves those tables over HTTP ([`query`]) through a cache kept fresh by the
+//! writers' change announcements ([`cache`]).
 //!
 //! Each projection is a consumer group writing one set of tables; its consumed offsets are
 //! stored in the same database transaction as its rows (`projection_offsets`), so the tables
 //! are exactly what the log says whatever crashes in between.
 
+pub mod cache;
 pub mod db;
 pub mod metrics;
 pub mod orders;

@@ -1,8 +1,11 @@
 //! The projections' metrics: events applied, skipped (already applied) and dead-lettered, batch
 //! sizes and write latency, and the end-to-end latency of orders (event time of `OrderPlaced`,
-//! carried by every later event, to the commit that made the order final).
+//! carried by every later event, to the commit that made the order final), and the query
+//! cache's hits, misses and invalidations.
 
 use orderflow_platform::metrics::{ConsumerMetrics, MetricsRegistry};
+
+use crate::cache::CacheMetrics;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -34,6 +37,8 @@ pub struct ProjectionMetrics {
     /// Orders that became final, by final status.
     pub orders_final: Family<FinalLabels, Counter>,
     pub end_to_end_seconds: Histogram,
+    /// The query API's cache (crate::cache).
+    pub cache: CacheMetrics,
     pub consumer: ConsumerMetrics,
 }
 
@@ -57,8 +62,19 @@ impl ProjectionMetrics {
             write_seconds: Family::new_with_constructor(write_histogram),
             orders_final: Family::default(),
             end_to_end_seconds: Histogram::new(END_TO_END_BUCKETS),
+            cache: CacheMetrics::default(),
             consumer,
         };
+        registry.register(
+            "query_cache_requests",
+            "Lookups in the query API's cache, by cache and result (hit or miss)",
+            m.cache.requests.clone(),
+        );
+        registry.register(
+            "query_cache_invalidations",
+            "Cache entries dropped because the projection committed a newer version",
+            m.cache.invalidations.clone(),
+        );
         registry.register(
             "projection_events_applied",
             "Events a projection applied",

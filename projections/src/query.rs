@@ -1,9 +1,10 @@
 //! The query API over the projection tables. Role `reader`.
 //!
-//! - `GET /v1/orders/{id}`: one order with its status and version; `ETag` is the version, so
-//!   `If-None-Match` answers `304` without a body. Read-your-writes: `?wait_for=final` or
-//!   `?min_version=N` waits (up to `wait_ms`, at most 5 s) until the projection has the order in
-//!   that state, then answers; `orderflow-wait: timeout` says it answered without it.
+//! - `GET /v1/orders/{id}`: one order with its status and version, read through the
+//!   [`OrderCache`] (crate::cache); `ETag` is the version, so `If-None-Match` answers `304`
+//!   without a body. Read-your-writes: `?wait_for=final` or `?min_version=N` waits (up to
+//!   `wait_ms`, at most 5 s) until the projection has the order in that state, reading the
+//!   store itself, then answers; `orderflow-wait: timeout` says it answered without it.
 //! - `GET /v1/customers/{id}/orders`: a customer's orders, newest first, with keyset
 //!   pagination (`limit`, `after` = the previous page's `next`).
 //! - `GET /v1/analytics/status-counts`: orders per status.
@@ -14,7 +15,7 @@
 use std::time::Duration;
 
 use axum::{
-    extract::{rejection::QueryRejection, Path, Query, State},
+    extract::{rejection::QueryRejection, FromRef, Path, Query, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     routing::get,
@@ -25,7 +26,20 @@ use serde::{Deserialize, Serialize};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tracing::error;
 
-use crate::{db::Database, orders};
+use crate::{cache::OrderCache, db::Database, orders};
+
+/// What the query handlers share.
+#[derive(Clone)]
+pub struct QueryState {
+    pub db: Database,
+    pub cache: OrderCache,
+}
+
+impl FromRef<QueryState> for Database {
+    fn from_ref(state: &QueryState) -> Self {
+        state.db.clone()
+    }
+}
 
 /// An order as the API shows it.
 #[derive(Debug, Serialize)]
@@ -76,14 +90,14 @@ impl From<orders::OrderRow> for OrderView {
 }
 
 /// The query API's routes.
-pub fn router(db: Database) -> Router {
+pub fn router(db: Database, cache: OrderCache) -> Router {
     Router::new()
         .route("/v1/orders/{order_id}", get(get_order))
         .route("/v1/customers/{customer_id}/orders", get(customer_orders))
         .route("/v1/analytics/status-counts", get(status_counts))
         .route("/v1/analytics/sales", get(sales))
         .route("/v1/analytics/top-products", get(top_products))
-        .with_state(db)
+        .with_state(QueryState { db, cache })
         .merge(health_routes())
         .fallback(not_found_fallback)
 }
@@ -114,7 +128,7 @@ fn store_unavailable(e: crate::db::DbError) -> Problem {
 }
 
 async fn get_order(
-    State(db): State<Database>,
+    State(QueryState { db, cache }): State<QueryState>,
     Path(order_id): Path<String>,
     query: Result<Query<OrderQuery>, QueryRejection>,
     headers: HeaderMap,
@@ -140,15 +154,24 @@ async fn get_order(
     };
     let wait = Duration::from_millis(query.wait_ms.unwrap_or(5_000)).min(MAX_WAIT);
     let deadline = tokio::time::Instant::now() + wait;
-    let mut row = orders::get(db.pool(), &order_id)
-        .await
-        .map_err(store_unavailable)?;
+    let read = || async {
+        let row = orders::get(db.pool(), &order_id)
+            .await
+            .map_err(store_unavailable)?;
+        if let Some(row) = &row {
+            cache.fill(row);
+        }
+        Ok::<_, Problem>(row)
+    };
+    // A cached row serves a plain read, and a waiting one it already satisfies.
+    let mut row = match cache.get(&order_id) {
+        Some(cached) if !waiting || satisfied(&cached) => Some((*cached).clone()),
+        _ => read().await?,
+    };
     while waiting && !row.as_ref().is_some_and(satisfied) && tokio::time::Instant::now() < deadline
     {
         tokio::time::sleep(WAIT_POLL).await;
-        row = orders::get(db.pool(), &order_id)
-            .await
-            .map_err(store_unavailable)?;
+        row = read().await?;
     }
     let timed_out = waiting && !row.as_ref().is_some_and(satisfied);
     let row = row.ok_or_else(|| Problem::not_found(&format!("order {order_id}")))?;

@@ -9,6 +9,11 @@
 //! Only after the commit is the group offset committed, as a starting hint; it can lag the
 //! database (a crash in between) but never lead it, and anything re-read is skipped by (2).
 //!
+//! Every order the batch changed is announced with its new version for the query caches
+//! (crate::cache): on PostgreSQL by `NOTIFY` inside the transaction (delivered only if it
+//! commits), and in-process on the [`ChangeFeed`] after the commit. A crash after the commit and
+//! before the in-process announcement loses nothing: that process's cache is gone with it.
+//!
 //! Poison records (undecodable) are written to the projection's dead-letter topic and
 //! acknowledged before the batch commits; a crash between the two can repeat a dead letter
 //! (consumers of dead letters key them by source topic/partition/offset), never lose one.
@@ -37,7 +42,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, debug_span, info, warn, Instrument};
 
 use crate::{
-    db::{Database, DbError},
+    cache::{notify_payloads, ChangeFeed, OrderChange, CHANNEL},
+    db::{Backend, Database, DbError},
     metrics::{FinalLabels, ProjectionLabels, ProjectionMetrics},
 };
 
@@ -100,6 +106,7 @@ pub struct ProjectionWriter<P: Projection> {
     metrics: ProjectionMetrics,
     labels: ProjectionLabels,
     readiness: Option<Readiness>,
+    changes: Option<ChangeFeed>,
 }
 
 impl<P: Projection> ProjectionWriter<P> {
@@ -123,7 +130,14 @@ impl<P: Projection> ProjectionWriter<P> {
             metrics,
             labels,
             readiness: None,
+            changes: None,
         }
+    }
+
+    /// Announces the orders each committed batch changed on `feed` (this process's caches).
+    pub fn with_change_feed(mut self, feed: ChangeFeed) -> Self {
+        self.changes = Some(feed);
+        self
     }
 
     /// Reports `projection <name>` on `/readyz`: not ready until its group assigned it.
@@ -236,6 +250,7 @@ impl<P: Projection> ProjectionWriter<P> {
             .map(|d| d.as_millis() as i64)
             .unwrap_or_default();
         let mut outcome = BatchOutcome::default();
+        let mut changes: Vec<OrderChange> = Vec::new();
         let mut reached: BTreeMap<(String, i32), i64> = BTreeMap::new();
         for m in batch {
             let key = (m.topic().to_owned(), m.partition());
@@ -263,6 +278,14 @@ impl<P: Projection> ProjectionWriter<P> {
                         .instrument(span)
                         .await?;
                     outcome.applied += 1;
+                    // Events without a sequence (the inventory's per-line answers) never move an
+                    // order's row, so they change nothing a cache holds.
+                    if changed && event.envelope().sequence > 0 {
+                        changes.push(OrderChange {
+                            order_id: event.envelope().order_id.clone(),
+                            version: event.envelope().sequence,
+                        });
+                    }
                     // A re-emitted copy of a final event changes nothing and is not counted.
                     if let (true, Some(status)) = (changed, final_status(&event)) {
                         finals.push((status, event.envelope().occurred_at));
@@ -314,7 +337,19 @@ impl<P: Projection> ProjectionWriter<P> {
                 .into());
             }
         }
+        if self.db.backend() == Backend::Postgres {
+            for payload in notify_payloads(&changes) {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANNEL)
+                    .bind(payload)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
         tx.commit().await?;
+        if let Some(feed) = &self.changes {
+            feed.publish(changes);
+        }
         // Counted after the commit: a rolled-back batch is redone and counted then.
         let committed_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

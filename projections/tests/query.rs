@@ -1,11 +1,13 @@
 //! The query API against real databases (SQLite and PostgreSQL): keyset pagination returns
 //! every order exactly once while new orders arrive, read-your-writes waits until the order
-//! reaches the asked state (bounded), and bad queries are problems.
+//! reaches the asked state (bounded), reads are cached and a committed change refreshes them
+//! (`ETag`, `304`), and bad queries are problems.
 
 use std::{collections::BTreeSet, time::Duration};
 
 use orderflow_platform::http::Server;
 use orderflow_projections::{
+    cache::{CacheMetrics, ChangeFeed, OrderCache, OrderChange},
     orders::{apply_change, Change, OrderRow},
     query, Database,
 };
@@ -16,6 +18,9 @@ struct Api {
     url: String,
     db: Database,
     cancel: CancellationToken,
+    /// What the projection writer announces after each commit.
+    changes: ChangeFeed,
+    cache_metrics: CacheMetrics,
 }
 
 impl Drop for Api {
@@ -27,16 +32,26 @@ impl Drop for Api {
 async fn start(url: &str) -> Api {
     let db = Database::connect(url, 4).await.expect("connect");
     db.migrate().await.expect("migrate");
+    let cache_metrics = CacheMetrics::default();
+    let cache = OrderCache::new(1000, Duration::from_secs(600), cache_metrics.clone());
+    let changes = ChangeFeed::new();
+    let cancel = CancellationToken::new();
+    tokio::spawn(cache.clone().follow(changes.clone(), cancel.clone()));
     let server = Server::bind(
         "127.0.0.1:0".parse().expect("addr"),
-        query::router(db.clone()),
+        query::router(db.clone(), cache),
     )
     .await
     .expect("bind");
     let url = format!("http://{}", server.local_addr().expect("addr"));
-    let cancel = CancellationToken::new();
     tokio::spawn(server.run(cancel.clone()));
-    Api { url, db, cancel }
+    Api {
+        url,
+        db,
+        cancel,
+        changes,
+        cache_metrics,
+    }
 }
 
 async fn apply(db: &Database, change: Change) {
@@ -192,6 +207,73 @@ async fn reads_wait_for_the_asked_state(url: &str) {
     assert_eq!(counts["counts"]["confirmed"], 1);
 }
 
+fn cache_count(api: &Api, result: &str) -> u64 {
+    api.cache_metrics
+        .requests
+        .get_or_create(&orderflow_projections::cache::CacheLabels {
+            cache: "orders".into(),
+            result: result.into(),
+        })
+        .get()
+}
+
+async fn get_with(url: &str, if_none_match: Option<&str>) -> reqwest::Response {
+    let client = reqwest::Client::new();
+    let mut request = client.get(url);
+    if let Some(tag) = if_none_match {
+        request = request.header("if-none-match", tag);
+    }
+    request.send().await.expect("get")
+}
+
+async fn reads_are_cached_and_a_committed_change_refreshes_them(url: &str) {
+    let api = start(url).await;
+    let order = place(&api.db, "dave", 1_000).await;
+    let order_url = format!("{}/v1/orders/{order}", api.url);
+
+    // A miss reads the store and fills the cache; the next read is a hit.
+    let first = get_with(&order_url, None).await;
+    assert_eq!(first.status(), 200);
+    let etag = first.headers()["etag"].to_str().expect("etag").to_owned();
+    assert_eq!(etag, "\"1\"");
+    assert_eq!(first.headers()["cache-control"], "no-cache");
+    let hits = cache_count(&api, "hit");
+    let again = get_with(&order_url, None).await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        cache_count(&api, "hit"),
+        hits + 1,
+        "the second read is a hit"
+    );
+
+    // A conditional read with the current ETag: 304, no body.
+    let not_modified = get_with(&order_url, Some(&etag)).await;
+    assert_eq!(not_modified.status(), 304);
+    assert_eq!(not_modified.headers()["etag"], etag.as_str());
+    assert!(not_modified.bytes().await.expect("body").is_empty());
+
+    // The store changes: until the change is announced the cache answers (that is what it is
+    // for); once the writer announces it, the next read has the new version.
+    confirm(&api.db, &order).await;
+    let (_, _, view) = get(order_url.clone()).await;
+    assert_eq!(view["version"], 1, "served from the cache");
+    api.changes.publish(vec![OrderChange {
+        order_id: order.clone(),
+        version: 3,
+    }]);
+    let view =
+        orderflow_testkit::eventually(Duration::from_secs(5), "the announced version", || async {
+            let (_, _, view) = get(order_url.clone()).await;
+            (view["version"] == 3).then_some(view)
+        })
+        .await;
+    assert_eq!(view["status"], "confirmed");
+    // The old ETag no longer matches.
+    let changed = get_with(&order_url, Some(&etag)).await;
+    assert_eq!(changed.status(), 200);
+    assert_eq!(changed.headers()["etag"], "\"3\"");
+}
+
 async fn analytics_answer_over_a_range(url: &str) {
     let api = start(url).await;
     let hour = 3_600_000;
@@ -296,6 +378,12 @@ mod sqlite {
         let db = orderflow_testkit::Database::sqlite();
         super::reads_wait_for_the_asked_state(&db.url).await;
     }
+
+    #[tokio::test]
+    async fn reads_are_cached_and_a_committed_change_refreshes_them() {
+        let db = orderflow_testkit::Database::sqlite();
+        super::reads_are_cached_and_a_committed_change_refreshes_them(&db.url).await;
+    }
 }
 
 mod postgres {
@@ -321,5 +409,13 @@ mod postgres {
             return;
         };
         super::reads_wait_for_the_asked_state(&db.url).await;
+    }
+
+    #[tokio::test]
+    async fn reads_are_cached_and_a_committed_change_refreshes_them() {
+        let Some(db) = orderflow_testkit::Database::postgres().await else {
+            return;
+        };
+        super::reads_are_cached_and_a_committed_change_refreshes_them(&db.url).await;
     }
 }

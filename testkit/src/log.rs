@@ -1,0 +1,290 @@
+//! Reading `orders.events` the way an auditor would, independently of the projections: every
+//! event by order, byte-level conflicts between repeats of one event id, and each order's final
+//! events. Plus builders for the events tests put on the topics themselves.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    time::{Duration, Instant},
+};
+
+use orderflow_platform::{kafka::KafkaClients, Settings};
+use orderflow_schemas::{
+    Address, Codec, Envelope, InventoryRestocked, OrderEvent, OrderLine, OrderPlaced,
+};
+use orderflow_topics::names;
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    message::{Headers, Message},
+    Offset, TopicPartitionList,
+};
+
+/// An envelope for an event entering from outside (sequence 0 unless the caller sets it).
+pub fn envelope(event_id: String, order_id: String, customer_id: String, at: i64) -> Envelope {
+    Envelope {
+        event_id,
+        order_id,
+        customer_id,
+        occurred_at: at,
+        causation_id: None,
+        sequence: 0,
+        schema_version: 1,
+    }
+}
+
+/// A valid `OrderPlaced` (sequence 1, fresh ids) with `lines` as (sku, quantity) at 5.00 each.
+pub fn order_placed(
+    customer: &str,
+    lines: &[(&str, i32)],
+    payment_token: &str,
+    at: i64,
+) -> OrderPlaced {
+    let lines: Vec<OrderLine> = lines
+        .iter()
+        .map(|(sku, quantity)| OrderLine {
+            sku: (*sku).to_owned(),
+            quantity: *quantity,
+            unit_price_minor: 500,
+        })
+        .collect();
+    let subtotal: i64 = lines
+        .iter()
+        .map(|l| i64::from(l.quantity) * l.unit_price_minor)
+        .sum();
+    let mut envelope = envelope(
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+        customer.to_owned(),
+        at,
+    );
+    envelope.sequence = 1;
+    OrderPlaced {
+        envelope,
+        currency: "EUR".into(),
+        lines,
+        shipping_address: Address {
+            name: "Test".into(),
+            line1: "1 Road".into(),
+            line2: None,
+            city: "Town".into(),
+            postal_code: "12345".into(),
+            country: "DE".into(),
+        },
+        payment_token: payment_token.to_owned(),
+        subtotal_minor: subtotal,
+        shipping_minor: 0,
+        tax_minor: 0,
+        total_minor: subtotal,
+    }
+}
+
+/// A restock of `sku` entering from outside (for `inventory.commands`, keyed by SKU).
+pub fn restocked(sku: &str, quantity: i32, at: i64) -> OrderEvent {
+    let id = uuid::Uuid::new_v4().to_string();
+    OrderEvent::InventoryRestocked(InventoryRestocked {
+        envelope: envelope(id.clone(), id, String::new(), at),
+        sku: sku.to_owned(),
+        quantity,
+        source: "test".into(),
+    })
+}
+
+/// The wall clock in milliseconds, for event times of test inputs.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Everything read from `orders.events` so far.
+#[derive(Default)]
+pub struct Log {
+    /// The first payload seen for each event id.
+    pub bytes: HashMap<String, Vec<u8>>,
+    /// Event ids seen again with different bytes: a conflicting second outcome.
+    pub conflicts: Vec<String>,
+    /// Distinct events by order id, then event id.
+    pub by_order: HashMap<String, BTreeMap<String, OrderEvent>>,
+    /// Ids of each order's final events (confirmed, rejected, cancelled).
+    pub finals: HashMap<String, BTreeSet<String>>,
+    /// Records read per event id, repeats included.
+    pub copies: HashMap<String, usize>,
+}
+
+impl Log {
+    pub fn add(&mut self, codec: &Codec, payload: &[u8]) {
+        let Ok(event) = codec.decode(payload) else {
+            return;
+        };
+        let envelope = event.envelope().clone();
+        *self.copies.entry(envelope.event_id.clone()).or_default() += 1;
+        match self.bytes.get(&envelope.event_id) {
+            Some(first) if first != payload => {
+                self.conflicts
+                    .push(format!("{} ({})", envelope.event_id, event.kind().name()));
+                return;
+            }
+            Some(_) => return,
+            None => {
+                self.bytes
+                    .insert(envelope.event_id.clone(), payload.to_vec());
+            }
+        }
+        if matches!(
+            event,
+            OrderEvent::OrderConfirmed(_)
+                | OrderEvent::OrderRejected(_)
+                | OrderEvent::OrderCancelled(_)
+        ) {
+            self.finals
+                .entry(envelope.order_id.clone())
+                .or_default()
+                .insert(envelope.event_id.clone());
+        }
+        self.by_order
+            .entry(envelope.order_id)
+            .or_default()
+            .insert(envelope.event_id, event);
+    }
+
+    /// The order's distinct event kinds with a sequence, in sequence order: its saga path.
+    pub fn path(&self, order_id: &str) -> Vec<(i64, &'static str)> {
+        let mut timeline: Vec<(i64, &'static str)> = self
+            .by_order
+            .get(order_id)
+            .into_iter()
+            .flat_map(|events| events.values())
+            .filter(|e| e.envelope().sequence > 0)
+            .map(|e| (e.envelope().sequence, e.kind().name()))
+            .collect();
+        timeline.sort();
+        timeline
+    }
+
+    /// The kind of the order's final event, if it has exactly one so far.
+    pub fn outcome(&self, order_id: &str) -> Option<&'static str> {
+        let finals = self.finals.get(order_id)?;
+        let [id] = finals.iter().collect::<Vec<_>>()[..] else {
+            return None;
+        };
+        Some(self.by_order[order_id][id].kind().name())
+    }
+}
+
+/// Reads every partition of `orders.events` from the beginning (`read_committed`, no group).
+pub struct LogReader {
+    consumer: BaseConsumer,
+    codec: Codec,
+    pub log: Log,
+}
+
+impl LogReader {
+    /// Reads what a `read_committed` consumer (every orderflow consumer) sees.
+    pub fn new(settings: &Settings, bootstrap: &str) -> Self {
+        Self::with_isolation(settings, bootstrap, "read_committed")
+    }
+
+    /// Reads every record ever written, open and aborted transactions' too: an auditor's view.
+    /// On the brokers used here a processor may act on a record whose transaction is aborted
+    /// later (DESIGN.md), so the invariants must hold over everything, not only the committed.
+    pub fn everything(settings: &Settings, bootstrap: &str) -> Self {
+        Self::with_isolation(settings, bootstrap, "read_uncommitted")
+    }
+
+    fn with_isolation(settings: &Settings, bootstrap: &str, isolation: &str) -> Self {
+        let clients = KafkaClients::new(&settings.kafka, bootstrap);
+        let consumer: BaseConsumer = clients
+            .consumer(
+                "log-reader",
+                &format!("log-reader-{}", uuid::Uuid::new_v4()),
+            )
+            .set("isolation.level", isolation)
+            .create()
+            .unwrap_or_else(|e| panic!("log reader: {e}"));
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..6 {
+            tpl.add_partition_offset(names::ORDERS_EVENTS, p, Offset::Beginning)
+                .unwrap_or_else(|e| panic!("partition {p}: {e}"));
+        }
+        consumer
+            .assign(&tpl)
+            .unwrap_or_else(|e| panic!("assign: {e}"));
+        Self {
+            consumer,
+            codec: Codec::new().unwrap_or_else(|e| panic!("codec: {e}")),
+            log: Log::default(),
+        }
+    }
+
+    /// Reads whatever arrives for `for_at_most`.
+    pub fn poll_for(&mut self, for_at_most: Duration) {
+        let until = Instant::now() + for_at_most;
+        while Instant::now() < until {
+            if let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(50)) {
+                self.log
+                    .add(&self.codec, message.payload().unwrap_or_default());
+            }
+        }
+    }
+
+    /// Reads until `done` holds for the log, failing the test with `what` after `timeout`.
+    pub fn poll_until(&mut self, timeout: Duration, what: &str, done: impl Fn(&Log) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.log) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            self.poll_for(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Reads a dead-letter topic (one partition) until `expected` records arrived, failing the test
+/// after 60 s; returns each record's headers.
+pub fn read_dead_letters(
+    settings: &Settings,
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+) -> Vec<BTreeMap<String, String>> {
+    let clients = KafkaClients::new(&settings.kafka, bootstrap);
+    let consumer: BaseConsumer = clients
+        .consumer("test-dlq", &format!("test-dlq-{}", uuid::Uuid::new_v4()))
+        .create()
+        .unwrap_or_else(|e| panic!("dead-letter reader: {e}"));
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap_or_else(|e| panic!("partition: {e}"));
+    consumer
+        .assign(&tpl)
+        .unwrap_or_else(|e| panic!("assign: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut letters = Vec::new();
+    while letters.len() < expected {
+        assert!(
+            Instant::now() < deadline,
+            "only {} dead letters on {topic}",
+            letters.len()
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message.unwrap_or_else(|e| panic!("dead letter: {e}"));
+        let headers = message
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        letters.push(headers);
+    }
+    letters
+}
