@@ -82,6 +82,12 @@ enum Command {
         #[arg(long, default_value_t = 300)]
         slo_secs: u64,
     },
+    /// Rebuild a projection's tables from the beginning of the log into fresh tables and swap
+    /// them in atomically, while the pipeline and the queries keep running.
+    Replay {
+        #[arg(value_enum)]
+        projection: ProjectionName,
+    },
     /// Run the in-process broker on its own, with the topic catalog applied, and print its
     /// address (a throwaway local Kafka; its log lives in memory).
     Broker,
@@ -107,6 +113,16 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         url: String,
     },
+}
+
+/// The projections `replay` can rebuild.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ProjectionName {
+    /// orders, order_lines, order_events, customer_stats, customer_spend,
+    /// sales_per_product_hour, fraud_reviews
+    Orders,
+    /// inventory_movements, inventory_levels
+    Inventory,
 }
 
 #[derive(Subcommand)]
@@ -223,6 +239,29 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             if !report.is_clean() {
                 return Ok(std::process::ExitCode::FAILURE);
             }
+        }
+        Command::Replay { projection } => {
+            if settings.kafka.brokers.trim().is_empty() {
+                bail!("kafka.brokers is not set; replay reads the event log from the broker");
+            }
+            let db = Database::connect(&settings.database_url(), 2).await?;
+            db.migrate().await.context("applying database migrations")?;
+            let clients = orderflow_platform::kafka::KafkaClients::new(
+                &settings.kafka,
+                &settings.kafka.brokers,
+            );
+            use orderflow_projections::{
+                inventory::InventoryProjection, orders::OrdersProjection, replay::replay,
+            };
+            let report = match projection {
+                ProjectionName::Orders => {
+                    replay(OrdersProjection, &db, &clients, &settings.projection).await?
+                }
+                ProjectionName::Inventory => {
+                    replay(InventoryProjection, &db, &clients, &settings.projection).await?
+                }
+            };
+            print!("{report}");
         }
         Command::Broker => broker(&settings).await?,
         Command::Gateway => {

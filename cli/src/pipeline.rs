@@ -23,6 +23,7 @@ use orderflow_processors::{ProcessorDeps, ProcessorMetrics, SharedModel};
 use orderflow_projections::{
     cache::{listen, ChangeFeed, OrderCache},
     db::Backend,
+    inventory::InventoryProjection,
     orders::OrdersProjection,
     query, Database, ProjectionMetrics, ProjectionWriter,
 };
@@ -321,9 +322,25 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         )
         .with_readiness(readiness.clone())
         .with_change_feed(changes.clone());
+        tasks.spawn({
+            let cancel = cancel.clone();
+            async move {
+                writer.run(cancel).await;
+                Ok(())
+            }
+        });
+        let inventory = ProjectionWriter::new(
+            InventoryProjection,
+            db.clone(),
+            clients.clone(),
+            &settings.projection,
+            codec.clone(),
+            metrics.projections.clone(),
+        )
+        .with_readiness(readiness.clone());
         let cancel = cancel.clone();
         tasks.spawn(async move {
-            writer.run(cancel).await;
+            inventory.run(cancel).await;
             Ok(())
         });
     }

@@ -102,13 +102,28 @@ fn start_processor(
     for (key, value) in extra {
         command.args(["--set", &format!("{key}={value}")]);
     }
+    // `CRASH_TEST_LOGS=DIR` keeps every processor's log (info level) in DIR, for diagnosis.
+    let (level, stderr) = match std::env::var_os("CRASH_TEST_LOGS") {
+        Some(dir) => {
+            let path = std::path::Path::new(&dir).join(format!(
+                "{instance}-{}.log",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or_default()
+            ));
+            let file = std::fs::File::create(&path).expect("log file");
+            ("info", Stdio::from(file))
+        }
+        None => ("warn", Stdio::null()),
+    };
     command
         .arg("process")
         .env_remove("RUST_LOG")
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", level)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("orderflow process starts")
 }
@@ -502,8 +517,11 @@ async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, se
     reader.poll_for(Duration::from_secs(1));
     let log = reader.log;
     eprintln!(
-        "{broker_name}, {scenario:?}: {n} orders final in {:.1} s after {actions} actions",
-        started.elapsed().as_secs_f64()
+        "{broker_name}, {scenario:?}: {n} orders final in {:.1} s after {actions} actions; \
+         {} errors reading the log: {:?}",
+        started.elapsed().as_secs_f64(),
+        log.errors.len(),
+        log.errors.iter().take(5).collect::<Vec<_>>()
     );
     assert!(
         actions >= 3,
@@ -584,7 +602,11 @@ async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, se
                     (
                         e.envelope().sequence,
                         e.kind().name(),
-                        e.envelope().event_id.clone(),
+                        format!(
+                            "{} <- {}",
+                            e.envelope().event_id,
+                            e.envelope().causation_id.as_deref().unwrap_or("-")
+                        ),
                     )
                 })
                 .collect();

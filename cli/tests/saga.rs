@@ -84,8 +84,23 @@ async fn review_decisions_and_cancellations_over_http() {
 
     // An order at the review amount is held; an admin approves it.
     let big = settings.fraud.review_amount_minor;
+    let query = format!("http://{}", running.query_addr.expect("query"));
     let (held, held_url) = place(&client, &ingest, &order("c-review-1", big)).await;
     wait_status(&client, &held_url, "fraud_review").await;
+    // It is in the review queue, with the fraud check's score and reasons.
+    let queue: Value = client
+        .get(format!("{query}/v1/reviews?status=pending"))
+        .send()
+        .await
+        .expect("queue")
+        .json()
+        .await
+        .expect("json");
+    let queued = &queue["reviews"][0];
+    assert_eq!(queued["order_id"], held.as_str(), "{queue}");
+    assert_eq!(queued["total_minor"], big);
+    assert!(queued["score"].as_f64().is_some(), "{queue}");
+    assert!(!queued["reasons"].as_array().expect("reasons").is_empty());
     let (status, body) = post(
         &client,
         &format!("{ingest}/v1/orders/{held}/review"),
@@ -103,6 +118,25 @@ async fn review_decisions_and_cancellations_over_http() {
     assert_eq!(status, 202);
     let view = wait_final(&client, &held_url).await;
     assert_eq!(view["status"], "confirmed", "{view}");
+    let review = |status: &'static str| {
+        let (client, query) = (client.clone(), query.clone());
+        async move {
+            let page: Value = client
+                .get(format!("{query}/v1/reviews?status={status}"))
+                .send()
+                .await
+                .expect("queue")
+                .json()
+                .await
+                .expect("json");
+            page["reviews"].as_array().cloned().unwrap_or_default()
+        }
+    };
+    let approved = review("approved").await;
+    assert_eq!(approved.len(), 1, "{approved:?}");
+    assert_eq!(approved[0]["order_id"], held.as_str());
+    assert_eq!(approved[0]["reviewer"], "ops");
+    assert_eq!(approved[0]["note"], "known customer");
 
     // Another is rejected on review; a decision on an order not under review is a conflict.
     let (held2, held2_url) = place(&client, &ingest, &order("c-review-2", big)).await;
@@ -135,6 +169,15 @@ async fn review_decisions_and_cancellations_over_http() {
     .await;
     assert_eq!(status, 202);
     assert_eq!(wait_final(&client, &held3_url).await["status"], "cancelled");
+    let ids = |reviews: Vec<Value>| -> Vec<String> {
+        reviews
+            .iter()
+            .filter_map(|r| r["order_id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(ids(review("rejected").await), vec![held2.clone()]);
+    assert_eq!(ids(review("cancelled").await), vec![held3.clone()]);
+    assert!(review("pending").await.is_empty(), "the queue is empty");
 
     // Cancelled after confirmation: refunded, stock released, cancelled.
     let (normal, normal_url) = place(&client, &ingest, &order("c-cancel", 2500)).await;
@@ -142,6 +185,27 @@ async fn review_decisions_and_cancellations_over_http() {
         wait_final(&client, &normal_url).await["status"],
         "confirmed"
     );
+    let reserved = |units: i64| {
+        let (client, query) = (client.clone(), query.clone());
+        async move {
+            eventually(DEADLINE, &format!("SKU-S1 to hold {units}"), || async {
+                let level: Value = client
+                    .get(format!("{query}/v1/inventory/SKU-S1"))
+                    .send()
+                    .await
+                    .ok()?
+                    .json()
+                    .await
+                    .ok()?;
+                (level["reserved"] == units).then_some(level)
+            })
+            .await
+        }
+    };
+    // Stock: 10 restocked; the approved order and this one hold a unit each.
+    let level = reserved(2).await;
+    assert_eq!(level["restocked"], 10, "{level}");
+    assert_eq!(level["available"], 8, "{level}");
     let (status, _) = post(
         &client,
         &format!("{ingest}/v1/orders/{normal}/cancel"),
@@ -150,6 +214,20 @@ async fn review_decisions_and_cancellations_over_http() {
     .await;
     assert_eq!(status, 202);
     wait_status(&client, &normal_url, "cancelled").await;
+    // The refunded order gave its unit back.
+    let level = reserved(1).await;
+    assert_eq!(level["available"], 9, "{level}");
+    let (status, _) = (
+        client
+            .get(format!("{query}/v1/inventory/no-such-sku"))
+            .send()
+            .await
+            .expect("get")
+            .status()
+            .as_u16(),
+        (),
+    );
+    assert_eq!(status, 404);
     // Nothing left to cancel now; an order nobody placed is not found.
     let (status, _) = post(
         &client,

@@ -11,7 +11,10 @@
 //!   read-through fill never puts back a row older than that mark — so a read racing a write
 //!   cannot cache the row the write just replaced;
 //! - when the `LISTEN` connection is lost, notifications may have been missed: the cache is
-//!   cleared when it reconnects, and every entry expires after `query.cache_ttl_ms` anyway.
+//!   cleared when it reconnects, and every entry expires after `query.cache_ttl_ms` anyway;
+//! - a replay that swaps the tables (crate::replay) notifies [`RESET`]: every replica clears
+//!   its cache. (With SQLite, whose changes are announced only in-process, a replay run by
+//!   another process reaches the cache through the time to live.)
 
 use std::{sync::Arc, time::Duration};
 
@@ -29,6 +32,9 @@ use crate::orders::OrderRow;
 
 /// The PostgreSQL channel the projection writer notifies on.
 pub const CHANNEL: &str = "orderflow_order_changes";
+/// The payload that tells every replica to drop its whole cache (after a replay swapped the
+/// tables).
+pub const RESET: &str = "reset";
 /// Changes per notification: a payload must stay under PostgreSQL's 8000 bytes.
 const CHANGES_PER_NOTIFY: usize = 100;
 
@@ -220,6 +226,11 @@ pub async fn listen(url: String, cache: OrderCache, cancel: CancellationToken) {
             info!(channel = CHANNEL, "Listening for order changes.");
             loop {
                 let notification = listener.recv().await?;
+                if notification.payload() == RESET {
+                    info!("The order tables were replaced; clearing the cache.");
+                    cache.clear();
+                    continue;
+                }
                 match serde_json::from_str::<Vec<OrderChange>>(notification.payload()) {
                     Ok(changes) => changes.iter().for_each(|c| cache.invalidate(c)),
                     Err(e) => {

@@ -61,6 +61,8 @@ impl FromStr for Backend {
 pub struct Database {
     pool: AnyPool,
     backend: Backend,
+    /// The URL connected to (kept to open a replay's scratch space next to it; never logged).
+    url: String,
 }
 
 impl Database {
@@ -98,7 +100,15 @@ impl Database {
             })
             .connect(url)
             .await?;
-        Ok(Self { pool, backend })
+        Ok(Self {
+            pool,
+            backend,
+            url: url.to_owned(),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
     }
 
     /// Applies every pending migration of this backend.

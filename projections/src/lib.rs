@@ -9,10 +9,12 @@
 
 pub mod cache;
 pub mod db;
+pub mod inventory;
 pub mod metrics;
 pub mod orders;
 pub mod query;
 pub mod reconcile;
+pub mod replay;
 pub mod writer;
 
 pub use writer::{Projection, ProjectionWriter};

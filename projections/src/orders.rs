@@ -364,6 +364,18 @@ impl Projection for OrdersProjection {
         orderflow_topics::names::PROJECTION_ORDERS_DLQ
     }
 
+    fn tables(&self) -> &'static [&'static str] {
+        &[
+            "orders",
+            "order_lines",
+            "customer_stats",
+            "customer_spend",
+            "sales_per_product_hour",
+            "order_events",
+            "fraud_reviews",
+        ]
+    }
+
     async fn apply(
         &self,
         conn: &mut AnyConnection,
@@ -371,6 +383,9 @@ impl Projection for OrdersProjection {
         written_at: i64,
     ) -> Result<bool> {
         record_history(conn, event).await?;
+        if let OrderEvent::FraudReviewDecided(decided) = event {
+            record_reviewer(conn, decided).await?;
+        }
         let changed = apply_change(conn, &change_for(event), written_at).await?;
         // The orders row is the gate: facts move only with it, so an event the row already
         // reflects (a duplicate, a re-emitted copy) adds nothing.
@@ -470,13 +485,130 @@ pub async fn apply_facts(conn: &mut AnyConnection, event: &OrderEvent) -> Result
         }
         OrderEvent::OrderRejected(_) => {
             count_outcome(conn, &envelope.customer_id, "orders_rejected").await?;
+            resolve_review(conn, envelope, "rejected").await?;
         }
         OrderEvent::OrderCancelled(_) => {
             count_outcome(conn, &envelope.customer_id, "orders_cancelled").await?;
+            resolve_review(conn, envelope, "cancelled").await?;
+        }
+        OrderEvent::FraudScored(scored) if scored.decision == FraudDecision::Review => {
+            // The order's row exists (the event just moved it): its totals come from there.
+            sqlx::query(
+                "INSERT INTO fraud_reviews (order_id, customer_id, score, reasons, total_minor, \
+                 currency, status, queued_at) SELECT order_id, customer_id, $2, $3, total_minor, \
+                 currency, 'pending', $4 FROM orders WHERE order_id = $1 \
+                 ON CONFLICT (order_id) DO NOTHING",
+            )
+            .bind(&envelope.order_id)
+            .bind(scored.score)
+            .bind(serde_json::to_string(&scored.reasons).unwrap_or_else(|_| "[]".to_owned()))
+            .bind(envelope.occurred_at)
+            .execute(&mut *conn)
+            .await?;
+        }
+        // Approved (by the model or a reviewer): the saga goes on to reserve stock.
+        OrderEvent::InventoryReservationRequested(_) => {
+            resolve_review(conn, envelope, "approved").await?;
         }
         _ => {}
     }
     Ok(())
+}
+
+/// Ends a pending review of the order with `status` (no-op if none is pending).
+async fn resolve_review(
+    conn: &mut AnyConnection,
+    envelope: &orderflow_schemas::Envelope,
+    status: &'static str,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE fraud_reviews SET status = $2, resolved_at = $3 \
+         WHERE order_id = $1 AND status = 'pending'",
+    )
+    .bind(&envelope.order_id)
+    .bind(status)
+    .bind(envelope.occurred_at)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Remembers who decided a pending review first (the decision itself shows in how the saga
+/// goes on). Applying it again changes nothing.
+async fn record_reviewer(
+    conn: &mut AnyConnection,
+    decided: &orderflow_schemas::FraudReviewDecided,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE fraud_reviews SET reviewer = $2, note = $3 \
+         WHERE order_id = $1 AND reviewer IS NULL",
+    )
+    .bind(&decided.envelope.order_id)
+    .bind(&decided.reviewer)
+    .bind(&decided.note)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A review of the queue (`fraud_reviews`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Review {
+    pub order_id: String,
+    pub customer_id: String,
+    pub score: f64,
+    pub reasons: Vec<String>,
+    pub total_minor: i64,
+    pub currency: String,
+    pub status: String,
+    pub queued_at: i64,
+    pub reviewer: Option<String>,
+    pub note: Option<String>,
+    pub resolved_at: Option<i64>,
+}
+
+/// Reviews in `status`, oldest first, after `after` (the previous page's last `queued_at` and
+/// order id), `limit` at a time.
+pub async fn reviews(
+    pool: &sqlx::AnyPool,
+    status: &str,
+    after: Option<&PageCursor>,
+    limit: i64,
+) -> Result<Vec<Review>> {
+    use sqlx::Row;
+    let (at, id) = after.map_or((i64::MIN, String::new()), |c| {
+        (c.placed_at, c.order_id.clone())
+    });
+    let rows = sqlx::query(
+        "SELECT order_id, customer_id, score, reasons, total_minor, currency, status, queued_at, \
+         reviewer, note, resolved_at FROM fraud_reviews WHERE status = $1 \
+         AND (queued_at > $2 OR (queued_at = $2 AND order_id > $3)) \
+         ORDER BY queued_at, order_id LIMIT $4",
+    )
+    .bind(status)
+    .bind(at)
+    .bind(id)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let reasons: String = r.try_get(3)?;
+            Ok(Review {
+                order_id: r.try_get(0)?,
+                customer_id: r.try_get(1)?,
+                score: r.try_get(2)?,
+                reasons: serde_json::from_str(&reasons).unwrap_or_default(),
+                total_minor: r.try_get(4)?,
+                currency: r.try_get(5)?,
+                status: r.try_get(6)?,
+                queued_at: r.try_get(7)?,
+                reviewer: r.try_get(8)?,
+                note: r.try_get(9)?,
+                resolved_at: r.try_get(10)?,
+            })
+        })
+        .collect()
 }
 
 /// Adds one to an outcome column of a customer's stats. `column` is one of three constants.

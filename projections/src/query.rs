@@ -11,6 +11,9 @@
 //! - `GET /v1/analytics/sales?from=&to=[&sku=]`: confirmed sales per product per hour over a
 //!   range (ms since the epoch, `to` exclusive, at most 31 days).
 //! - `GET /v1/analytics/top-products?from=&to=[&limit=]`: products by revenue over a range.
+//! - `GET /v1/inventory/{sku}`: a SKU's stock (restocked, reserved, available); `GET
+//!   /v1/inventory?limit=&after=`: every SKU's, by SKU.
+//! - `GET /v1/reviews?status=pending[&limit=&after=]`: the fraud review queue, oldest first.
 
 use std::time::Duration;
 
@@ -26,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tracing::error;
 
-use crate::{cache::OrderCache, db::Database, orders};
+use crate::{cache::OrderCache, db::Database, inventory, orders};
 
 /// What the query handlers share.
 #[derive(Clone)]
@@ -97,6 +100,9 @@ pub fn router(db: Database, cache: OrderCache) -> Router {
         .route("/v1/analytics/status-counts", get(status_counts))
         .route("/v1/analytics/sales", get(sales))
         .route("/v1/analytics/top-products", get(top_products))
+        .route("/v1/inventory", get(inventory_levels))
+        .route("/v1/inventory/{sku}", get(inventory_level))
+        .route("/v1/reviews", get(review_queue))
         .with_state(QueryState { db, cache })
         .merge(health_routes())
         .fallback(not_found_fallback)
@@ -261,6 +267,108 @@ async fn customer_orders(
         orders: rows.into_iter().map(OrderView::from).collect(),
         next,
     }))
+}
+
+fn page_limit(limit: Option<i64>) -> Result<i64, Problem> {
+    let limit = limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(invalid_query("limit: expected 1 to 100"));
+    }
+    Ok(limit)
+}
+
+async fn inventory_level(
+    State(db): State<Database>,
+    Path(sku): Path<String>,
+) -> Result<Json<inventory::Level>, Problem> {
+    if !orderflow_schemas::is_valid_sku(&sku) {
+        return Err(
+            Problem::new(StatusCode::BAD_REQUEST, "invalid-sku", "Invalid SKU")
+                .detail("a SKU is 1-64 ASCII letters, digits, '-' and '_'"),
+        );
+    }
+    inventory::level(db.pool(), &sku)
+        .await
+        .map_err(store_unavailable)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(&format!("SKU {sku}")))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LevelPageQuery {
+    limit: Option<i64>,
+    /// The `next` of the previous page (a SKU).
+    after: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LevelPage {
+    pub levels: Vec<inventory::Level>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+async fn inventory_levels(
+    State(db): State<Database>,
+    query: Result<Query<LevelPageQuery>, QueryRejection>,
+) -> Result<Json<LevelPage>, Problem> {
+    let Query(query) = query.map_err(|e| invalid_query(e.body_text()))?;
+    let limit = page_limit(query.limit)?;
+    let levels = inventory::level_page(db.pool(), query.after.as_deref(), limit)
+        .await
+        .map_err(store_unavailable)?;
+    let next = (levels.len() as i64 == limit)
+        .then(|| levels.last().map(|l| l.sku.clone()))
+        .flatten();
+    Ok(Json(LevelPage { levels, next }))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReviewQuery {
+    /// pending (default), approved, rejected or cancelled.
+    status: Option<String>,
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReviewPage {
+    pub reviews: Vec<orders::Review>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+}
+
+async fn review_queue(
+    State(db): State<Database>,
+    query: Result<Query<ReviewQuery>, QueryRejection>,
+) -> Result<Json<ReviewPage>, Problem> {
+    let Query(query) = query.map_err(|e| invalid_query(e.body_text()))?;
+    let status = query.status.unwrap_or_else(|| "pending".to_owned());
+    if !["pending", "approved", "rejected", "cancelled"].contains(&status.as_str()) {
+        return Err(invalid_query(format!(
+            "status={status}: expected pending, approved, rejected or cancelled"
+        )));
+    }
+    let limit = page_limit(query.limit)?;
+    let cursor = match query.after.as_deref() {
+        None => None,
+        Some(text) => Some(
+            parse_cursor(text).ok_or_else(|| invalid_query("after: not a cursor from `next`"))?,
+        ),
+    };
+    let reviews = orders::reviews(db.pool(), &status, cursor.as_ref(), limit)
+        .await
+        .map_err(store_unavailable)?;
+    let next = (reviews.len() as i64 == limit)
+        .then(|| {
+            reviews
+                .last()
+                .map(|r| format!("{}.{}", r.queued_at, r.order_id))
+        })
+        .flatten();
+    Ok(Json(ReviewPage { reviews, next }))
 }
 
 /// The longest range an analytics query may cover.

@@ -63,6 +63,8 @@ pub trait Projection: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn topics(&self) -> Vec<&'static str>;
     fn dead_letter_topic(&self) -> &'static str;
+    /// The tables this projection writes (and only it): what a replay rebuilds and swaps in.
+    fn tables(&self) -> &'static [&'static str];
     /// Applies one event inside the batch's transaction. Must be idempotent by itself too
     /// (version checks), so a replay over existing rows changes nothing. `written_at` is the
     /// writer's wall clock for this batch (ms), for freshness columns outside the fold.
@@ -199,7 +201,7 @@ impl<P: Projection> ProjectionWriter<P> {
         loop {
             let batch = retain_assigned(&consumer, collect_batch(&consumer, cancel, &bounds).await);
             if !batch.is_empty() {
-                let outcome = self.write(&batch, &dead_letters).await?;
+                let outcome = self.write(&batch, Some(&dead_letters)).await?;
                 // A hint for where to resume; the database's positions are the truth.
                 let offsets = next_offsets(&batch)?;
                 consumer.commit(&offsets, CommitMode::Async)?;
@@ -215,11 +217,13 @@ impl<P: Projection> ProjectionWriter<P> {
         }
     }
 
-    /// Applies a batch exactly once: see the module docs.
+    /// Applies a batch exactly once: see the module docs. Undecodable records go to
+    /// `dead_letters`; `None` (a replay, whose live writer dead-lettered them already) only
+    /// counts them.
     pub async fn write(
         &self,
         batch: &[OwnedMessage],
-        dead_letters: &FutureProducer,
+        dead_letters: Option<&FutureProducer>,
     ) -> Result<BatchOutcome, WriterError> {
         let name = self.projection.name();
         let started = std::time::Instant::now();
@@ -231,10 +235,19 @@ impl<P: Projection> ProjectionWriter<P> {
             if stored.contains_key(&key) {
                 continue;
             }
-            let next: Option<i64> = sqlx::query(
-                "SELECT next_offset FROM projection_offsets \
-                 WHERE projection = $1 AND topic = $2 AND partition_id = $3",
-            )
+            // On PostgreSQL the positions are read FOR UPDATE: first thing in the batch, the
+            // writer takes its lock, so a replay's swap (crate::replay), which locks the table,
+            // either waits for this batch or makes it wait before it touches any row.
+            let next: Option<i64> = sqlx::query(match self.db.backend() {
+                Backend::Postgres => {
+                    "SELECT next_offset FROM projection_offsets \
+                     WHERE projection = $1 AND topic = $2 AND partition_id = $3 FOR UPDATE"
+                }
+                Backend::Sqlite => {
+                    "SELECT next_offset FROM projection_offsets \
+                     WHERE projection = $1 AND topic = $2 AND partition_id = $3"
+                }
+            })
             .bind(name)
             .bind(m.topic())
             .bind(i64::from(m.partition()))
@@ -293,8 +306,10 @@ impl<P: Projection> ProjectionWriter<P> {
                 }
                 Err(e) => {
                     let reason = format!("undecodable: {e}");
-                    warn!(projection = name, topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "Record sent to the dead-letter topic.");
-                    self.dead_letter(dead_letters, m, &reason).await?;
+                    if let Some(producer) = dead_letters {
+                        warn!(projection = name, topic = m.topic(), partition = m.partition(), offset = m.offset(), %reason, "Record sent to the dead-letter topic.");
+                        self.dead_letter(producer, m, &reason).await?;
+                    }
                     outcome.dead_lettered += 1;
                 }
             }

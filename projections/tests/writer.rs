@@ -155,7 +155,7 @@ async fn batches_apply_exactly_once(db_url: &str) {
         message(&codec, None, 2),
         message(&codec, Some(&confirmed(&a)), 3),
     ];
-    let first = writer.write(&batch, &dlq).await.expect("first write");
+    let first = writer.write(&batch, Some(&dlq)).await.expect("first write");
     assert_eq!(
         (first.applied, first.skipped, first.dead_lettered),
         (3, 0, 1)
@@ -165,7 +165,10 @@ async fn batches_apply_exactly_once(db_url: &str) {
     assert_eq!(stored_offset(&db).await, Some(4));
 
     // Redelivery of the whole batch (a crash before the group offset was committed).
-    let again = writer.write(&batch, &dlq).await.expect("second write");
+    let again = writer
+        .write(&batch, Some(&dlq))
+        .await
+        .expect("second write");
     assert_eq!(
         (again.applied, again.skipped, again.dead_lettered),
         (0, 4, 0)
@@ -195,7 +198,7 @@ async fn batches_apply_exactly_once(db_url: &str) {
         message(&codec, Some(&validated(&b)), 6),
         message(&codec, Some(&confirmed_b), 7),
     ];
-    writer.write(&batch, &dlq).await.expect("write");
+    writer.write(&batch, Some(&dlq)).await.expect("write");
     let row = orders::get(db.pool(), &b).await.expect("get").expect("row");
     assert_eq!((row.status.as_str(), row.version), ("confirmed", 3));
     assert_eq!(row.last_event_id, confirmed_b.envelope().event_id);
@@ -207,7 +210,7 @@ async fn batches_apply_exactly_once(db_url: &str) {
         message(&codec, Some(&placed(&b)), 7),
         message(&codec, Some(&placed(&c)), 8),
     ];
-    let outcome = writer.write(&batch, &dlq).await.expect("write");
+    let outcome = writer.write(&batch, Some(&dlq)).await.expect("write");
     assert_eq!((outcome.applied, outcome.skipped), (1, 1));
     assert_eq!(
         orders::get(db.pool(), &c)
@@ -264,7 +267,7 @@ async fn facts_count_each_order_once(db_url: &str) {
         message(&codec, Some(&confirmed_a), 4),
         message(&codec, Some(&placed_a), 5),
     ];
-    writer.write(&batch, &dlq).await.expect("write");
+    writer.write(&batch, Some(&dlq)).await.expect("write");
 
     let one = |sql: &'static str| {
         let db = db.clone();

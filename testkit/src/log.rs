@@ -109,6 +109,8 @@ pub struct Log {
     pub finals: HashMap<String, BTreeSet<String>>,
     /// Records read per event id, repeats included.
     pub copies: HashMap<String, usize>,
+    /// Errors the consumer reported while reading.
+    pub errors: Vec<String>,
 }
 
 impl Log {
@@ -220,9 +222,12 @@ impl LogReader {
     pub fn poll_for(&mut self, for_at_most: Duration) {
         let until = Instant::now() + for_at_most;
         while Instant::now() < until {
-            if let Some(Ok(message)) = self.consumer.poll(Duration::from_millis(50)) {
-                self.log
-                    .add(&self.codec, message.payload().unwrap_or_default());
+            match self.consumer.poll(Duration::from_millis(50)) {
+                Some(Ok(message)) => self
+                    .log
+                    .add(&self.codec, message.payload().unwrap_or_default()),
+                Some(Err(e)) => self.log.errors.push(e.to_string()),
+                None => {}
             }
         }
     }

@@ -17,6 +17,7 @@ pub mod names {
     pub const ORDERS_EVENTS: &str = "orders.events";
     pub const SAGA_DLQ: &str = "orderflow.saga.dlq";
     pub const PROJECTION_ORDERS_DLQ: &str = "orderflow.projection.orders.dlq";
+    pub const PROJECTION_INVENTORY_DLQ: &str = "orderflow.projection.inventory.dlq";
     pub const SAGA_CHANGELOG: &str = "orderflow.saga.changelog";
     pub const INVENTORY_COMMANDS: &str = "inventory.commands";
     pub const INVENTORY_CHANGELOG: &str = "orderflow.inventory.changelog";
@@ -150,6 +151,7 @@ mod tests {
             names::ORDERS_EVENTS,
             names::SAGA_DLQ,
             names::PROJECTION_ORDERS_DLQ,
+            names::PROJECTION_INVENTORY_DLQ,
             names::SAGA_CHANGELOG,
             names::INVENTORY_COMMANDS,
             names::INVENTORY_CHANGELOG,

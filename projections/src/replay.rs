@@ -1,0 +1,463 @@
+//! `orderflow replay PROJECTION`: rebuilds a projection's tables from the beginning of the log
+//! into fresh tables and swaps them in atomically, while the live writer and the queries keep
+//! running.
+//!
+//! 1. A scratch space gets the full schema (migrations): on PostgreSQL a schema
+//!    `orderflow_replay_<projection>` (a connection whose `search_path` is that schema), on
+//!    SQLite a database file next to the live one.
+//! 2. The projection's own writer code folds the log into it from offset 0, with its own
+//!    positions, up to the live writer's stored positions (repeated while the live writer moves
+//!    on, so the last step has little left to do).
+//! 3. One transaction on the live database takes the live writer's lock (PostgreSQL: `LOCK
+//!    TABLE projection_offsets`; SQLite: the write lock), reads the live positions, folds the
+//!    last records up to exactly them into the scratch space, then replaces every table of the
+//!    projection with the scratch copy and commits. The live positions stay as they are and
+//!    now describe the new tables exactly, so the live writer simply goes on; readers see the
+//!    old tables until the commit and the new ones after (MVCC on PostgreSQL, WAL on SQLite).
+//!
+//! A crash anywhere before the commit leaves the live tables untouched (the scratch space is
+//! dropped at the next replay); the commit itself is atomic. Dead letters are not written again
+//! (the live writer wrote them).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{Hash, Hasher},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use orderflow_platform::{config::ProjectionSettings, kafka::KafkaClients};
+use orderflow_schemas::Codec;
+use rdkafka::{
+    consumer::{Consumer, StreamConsumer},
+    error::KafkaError,
+    message::{Message, OwnedMessage},
+    Offset, TopicPartitionList,
+};
+use sqlx::{Column, Connection, Row};
+use tracing::info;
+
+use crate::{
+    cache::{CHANNEL, RESET},
+    db::{Backend, Database, DbError},
+    metrics::ProjectionMetrics,
+    writer::{Projection, ProjectionWriter, WriterError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Writer(#[from] WriterError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error(
+        "reading the log did not reach offset {target} of {topic}/{partition} within {waited:?}"
+    )]
+    Timeout {
+        topic: String,
+        partition: i32,
+        target: i64,
+        waited: Duration,
+    },
+    #[error("schemas: {0}")]
+    Codec(#[from] orderflow_schemas::CodecError),
+}
+
+impl From<sqlx::Error> for ReplayError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Db(DbError::Sqlx(e))
+    }
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub projection: String,
+    pub records: usize,
+    /// Rows per table swapped in.
+    pub rows: BTreeMap<String, i64>,
+}
+
+impl std::fmt::Display for ReplayReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "replayed projection {} from {} records; swapped in:",
+            self.projection, self.records
+        )?;
+        for (table, rows) in &self.rows {
+            writeln!(f, "  {table}: {rows} rows")?;
+        }
+        Ok(())
+    }
+}
+
+type Positions = BTreeMap<(String, i32), i64>;
+
+/// The live writer's stored positions for `projection`.
+async fn live_positions<'c, E>(executor: E, projection: &str) -> Result<Positions, ReplayError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
+    let rows = sqlx::query(
+        "SELECT topic, partition_id, next_offset FROM projection_offsets WHERE projection = $1",
+    )
+    .bind(projection)
+    .fetch_all(executor)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                (r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)? as i32),
+                r.try_get::<i64, _>(2)?,
+            ))
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(Into::into)
+}
+
+/// Where the scratch tables live, as seen from a live connection.
+struct Scratch {
+    db: Database,
+    /// PostgreSQL: the schema; SQLite: the file (attached as `replay` for the swap).
+    place: String,
+}
+
+const SQLITE_ALIAS: &str = "replay";
+
+impl Scratch {
+    async fn create(live: &Database, projection: &str) -> Result<Self, ReplayError> {
+        match live.backend() {
+            Backend::Postgres => {
+                let schema = format!("orderflow_replay_{projection}");
+                sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                    .execute(live.pool())
+                    .await?;
+                sqlx::query(&format!("CREATE SCHEMA {schema}"))
+                    .execute(live.pool())
+                    .await?;
+                let separator = if live.url().contains('?') { '&' } else { '?' };
+                let url = format!(
+                    "{}{separator}options=-c%20search_path%3D{schema}",
+                    live.url()
+                );
+                let db = Database::connect(&url, 2).await?;
+                db.migrate().await?;
+                Ok(Self { db, place: schema })
+            }
+            Backend::Sqlite => {
+                let path = sqlite_path(live.url());
+                let file = format!("{path}.replay-{projection}");
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{file}{suffix}"));
+                }
+                let db = Database::connect(&format!("sqlite://{file}?mode=rwc"), 2).await?;
+                db.migrate().await?;
+                Ok(Self { db, place: file })
+            }
+        }
+    }
+
+    /// How a live connection names `table` of the scratch space.
+    fn table(&self, backend: Backend, table: &str) -> String {
+        match backend {
+            Backend::Postgres => format!("{}.{table}", self.place),
+            Backend::Sqlite => format!("{SQLITE_ALIAS}.{table}"),
+        }
+    }
+
+    async fn drop(self, live: &Database) {
+        self.db.pool().close().await;
+        match live.backend() {
+            Backend::Postgres => {
+                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.place))
+                    .execute(live.pool())
+                    .await;
+            }
+            Backend::Sqlite => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", self.place));
+                }
+            }
+        }
+    }
+}
+
+fn sqlite_path(url: &str) -> String {
+    url.trim_start_matches("sqlite://")
+        .trim_start_matches("sqlite:")
+        .split('?')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Reads the projection's topics from the beginning, handing records below a target on.
+struct LogCursor {
+    consumer: StreamConsumer,
+    /// A record read past the current target, kept for the next one.
+    held: Vec<OwnedMessage>,
+    records: usize,
+}
+
+impl LogCursor {
+    fn open(clients: &KafkaClients, topics: &[&'static str]) -> Result<Self, ReplayError> {
+        let consumer: StreamConsumer = clients.reader("replay").create()?;
+        let mut tpl = TopicPartitionList::new();
+        for topic in topics {
+            let metadata = consumer.fetch_metadata(Some(topic), clients.admin_timeout())?;
+            for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&tpl)?;
+        Ok(Self {
+            consumer,
+            held: Vec::new(),
+            records: 0,
+        })
+    }
+
+    fn reached(&self, targets: &Positions) -> Result<bool, ReplayError> {
+        if self.held.iter().any(|m| {
+            targets
+                .get(&(m.topic().to_owned(), m.partition()))
+                .is_some_and(|t| m.offset() < *t)
+        }) {
+            return Ok(false);
+        }
+        let position = self.consumer.position()?;
+        Ok(targets.iter().all(|((topic, partition), target)| {
+            *target <= 0
+                || position
+                    .find_partition(topic, *partition)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+                    .is_some_and(|at| at >= *target)
+        }))
+    }
+
+    /// Applies every record below `targets` (per partition; partitions without a target are
+    /// not applied) into the scratch space through `writer`.
+    async fn advance<P: Projection>(
+        &mut self,
+        writer: &ProjectionWriter<P>,
+        targets: &Positions,
+        batch_size: usize,
+    ) -> Result<(), ReplayError> {
+        let below = |m: &OwnedMessage| {
+            targets
+                .get(&(m.topic().to_owned(), m.partition()))
+                .is_some_and(|t| m.offset() < *t)
+        };
+        let waited = Duration::from_secs(300);
+        let deadline = Instant::now() + waited;
+        let mut batch: Vec<OwnedMessage> = Vec::new();
+        let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|m| below(m));
+        self.held = held;
+        batch.extend(ready);
+        loop {
+            if batch.len() >= batch_size || (self.reached(targets)? && !batch.is_empty()) {
+                self.records += batch.len();
+                writer.write(&batch, None).await?;
+                batch.clear();
+            }
+            if self.reached(targets)? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let ((topic, partition), target) = targets
+                    .iter()
+                    .next()
+                    .map(|(k, v)| (k.clone(), *v))
+                    .unwrap_or_default();
+                return Err(ReplayError::Timeout {
+                    topic,
+                    partition,
+                    target,
+                    waited,
+                });
+            }
+            // Nothing within 100 ms, or the end of a partition: look at the positions again.
+            if let Ok(Ok(message)) =
+                tokio::time::timeout(Duration::from_millis(100), self.consumer.recv()).await
+            {
+                let message = message.detach();
+                if below(&message) {
+                    batch.push(message);
+                } else {
+                    self.held.push(message);
+                }
+            }
+        }
+    }
+}
+
+/// Rebuilds `projection` from the log and swaps the new tables in. See the module docs.
+pub async fn replay<P: Projection>(
+    projection: P,
+    live: &Database,
+    clients: &KafkaClients,
+    settings: &ProjectionSettings,
+) -> Result<ReplayReport, ReplayError> {
+    let name = projection.name();
+    let tables = projection.tables();
+    let topics = projection.topics();
+    let scratch = Scratch::create(live, name).await?;
+    let result = async {
+        let writer = ProjectionWriter::new(
+            projection,
+            scratch.db.clone(),
+            clients.clone(),
+            settings,
+            Arc::new(Codec::new()?),
+            ProjectionMetrics::unregistered(),
+        );
+        let mut cursor = LogCursor::open(clients, &topics)?;
+        let batch = settings.batch_max_records.max(1);
+
+        // Catch up with the live writer, unlocked, until a round finds nothing new.
+        let mut rounds = 0;
+        loop {
+            let targets = live_positions(live.pool(), name).await?;
+            cursor.advance(&writer, &targets, batch).await?;
+            rounds += 1;
+            if live_positions(live.pool(), name).await? == targets {
+                break;
+            }
+            if rounds >= 20 {
+                info!(
+                    projection = name,
+                    rounds, "The live writer keeps moving; finishing under its lock."
+                );
+                break;
+            }
+        }
+        info!(
+            projection = name,
+            records = cursor.records,
+            "Replayed up to the live writer; swapping."
+        );
+
+        // The swap: the live writer waits on its lock meanwhile; readers do not.
+        let backend = live.backend();
+        let mut conn = live.pool().acquire().await?;
+        if backend == Backend::Sqlite {
+            sqlx::query(&format!("ATTACH DATABASE $1 AS {SQLITE_ALIAS}"))
+                .bind(&scratch.place)
+                .execute(&mut *conn)
+                .await?;
+        }
+        let swapped = async {
+            let mut tx = conn.begin().await?;
+            match backend {
+                Backend::Postgres => {
+                    sqlx::query("LOCK TABLE projection_offsets IN EXCLUSIVE MODE")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                // Any write takes SQLite's one write lock for the rest of the transaction.
+                Backend::Sqlite => {
+                    sqlx::query(
+                        "UPDATE projection_offsets SET next_offset = next_offset \
+                         WHERE projection = $1",
+                    )
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            let targets = live_positions(&mut *tx, name).await?;
+            cursor.advance(&writer, &targets, batch).await?;
+            let mut rows = BTreeMap::new();
+            for table in tables {
+                sqlx::query(&format!("DELETE FROM {table}"))
+                    .execute(&mut *tx)
+                    .await?;
+                let copied = sqlx::query(&format!(
+                    "INSERT INTO {table} SELECT * FROM {}",
+                    scratch.table(backend, table)
+                ))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                rows.insert((*table).to_owned(), copied as i64);
+            }
+            if backend == Backend::Postgres {
+                // Delivered with the commit: every query replica drops its cache.
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANNEL)
+                    .bind(RESET)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok::<_, ReplayError>(rows)
+        }
+        .await;
+        if backend == Backend::Sqlite {
+            let detached = sqlx::query(&format!("DETACH DATABASE {SQLITE_ALIAS}"))
+                .execute(&mut *conn)
+                .await;
+            if detached.is_err() {
+                // Never hand a connection with the scratch file attached back to the pool.
+                conn.detach();
+            }
+        }
+        Ok::<_, ReplayError>(ReplayReport {
+            projection: name.to_owned(),
+            records: cursor.records,
+            rows: swapped?,
+        })
+    }
+    .await;
+    scratch.drop(live).await;
+    result
+}
+
+/// Columns that record when a row was written, not what the log says: left out of checksums.
+const WRITE_TIME_COLUMNS: [&str; 1] = ["projected_at"];
+
+/// Rows and a content hash of `table`, independent of row order and of write times: for
+/// comparing a replayed projection with the live one.
+pub async fn checksum(db: &Database, table: &str) -> Result<(usize, u64), ReplayError> {
+    let rows = sqlx::query(&format!("SELECT * FROM {table}"))
+        .fetch_all(db.pool())
+        .await?;
+    let mut lines: BTreeSet<String> = BTreeSet::new();
+    let mut duplicates = 0usize;
+    for row in &rows {
+        let mut line = String::new();
+        for (i, column) in row.columns().iter().enumerate() {
+            if WRITE_TIME_COLUMNS.contains(&column.name()) {
+                continue;
+            }
+            let value = if let Ok(v) = row.try_get::<Option<String>, _>(i) {
+                format!("{v:?}")
+            } else if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+                format!("{v:?}")
+            } else if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
+                format!("{v:?}")
+            } else {
+                "?".to_owned()
+            };
+            line.push_str(column.name());
+            line.push('=');
+            line.push_str(&value);
+            line.push('|');
+        }
+        if !lines.insert(line) {
+            duplicates += 1;
+        }
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    lines.hash(&mut hasher);
+    duplicates.hash(&mut hasher);
+    Ok((rows.len(), hasher.finish()))
+}
