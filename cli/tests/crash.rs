@@ -24,7 +24,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -35,7 +34,7 @@ use orderflow_schemas::{Codec, OrderEvent, OrderPlaced};
 use orderflow_testkit::{
     apply_topics,
     log::{now_ms, order_placed, restocked, Log, LogReader},
-    test_settings, Broker,
+    test_settings, Broker, BrokerProcess,
 };
 use orderflow_topics::names;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -45,38 +44,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 const SKUS: usize = 20;
 /// Units per SKU: less than the demand, so stock runs out and orders are rejected for it.
 const STOCK: i32 = 600;
-
-/// `orderflow broker` in its own process; killed on drop.
-struct BrokerProcess(Child, String);
-
-impl BrokerProcess {
-    fn start() -> Self {
-        let mut child = Command::new(BIN)
-            .args(["--set", "telemetry.listen=\"127.0.0.1:0\"", "broker"])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("orderflow broker starts");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let bootstrap = lines
-            .next()
-            .and_then(Result::ok)
-            .expect("orderflow broker prints its address first");
-        // Keep reading so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.by_ref() {});
-        Self(child, bootstrap.trim().to_owned())
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `orderflow process` in its own process, as instance `instance` (its transactional ids).
 fn start_processor(
@@ -515,10 +482,33 @@ async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, se
     let actions = fleet.actions;
     fleet.stop();
     reader.poll_for(Duration::from_secs(1));
+    let progress = reader.progress();
     let log = reader.log;
+    // A second read of the whole log in small fetches must find exactly the same events.
+    let mut again = LogReader::everything_in_small_fetches(&settings, &bootstrap);
+    again.poll_until(Duration::from_secs(120), "the second read", |l| {
+        l.bytes.len() >= log.bytes.len()
+    });
+    again.poll_for(Duration::from_secs(2));
+    let only_first: Vec<&String> = log
+        .bytes
+        .keys()
+        .filter(|id| !again.log.bytes.contains_key(*id))
+        .collect();
+    let only_second: Vec<&String> = again
+        .log
+        .bytes
+        .keys()
+        .filter(|id| !log.bytes.contains_key(*id))
+        .collect();
+    assert!(
+        only_first.is_empty() && only_second.is_empty(),
+        "{broker_name}, {scenario:?}: two reads of the same log differ: only in the first \
+         {only_first:?}, only in the second {only_second:?}"
+    );
     eprintln!(
         "{broker_name}, {scenario:?}: {n} orders final in {:.1} s after {actions} actions; \
-         {} errors reading the log: {:?}",
+         {} errors reading the log: {:?}; (partition, read up to, end): {progress:?}",
         started.elapsed().as_secs_f64(),
         log.errors.len(),
         log.errors.iter().take(5).collect::<Vec<_>>()
@@ -673,9 +663,9 @@ async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, se
 }
 
 async fn on_the_in_process_broker(scenario: Scenario) {
-    let broker = BrokerProcess::start();
+    let broker = BrokerProcess::start(BIN);
     let settings = test_settings(None);
-    crash_test(scenario, "in-process broker", broker.1.clone(), settings).await;
+    crash_test(scenario, "in-process broker", broker.bootstrap(), settings).await;
 }
 
 async fn on_tansu(scenario: Scenario) {

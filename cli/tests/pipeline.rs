@@ -403,6 +403,24 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         "an order id leaked into a label"
     );
 
+    // The inventory projection (its own group) has the stock of the restocked SKUs.
+    eventually(DEADLINE, "inventory levels", || async {
+        let page: Value = client
+            .get(format!("{query}/v1/inventory"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let levels = page["levels"].as_array()?;
+        levels
+            .iter()
+            .any(|l| l["reserved"].as_i64() > Some(0))
+            .then_some(())
+    })
+    .await;
+
     running
         .shutdown(Duration::from_secs(30))
         .await
@@ -505,6 +523,25 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
     assert_eq!(report.breaches.len(), 1, "{report}");
     assert!(
         report.breaches[0].contains(rejected.as_str()) && report.breaches[0].contains("status"),
+        "{report}"
+    );
+    // A stock level that does not add up is named too.
+    let sku: String = sqlx::query_scalar("SELECT MIN(sku) FROM inventory_levels")
+        .fetch_one(projection_db.pool())
+        .await
+        .expect("a stocked SKU");
+    sqlx::query("UPDATE inventory_levels SET available = available + 7 WHERE sku = $1")
+        .bind(&sku)
+        .execute(projection_db.pool())
+        .await
+        .expect("tamper");
+    let report = check().await.expect("reconcile");
+    assert_eq!(report.breaches.len(), 2, "{report}");
+    assert!(
+        report
+            .breaches
+            .iter()
+            .any(|b| b.contains(&format!("sku {sku}")) && b.contains("available")),
         "{report}"
     );
 

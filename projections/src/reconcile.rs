@@ -1,7 +1,9 @@
 //! `orderflow reconcile`: checks the invariants the tables must hold against the event log —
-//! the projection equals a fold of the log, and every order is final or still within its SLO.
-//! Each breach names the order (or customer) and what differs; the binary exits non-zero when
-//! there is any.
+//! the orders projection equals a fold of the log; every order is final or still within its
+//! SLO; a confirmed order was paid exactly once and no other order has a charge standing; stock
+//! never went negative and `inventory_levels` equals the restocks minus what is reserved,
+//! folded from the log. Each breach names the order or SKU and what differs; the binary exits
+//! non-zero when there is any.
 //!
 //! The log is read from the beginning to the end it had when the check started, with
 //! `read_committed`; events the projection has not reached yet (its stored positions) are left
@@ -198,16 +200,7 @@ pub async fn reconcile(
     now_ms: i64,
 ) -> Result<Report, ReconcileError> {
     let codec = Codec::new()?;
-    let positions: HashMap<i32, i64> = sqlx::query(
-        "SELECT partition_id, next_offset FROM projection_offsets \
-         WHERE projection = 'orders' AND topic = $1",
-    )
-    .bind(topic)
-    .fetch_all(db.pool())
-    .await?
-    .iter()
-    .map(|r| Ok((r.try_get::<i64, _>(0)? as i32, r.try_get::<i64, _>(1)?)))
-    .collect::<Result<_, sqlx::Error>>()?;
+    let positions = stored_positions(db, "orders", topic).await?;
     let (events, _undecodable) = {
         let clients = clients.clone();
         let topic = topic.to_owned();
@@ -221,6 +214,8 @@ pub async fn reconcile(
         orders_checked: expected.len(),
         breaches: Vec::new(),
     };
+    check_payments(&events, &expected, &mut report);
+    check_stock(db, clients, &mut report).await?;
 
     let mut actual: BTreeMap<String, OrderRow> = BTreeMap::new();
     for order_id in expected.keys() {
@@ -290,6 +285,147 @@ pub async fn reconcile(
         }
     }
     Ok(report)
+}
+
+/// Exactly one standing payment per confirmed order, none for any other final order.
+fn check_payments(events: &[OrderEvent], orders: &BTreeMap<String, OrderRow>, report: &mut Report) {
+    let mut authorized: HashMap<&str, std::collections::BTreeSet<&str>> = HashMap::new();
+    let mut refunded: HashMap<&str, std::collections::BTreeSet<&str>> = HashMap::new();
+    for event in events {
+        let e = event.envelope();
+        match event {
+            OrderEvent::PaymentAuthorized(_) => {
+                authorized
+                    .entry(&e.order_id)
+                    .or_default()
+                    .insert(&e.event_id);
+            }
+            OrderEvent::PaymentRefunded(_) => {
+                refunded.entry(&e.order_id).or_default().insert(&e.event_id);
+            }
+            _ => {}
+        }
+    }
+    for (order_id, row) in orders {
+        if !FINAL_STATUSES.contains(&row.status.as_str()) {
+            continue;
+        }
+        let paid = authorized.get(order_id.as_str()).map_or(0, |s| s.len());
+        let back = refunded.get(order_id.as_str()).map_or(0, |s| s.len());
+        let standing = paid as i64 - back as i64;
+        let want = i64::from(row.status == "confirmed");
+        if standing != want || paid > 1 {
+            report.breaches.push(format!(
+                "order {order_id}: {} with {paid} authorizations and {back} refunds; expected {want} standing payment",
+                row.status
+            ));
+        }
+    }
+}
+
+/// Stock: the inventory projection's levels against the fold of its inputs, and never below 0.
+async fn check_stock(
+    db: &Database,
+    clients: &KafkaClients,
+    report: &mut Report,
+) -> Result<(), ReconcileError> {
+    use crate::inventory::{levels, movement, Level};
+    use orderflow_topics::names;
+    let mut events = Vec::new();
+    for topic in [names::ORDERS_EVENTS, names::INVENTORY_COMMANDS] {
+        let positions = stored_positions(db, "inventory", topic).await?;
+        let (read, _) = {
+            let (clients, topic) = (clients.clone(), topic.to_owned());
+            tokio::task::spawn_blocking(move || {
+                let codec = Codec::new()?;
+                read_log(&clients, &codec, &topic, &positions)
+            })
+            .await
+            .map_err(|_| ReconcileError::Join)??
+        };
+        events.extend(read);
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut expected: BTreeMap<String, Level> = BTreeMap::new();
+    for event in &events {
+        if let OrderEvent::InventoryLineReserved(r) = event {
+            if r.available_after < 0 {
+                report.breaches.push(format!(
+                    "sku {}: stock went negative ({} after reserving for order {})",
+                    r.sku, r.available_after, r.envelope.order_id
+                ));
+            }
+        }
+        let Some(m) = movement(event) else { continue };
+        if !seen.insert(m.event_id.to_owned()) {
+            continue;
+        }
+        let level = expected.entry(m.sku.to_owned()).or_insert_with(|| Level {
+            sku: m.sku.to_owned(),
+            ..Level::default()
+        });
+        level.apply(&m);
+    }
+    let actual: BTreeMap<String, Level> = levels(db.pool())
+        .await?
+        .into_iter()
+        .map(|l| (l.sku.clone(), l))
+        .collect();
+    for (sku, want) in &expected {
+        if want.available < 0 {
+            report.breaches.push(format!(
+                "sku {sku}: the log folds to {} available",
+                want.available
+            ));
+        }
+        let Some(have) = actual.get(sku) else {
+            report.breaches.push(format!(
+                "sku {sku}: in the log, missing from inventory_levels"
+            ));
+            continue;
+        };
+        let mut differences = Vec::new();
+        for (column, a, b) in [
+            ("restocked", want.restocked, have.restocked),
+            ("reserved", want.reserved, have.reserved),
+            ("available", want.available, have.available),
+            ("rejected_lines", want.rejected_lines, have.rejected_lines),
+        ] {
+            if a != b {
+                differences.push(format!("{column} is {b}, the log says {a}"));
+            }
+        }
+        if !differences.is_empty() {
+            report
+                .breaches
+                .push(format!("sku {sku}: {}", differences.join("; ")));
+        }
+    }
+    for sku in actual.keys().filter(|s| !expected.contains_key(*s)) {
+        report
+            .breaches
+            .push(format!("sku {sku}: in inventory_levels, not in the log"));
+    }
+    Ok(())
+}
+
+/// A projection's stored positions on `topic`, by partition.
+async fn stored_positions(
+    db: &Database,
+    projection: &str,
+    topic: &str,
+) -> Result<HashMap<i32, i64>, ReconcileError> {
+    Ok(sqlx::query(
+        "SELECT partition_id, next_offset FROM projection_offsets \
+         WHERE projection = $1 AND topic = $2",
+    )
+    .bind(projection)
+    .bind(topic)
+    .fetch_all(db.pool())
+    .await?
+    .iter()
+    .map(|r| Ok((r.try_get::<i64, _>(0)? as i32, r.try_get::<i64, _>(1)?)))
+    .collect::<Result<_, sqlx::Error>>()?)
 }
 
 #[cfg(test)]

@@ -249,6 +249,51 @@ impl Database {
     }
 }
 
+/// `orderflow broker` (the in-process broker on its own) as a separate OS process, killed on
+/// drop. `bin` is the `orderflow` binary (`env!("CARGO_BIN_EXE_orderflow")` in its tests).
+pub struct BrokerProcess {
+    child: Child,
+    bootstrap: String,
+}
+
+impl BrokerProcess {
+    pub fn start(bin: &str) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(bin)
+            .args(["--set", "telemetry.listen=\"127.0.0.1:0\"", "broker"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("orderflow broker does not start: {e}"));
+        let Some(stdout) = child.stdout.take() else {
+            panic!("orderflow broker: no stdout");
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        let Some(Ok(bootstrap)) = lines.next() else {
+            panic!("orderflow broker printed no address");
+        };
+        // Keep reading so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.by_ref() {});
+        Self {
+            child,
+            bootstrap: bootstrap.trim().to_owned(),
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        self.bootstrap.clone()
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Polls `check` until it yields `Some`, failing the test with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where

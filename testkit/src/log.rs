@@ -193,14 +193,41 @@ impl LogReader {
         Self::with_isolation(settings, bootstrap, "read_uncommitted")
     }
 
+    /// [`LogReader::everything`] with small fetches (a few records per request): a second,
+    /// differently chunked read of the same log, to tell a broker's fetch anomalies from
+    /// records that are really missing.
+    pub fn everything_in_small_fetches(settings: &Settings, bootstrap: &str) -> Self {
+        Self::with_config(
+            settings,
+            bootstrap,
+            "read_uncommitted",
+            &[
+                ("fetch.max.bytes", "4096"),
+                ("max.partition.fetch.bytes", "1024"),
+            ],
+        )
+    }
+
     fn with_isolation(settings: &Settings, bootstrap: &str, isolation: &str) -> Self {
+        Self::with_config(settings, bootstrap, isolation, &[])
+    }
+
+    fn with_config(
+        settings: &Settings,
+        bootstrap: &str,
+        isolation: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let clients = KafkaClients::new(&settings.kafka, bootstrap);
-        let consumer: BaseConsumer = clients
-            .consumer(
-                "log-reader",
-                &format!("log-reader-{}", uuid::Uuid::new_v4()),
-            )
-            .set("isolation.level", isolation)
+        let mut config = clients.consumer(
+            "log-reader",
+            &format!("log-reader-{}", uuid::Uuid::new_v4()),
+        );
+        config.set("isolation.level", isolation);
+        for (key, value) in extra {
+            config.set(*key, *value);
+        }
+        let consumer: BaseConsumer = config
             .create()
             .unwrap_or_else(|e| panic!("log reader: {e}"));
         let mut tpl = TopicPartitionList::new();
@@ -230,6 +257,27 @@ impl LogReader {
                 None => {}
             }
         }
+    }
+
+    /// Per partition: the reader's position and the partition's high watermark (diagnostics:
+    /// a reader behind the end has not seen everything yet).
+    pub fn progress(&self) -> Vec<(i32, i64, i64)> {
+        let position = self.consumer.position().ok();
+        (0..6)
+            .map(|p| {
+                let at = position
+                    .as_ref()
+                    .and_then(|tpl| tpl.find_partition(names::ORDERS_EVENTS, p))
+                    .and_then(|e| e.offset().to_raw())
+                    .unwrap_or(-1);
+                let high = self
+                    .consumer
+                    .fetch_watermarks(names::ORDERS_EVENTS, p, Duration::from_secs(10))
+                    .map(|(_, h)| h)
+                    .unwrap_or(-1);
+                (p, at, high)
+            })
+            .collect()
     }
 
     /// Reads until `done` holds for the log, failing the test with `what` after `timeout`.
