@@ -13,11 +13,10 @@ use std::{
 
 use orderflow_platform::{kafka::KafkaClients, Settings};
 use orderflow_schemas::{
-    Codec, Envelope, InventoryLineReleased, InventoryLineReserved, OrderConfirmed, OrderEvent,
-    OrderPlaced, OrderRejected, OrderValidated, Reason,
+    Codec, InventoryLineReleased, InventoryLineReserved, OrderEvent, OrderPlaced,
 };
 use orderflow_testkit::{
-    log::{now_ms, order_placed, restocked},
+    log::{next_envelope, now_ms, order_placed, restocked, short_timeline},
     test_settings, BrokerProcess, Database,
 };
 use orderflow_topics::names;
@@ -57,16 +56,6 @@ fn start_projection(bootstrap: &str, database_url: &str) -> Child {
         .expect("orderflow project starts")
 }
 
-fn next(envelope: &Envelope, sequence: i64) -> Envelope {
-    Envelope {
-        event_id: uuid::Uuid::new_v4().to_string(),
-        causation_id: Some(envelope.event_id.clone()),
-        sequence,
-        occurred_at: envelope.occurred_at + sequence,
-        ..envelope.clone()
-    }
-}
-
 /// What the test expects of one order: its newest event decides status and version.
 struct Expected {
     customer: String,
@@ -74,8 +63,9 @@ struct Expected {
     version: i64,
 }
 
-/// The events of one order (placed, validated, confirmed or rejected), plus for confirmed ones
-/// the inventory's line answer, reserved and sometimes released (as on a later cancellation).
+/// The events of one order (placed, validated, confirmed or rejected), with, for confirmed
+/// ones, the inventory's line answer before the confirmation: reserved, and sometimes released
+/// (as on a later cancellation).
 fn order_events(
     placed: &OrderPlaced,
     confirm: bool,
@@ -83,56 +73,30 @@ fn order_events(
     release: bool,
 ) -> (Vec<OrderEvent>, Expected) {
     let e = &placed.envelope;
-    let mut events = vec![
-        OrderEvent::OrderPlaced(placed.clone()),
-        OrderEvent::OrderValidated(OrderValidated {
-            envelope: next(e, 2),
-            currency: placed.currency.clone(),
-            total_minor: placed.total_minor,
-        }),
-    ];
-    let status = if confirm {
-        let mut line = next(e, 0);
-        line.sequence = 0;
+    let mut events = short_timeline(placed, confirm);
+    if confirm {
+        let last = events.pop().expect("three events");
         events.push(OrderEvent::InventoryLineReserved(InventoryLineReserved {
-            envelope: line.clone(),
+            envelope: next_envelope(e, 0),
             sku: sku.to_owned(),
             quantity: 1,
             available_after: 0,
         }));
         if release {
-            let mut back = next(e, 0);
-            back.sequence = 0;
             events.push(OrderEvent::InventoryLineReleased(InventoryLineReleased {
-                envelope: back,
+                envelope: next_envelope(e, 0),
                 sku: sku.to_owned(),
                 quantity: 1,
                 available_after: 0,
             }));
         }
-        events.push(OrderEvent::OrderConfirmed(OrderConfirmed {
-            envelope: next(e, 3),
-            total_minor: placed.total_minor,
-            currency: placed.currency.clone(),
-        }));
-        "confirmed"
-    } else {
-        events.push(OrderEvent::OrderRejected(OrderRejected {
-            envelope: next(e, 3),
-            stage: "validation".into(),
-            reasons: vec![Reason {
-                code: "test".into(),
-                field: None,
-                message: "rejected by the test".into(),
-            }],
-        }));
-        "rejected"
-    };
+        events.push(last);
+    }
     (
         events,
         Expected {
             customer: e.customer_id.clone(),
-            status,
+            status: if confirm { "confirmed" } else { "rejected" },
             version: 3,
         },
     )

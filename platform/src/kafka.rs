@@ -205,6 +205,9 @@ pub struct GroupContext {
     metrics: Option<ConsumerMetrics>,
     /// Marked ready once the group assigned this member its partitions (maybe none).
     readiness: Option<(Readiness, String)>,
+    /// Pause partitions as they are assigned, before anything is fetched (the owner seeks them
+    /// to positions it keeps elsewhere and resumes them).
+    pause_on_assign: bool,
 }
 
 impl GroupContext {
@@ -214,7 +217,14 @@ impl GroupContext {
             group: String::new(),
             metrics: None,
             readiness: None,
+            pause_on_assign: false,
         }
+    }
+
+    /// Assigned partitions start paused; the caller resumes each once it has seeked it.
+    pub fn pause_on_assign(mut self) -> Self {
+        self.pause_on_assign = true;
+        self
     }
 
     /// Reports `component` not ready until the group's first assignment reaches this member.
@@ -262,9 +272,14 @@ impl ClientContext for GroupContext {
 }
 
 impl ConsumerContext for GroupContext {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                if self.pause_on_assign && tpl.count() > 0 {
+                    if let Err(e) = consumer.pause(tpl) {
+                        warn!(role = self.role, error = %e, "Pausing assigned partitions failed.");
+                    }
+                }
                 info!(
                     role = self.role,
                     partitions = tpl.count(),

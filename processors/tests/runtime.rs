@@ -22,7 +22,8 @@ use std::{
 
 use orderflow_gateway::{simulator::Simulator, GatewayClient};
 use orderflow_platform::{
-    health::Readiness,
+    health::{readiness_routes, Readiness},
+    http::Server,
     kafka::KafkaClients,
     metrics::{ConsumerMetrics, MetricsRegistry},
     Settings,
@@ -547,27 +548,47 @@ async fn not_ready_while_the_state_restores_and_ready_after() {
     )
     .with_readiness(readiness.clone());
     let component = "processor restore-test state";
-    assert!(!readiness.report().ready, "not ready before it starts");
+    // `/readyz` served as every role serves it.
+    let server = Server::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        readiness_routes(readiness.clone()),
+    )
+    .await
+    .expect("bind");
+    let readyz = format!("http://{}/readyz", server.local_addr().expect("addr"));
     let cancel = CancellationToken::new();
+    tokio::spawn(server.run(cancel.clone()));
+    let client = reqwest::Client::new();
+    let get = || async {
+        let response = client.get(&readyz).send().await.ok()?;
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.ok()?;
+        Some((status, body))
+    };
+    assert_eq!(
+        get().await.map(|(s, _)| s),
+        Some(503),
+        "not ready before it starts"
+    );
     let running = tokio::spawn(runtime.run(cancel.clone()));
 
-    let why = eventually(Duration::from_secs(60), "a restoring report", || async {
-        let report = readiness.report();
-        let why = report.components.get(component)?.clone();
-        why.starts_with("restoring partitions")
-            .then_some((report.ready, why))
+    let (status, body) = eventually(Duration::from_secs(60), "a restoring report", || async {
+        let (status, body) = get().await?;
+        body["components"][component]
+            .as_str()?
+            .starts_with("restoring partitions")
+            .then_some((status, body))
     })
     .await;
-    assert!(!why.0, "/readyz is not ready while restoring: {}", why.1);
+    assert_eq!(status, 503, "/readyz is not ready while restoring: {body}");
 
     RESTORE_MAY_FINISH.store(true, Ordering::SeqCst);
-    eventually(
-        Duration::from_secs(60),
-        "ready after the restore",
-        || async { readiness.report().ready.then_some(()) },
-    )
+    let body = eventually(Duration::from_secs(60), "ready after the restore", || async {
+        let (status, body) = get().await?;
+        (status == 200).then_some(body)
+    })
     .await;
-    assert_eq!(readiness.report().components[component], "ready");
+    assert_eq!(body["components"][component], "ready");
     cancel.cancel();
     running.await.expect("runtime ends");
 }

@@ -7,7 +7,8 @@
 //! (3) applies the rest and (4) moves the positions, with a compare-and-set so two writers
 //! cannot both move the same partition. Rows and positions commit together or not at all.
 //! Only after the commit is the group offset committed, as a starting hint; it can lag the
-//! database (a crash in between) but never lead it, and anything re-read is skipped by (2).
+//! database (a crash in between) but never lead it, and anything re-read is skipped by (2). On
+//! assignment the writer seeks each new partition to its stored position.
 //!
 //! Every order the batch changed is announced with its new version for the query caches
 //! (crate::cache): on PostgreSQL by `NOTIFY` inside the transaction (delivered only if it
@@ -24,7 +25,7 @@ use orderflow_platform::{
     config::ProjectionSettings,
     health::Readiness,
     kafka::{
-        collect_batch, dead_letter_headers, header_value, next_offsets, retain_assigned,
+        collect_batch_within, dead_letter_headers, header_value, next_offsets, retain_assigned,
         BatchBounds, GroupContext, KafkaClients,
     },
     telemetry::continue_trace,
@@ -98,6 +99,9 @@ pub struct BatchOutcome {
     pub skipped: usize,
     pub dead_lettered: usize,
 }
+
+/// How often the writer looks for new assignments while its input is idle.
+const ASSIGNMENT_CHECK: Duration = Duration::from_millis(200);
 
 pub struct ProjectionWriter<P: Projection> {
     projection: Arc<P>,
@@ -180,7 +184,8 @@ impl<P: Projection> ProjectionWriter<P> {
             .consumer(name, &self.group_id())
             .create_with_context({
                 let context = GroupContext::new("projection")
-                    .with_metrics(&self.group_id(), self.metrics.consumer.clone());
+                    .with_metrics(&self.group_id(), self.metrics.consumer.clone())
+                    .pause_on_assign();
                 match &self.readiness {
                     Some(r) => context.with_readiness(r, &format!("projection {name}")),
                     None => context,
@@ -198,8 +203,15 @@ impl<P: Projection> ProjectionWriter<P> {
             idle: Duration::from_millis(self.settings.batch_idle_ms),
         };
         let mut last_committed = None;
+        let mut known: std::collections::BTreeSet<(String, i32)> = Default::default();
         loop {
-            let batch = retain_assigned(&consumer, collect_batch(&consumer, cancel, &bounds).await);
+            // Bounded wait, so that newly assigned (paused) partitions are seeked and resumed
+            // even while no other partition has records.
+            let batch = retain_assigned(
+                &consumer,
+                collect_batch_within(&consumer, cancel, &bounds, Some(ASSIGNMENT_CHECK)).await,
+            );
+            self.seek_new_partitions(&consumer, &mut known).await?;
             if !batch.is_empty() {
                 let outcome = self.write(&batch, Some(&dead_letters)).await?;
                 // A hint for where to resume; the database's positions are the truth.
@@ -215,6 +227,49 @@ impl<P: Projection> ProjectionWriter<P> {
                 return Ok(());
             }
         }
+    }
+
+    /// Newly assigned partitions arrive paused (see `GroupContext::pause_on_assign`): each is
+    /// moved to the position stored with the rows, if there is one, and resumed. (The group
+    /// offset is committed after the database and may lag it; records below the stored position
+    /// would be skipped anyway, this saves reading them.)
+    async fn seek_new_partitions(
+        &self,
+        consumer: &StreamConsumer<GroupContext>,
+        known: &mut std::collections::BTreeSet<(String, i32)>,
+    ) -> Result<(), WriterError> {
+        let assigned: std::collections::BTreeSet<(String, i32)> = consumer
+            .assignment()?
+            .elements()
+            .iter()
+            .map(|e| (e.topic().to_owned(), e.partition()))
+            .collect();
+        let new: Vec<(String, i32)> = assigned.difference(known).cloned().collect();
+        *known = assigned;
+        for (topic, partition) in new {
+            let stored: Option<i64> = sqlx::query_scalar(
+                "SELECT next_offset FROM projection_offsets \
+                 WHERE projection = $1 AND topic = $2 AND partition_id = $3",
+            )
+            .bind(self.projection.name())
+            .bind(&topic)
+            .bind(i64::from(partition))
+            .fetch_optional(self.db.pool())
+            .await?;
+            let mut tpl = rdkafka::TopicPartitionList::new();
+            match stored {
+                Some(stored) => {
+                    debug!(projection = self.projection.name(), topic, partition, stored, "Starting at the stored position.");
+                    tpl.add_partition_offset(&topic, partition, rdkafka::Offset::Offset(stored))?;
+                    consumer.seek_partitions(tpl.clone(), Duration::from_secs(10))?;
+                }
+                None => {
+                    tpl.add_partition(&topic, partition);
+                }
+            }
+            consumer.resume(&tpl)?;
+        }
+        Ok(())
     }
 
     /// Applies a batch exactly once: see the module docs. Undecodable records go to

@@ -399,3 +399,98 @@ async fn postgres_batches_apply_exactly_once() {
     };
     batches_apply_exactly_once(&db.url).await;
 }
+
+/// A writer that joins with its group offset behind the stored positions (offsets are
+/// committed after the database) seeks to the stored positions: it never even reads, let alone
+/// skips, what the tables already hold.
+async fn a_new_assignment_starts_at_the_stored_positions(db_url: &str) {
+    use rdkafka::producer::FutureRecord;
+    let Fixture {
+        broker,
+        clients,
+        db,
+        codec,
+        writer: _,
+        dlq: producer,
+    } = fixture(db_url).await;
+    // 30 events on the log, all of them already in the tables (positions at the end).
+    for _ in 0..30 {
+        let order = uuid::Uuid::new_v4().to_string();
+        let bytes = codec.encode(&placed(&order)).expect("encode");
+        producer
+            .send(
+                FutureRecord::to(names::ORDERS_EVENTS)
+                    .partition(0)
+                    .key("customer-1")
+                    .payload(&bytes),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("written");
+    }
+    sqlx::query(
+        "INSERT INTO projection_offsets (projection, topic, partition_id, next_offset) \
+         VALUES ('orders', $1, 0, 30)",
+    )
+    .bind(names::ORDERS_EVENTS)
+    .execute(db.pool())
+    .await
+    .expect("positions");
+
+    let metrics = orderflow_projections::ProjectionMetrics::unregistered();
+    let settings = orderflow_testkit::test_settings(Some(db_url));
+    let writer = ProjectionWriter::new(
+        OrdersProjection,
+        db.clone(),
+        clients.clone(),
+        &settings.projection,
+        codec.clone(),
+        metrics.clone(),
+    );
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(writer.run(cancel.clone()));
+    // One new event after them: applied, and nothing before it was read.
+    let order = uuid::Uuid::new_v4().to_string();
+    let bytes = codec.encode(&placed(&order)).expect("encode");
+    producer
+        .send(
+            FutureRecord::to(names::ORDERS_EVENTS)
+                .partition(0)
+                .key("customer-1")
+                .payload(&bytes),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("written");
+    let labels = orderflow_projections::metrics::ProjectionLabels {
+        projection: "orders".into(),
+    };
+    orderflow_testkit::eventually(Duration::from_secs(60), "the new event applied", || async {
+        (metrics.applied.get_or_create(&labels).get() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(
+        metrics.skipped.get_or_create(&labels).get(),
+        0,
+        "the writer read records below its stored position"
+    );
+    assert!(orders::get(db.pool(), &order).await.expect("get").is_some());
+    assert_eq!(stored_offset(&db).await, Some(31));
+    cancel.cancel();
+    running.await.expect("writer ends");
+    drop(broker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_new_assignment_starts_at_the_stored_positions() {
+    let db = orderflow_testkit::Database::sqlite();
+    a_new_assignment_starts_at_the_stored_positions(&db.url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_new_assignment_starts_at_the_stored_positions() {
+    let Some(db) = orderflow_testkit::Database::postgres().await else {
+        return;
+    };
+    a_new_assignment_starts_at_the_stored_positions(&db.url).await;
+}

@@ -77,6 +77,51 @@ pub fn order_placed(
     }
 }
 
+/// The next event's envelope of the order `envelope` belongs to, at `sequence` (0: an event
+/// outside the order's timeline, like the inventory's per-line answers).
+pub fn next_envelope(envelope: &Envelope, sequence: i64) -> Envelope {
+    Envelope {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        causation_id: Some(envelope.event_id.clone()),
+        sequence,
+        occurred_at: envelope.occurred_at + sequence,
+        ..envelope.clone()
+    }
+}
+
+/// An order's timeline as a projection sees it, short: placed, validated, then confirmed
+/// (`confirm`) or rejected — sequences 1 to 3.
+pub fn short_timeline(placed: &OrderPlaced, confirm: bool) -> Vec<OrderEvent> {
+    use orderflow_schemas::{OrderConfirmed, OrderRejected, OrderValidated, Reason};
+    let e = &placed.envelope;
+    let last = if confirm {
+        OrderEvent::OrderConfirmed(OrderConfirmed {
+            envelope: next_envelope(e, 3),
+            total_minor: placed.total_minor,
+            currency: placed.currency.clone(),
+        })
+    } else {
+        OrderEvent::OrderRejected(OrderRejected {
+            envelope: next_envelope(e, 3),
+            stage: "validation".into(),
+            reasons: vec![Reason {
+                code: "test".into(),
+                field: None,
+                message: "rejected by the test".into(),
+            }],
+        })
+    };
+    vec![
+        OrderEvent::OrderPlaced(placed.clone()),
+        OrderEvent::OrderValidated(OrderValidated {
+            envelope: next_envelope(e, 2),
+            currency: placed.currency.clone(),
+            total_minor: placed.total_minor,
+        }),
+        last,
+    ]
+}
+
 /// A restock of `sku` entering from outside (for `inventory.commands`, keyed by SKU).
 pub fn restocked(sku: &str, quantity: i32, at: i64) -> OrderEvent {
     let id = uuid::Uuid::new_v4().to_string();
@@ -202,6 +247,7 @@ impl LogReader {
             bootstrap,
             "read_uncommitted",
             &[
+                ("message.max.bytes", "4096"),
                 ("fetch.max.bytes", "4096"),
                 ("max.partition.fetch.bytes", "1024"),
             ],
