@@ -75,6 +75,12 @@ async fn a_change_through_one_replica_refreshes_the_other_replicas_cache() {
     let accepted: Value = response.json().await.expect("json");
     let order_id = accepted["order_id"].as_str().expect("id").to_owned();
     let a_url = accepted["status_url"].as_str().expect("url").to_owned();
+    // The answer says how to read one's own write: its wait_url answers once the order is there.
+    let wait_url = accepted["wait_url"].as_str().expect("wait_url");
+    assert_eq!(wait_url, format!("{a_url}?min_version=1"));
+    let waited = client.get(wait_url).send().await.expect("wait");
+    assert_eq!(waited.status(), 200);
+    assert_eq!(waited.headers()["orderflow-wait"], "satisfied");
     let confirmed = wait_final(&client, &a_url).await;
     assert_eq!(confirmed["status"], "confirmed");
 

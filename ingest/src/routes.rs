@@ -48,6 +48,9 @@ pub struct Accepted {
     /// Where to read the order's status (query API). Read-your-writes: add `?wait_for=final`
     /// (or `?min_version=N`) and the query waits, up to 5 s, until the order is there.
     pub status_url: String,
+    /// Read-your-writes, ready to use: `status_url?min_version=1` answers as soon as the
+    /// projection has this order (waiting up to 5 s, `orderflow-wait: satisfied|timeout`).
+    pub wait_url: String,
     /// The order's version as accepted: `OrderPlaced` is version 1.
     pub version: i64,
 }
@@ -262,8 +265,10 @@ async fn accept(
         }
     })?;
     debug!(order_id = %order_id, "Order accepted.");
+    let status_url = format!("{}/v1/orders/{order_id}", state.status_base_url);
     Ok(Accepted {
-        status_url: format!("{}/v1/orders/{order_id}", state.status_base_url),
+        wait_url: format!("{status_url}?min_version=1"),
+        status_url,
         order_id: order_id.to_string(),
         status: "accepted",
         version: 1,

@@ -223,9 +223,9 @@ pub struct BatchSettings {
     pub transactional_id_prefix: String,
     pub instance_id: String,
     pub tick_ms: u64,
-    /// Input records taken from the consumer and not yet committed above which the processor
-    /// pauses its partitions (no more fetching) until the batch in hand commits.
-    pub max_in_flight: usize,
+    /// A batch whose step work (I/O such as payment gateway calls) is still running after this
+    /// long pauses the processor's partitions (no more fetching) until the batch commits.
+    pub pause_after_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -414,8 +414,8 @@ impl Settings {
             );
         }
         check(
-            self.processor.max_in_flight >= 1,
-            "processor.max_in_flight: expected at least 1, found 0".to_owned(),
+            self.processor.pause_after_ms >= 1,
+            "processor.pause_after_ms: expected at least 1, found 0".to_owned(),
         );
         for currency in &self.validation.currencies {
             check(

@@ -123,7 +123,7 @@ impl ProcessorMetrics {
         );
         registry.register(
             "processor_paused_partitions",
-            "Input partitions paused because the records in flight reached processor.max_in_flight",
+            "Input partitions paused because a batch's step work ran past processor.pause_after_ms",
             m.paused_partitions.clone(),
         );
         registry.register(

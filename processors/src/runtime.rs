@@ -22,10 +22,11 @@
 //!    outputs are durable. The group offset is committed after the transaction as well (the
 //!    only stored position of a stateless processor).
 //!
-//! Backpressure: once the records taken and not yet committed reach `processor.max_in_flight`
-//! (a full batch), every assigned partition is paused, so the client stops fetching behind a
-//! slow batch, and resumed after the batch commits. `Step::prepare` (the step's I/O) runs before
-//! the transaction opens, so slow I/O never holds a transaction open.
+//! Backpressure: a batch is all a processor has in flight. When its step work
+//! (`Step::prepare`, the step's I/O) is still running after `processor.pause_after_ms`, every
+//! assigned partition is paused, so the client stops fetching behind the slow batch, and resumed
+//! once the batch has committed. `prepare` runs before the transaction opens, so slow I/O never
+//! holds a transaction open.
 //!
 //! Rebalances happen only while the runtime polls for a batch, when no transaction is open;
 //! revoked partitions drop their state, assigned ones restore it from the changelog before any
@@ -342,10 +343,6 @@ impl<S: Step> ProcessorRuntime<S> {
                 }
             }
             if !batch.is_empty() || !timers.is_empty() {
-                // Backpressure: the batch in hand is every record in flight; at the bound the
-                // client stops fetching until it has committed (a slow batch must not pile up
-                // more input in memory behind it).
-                let paused = self.pause_if_full(&consumer, batch.len())?;
                 match self
                     .process(&consumer, &producer, &batch, timers, &mut slots)
                     .await
@@ -361,15 +358,6 @@ impl<S: Step> ProcessorRuntime<S> {
                             .set(0);
                         return Err(e);
                     }
-                }
-                if let Some(partitions) = paused {
-                    // No rebalance can have happened meanwhile (the consumer was not polled),
-                    // so these are still this member's partitions.
-                    consumer.resume(&partitions)?;
-                    self.metrics
-                        .paused_partitions
-                        .get_or_create(&self.labels)
-                        .set(0);
                 }
             }
             if cancel.is_cancelled() {
@@ -478,35 +466,6 @@ impl<S: Step> ProcessorRuntime<S> {
         Ok(())
     }
 
-    /// Pauses every assigned partition when `in_flight` records reached
-    /// `processor.max_in_flight`; returns what was paused, to resume once they are committed.
-    fn pause_if_full(
-        &self,
-        consumer: &ProcessorConsumer,
-        in_flight: usize,
-    ) -> Result<Option<TopicPartitionList>, ProcessorError> {
-        if in_flight < self.batch.max_in_flight {
-            return Ok(None);
-        }
-        let partitions = consumer.assignment()?;
-        if partitions.count() == 0 {
-            return Ok(None);
-        }
-        consumer.pause(&partitions)?;
-        debug!(
-            processor = self.io.name,
-            in_flight,
-            partitions = partitions.count(),
-            "Partitions paused until the batch commits."
-        );
-        self.metrics.pauses.get_or_create(&self.labels).inc();
-        self.metrics
-            .paused_partitions
-            .get_or_create(&self.labels)
-            .set(partitions.count() as i64);
-        Ok(Some(partitions))
-    }
-
     fn bounds(&self) -> BatchBounds {
         BatchBounds {
             max_records: self.batch.batch_max_records,
@@ -545,10 +504,23 @@ impl<S: Step> ProcessorRuntime<S> {
             .filter_map(|d| d.as_ref().ok())
             .cloned()
             .collect();
-        self.step
-            .prepare(&inputs)
-            .await
-            .map_err(|e| ProcessorError::Step(e.to_string()))?;
+        // Backpressure: a slow `prepare` pauses the partitions until the batch commits.
+        let paused = {
+            let prepare = self.step.prepare(&inputs);
+            tokio::pin!(prepare);
+            let pause_after = Duration::from_millis(self.batch.pause_after_ms);
+            tokio::select! {
+                done = &mut prepare => {
+                    done.map_err(|e| ProcessorError::Step(e.to_string()))?;
+                    None
+                }
+                _ = tokio::time::sleep(pause_after) => {
+                    let paused = pause_assigned(consumer, &self.metrics, &self.labels)?;
+                    prepare.await.map_err(|e| ProcessorError::Step(e.to_string()))?;
+                    paused
+                }
+            }
+        };
 
         // The transaction opens only now: a slow `prepare` (the gateway) keeps no transaction
         // open and cannot run it into its timeout.
@@ -673,6 +645,15 @@ impl<S: Step> ProcessorRuntime<S> {
         if let Some(offsets) = &offsets {
             consumer.commit(offsets, CommitMode::Async)?;
         }
+        if let Some(partitions) = paused {
+            // The consumer was not polled meanwhile, so no rebalance happened: these are still
+            // this member's partitions.
+            consumer.resume(&partitions)?;
+            self.metrics
+                .paused_partitions
+                .get_or_create(&self.labels)
+                .set(0);
+        }
         let m = &self.metrics;
         m.commit_seconds
             .get_or_create(&self.labels)
@@ -704,6 +685,26 @@ impl<S: Step> ProcessorRuntime<S> {
         );
         Ok(offsets)
     }
+}
+
+/// Pauses every assigned partition (backpressure); returns them, to resume after the commit.
+fn pause_assigned(
+    consumer: &ProcessorConsumer,
+    metrics: &ProcessorMetrics,
+    labels: &ProcessorLabels,
+) -> Result<Option<TopicPartitionList>, ProcessorError> {
+    let partitions = consumer.assignment()?;
+    if partitions.count() == 0 {
+        return Ok(None);
+    }
+    consumer.pause(&partitions)?;
+    debug!(processor = %labels.processor, partitions = partitions.count(), "Slow batch: partitions paused until it commits.");
+    metrics.pauses.get_or_create(labels).inc();
+    metrics
+        .paused_partitions
+        .get_or_create(labels)
+        .set(partitions.count() as i64);
+    Ok(Some(partitions))
 }
 
 /// Sends one output inside the open transaction.

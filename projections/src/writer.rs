@@ -259,7 +259,10 @@ impl<P: Projection> ProjectionWriter<P> {
             let mut tpl = rdkafka::TopicPartitionList::new();
             match stored {
                 Some(stored) => {
-                    debug!(projection = self.projection.name(), topic, partition, stored, "Starting at the stored position.");
+                    debug!(
+                        projection = self.projection.name(),
+                        topic, partition, stored, "Starting at the stored position."
+                    );
                     tpl.add_partition_offset(&topic, partition, rdkafka::Offset::Offset(stored))?;
                     consumer.seek_partitions(tpl.clone(), Duration::from_secs(10))?;
                 }
@@ -283,7 +286,7 @@ impl<P: Projection> ProjectionWriter<P> {
         let name = self.projection.name();
         let started = std::time::Instant::now();
         let mut finals: Vec<(&'static str, i64)> = Vec::new();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let mut stored: BTreeMap<(String, i32), Option<i64>> = BTreeMap::new();
         for m in batch {
             let key = (m.topic().to_owned(), m.partition());

@@ -111,9 +111,7 @@ async fn main() -> Result<()> {
         }
     }
     for d in deliveries {
-        d.await
-            .context("delivery cancelled")?
-            .map_err(|(e, _)| e)?;
+        d.await.context("delivery cancelled")?.map_err(|(e, _)| e)?;
     }
     eprintln!("{events} events written");
 
@@ -156,11 +154,7 @@ async fn main() -> Result<()> {
         Duration::from_secs(600),
         CacheMetrics::default(),
     );
-    let server = Server::bind(
-        "127.0.0.1:0".parse()?,
-        query::router(live.clone(), cache),
-    )
-    .await?;
+    let server = Server::bind("127.0.0.1:0".parse()?, query::router(live.clone(), cache)).await?;
     let url = format!("http://{}", server.local_addr()?);
     let stop = CancellationToken::new();
     tokio::spawn(server.run(stop.clone()));
