@@ -131,7 +131,7 @@ async fn main() -> Result<()> {
     let running = tokio::spawn(writer.run(cancel.clone()));
     loop {
         let applied: i64 = sqlx::query(
-            "SELECT COALESCE(SUM(next_offset), 0) FROM projection_offsets WHERE projection = 'orders'",
+            "SELECT CAST(COALESCE(SUM(next_offset), 0) AS BIGINT) FROM projection_offsets WHERE projection = 'orders'",
         )
         .fetch_one(live.pool())
         .await?
