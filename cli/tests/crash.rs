@@ -3,7 +3,7 @@
 //!
 //! - **kill**: one processor process SIGKILLed at random moments, again and again, and
 //!   restarted (10 000 orders);
-//! - **rebalance**: instances join and leave (gracefully or killed) mid-stream (5 000 orders);
+//! - **rebalance**: instances join and leave (gracefully or killed) mid-stream (8 000 orders);
 //! - **freeze-thaw** (Tansu): a processor frozen with SIGSTOP past its session and transaction
 //!   timeouts while a successor takes over, then thawed to run alongside it as a zombie.
 //!
@@ -139,12 +139,32 @@ impl Scenario {
     fn orders(self) -> usize {
         let default = match self {
             Self::Kill => 10_000,
-            Self::Rebalance | Self::FreezeThaw => 5_000,
+            Self::Rebalance => 8_000,
+            Self::FreezeThaw => 5_000,
         };
         std::env::var("CRASH_TEST_ORDERS")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(default)
+    }
+
+    /// Time between actions, ms. Membership changes come quicker than kills: each one moves
+    /// partitions, and the run must see several before the orders are through.
+    fn interval(self) -> std::ops::Range<u64> {
+        match self {
+            Self::Kill => 3000..8000,
+            Self::Rebalance => 1500..4000,
+            Self::FreezeThaw => 1500..3000,
+        }
+    }
+
+    /// Actions a run must have done to count: three kills or membership changes, or one whole
+    /// freeze → thaw episode.
+    fn min_actions(self) -> usize {
+        match self {
+            Self::Kill | Self::Rebalance => 3,
+            Self::FreezeThaw => 2,
+        }
     }
 
     /// After this many actions the processors are left alone to finish.
@@ -204,7 +224,7 @@ impl Fleet {
             Scenario::FreezeThaw => fleet.fresh_id(),
         };
         fleet.start(&first);
-        fleet.schedule(3000..8000);
+        fleet.schedule(scenario.interval());
         fleet
     }
 
@@ -255,7 +275,7 @@ impl Fleet {
                     }
                     None => self.start(id),
                 }
-                self.schedule(3000..8000);
+                self.schedule(Scenario::Rebalance.interval());
             }
             Scenario::FreezeThaw => {
                 if let Some(id) = self.thawed.take() {
@@ -514,7 +534,7 @@ async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, se
         log.errors.iter().take(5).collect::<Vec<_>>()
     );
     assert!(
-        actions >= 3,
+        actions >= scenario.min_actions(),
         "{broker_name}, {scenario:?}: the run was too short to disturb the processors"
     );
 
