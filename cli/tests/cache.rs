@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use orderflow::pipeline::{self, Role};
 use orderflow_testkit::{
-    apply_topics, eventually, order_json, restock, test_settings, wait_final, Broker, Database,
+    apply_topics, eventually, order_json, place_order, restock, test_settings, wait_final, Broker,
+    Database,
 };
 use serde_json::Value;
 
@@ -65,14 +66,7 @@ async fn a_change_through_one_replica_refreshes_the_other_replicas_cache() {
     let b_query = format!("http://{}", b.query_addr.expect("query"));
 
     restock(&client, &ingest, &[("SKU-00001", 10)]).await;
-    let response = client
-        .post(format!("{ingest}/v1/orders"))
-        .json(&order_json("cache-customer"))
-        .send()
-        .await
-        .expect("place");
-    assert_eq!(response.status(), 202);
-    let accepted: Value = response.json().await.expect("json");
+    let accepted = place_order(&client, &ingest, &order_json("cache-customer")).await;
     let order_id = accepted["order_id"].as_str().expect("id").to_owned();
     let a_url = accepted["status_url"].as_str().expect("url").to_owned();
     // The answer says how to read one's own write: its wait_url answers once the order is there.

@@ -25,7 +25,7 @@ use orderflow_projections::{
     Database as Db, Projection,
 };
 use orderflow_testkit::{
-    apply_topics, order_json, restock, test_settings, wait_final, Broker, Database,
+    apply_topics, order_json, place_order, restock, test_settings, wait_final, Broker, Database,
 };
 use serde_json::Value;
 
@@ -42,14 +42,7 @@ async fn checksums(db: &Db) -> BTreeMap<&'static str, (usize, u64)> {
 }
 
 async fn place(client: &reqwest::Client, ingest: &str, customer: &str) -> (String, String) {
-    let response = client
-        .post(format!("{ingest}/v1/orders"))
-        .json(&order_json(customer))
-        .send()
-        .await
-        .expect("place");
-    assert_eq!(response.status(), 202);
-    let accepted: Value = response.json().await.expect("json");
+    let accepted = place_order(client, ingest, &order_json(customer)).await;
     (
         accepted["order_id"].as_str().expect("id").to_owned(),
         accepted["status_url"].as_str().expect("url").to_owned(),

@@ -6,28 +6,16 @@ use std::time::Duration;
 
 use orderflow::pipeline::{self, Role};
 use orderflow_gateway::{protocol::Faults, GatewayClient};
-use orderflow_platform::config::Overrides;
-use orderflow_testkit::{apply_topics, eventually, restock, wait_final, Broker, Database};
+use orderflow_testkit::{
+    apply_topics, eventually, place_order, restock, test_settings_with, wait_final, Broker,
+    Database,
+};
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
 fn settings(db: &Database, extra: &[(&str, &str)]) -> orderflow_platform::Settings {
-    let mut overrides = Overrides::default();
-    for key in [
-        "ingest.listen",
-        "query.listen",
-        "telemetry.listen",
-        "gateway.listen",
-    ] {
-        overrides.set(key, "\"127.0.0.1:0\"");
-    }
-    overrides.set("gateway.decline_rate", "0.0");
-    overrides.set("database.url", &format!("{:?}", db.url));
-    for (key, value) in extra {
-        overrides.set(*key, value);
-    }
-    orderflow_platform::Settings::from_defaults(&overrides).expect("settings")
+    test_settings_with(Some(&db.url), extra)
 }
 
 fn order(customer: &str, unit_price_minor: i64) -> Value {
@@ -49,8 +37,7 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value) -> (u16, Value)
 }
 
 async fn place(client: &reqwest::Client, ingest: &str, body: &Value) -> (String, String) {
-    let (status, accepted) = post(client, &format!("{ingest}/v1/orders"), body).await;
-    assert_eq!(status, 202, "{accepted}");
+    let accepted = place_order(client, ingest, body).await;
     (
         accepted["order_id"].as_str().expect("id").to_owned(),
         accepted["status_url"].as_str().expect("url").to_owned(),

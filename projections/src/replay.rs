@@ -362,7 +362,9 @@ pub async fn replay<P: Projection>(
                         .execute(&mut *tx)
                         .await?;
                 }
-                // Any write takes SQLite's one write lock for the rest of the transaction.
+                // Any write takes SQLite's one write lock for the rest of the transaction. (Not
+                // `BEGIN IMMEDIATE`: that would lock the attached scratch file as well, which the
+                // scratch writer still writes to below.)
                 Backend::Sqlite => {
                     sqlx::query(
                         "UPDATE projection_offsets SET next_offset = next_offset \

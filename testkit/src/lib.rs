@@ -316,6 +316,14 @@ where
 /// Settings for a pipeline under test: defaults only (no file, no environment), every listener
 /// on a free port, and `database_url` when given.
 pub fn test_settings(database_url: Option<&str>) -> orderflow_platform::Settings {
+    test_settings_with(database_url, &[])
+}
+
+/// [`test_settings`] with more overrides, `(key, TOML value)`.
+pub fn test_settings_with(
+    database_url: Option<&str>,
+    extra: &[(&str, &str)],
+) -> orderflow_platform::Settings {
     let mut overrides = orderflow_platform::config::Overrides::default();
     for key in [
         "ingest.listen",
@@ -329,6 +337,9 @@ pub fn test_settings(database_url: Option<&str>) -> orderflow_platform::Settings
     overrides.set("gateway.decline_rate", "0.0");
     if let Some(url) = database_url {
         overrides.set("database.url", &format!("{url:?}"));
+    }
+    for (key, value) in extra {
+        overrides.set(*key, value);
     }
     orderflow_platform::Settings::from_defaults(&overrides)
         .unwrap_or_else(|e| panic!("test settings: {e}"))
@@ -384,6 +395,25 @@ pub fn order_json(customer: &str) -> serde_json::Value {
         "shipping_minor": 499,
         "total_minor": 2999
     })
+}
+
+/// Posts an order to a running ingest edge, expects `202`, and returns the answer
+/// (`order_id`, `status_url`, `wait_url`, ...).
+pub async fn place_order(
+    client: &reqwest::Client,
+    ingest: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let response = client
+        .post(format!("{ingest}/v1/orders"))
+        .json(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("placing an order: {e}"));
+    let status = response.status();
+    let accepted: serde_json::Value = response.json().await.unwrap_or_default();
+    assert_eq!(status, 202, "placing an order: {accepted}");
+    accepted
 }
 
 /// Polls an order's status URL until the order is final; returns its view.
