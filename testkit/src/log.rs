@@ -326,6 +326,25 @@ impl LogReader {
             .collect()
     }
 
+    /// Reads until the reader's position is at the high watermark of every partition, failing
+    /// the test after `timeout`. Only meaningful once nothing writes any more: then the log read
+    /// is the whole log, not whatever arrived within some fixed time.
+    pub fn poll_to_end(&mut self, timeout: Duration, what: &str) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let progress = self.progress();
+            if progress.iter().all(|&(_, at, high)| high >= 0 && at >= high) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} reading {what} to its end: \
+                 (partition, read up to, end) {progress:?}"
+            );
+            self.poll_for(Duration::from_millis(300));
+        }
+    }
+
     /// Reads until `done` holds for the log, failing the test with `what` after `timeout`.
     pub fn poll_until(&mut self, timeout: Duration, what: &str, done: impl Fn(&Log) -> bool) {
         let deadline = Instant::now() + timeout;
