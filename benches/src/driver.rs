@@ -22,6 +22,7 @@ use crate::stats::{achieved_rate, latency_histogram, record, summarize, StepResu
 #[derive(Debug, Clone)]
 pub struct StepConfig {
     pub ingest_url: String,
+    pub admin_url: String,
     /// Orders per second.
     pub rate: f64,
     /// How long to send.
@@ -105,6 +106,8 @@ pub async fn run_step(config: &StepConfig, db: &AnyPool) -> Result<StepResult> {
     let endpoint = format!("{}/v1/orders", config.ingest_url.trim_end_matches('/'));
     let args = LoadgenArgs {
         url: config.ingest_url.clone(),
+        admin_url: config.admin_url.clone(),
+        api_key: None,
         orders: 0,
         rate: config.rate,
         customers: 1000,
@@ -123,7 +126,7 @@ pub async fn run_step(config: &StepConfig, db: &AnyPool) -> Result<StepResult> {
         let response = client
             .post(format!(
                 "{}/v1/inventory",
-                config.ingest_url.trim_end_matches('/')
+                config.admin_url.trim_end_matches('/')
             ))
             .json(&chunk)
             .send()

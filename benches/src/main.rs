@@ -31,6 +31,9 @@ struct Args {
     /// and --kafka-brokers).
     #[arg(long, requires_all = ["database_url", "kafka_brokers"])]
     target: Option<String>,
+    /// The running instance's admin listener (restocks), with --target.
+    #[arg(long, default_value = "http://127.0.0.1:8083")]
+    admin_target: String,
     /// The running instance's database, to see orders become final.
     #[arg(long)]
     database_url: Option<String>,
@@ -73,6 +76,7 @@ async fn main() -> Result<()> {
     let mut pipeline = match &args.target {
         Some(url) => Pipeline::running(
             url.clone(),
+            args.admin_target.clone(),
             args.database_url.clone().unwrap_or_default(),
             args.kafka_brokers.clone().unwrap_or_default(),
             args.pid
@@ -113,6 +117,7 @@ async fn main() -> Result<()> {
     // Warm-up: the first orders pay for connections and group joins.
     let warm = StepConfig {
         ingest_url: pipeline.ingest_url.clone(),
+        admin_url: pipeline.admin_url.clone(),
         rate: 20.0,
         duration: Duration::from_secs(2),
         max_in_flight: 512,

@@ -19,6 +19,7 @@ pub enum SetupKind {
 /// A pipeline under test and where to reach it.
 pub struct Pipeline {
     pub ingest_url: String,
+    pub admin_url: String,
     pub database_url: String,
     pub bootstrap: String,
     /// Processes whose CPU and memory are reported: (name, pid).
@@ -33,12 +34,14 @@ impl Pipeline {
     /// A pipeline somebody else runs.
     pub fn running(
         ingest_url: String,
+        admin_url: String,
         database_url: String,
         bootstrap: String,
         pids: Vec<(String, u32)>,
     ) -> Self {
         Self {
             ingest_url,
+            admin_url,
             database_url,
             bootstrap,
             processes: pids,
@@ -91,6 +94,7 @@ impl Pipeline {
         }
         Ok(Self {
             ingest_url: dev.ingest_url.clone(),
+            admin_url: dev.admin_url.clone(),
             // The printed URL masks a password; the harness knows the real one.
             database_url: database
                 .as_ref()

@@ -26,6 +26,7 @@ async fn every_sent_order_is_accounted_for() {
         .expect("database");
     let config = StepConfig {
         ingest_url: format!("http://{}", running.ingest_addr.expect("ingest")),
+        admin_url: format!("http://{}", running.admin_addr.expect("admin")),
         rate: 40.0,
         duration: Duration::from_secs(1),
         max_in_flight: 64,

@@ -83,6 +83,7 @@ pub async fn load_inventory(settings: &Settings, path: &Path) -> Result<usize> {
 /// the order is held for review and publishes it.
 pub async fn review(
     url: &str,
+    api_key: Option<&str>,
     order_id: &str,
     decision: &str,
     reviewer: &str,
@@ -91,19 +92,23 @@ pub async fn review(
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let response = client
+    let mut request = client
         .post(format!(
             "{}/v1/orders/{order_id}/review",
             url.trim_end_matches('/')
         ))
-        .json(&serde_json::json!({"decision": decision, "reviewer": reviewer, "note": note}))
+        .json(&serde_json::json!({"decision": decision, "reviewer": reviewer, "note": note}));
+    if let Some(key) = api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = request
         .send()
         .await
-        .with_context(|| format!("reaching the ingest edge at {url}"))?;
+        .with_context(|| format!("reaching the admin listener at {url}"))?;
     let status = response.status();
     let body = response.text().await.unwrap_or_default();
     if !status.is_success() {
-        bail!("the ingest edge answered {status}: {body}");
+        bail!("the admin listener answered {status}: {body}");
     }
     Ok(body)
 }

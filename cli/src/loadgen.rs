@@ -21,6 +21,13 @@ pub struct LoadgenArgs {
     /// Base URL of the ingest edge.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Base URL of the admin listener (restocks).
+    #[arg(long, default_value = "http://127.0.0.1:8083")]
+    pub admin_url: String,
+    /// An API key or token sent with every request (an admin key can do all of them; `orderflow
+    /// dev` prints one).
+    #[arg(long, env = "LOADGEN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// How many orders to post.
     #[arg(long, short = 'n', default_value_t = 200)]
     pub orders: u32,
@@ -165,9 +172,17 @@ pub async fn run(args: &LoadgenArgs) -> Result<Report> {
     if !args.rate.is_finite() || args.rate <= 0.0 {
         bail!("--rate must be a positive number of orders per second");
     }
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = &args.api_key {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("--api-key: not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .pool_max_idle_per_host(args.concurrency)
+        .default_headers(headers)
         .build()
         .context("building the HTTP client")?;
     let endpoint = format!("{}/v1/orders", args.url.trim_end_matches('/'));
@@ -177,7 +192,10 @@ pub async fn run(args: &LoadgenArgs) -> Result<Report> {
             .collect();
         for chunk in items.chunks(200) {
             let response = client
-                .post(format!("{}/v1/inventory", args.url.trim_end_matches('/')))
+                .post(format!(
+                    "{}/v1/inventory",
+                    args.admin_url.trim_end_matches('/')
+                ))
                 .json(&chunk)
                 .send()
                 .await

@@ -9,6 +9,7 @@ use orderflow::{
     loadgen::{self, LoadgenArgs},
     pipeline::{self, Role},
 };
+use orderflow_auth::{KeyStore, Role as AuthRole};
 use orderflow_platform::{config::Overrides, telemetry, Settings};
 use orderflow_projections::Database;
 use orderflow_topics::{docs::render_markdown, Catalog};
@@ -98,7 +99,12 @@ enum Command {
         #[command(subcommand)]
         command: InventoryCommand,
     },
-    /// Decide an order held for fraud review, through a running ingest edge.
+    /// API keys: create (the key is printed once), list, revoke.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Decide an order held for fraud review, through a running admin listener.
     Review {
         order_id: String,
         /// approve or reject
@@ -109,10 +115,30 @@ enum Command {
         reviewer: String,
         #[arg(long, default_value = "")]
         note: String,
-        /// Base URL of the ingest edge.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        /// Base URL of the admin listener.
+        #[arg(long, default_value = "http://127.0.0.1:8083")]
         url: String,
+        /// An admin API key or token (sent as a bearer token).
+        #[arg(long, env = "ADMIN_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it (only its hash is stored: it cannot be shown again).
+    Create {
+        /// Who or what the key is for, e.g. shop-berlin.
+        #[arg(long)]
+        name: String,
+        /// producer, reader or admin
+        #[arg(long, value_parser = ["producer", "reader", "admin"])]
+        role: String,
+    },
+    /// List every key (never its secret), revoked ones too.
+    List,
+    /// Revoke a key by id; it stops working within auth.key_cache_ttl_ms.
+    Revoke { id: String },
 }
 
 /// The projections `replay` can rebuild.
@@ -286,15 +312,67 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             let n = orderflow::admin::load_inventory(&settings, &file).await?;
             println!("{n} restocks published from {}", file.display());
         }
+        Command::Keys { command } => {
+            let keys = key_store(&settings).await?;
+            match command {
+                KeysCommand::Create { name, role } => {
+                    let role: AuthRole = role.parse().map_err(anyhow::Error::msg)?;
+                    let name = name.trim();
+                    if name.is_empty() {
+                        bail!("--name: expected a non-empty name");
+                    }
+                    let (key, token) = keys.create(name, role).await?;
+                    println!("{token}");
+                    eprintln!(
+                        "created key {} ({}, role {}); the line above is the key, shown only now",
+                        key.id, key.name, key.role
+                    );
+                }
+                KeysCommand::List => {
+                    println!(
+                        "{:<16}  {:<8}  {:<24}  {:<8}  name",
+                        "id", "role", "created", "state"
+                    );
+                    for key in keys.list().await? {
+                        println!(
+                            "{:<16}  {:<8}  {:<24}  {:<8}  {}",
+                            key.id,
+                            key.role,
+                            format_ms(key.created_at),
+                            if key.revoked_at.is_some() {
+                                "revoked"
+                            } else {
+                                "active"
+                            },
+                            key.name
+                        );
+                    }
+                }
+                KeysCommand::Revoke { id } => {
+                    if !keys.revoke(&id).await? {
+                        bail!("no active key with id {id} (orderflow keys list shows them)");
+                    }
+                    println!("revoked {id}");
+                }
+            }
+        }
         Command::Review {
             order_id,
             decision,
             reviewer,
             note,
             url,
+            api_key,
         } => {
-            let answer =
-                orderflow::admin::review(&url, &order_id, &decision, &reviewer, &note).await?;
+            let answer = orderflow::admin::review(
+                &url,
+                api_key.as_deref(),
+                &order_id,
+                &decision,
+                &reviewer,
+                &note,
+            )
+            .await?;
             println!("{answer}");
         }
         Command::Loadgen(args) => {
@@ -306,6 +384,17 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A time in ms since the epoch as RFC 3339 (UTC).
+fn format_ms(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
 }
 
 /// Re-reads the configuration (SIGHUP).
@@ -347,13 +436,50 @@ async fn dev(
     if let Some(addr) = running.query_addr {
         println!("  query       http://{addr}/v1/orders/{{order_id}}");
     }
+    if let Some(addr) = running.admin_addr {
+        println!("  admin       http://{addr}/v1/keys");
+    }
     if let Some(addr) = running.gateway_addr {
         println!("  gateway     http://{addr} (simulated)");
+    }
+    if settings.auth.enabled {
+        for (role, token) in dev_keys(settings).await? {
+            println!("  api key     {role} {token}");
+        }
+    } else {
+        println!("  auth        off (auth.enabled = false): no credentials needed");
     }
     println!("  metrics     http://{}/metrics", running.ops_addr);
     println!("Press Ctrl-C to stop.");
     serve_until_signal(&mut running, Box::new(reload)).await?;
     running.shutdown(DRAIN_DEADLINE).await
+}
+
+/// `dev` on a database without API keys creates one per role and returns them, to print once
+/// (the in-process broker starts empty, and so does its database, so that is every run).
+async fn dev_keys(settings: &Settings) -> Result<Vec<(AuthRole, String)>> {
+    let keys = key_store(settings).await?;
+    if keys.list().await?.iter().any(|k| k.revoked_at.is_none()) {
+        println!("  api keys    this database has keys already: orderflow keys list");
+        return Ok(Vec::new());
+    }
+    let mut created = Vec::new();
+    for role in AuthRole::ALL {
+        let (_, token) = keys.create(&format!("dev-{role}"), role).await?;
+        created.push((role, token));
+    }
+    Ok(created)
+}
+
+async fn key_store(settings: &Settings) -> Result<KeyStore> {
+    let db = Database::connect(&settings.database_url(), 2)
+        .await
+        .context("connecting to the database (database.url)")?;
+    db.migrate().await.context("applying database migrations")?;
+    Ok(KeyStore::new(
+        db,
+        Duration::from_millis(settings.auth.key_cache_ttl_ms),
+    ))
 }
 
 /// `orderflow broker`: the in-process broker alone, until Ctrl-C.

@@ -7,10 +7,11 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
+use orderflow_auth::Authenticator;
 use orderflow_gateway::simulator::Simulator;
 use orderflow_ingest::{
-    IngestMetrics, IngestState, OrderDirectory, OrderLocation, Publisher, RateLimits,
-    SharedDirectory,
+    idempotency::IdempotencyStore, IngestMetrics, IngestState, OrderDirectory, OrderLocation,
+    Publisher, RateLimits, SharedDirectory,
 };
 use orderflow_platform::{
     health::{readiness_routes, Readiness},
@@ -118,6 +119,8 @@ pub struct Running {
     pub query_addr: Option<SocketAddr>,
     /// The simulated payment gateway, when this process runs it (no `payment.gateway_url`).
     pub gateway_addr: Option<SocketAddr>,
+    /// The admin listener (runs with the ingest edge).
+    pub admin_addr: Option<SocketAddr>,
     /// The operations listener: `/metrics`, `/healthz`, `/readyz`.
     pub ops_addr: SocketAddr,
     cancel: CancellationToken,
@@ -173,6 +176,14 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         None
     };
 
+    // Credentials: API keys from the database, JWTs as configured.
+    let auth = if settings.auth.enabled {
+        Authenticator::new(&settings.auth, db.clone()).context("auth settings")?
+    } else {
+        warn!("Authentication is off (auth.enabled = false): every caller acts as an admin.");
+        Authenticator::disabled()
+    };
+
     // The query API alone never talks to the broker; every other role does.
     let broker_for_readiness = roles
         .iter()
@@ -214,7 +225,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         let http = metrics.http.for_server("query");
         let server = Server::bind(
             settings.query.listen,
-            edge(http.layer(query::router(db.clone(), cache))),
+            edge(http.layer(query::router(db.clone(), cache, auth.clone()))),
         )
         .await
         .with_context(|| format!("binding the query API to {}", settings.query.listen))?;
@@ -224,6 +235,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     }
 
     let mut ingest_addr = None;
+    let mut admin_addr = None;
     let limits = RateLimits::new(&settings.ingest);
     let mut publisher = None;
     if roles.contains(&Role::Ingest) {
@@ -250,7 +262,20 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         } else {
             format!("http://{}", query_addr.unwrap_or(settings.query.listen))
         };
+        let idempotency = db.clone().map(|db| {
+            IdempotencyStore::new(
+                db,
+                Duration::from_secs(settings.ingest.idempotency_ttl_secs),
+                Duration::from_millis(settings.ingest.idempotency_wait_ms),
+                settings.ingest.max_body_bytes,
+            )
+        });
+        if let Some(store) = idempotency.clone() {
+            tasks.spawn(purge_idempotency_keys(store, cancel.clone()));
+        }
         let state = IngestState {
+            auth: auth.clone(),
+            idempotency,
             publisher: p.clone(),
             status_base_url,
             metrics: metrics.ingest.clone(),
@@ -263,10 +288,27 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             inventory_topic: names::INVENTORY_COMMANDS,
         };
         let http = metrics.http.for_server("ingest");
+        let admin = edge(
+            metrics
+                .http
+                .for_server("admin")
+                .layer(orderflow_ingest::admin_router(
+                    state.clone(),
+                    settings.ingest.max_body_bytes,
+                )),
+        );
         let router = edge(http.layer(orderflow_ingest::router(
             state,
             settings.ingest.max_body_bytes,
         )));
+        let admin_server = Server::bind(settings.admin.listen, admin)
+            .await
+            .with_context(|| format!("binding the admin listener to {}", settings.admin.listen))?;
+        admin_addr = Some(admin_server.local_addr()?);
+        {
+            let cancel = cancel.clone();
+            tasks.spawn(async move { admin_server.run(cancel).await.context("admin listener") });
+        }
         let server = Server::bind(settings.ingest.listen, router)
             .await
             .with_context(|| format!("binding the ingest edge to {}", settings.ingest.listen))?;
@@ -346,6 +388,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     }
 
     Ok(Running {
+        admin_addr,
         limits,
         fraud,
         gateway_addr,
@@ -356,6 +399,24 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         tasks,
         publisher,
     })
+}
+
+/// How often expired idempotency keys are deleted.
+const IDEMPOTENCY_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Deletes expired `Idempotency-Key` records every minute, until cancelled.
+async fn purge_idempotency_keys(store: IdempotencyStore, cancel: CancellationToken) -> Result<()> {
+    loop {
+        match store.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => info!(deleted = n, "Expired idempotency keys deleted."),
+            Err(e) => warn!(error = %e, "Expired idempotency keys not deleted."),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            () = tokio::time::sleep(IDEMPOTENCY_PURGE_INTERVAL) => {}
+        }
+    }
 }
 
 /// How often the history's future partitions are checked (PostgreSQL).

@@ -34,7 +34,7 @@ async fn dev_runs_serves_and_stops_cleanly() {
     );
 
     let client = reqwest::Client::new();
-    orderflow_testkit::restock(&client, &dev.ingest_url, &[("SKU-00001", 10)]).await;
+    orderflow_testkit::restock(&client, &dev.admin_url, &[("SKU-00001", 10)]).await;
     let accepted: Value = client
         .post(format!("{}/v1/orders", dev.ingest_url))
         .json(&order_json("customer-1"))

@@ -65,7 +65,12 @@ async fn a_change_through_one_replica_refreshes_the_other_replicas_cache() {
     let ingest = format!("http://{}", a.ingest_addr.expect("ingest"));
     let b_query = format!("http://{}", b.query_addr.expect("query"));
 
-    restock(&client, &ingest, &[("SKU-00001", 10)]).await;
+    restock(
+        &client,
+        &format!("http://{}", a.admin_addr.expect("admin")),
+        &[("SKU-00001", 10)],
+    )
+    .await;
     let accepted = place_order(&client, &ingest, &order_json("cache-customer")).await;
     let order_id = accepted["order_id"].as_str().expect("id").to_owned();
     let a_url = accepted["status_url"].as_str().expect("url").to_owned();

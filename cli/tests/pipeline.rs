@@ -250,7 +250,12 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         .expect("pipeline starts");
     let ingest = format!("http://{}", running.ingest_addr.expect("ingest runs"));
     let client = reqwest::Client::new();
-    restock(&client, &ingest, &[("SKU-00001", 100), ("SKU-00002", 100)]).await;
+    restock(
+        &client,
+        &format!("http://{}", running.admin_addr.expect("admin runs")),
+        &[("SKU-00001", 100), ("SKU-00002", 100)],
+    )
+    .await;
 
     // 12 orders from 4 customers; every third one invalid.
     let mut expected = Vec::new();

@@ -59,7 +59,12 @@ async fn replay_keeps_the_tables_and_the_queries(db: Database) {
     let client = reqwest::Client::new();
     let ingest = format!("http://{}", running.ingest_addr.expect("ingest"));
     let query = format!("http://{}", running.query_addr.expect("query"));
-    restock(&client, &ingest, &[("SKU-00001", 1000)]).await;
+    restock(
+        &client,
+        &format!("http://{}", running.admin_addr.expect("admin")),
+        &[("SKU-00001", 1000)],
+    )
+    .await;
     let mut orders = Vec::new();
     for i in 0..20 {
         orders.push(place(&client, &ingest, &format!("replay-{}", i % 5)).await);

@@ -62,12 +62,13 @@ async fn review_decisions_and_cancellations_over_http() {
         .await
         .expect("pipeline");
     let ingest = format!("http://{}", running.ingest_addr.expect("ingest"));
+    let admin = format!("http://{}", running.admin_addr.expect("admin"));
     let gateway = GatewayClient::new(&format!(
         "http://{}",
         running.gateway_addr.expect("gateway")
     ));
     let client = reqwest::Client::new();
-    restock(&client, &ingest, &[("SKU-S1", 10)]).await;
+    restock(&client, &admin, &[("SKU-S1", 10)]).await;
 
     // An order at the review amount is held; an admin approves it.
     let big = settings.fraud.review_amount_minor;
@@ -90,7 +91,7 @@ async fn review_decisions_and_cancellations_over_http() {
     assert!(!queued["reasons"].as_array().expect("reasons").is_empty());
     let (status, body) = post(
         &client,
-        &format!("{ingest}/v1/orders/{held}/review"),
+        &format!("{admin}/v1/orders/{held}/review"),
         &json!({"decision": "maybe", "reviewer": "ops"}),
     )
     .await;
@@ -98,7 +99,7 @@ async fn review_decisions_and_cancellations_over_http() {
     assert_eq!(body["errors"][0]["field"], "decision");
     let (status, _) = post(
         &client,
-        &format!("{ingest}/v1/orders/{held}/review"),
+        &format!("{admin}/v1/orders/{held}/review"),
         &json!({"decision": "approve", "reviewer": "ops", "note": "known customer"}),
     )
     .await;
@@ -130,7 +131,7 @@ async fn review_decisions_and_cancellations_over_http() {
     wait_status(&client, &held2_url, "fraud_review").await;
     let (status, _) = post(
         &client,
-        &format!("{ingest}/v1/orders/{held2}/review"),
+        &format!("{admin}/v1/orders/{held2}/review"),
         &json!({"decision": "reject", "reviewer": "ops"}),
     )
     .await;
@@ -139,7 +140,7 @@ async fn review_decisions_and_cancellations_over_http() {
     assert_eq!(view["status"], "rejected", "{view}");
     let (status, body) = post(
         &client,
-        &format!("{ingest}/v1/orders/{held}/review"),
+        &format!("{admin}/v1/orders/{held}/review"),
         &json!({"decision": "reject", "reviewer": "ops"}),
     )
     .await;
@@ -286,13 +287,14 @@ async fn a_faulty_gateway_is_retried_and_broken_off_and_every_order_ends() {
         .await
         .expect("pipeline");
     let ingest = format!("http://{}", running.ingest_addr.expect("ingest"));
+    let admin = format!("http://{}", running.admin_addr.expect("admin"));
     let metrics_url = format!("http://{}/metrics", running.ops_addr);
     let gateway = GatewayClient::new(&format!(
         "http://{}",
         running.gateway_addr.expect("gateway")
     ));
     let client = reqwest::Client::new();
-    restock(&client, &ingest, &[("SKU-S1", 100)]).await;
+    restock(&client, &admin, &[("SKU-S1", 100)]).await;
 
     // Errors and slow answers: retried until answered.
     let mut urls = Vec::new();

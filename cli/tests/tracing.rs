@@ -36,7 +36,7 @@ async fn one_order_is_one_trace_from_http_to_projection() {
     let client = reqwest::Client::new();
     orderflow_testkit::restock(
         &client,
-        &format!("http://{}", running.ingest_addr.expect("ingest")),
+        &format!("http://{}", running.admin_addr.expect("admin")),
         &[("SKU-00001", 10)],
     )
     .await;

@@ -7,8 +7,14 @@
 //! - [`publish`] owns the idempotent producer (`acks=all`) and the bounded wait for the ack.
 //! - [`routes`] is the HTTP surface and its problem+json errors.
 //! - [`commands`] turns cancellations, review decisions and restocks into events.
+//! - [`idempotency`] stores answers by `Idempotency-Key`, so a retried request writes nothing
+//!   twice.
+//! - [`keys`] is API key management over HTTP (the admin listener).
+//! - [`limits`] rate limits per client IP and per principal.
 
 pub mod commands;
+pub mod idempotency;
+pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod publish;
@@ -19,4 +25,4 @@ pub use commands::{OrderDirectory, OrderLocation, SharedDirectory};
 pub use limits::RateLimits;
 pub use metrics::IngestMetrics;
 pub use publish::{PublishError, Publisher};
-pub use routes::{router, IngestState};
+pub use routes::{admin_router, router, IngestState};

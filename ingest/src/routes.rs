@@ -1,4 +1,8 @@
-//! The ingest HTTP surface: `POST /v1/orders` and `/healthz`, errors as problem+json.
+//! The ingest HTTP surfaces, errors as problem+json: the edge ([`router`]: orders, batches,
+//! cancellations; role producer) and the admin listener ([`admin_router`]: API keys, review
+//! decisions, restocks; role admin). Every request is authenticated, then rate limited (per IP
+//! and per principal), then authorized per route; the POSTs that create honour
+//! `Idempotency-Key` ([`crate::idempotency`]).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -6,6 +10,7 @@ use axum::{
     body::Bytes,
     extract::{rejection::BytesRejection, DefaultBodyLimit, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
+    middleware::from_fn_with_state,
     response::{IntoResponse, Response},
     routing::post,
     Json, Router,
@@ -18,7 +23,10 @@ use serde::Serialize;
 use tracing::{debug, debug_span, warn, Instrument};
 use uuid::Uuid;
 
+use orderflow_auth::{http::require, Authenticator, Permission};
+
 use crate::{
+    idempotency::{self, IdempotencyStore, Seed},
     limits::RateLimits,
     metrics::{IngestMetrics, PublishErrorLabels, RefusedLabels},
     publish::{PublishError, Publisher},
@@ -38,6 +46,9 @@ pub struct IngestState {
     pub directory: Option<crate::commands::SharedDirectory>,
     pub orders_topic: &'static str,
     pub inventory_topic: &'static str,
+    pub auth: Authenticator,
+    /// Stored `Idempotency-Key` answers; `None` without a database (keys are then refused).
+    pub idempotency: Option<IdempotencyStore>,
 }
 
 /// The answer to an accepted order.
@@ -55,27 +66,57 @@ pub struct Accepted {
     pub version: i64,
 }
 
+/// Wraps routes in what every route of an edge listener has: the body limit, authentication
+/// (outermost, so the rate limiter knows the principal) and rate limits.
+fn guarded(router: Router<IngestState>, state: IngestState, max_body_bytes: usize) -> Router {
+    router
+        .layer(from_fn_with_state(
+            state.limits.clone(),
+            crate::limits::limit,
+        ))
+        .layer(from_fn_with_state(
+            state.auth.clone(),
+            orderflow_auth::http::authenticate,
+        ))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+        .merge(health_routes())
+        .fallback(not_found_fallback)
+}
+
+/// The ingest edge: what producers call.
 pub fn router(state: IngestState, max_body_bytes: usize) -> Router {
-    Router::new()
+    let idempotent = from_fn_with_state(state.idempotency.clone(), idempotency::guard);
+    let routes = Router::new()
         .route("/v1/orders", post(post_order))
         .route("/v1/orders/batch", post(post_batch))
         .route(
             "/v1/orders/{order_id}/cancel",
             post(crate::commands::cancel),
         )
+        .route_layer(idempotent)
+        .route_layer(from_fn_with_state(Permission::PlaceOrders, require));
+    guarded(routes, state, max_body_bytes)
+}
+
+/// The admin listener: what operators call.
+pub fn admin_router(state: IngestState, max_body_bytes: usize) -> Router {
+    let routes = Router::new()
         .route(
             "/v1/orders/{order_id}/review",
             post(crate::commands::review),
         )
         .route("/v1/inventory", post(crate::commands::restock))
-        .layer(axum::middleware::from_fn_with_state(
-            state.limits.clone(),
-            crate::limits::limit,
-        ))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .with_state(state)
-        .merge(health_routes())
-        .fallback(not_found_fallback)
+        .route(
+            "/v1/keys",
+            axum::routing::get(crate::keys::list).post(crate::keys::create),
+        )
+        .route(
+            "/v1/keys/{key_id}",
+            axum::routing::delete(crate::keys::revoke),
+        )
+        .route_layer(from_fn_with_state(Permission::Administer, require));
+    guarded(routes, state, max_body_bytes)
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -187,9 +228,11 @@ fn request_problem(e: RequestError) -> Problem {
 
 async fn post_order(
     State(state): State<IngestState>,
+    seed: Option<axum::Extension<Seed>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
+    let seed = seed.map(|s| (s.0.order_id, s.0.occurred_at));
     let incoming = incoming_traceparent(&headers);
     let (span, passed_on) = order_span(&headers, incoming.as_deref());
     let answer = async {
@@ -203,7 +246,7 @@ async fn post_order(
         }
         let body = read_body(body)?;
         let value = request::parse_json(&body).map_err(request_problem)?;
-        accept(&state, value, passed_on.as_deref()).await
+        accept(&state, value, seed, passed_on.as_deref()).await
     }
     .instrument(span)
     .await;
@@ -219,18 +262,20 @@ async fn post_order(
 
 /// Checks one order and publishes it; `Ok` only once the broker acknowledged it. Runs inside
 /// the order's span.
+/// `seed`: the order id and time to use (from an `Idempotency-Key`), else new ones.
 async fn accept(
     state: &IngestState,
     value: serde_json::Value,
+    seed: Option<(Uuid, i64)>,
     passed_on: Option<&str>,
 ) -> Result<Accepted, Problem> {
     let order = request::parse_value(value).map_err(request_problem)?;
-    let order_id = Uuid::now_v7();
+    let (order_id, occurred_at) = seed.unwrap_or_else(|| (Uuid::now_v7(), now_ms()));
     tracing::Span::current().record("order_id", tracing::field::display(order_id));
     // The event carries this span's context (falling back to the producer's header when
     // tracing is not recording), so the processors continue the same trace.
     let traceparent = current_traceparent().or_else(|| passed_on.map(str::to_owned));
-    let event = order.into_event(order_id, now_ms());
+    let event = order.into_event(order_id, occurred_at);
     let publishing = std::time::Instant::now();
     let published = state
         .publisher
@@ -302,6 +347,7 @@ pub struct BatchAnswer {
 /// per order, in order. An order's `202` means the same as for a single order: it is durable.
 async fn post_batch(
     State(state): State<IngestState>,
+    seed: Option<axum::Extension<Seed>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
@@ -350,10 +396,11 @@ async fn post_batch(
     for (index, item) in items.into_iter().enumerate() {
         let state = state.clone();
         let (span, passed_on) = order_span(&headers, incoming.as_deref());
+        let seed = seed.as_ref().map(|s| (s.0.item(index), s.0.occurred_at));
         tasks.spawn(
             async move {
                 let answer = match item {
-                    Ok(value) => accept(&state, value, passed_on.as_deref()).await,
+                    Ok(value) => accept(&state, value, seed, passed_on.as_deref()).await,
                     Err(e) => Err(request_problem(e)),
                 };
                 count(&state, &answer);

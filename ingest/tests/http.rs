@@ -56,6 +56,9 @@ async fn start_with(broker: &Broker, extra: &[(&str, &str)]) -> Edge {
         directory: None,
         orders_topic: names::ORDERS_EVENTS,
         inventory_topic: names::INVENTORY_COMMANDS,
+        // Authentication, idempotency and per-principal limits: cli/tests/edge.rs.
+        auth: orderflow_auth::Authenticator::disabled(),
+        idempotency: None,
     };
     let router = orderflow_ingest::router(state, settings.ingest.max_body_bytes);
     let server = Server::bind("127.0.0.1:0".parse().expect("addr"), router)

@@ -105,6 +105,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub ingest: IngestSettings,
     pub query: QuerySettings,
+    pub admin: AdminSettings,
+    pub auth: AuthSettings,
     pub processor: BatchSettings,
     pub projection: ProjectionSettings,
     pub validation: ValidationSettings,
@@ -201,8 +203,82 @@ pub struct IngestSettings {
     pub rate_limit_per_ip_per_second: u32,
     /// Burst per client IP; 0 means the per-second rate.
     pub rate_limit_burst: u32,
+    /// Requests per second each authenticated principal may make; 0 turns it off.
+    pub rate_limit_per_principal_per_second: u32,
+    /// Burst per principal; 0 means the per-second rate.
+    pub rate_limit_principal_burst: u32,
     /// Base URL of the query API for status URLs; empty means `http://<query.listen>`.
     pub status_base_url: String,
+    /// How long an `Idempotency-Key` is remembered, seconds.
+    pub idempotency_ttl_secs: u64,
+    /// How long a request waits for a concurrent request with the same key to finish before
+    /// it is answered `409`, milliseconds.
+    pub idempotency_wait_ms: u64,
+    pub tls: TlsSettings,
+}
+
+/// TLS of one listener (rustls). Empty files: plain HTTP.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM private key of the leaf.
+    pub key_file: String,
+    /// PEM CA certificates: when set, every client must present a certificate one of them
+    /// signed (mutual TLS).
+    pub client_ca_file: String,
+}
+
+impl TlsSettings {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
+}
+
+/// The admin listener: API keys, review decisions, restocks.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    pub listen: SocketAddr,
+    pub tls: TlsSettings,
+}
+
+/// Who may call the HTTP APIs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// false: no credentials needed, every caller acts as an anonymous admin.
+    pub enabled: bool,
+    /// How long a verified API key is remembered (a revocation takes effect within it), ms.
+    pub key_cache_ttl_ms: u64,
+    pub jwt: JwtSettings,
+}
+
+/// JWT bearer tokens: HS256 with a shared secret, or RS256/ES256 with keys from a JWKS file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSettings {
+    pub hs256_secret: Secret,
+    /// A file whose content (trailing newline trimmed) is the HS256 secret; overrides it.
+    pub hs256_secret_file: String,
+    /// A JWKS file (`{"keys": [...]}`) of RS256/ES256 public keys.
+    pub jwks_file: String,
+    /// Required `iss`.
+    pub issuer: String,
+    /// Required `aud`.
+    pub audience: String,
+    /// The claim holding the role: producer, reader or admin.
+    pub role_claim: String,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    pub leeway_secs: u64,
+}
+
+impl JwtSettings {
+    /// Whether any JWT key is configured.
+    pub fn configured(&self) -> bool {
+        self.hs256_secret.expose().is_some() || !self.jwks_file.is_empty()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -211,6 +287,7 @@ pub struct QuerySettings {
     pub listen: SocketAddr,
     pub cache_capacity: u64,
     pub cache_ttl_ms: u64,
+    pub tls: TlsSettings,
 }
 
 /// Bounds of a processor's transaction batch, and the identity of its transactional producer.
@@ -333,6 +410,16 @@ impl Settings {
                     source,
                 })?;
             settings.database.url = Secret::new(text.lines().next().unwrap_or_default().trim());
+        }
+        if !settings.auth.jwt.hs256_secret_file.is_empty() {
+            let path = PathBuf::from(&settings.auth.jwt.hs256_secret_file);
+            let text =
+                std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
+                    key: "auth.jwt.hs256_secret_file",
+                    path,
+                    source,
+                })?;
+            settings.auth.jwt.hs256_secret = Secret::new(text.trim_end_matches(['\r', '\n']));
         }
         settings.validate()?;
         Ok(settings)
@@ -463,6 +550,31 @@ impl Settings {
             "saga.review_timeout_ms and saga.inventory_timeout_ms: expected positive durations"
                 .to_owned(),
         );
+        for (key, tls) in [
+            ("ingest.tls", &self.ingest.tls),
+            ("query.tls", &self.query.tls),
+            ("admin.tls", &self.admin.tls),
+        ] {
+            check(
+                tls.cert_file.is_empty() == tls.key_file.is_empty(),
+                format!("{key}: cert_file and key_file go together"),
+            );
+            check(
+                tls.client_ca_file.is_empty() || tls.enabled(),
+                format!("{key}.client_ca_file: mutual TLS needs cert_file and key_file too"),
+            );
+        }
+        let jwt = &self.auth.jwt;
+        if jwt.configured() {
+            check(
+                !jwt.issuer.is_empty() && !jwt.audience.is_empty(),
+                "auth.jwt.issuer and auth.jwt.audience: required when JWTs are accepted".to_owned(),
+            );
+            check(
+                jwt.hs256_secret.expose().is_none_or(|s| s.len() >= 32),
+                "auth.jwt.hs256_secret: expected at least 32 bytes".to_owned(),
+            );
+        }
         if errors.is_empty() {
             Ok(())
         } else {

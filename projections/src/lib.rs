@@ -8,7 +8,6 @@
 //! are exactly what the log says whatever crashes in between.
 
 pub mod cache;
-pub mod db;
 pub mod inventory;
 pub mod metrics;
 pub mod orders;
@@ -19,5 +18,10 @@ pub mod writer;
 
 pub use writer::{Projection, ProjectionWriter};
 
-pub use db::{Database, DbError};
+pub use orderflow_db::{Backend, Database, DbError};
+
+/// The database (its own crate, shared with the ingest edge).
+pub mod db {
+    pub use orderflow_db::*;
+}
 pub use metrics::ProjectionMetrics;

@@ -29,6 +29,12 @@ use serde::{Deserialize, Serialize};
 use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 use tracing::error;
 
+use axum::middleware::from_fn_with_state;
+use orderflow_auth::{
+    http::{authenticate, require},
+    Authenticator, Permission,
+};
+
 use crate::{cache::OrderCache, db::Database, inventory, orders};
 
 /// What the query handlers share.
@@ -93,9 +99,13 @@ impl From<orders::OrderRow> for OrderView {
 }
 
 /// The query API's routes.
-pub fn router(db: Database, cache: OrderCache) -> Router {
-    Router::new()
+/// Every route needs a caller allowed to read: an order's status (`reader`, and the
+/// `producer` that placed it follows its status URL), or anything else (`reader`).
+pub fn router(db: Database, cache: OrderCache, auth: Authenticator) -> Router {
+    let status = Router::new()
         .route("/v1/orders/{order_id}", get(get_order))
+        .route_layer(from_fn_with_state(Permission::ReadOrderStatus, require));
+    Router::new()
         .route("/v1/customers/{customer_id}/orders", get(customer_orders))
         .route("/v1/analytics/status-counts", get(status_counts))
         .route("/v1/analytics/sales", get(sales))
@@ -103,6 +113,9 @@ pub fn router(db: Database, cache: OrderCache) -> Router {
         .route("/v1/inventory", get(inventory_levels))
         .route("/v1/inventory/{sku}", get(inventory_level))
         .route("/v1/reviews", get(review_queue))
+        .route_layer(from_fn_with_state(Permission::Query, require))
+        .merge(status)
+        .layer(from_fn_with_state(auth, authenticate))
         .with_state(QueryState { db, cache })
         .merge(health_routes())
         .fallback(not_found_fallback)

@@ -20,6 +20,10 @@ pub struct DevProcess {
     pub ingest_url: String,
     /// Base URL of the query API.
     pub query_url: String,
+    /// Base URL of the admin listener.
+    pub admin_url: String,
+    /// The API keys `dev` created and printed, by role (only with `auth.enabled=true`).
+    pub api_keys: std::collections::BTreeMap<String, String>,
     /// URL of the metrics endpoint.
     pub metrics_url: String,
     /// The broker's bootstrap address (the in-process one's too: it listens on TCP).
@@ -30,11 +34,15 @@ pub struct DevProcess {
 
 impl DevProcess {
     /// Starts `binary [args...]` with every listener on a free port, running `dev`, in
-    /// `dir` and waits (up to two minutes) for its banner.
+    /// `dir` and waits (up to two minutes) for its banner. Authentication is off unless `args`
+    /// turn it on (`--set auth.enabled=true`; the keys `dev` prints are then in `api_keys`).
     pub fn start(binary: &Path, dir: &Path, args: &[String]) -> Result<Self, String> {
         let mut child = Command::new(binary)
+            .args(["--set", "auth.enabled=false"])
             .args(args)
             .args([
+                "--set",
+                "admin.listen=\"127.0.0.1:0\"",
                 "--ingest-listen",
                 "127.0.0.1:0",
                 "--query-listen",
@@ -80,6 +88,15 @@ impl DevProcess {
         let base = |url: String| url.split("/v1/").next().unwrap_or_default().to_owned();
         let ingest_url = base(field("ingest")?);
         let query_url = base(field("query")?);
+        let admin_url = base(field("admin")?);
+        let api_keys = banner
+            .iter()
+            .filter_map(|l| l.trim().strip_prefix("api key"))
+            .filter_map(|rest| {
+                let mut words = rest.split_whitespace();
+                Some((words.next()?.to_owned(), words.next()?.to_owned()))
+            })
+            .collect();
         let metrics_url = field("metrics")?;
         let bootstrap = field("broker")?
             .split_whitespace()
@@ -93,6 +110,8 @@ impl DevProcess {
             banner,
             ingest_url,
             query_url,
+            admin_url,
+            api_keys,
             metrics_url,
             bootstrap,
             database_url,

@@ -328,11 +328,15 @@ pub fn test_settings_with(
     for key in [
         "ingest.listen",
         "query.listen",
+        "admin.listen",
         "telemetry.listen",
         "gateway.listen",
     ] {
         overrides.set(key, "\"127.0.0.1:0\"");
     }
+    // The pipeline's tests are about the pipeline; the edge's own tests (ingest/tests/auth.rs)
+    // run with authentication on, as production does.
+    overrides.set("auth.enabled", "false");
     // Tests decide declines themselves (payment token `tok_decline...`).
     overrides.set("gateway.decline_rate", "0.0");
     if let Some(url) = database_url {
@@ -361,14 +365,15 @@ pub async fn apply_topics(broker: &Broker, settings: &orderflow_platform::Settin
     assert!(!report.has_drift(), "{report}");
 }
 
-/// Restocks SKUs through a running ingest edge (`POST /v1/inventory`), before orders need them.
-pub async fn restock(client: &reqwest::Client, ingest: &str, items: &[(&str, i32)]) {
+/// Restocks SKUs through a running admin listener (`POST /v1/inventory`), before orders need
+/// them.
+pub async fn restock(client: &reqwest::Client, admin: &str, items: &[(&str, i32)]) {
     let body: Vec<serde_json::Value> = items
         .iter()
         .map(|(sku, quantity)| serde_json::json!({"sku": sku, "quantity": quantity}))
         .collect();
     let response = client
-        .post(format!("{ingest}/v1/inventory"))
+        .post(format!("{admin}/v1/inventory"))
         .json(&body)
         .send()
         .await

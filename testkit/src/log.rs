@@ -333,7 +333,10 @@ impl LogReader {
         let deadline = Instant::now() + timeout;
         loop {
             let progress = self.progress();
-            if progress.iter().all(|&(_, at, high)| high >= 0 && at >= high) {
+            if progress
+                .iter()
+                .all(|&(_, at, high)| high >= 0 && at >= high)
+            {
                 return;
             }
             assert!(

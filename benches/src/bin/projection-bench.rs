@@ -154,7 +154,15 @@ async fn main() -> Result<()> {
         Duration::from_secs(600),
         CacheMetrics::default(),
     );
-    let server = Server::bind("127.0.0.1:0".parse()?, query::router(live.clone(), cache)).await?;
+    let server = Server::bind(
+        "127.0.0.1:0".parse()?,
+        query::router(
+            live.clone(),
+            cache,
+            orderflow_auth::Authenticator::disabled(),
+        ),
+    )
+    .await?;
     let url = format!("http://{}", server.local_addr()?);
     let stop = CancellationToken::new();
     tokio::spawn(server.run(stop.clone()));

@@ -1,5 +1,7 @@
-//! The projection database: one pool over PostgreSQL or SQLite (sqlx's `Any` driver, so every
-//! query is written once in the SQL both accept), and the migrations of each backend.
+//! The database every role that keeps tables shares: one pool over PostgreSQL or SQLite (sqlx's
+//! `Any` driver, so every query is written once in the SQL both accept), and the migrations of
+//! each backend (`migrations/{postgres,sqlite}`): the projections' read models, and the edge's
+//! API keys and idempotency records.
 
 use std::{path::Path, str::FromStr};
 
