@@ -25,7 +25,7 @@ use crate::{
 pub const PREFIX: &str = "ofk_";
 
 /// A key as listed: never its secret.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ApiKey {
     pub id: String,
     pub name: String,

@@ -46,23 +46,24 @@ pub trait OrderDirectory: Send + Sync + 'static {
 
 pub type SharedDirectory = Arc<dyn OrderDirectory>;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CancelBody {
+pub(crate) struct CancelBody {
     #[serde(default)]
     reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReviewBody {
+pub(crate) struct ReviewBody {
+    /// approve or reject
     decision: String,
     reviewer: String,
     #[serde(default)]
     note: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestockItem {
     pub sku: String,
@@ -70,14 +71,14 @@ pub struct RestockItem {
 }
 
 /// The answer to an accepted command.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CommandAccepted {
     pub order_id: String,
     pub status: &'static str,
     pub status_url: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RestockAccepted {
     pub restocked: usize,
     pub event_ids: Vec<String>,
@@ -164,7 +165,26 @@ async fn publish(
         })
 }
 
-/// `POST /v1/orders/{id}/cancel` with an optional `{"reason": "..."}`.
+/// Cancel an order: before confirmation its reservations are released; after, it is refunded
+/// and released. The saga decides; the status URL shows the outcome.
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{order_id}/cancel",
+    tag = "orders",
+    params(
+        ("order_id" = String, Path, description = "The order's id (a UUID)."),
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body get the first answer again."),
+    ),
+    request_body(content = Option<CancelBody>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The cancellation request is durable.", body = CommandAccepted),
+        (status = 400, description = "Unreadable body, or an invalid Idempotency-Key.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order (yet).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The order cannot be cancelled any more, or a request with the same Idempotency-Key is in progress.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid body or order id, or an Idempotency-Key used for another request.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn cancel(
     State(state): State<IngestState>,
     Path(order_id): Path<String>,
@@ -199,7 +219,22 @@ pub async fn cancel(
     Ok(accepted(&state, order_id, "cancellation_requested"))
 }
 
-/// `POST /v1/orders/{id}/review` with `{"decision": "approve"|"reject", "reviewer", "note"}`.
+/// Decide an order held for fraud review (`{"decision": "approve"|"reject", "reviewer", "note"}`).
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{order_id}/review",
+    tag = "admin",
+    params(("order_id" = String, Path, description = "The order's id (a UUID).")),
+    request_body(content = ReviewBody, content_type = "application/json"),
+    responses(
+        (status = 202, description = "The decision is durable.", body = CommandAccepted),
+        (status = 400, description = "Unreadable body.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order (yet).", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The order is not held for review.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid decision, reviewer or order id.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn review(
     State(state): State<IngestState>,
     Path(order_id): Path<String>,
@@ -244,7 +279,19 @@ pub async fn review(
     Ok(accepted(&state, order_id, "review_decided"))
 }
 
-/// `POST /v1/inventory` with `[{"sku", "quantity"}, ...]`: stock arriving.
+/// Stock arriving: `[{"sku", "quantity"}, ...]`, one `InventoryRestocked` event per item.
+#[utoipa::path(
+    post,
+    path = "/v1/inventory",
+    tag = "admin",
+    request_body(content = Vec<RestockItem>, content_type = "application/json"),
+    responses(
+        (status = 202, description = "Every restock is durable.", body = RestockAccepted),
+        (status = 400, description = "Unreadable body.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid items (every one listed).", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn restock(
     State(state): State<IngestState>,
     body: Result<Bytes, BytesRejection>,

@@ -16,21 +16,21 @@ use tracing::{info, warn};
 
 use crate::routes::{read_body, IngestState};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     pub name: String,
     pub role: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedKey {
     pub key: ApiKey,
     /// The API key itself: shown this once, stored only as a hash.
     pub token: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct KeyList {
     pub keys: Vec<ApiKey>,
 }
@@ -47,11 +47,26 @@ fn store_failed(e: orderflow_auth::AuthError) -> Problem {
     Problem::unavailable("the key store")
 }
 
+/// Every API key, revoked ones too (never a secret).
+#[utoipa::path(get, path = "/v1/keys", tag = "admin", responses((status = 200, description = "The keys.", body = KeyList)))]
 pub async fn list(State(state): State<IngestState>) -> Result<Json<KeyList>, Problem> {
     let keys = store(&state)?.list().await.map_err(store_failed)?;
     Ok(Json(KeyList { keys }))
 }
 
+/// Create an API key; the answer is the only place its token ever appears.
+#[utoipa::path(
+    post,
+    path = "/v1/keys",
+    tag = "admin",
+    request_body(content = NewKey, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created; `token` is shown this once.", body = CreatedKey),
+        (status = 400, description = "Unreadable body.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid name or role.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn create(
     State(state): State<IngestState>,
     body: Result<Bytes, BytesRejection>,
@@ -107,6 +122,17 @@ pub async fn create(
     Ok(response)
 }
 
+/// Revoke an API key.
+#[utoipa::path(
+    delete,
+    path = "/v1/keys/{key_id}",
+    tag = "admin",
+    params(("key_id" = String, Path, description = "The key's id (16 hex digits).")),
+    responses(
+        (status = 204, description = "Revoked."),
+        (status = 404, description = "No such active key.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 pub async fn revoke(
     State(state): State<IngestState>,
     Path(key_id): Path<String>,

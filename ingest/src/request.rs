@@ -15,7 +15,8 @@ const MAX_ID_LEN: usize = 128;
 /// Longest accepted free-text string (names, address lines).
 const MAX_TEXT_LEN: usize = 512;
 
-#[derive(Debug, Clone, Deserialize)]
+/// An order as a producer sends it. Amounts are in minor units (cents) of `currency`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OrderRequest {
     pub customer_id: String,
@@ -35,7 +36,7 @@ pub struct OrderRequest {
     pub total_minor: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LineRequest {
     pub sku: String,
@@ -43,7 +44,7 @@ pub struct LineRequest {
     pub unit_price_minor: i64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddressRequest {
     pub name: String,

@@ -12,14 +12,17 @@ use axum::{
     http::{header, HeaderMap, HeaderValue, StatusCode},
     middleware::from_fn_with_state,
     response::{IntoResponse, Response},
-    routing::post,
     Json, Router,
 };
+use orderflow_platform::openapi;
 use orderflow_platform::{
     http::{health_routes, not_found_fallback, FieldError, Problem},
     telemetry::{continue_trace, current_traceparent, has_trace, new_traceparent},
 };
 use serde::Serialize;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::request::OrderRequest;
 use tracing::{debug, debug_span, warn, Instrument};
 use uuid::Uuid;
 
@@ -52,7 +55,7 @@ pub struct IngestState {
 }
 
 /// The answer to an accepted order.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Accepted {
     pub order_id: String,
     pub status: &'static str,
@@ -67,8 +70,16 @@ pub struct Accepted {
 }
 
 /// Wraps routes in what every route of an edge listener has: the body limit, authentication
-/// (outermost, so the rate limiter knows the principal) and rate limits.
-fn guarded(router: Router<IngestState>, state: IngestState, max_body_bytes: usize) -> Router {
+/// (outermost, so the rate limiter knows the principal) and rate limits; serves `/healthz` and
+/// the listener's OpenAPI document at `/openapi.json`.
+fn guarded(
+    routes: OpenApiRouter<IngestState>,
+    state: IngestState,
+    max_body_bytes: usize,
+    title: &str,
+) -> Router {
+    let (router, api) = routes.split_for_parts();
+    let api = openapi::finish(api, title, true);
     router
         .layer(from_fn_with_state(
             state.limits.clone(),
@@ -81,42 +92,31 @@ fn guarded(router: Router<IngestState>, state: IngestState, max_body_bytes: usiz
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
         .merge(health_routes())
+        .merge(openapi::document_routes(&api))
         .fallback(not_found_fallback)
 }
 
 /// The ingest edge: what producers call.
 pub fn router(state: IngestState, max_body_bytes: usize) -> Router {
     let idempotent = from_fn_with_state(state.idempotency.clone(), idempotency::guard);
-    let routes = Router::new()
-        .route("/v1/orders", post(post_order))
-        .route("/v1/orders/batch", post(post_batch))
-        .route(
-            "/v1/orders/{order_id}/cancel",
-            post(crate::commands::cancel),
-        )
+    let routes = OpenApiRouter::new()
+        .routes(routes!(post_order))
+        .routes(routes!(post_batch))
+        .routes(routes!(crate::commands::cancel))
         .route_layer(idempotent)
         .route_layer(from_fn_with_state(Permission::PlaceOrders, require));
-    guarded(routes, state, max_body_bytes)
+    guarded(routes, state, max_body_bytes, "orderflow ingest edge")
 }
 
 /// The admin listener: what operators call.
 pub fn admin_router(state: IngestState, max_body_bytes: usize) -> Router {
-    let routes = Router::new()
-        .route(
-            "/v1/orders/{order_id}/review",
-            post(crate::commands::review),
-        )
-        .route("/v1/inventory", post(crate::commands::restock))
-        .route(
-            "/v1/keys",
-            axum::routing::get(crate::keys::list).post(crate::keys::create),
-        )
-        .route(
-            "/v1/keys/{key_id}",
-            axum::routing::delete(crate::keys::revoke),
-        )
+    let routes = OpenApiRouter::new()
+        .routes(routes!(crate::commands::review))
+        .routes(routes!(crate::commands::restock))
+        .routes(routes!(crate::keys::list, crate::keys::create))
+        .routes(routes!(crate::keys::revoke))
         .route_layer(from_fn_with_state(Permission::Administer, require));
-    guarded(routes, state, max_body_bytes)
+    guarded(routes, state, max_body_bytes, "orderflow admin")
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -226,6 +226,25 @@ fn request_problem(e: RequestError) -> Problem {
     }
 }
 
+/// Place an order: `202` once the `OrderPlaced` event is durable on the broker.
+#[utoipa::path(
+    post,
+    path = "/v1/orders",
+    tag = "orders",
+    request_body(content = OrderRequest, content_type = "application/json"),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body get the first answer again; 1-255 visible ASCII characters."),
+    ),
+    responses(
+        (status = 202, description = "Accepted: the event is durable. `Location` is the status URL.", body = Accepted,
+            headers(("Location" = String, description = "The order's status URL."))),
+        (status = 400, description = "Malformed JSON, or an invalid Idempotency-Key.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A request with the same Idempotency-Key is still in progress.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body larger than ingest.max_body_bytes.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Not application/json.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a valid order (every field error listed), card data, or an Idempotency-Key used for another request.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn post_order(
     State(state): State<IngestState>,
     seed: Option<axum::Extension<Seed>>,
@@ -322,7 +341,7 @@ async fn accept(
 
 /// The answer for one order of a batch: the same body as `POST /v1/orders` gives, with its
 /// HTTP status and position.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BatchItem {
     /// Position of the order in the request, from 0.
     pub index: usize,
@@ -334,7 +353,7 @@ pub struct BatchItem {
     pub problem: Option<Problem>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct BatchAnswer {
     pub accepted: usize,
     pub refused: usize,
@@ -345,6 +364,28 @@ pub struct BatchAnswer {
 /// (`application/x-ndjson`), at most `ingest.max_batch_orders`. Each order is checked and
 /// published on its own, concurrently, with its own trace; the answer is `200` with one result
 /// per order, in order. An order's `202` means the same as for a single order: it is durable.
+/// Place up to `ingest.max_batch_orders` orders at once: a JSON array, or one order per line
+/// (NDJSON). The answer lists each order's own result, in order.
+#[utoipa::path(
+    post,
+    path = "/v1/orders/batch",
+    tag = "orders",
+    request_body(content(
+        (Vec<OrderRequest> = "application/json"),
+        (String = "application/x-ndjson"),
+    )),
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Retries with the same key and body get the first answer again."),
+    ),
+    responses(
+        (status = 200, description = "One result per order.", body = BatchAnswer),
+        (status = 400, description = "Malformed JSON, or an invalid Idempotency-Key.", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A request with the same Idempotency-Key is still in progress.", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body larger than ingest.max_body_bytes.", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Neither application/json nor application/x-ndjson.", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a batch of 1 to ingest.max_batch_orders orders, or an Idempotency-Key used for another request.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn post_batch(
     State(state): State<IngestState>,
     seed: Option<axum::Extension<Seed>>,

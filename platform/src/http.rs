@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// One invalid field of a request.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct FieldError {
     /// Path of the field, e.g. `lines[0].quantity`.
     pub field: String,
@@ -28,7 +28,7 @@ pub struct FieldError {
 
 /// An RFC 9457 problem document. `type` is a stable URN per kind of problem
 /// (`urn:orderflow:problem:<code>`); clients switch on it, never on `detail`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
     pub kind: String,
@@ -120,8 +120,22 @@ const SECURITY_HEADERS: [(&str, &str); 5] = [
 /// Wraps a public router: every request gets a request id (the caller's `x-request-id` when it
 /// is 1–128 visible ASCII characters, else a new UUID), visible to handlers in the request
 /// headers and echoed in the response, and every response gets the security headers.
+/// A handler that panics answers a problem+json `500` (the panic is logged, nothing of it is
+/// sent) instead of dropping the connection.
 pub fn edge(router: Router) -> Router {
-    router.layer(axum::middleware::from_fn(request_context))
+    router
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(axum::middleware::from_fn(request_context))
+}
+
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("A request handler panicked.");
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal",
+        "Internal error",
+    )
+    .into_response()
 }
 
 async fn request_context(

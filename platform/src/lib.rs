@@ -8,6 +8,7 @@ pub mod health;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod openapi;
 pub mod telemetry;
 
 pub use config::{ConfigError, Settings};

@@ -46,7 +46,7 @@ pub fn movement(event: &OrderEvent) -> Option<Movement<'_>> {
 }
 
 /// Stock of one SKU as `inventory_levels` has it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Level {
     pub sku: String,
     pub restocked: i64,

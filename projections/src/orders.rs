@@ -257,7 +257,7 @@ pub async fn customer_page(
 }
 
 /// One row of `sales_per_product_hour`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct SalesRow {
     pub sku: String,
     /// Start of the hour, ms since the epoch.
@@ -552,7 +552,7 @@ async fn record_reviewer(
 }
 
 /// A review of the queue (`fraud_reviews`).
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 pub struct Review {
     pub order_id: String,
     pub customer_id: String,

@@ -21,7 +21,6 @@ use axum::{
     extract::{rejection::QueryRejection, FromRef, Path, Query, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
-    routing::get,
     Json, Router,
 };
 use orderflow_platform::http::{health_routes, not_found_fallback, Problem};
@@ -34,6 +33,8 @@ use orderflow_auth::{
     http::{authenticate, require},
     Authenticator, Permission,
 };
+use orderflow_platform::openapi;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{cache::OrderCache, db::Database, inventory, orders};
 
@@ -51,7 +52,7 @@ impl FromRef<QueryState> for Database {
 }
 
 /// An order as the API shows it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OrderView {
     pub order_id: String,
     pub customer_id: String,
@@ -102,22 +103,26 @@ impl From<orders::OrderRow> for OrderView {
 /// Every route needs a caller allowed to read: an order's status (`reader`, and the
 /// `producer` that placed it follows its status URL), or anything else (`reader`).
 pub fn router(db: Database, cache: OrderCache, auth: Authenticator) -> Router {
-    let status = Router::new()
-        .route("/v1/orders/{order_id}", get(get_order))
+    let status = OpenApiRouter::new()
+        .routes(routes!(get_order))
         .route_layer(from_fn_with_state(Permission::ReadOrderStatus, require));
-    Router::new()
-        .route("/v1/customers/{customer_id}/orders", get(customer_orders))
-        .route("/v1/analytics/status-counts", get(status_counts))
-        .route("/v1/analytics/sales", get(sales))
-        .route("/v1/analytics/top-products", get(top_products))
-        .route("/v1/inventory", get(inventory_levels))
-        .route("/v1/inventory/{sku}", get(inventory_level))
-        .route("/v1/reviews", get(review_queue))
+    let (router, api) = OpenApiRouter::new()
+        .routes(routes!(customer_orders))
+        .routes(routes!(status_counts))
+        .routes(routes!(sales))
+        .routes(routes!(top_products))
+        .routes(routes!(inventory_levels))
+        .routes(routes!(inventory_level))
+        .routes(routes!(review_queue))
         .route_layer(from_fn_with_state(Permission::Query, require))
         .merge(status)
+        .split_for_parts();
+    let api = openapi::finish(api, "orderflow query API", false);
+    router
         .layer(from_fn_with_state(auth, authenticate))
         .with_state(QueryState { db, cache })
         .merge(health_routes())
+        .merge(openapi::document_routes(&api))
         .fallback(not_found_fallback)
 }
 
@@ -126,7 +131,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(5);
 /// How often a waiting read looks again.
 const WAIT_POLL: Duration = Duration::from_millis(10);
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct OrderQuery {
     /// `final`: wait until the order is confirmed, rejected or cancelled.
@@ -146,6 +152,28 @@ fn store_unavailable(e: crate::db::DbError) -> Problem {
     Problem::unavailable("the order store")
 }
 
+/// An order's current state. `ETag` is its version: `If-None-Match` answers `304` while it is
+/// unchanged. Read-your-writes: `min_version` or `wait_for=final` wait (up to `wait_ms`, at
+/// most 5 s) for the projection; `orderflow-wait` says whether the wait was satisfied.
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{order_id}",
+    tag = "queries",
+    params(
+        ("order_id" = String, Path, description = "The order's id (a UUID)."),
+        OrderQuery,
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer."),
+    ),
+    responses(
+        (status = 200, description = "The order.", body = OrderView, headers(
+            ("ETag" = String, description = "The order's version, quoted."),
+            ("Cache-Control" = String, description = "no-cache: revalidate with If-None-Match."),
+        )),
+        (status = 304, description = "Unchanged since the given ETag."),
+        (status = 400, description = "Not a UUID, or invalid query parameters.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such order (yet).", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn get_order(
     State(QueryState { db, cache }): State<QueryState>,
     Path(order_id): Path<String>,
@@ -223,7 +251,8 @@ async fn get_order(
     Ok(response)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// Orders per page, 1–100 (default 20).
@@ -233,7 +262,7 @@ pub struct PageQuery {
 }
 
 /// One page of a customer's orders.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OrderPage {
     pub orders: Vec<OrderView>,
     /// Pass as `after` for the next page; absent on the last page.
@@ -251,6 +280,18 @@ fn parse_cursor(text: &str) -> Option<orders::PageCursor> {
     })
 }
 
+/// A customer's orders, newest first, in pages stable while orders arrive (keyset pagination:
+/// pass `next` as `after`).
+#[utoipa::path(
+    get,
+    path = "/v1/customers/{customer_id}/orders",
+    tag = "queries",
+    params(("customer_id" = String, Path, description = "The customer's id."), PageQuery),
+    responses(
+        (status = 200, description = "One page.", body = OrderPage),
+        (status = 400, description = "Invalid limit or cursor.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn customer_orders(
     State(db): State<Database>,
     Path(customer_id): Path<String>,
@@ -290,6 +331,18 @@ fn page_limit(limit: Option<i64>) -> Result<i64, Problem> {
     Ok(limit)
 }
 
+/// Stock of one SKU.
+#[utoipa::path(
+    get,
+    path = "/v1/inventory/{sku}",
+    tag = "queries",
+    params(("sku" = String, Path, description = "1-64 ASCII letters, digits, '-' and '_'.")),
+    responses(
+        (status = 200, description = "The SKU's stock.", body = inventory::Level),
+        (status = 400, description = "Not a SKU.", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No stock movement for this SKU yet.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn inventory_level(
     State(db): State<Database>,
     Path(sku): Path<String>,
@@ -307,7 +360,8 @@ async fn inventory_level(
         .ok_or_else(|| Problem::not_found(&format!("SKU {sku}")))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LevelPageQuery {
     limit: Option<i64>,
@@ -315,13 +369,24 @@ pub struct LevelPageQuery {
     after: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LevelPage {
     pub levels: Vec<inventory::Level>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
 }
 
+/// Stock of every SKU, by SKU, in pages (pass `next` as `after`).
+#[utoipa::path(
+    get,
+    path = "/v1/inventory",
+    tag = "queries",
+    params(LevelPageQuery),
+    responses(
+        (status = 200, description = "One page.", body = LevelPage),
+        (status = 400, description = "Invalid limit.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn inventory_levels(
     State(db): State<Database>,
     query: Result<Query<LevelPageQuery>, QueryRejection>,
@@ -337,7 +402,8 @@ async fn inventory_levels(
     Ok(Json(LevelPage { levels, next }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ReviewQuery {
     /// pending (default), approved, rejected or cancelled.
@@ -346,13 +412,24 @@ pub struct ReviewQuery {
     after: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReviewPage {
     pub reviews: Vec<orders::Review>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next: Option<String>,
 }
 
+/// The fraud review queue, oldest first, in pages (pass `next` as `after`).
+#[utoipa::path(
+    get,
+    path = "/v1/reviews",
+    tag = "queries",
+    params(ReviewQuery),
+    responses(
+        (status = 200, description = "One page.", body = ReviewPage),
+        (status = 400, description = "Invalid status, limit or cursor.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn review_queue(
     State(db): State<Database>,
     query: Result<Query<ReviewQuery>, QueryRejection>,
@@ -387,7 +464,8 @@ async fn review_queue(
 /// The longest range an analytics query may cover.
 const MAX_RANGE_MS: i64 = 31 * 24 * 3_600_000;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct SalesQuery {
     /// Start, ms since the epoch (inclusive).
@@ -397,7 +475,8 @@ pub struct SalesQuery {
     sku: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TopProductsQuery {
     from: i64,
@@ -407,7 +486,8 @@ pub struct TopProductsQuery {
 }
 
 fn check_range(from: i64, to: i64) -> Result<(), Problem> {
-    if to <= from || to - from > MAX_RANGE_MS {
+    // `to - from` can overflow for extreme inputs: checked, an overflow is out of range too.
+    if to <= from || to.checked_sub(from).is_none_or(|span| span > MAX_RANGE_MS) {
         return Err(invalid_query(
             "from/to: expected from < to, at most 31 days apart",
         ));
@@ -415,13 +495,24 @@ fn check_range(from: i64, to: i64) -> Result<(), Problem> {
     Ok(())
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct SalesAnswer {
     pub from: i64,
     pub to: i64,
     pub rows: Vec<orders::SalesRow>,
 }
 
+/// Sales per product per hour, `from <= hour < to` (at most 31 days), optionally of one SKU.
+#[utoipa::path(
+    get,
+    path = "/v1/analytics/sales",
+    tag = "analytics",
+    params(SalesQuery),
+    responses(
+        (status = 200, description = "Rows by hour.", body = SalesAnswer),
+        (status = 400, description = "Invalid range.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn sales(
     State(db): State<Database>,
     query: Result<Query<SalesQuery>, QueryRejection>,
@@ -438,6 +529,17 @@ async fn sales(
     }))
 }
 
+/// The best-selling products by revenue over a range (at most 31 days).
+#[utoipa::path(
+    get,
+    path = "/v1/analytics/top-products",
+    tag = "analytics",
+    params(TopProductsQuery),
+    responses(
+        (status = 200, description = "One row per product.", body = SalesAnswer),
+        (status = 400, description = "Invalid range or limit.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn top_products(
     State(db): State<Database>,
     query: Result<Query<TopProductsQuery>, QueryRejection>,
@@ -458,11 +560,18 @@ async fn top_products(
     }))
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct StatusCounts {
     pub counts: std::collections::BTreeMap<String, i64>,
 }
 
+/// How many orders are in each status.
+#[utoipa::path(
+    get,
+    path = "/v1/analytics/status-counts",
+    tag = "analytics",
+    responses((status = 200, description = "Counts by status.", body = StatusCounts))
+)]
 async fn status_counts(State(db): State<Database>) -> Result<Json<StatusCounts>, Problem> {
     let counts = orders::status_counts(db.pool())
         .await
