@@ -430,14 +430,24 @@ async fn dev(
         }
     );
     println!("  database    {}", redact_url(&settings.database_url()));
+    let scheme = |tls: &orderflow_platform::config::TlsSettings| {
+        if tls.enabled() {
+            "https"
+        } else {
+            "http"
+        }
+    };
     if let Some(addr) = running.ingest_addr {
-        println!("  ingest      http://{addr}/v1/orders");
+        let s = scheme(&settings.ingest.tls);
+        println!("  ingest      {s}://{addr}/v1/orders");
     }
     if let Some(addr) = running.query_addr {
-        println!("  query       http://{addr}/v1/orders/{{order_id}}");
+        let s = scheme(&settings.query.tls);
+        println!("  query       {s}://{addr}/v1/orders/{{order_id}}");
     }
     if let Some(addr) = running.admin_addr {
-        println!("  admin       http://{addr}/v1/keys");
+        let s = scheme(&settings.admin.tls);
+        println!("  admin       {s}://{addr}/v1/keys");
     }
     if let Some(addr) = running.gateway_addr {
         println!("  gateway     http://{addr} (simulated)");

@@ -177,12 +177,10 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     };
 
     // Credentials: API keys from the database, JWTs as configured.
-    let auth = if settings.auth.enabled {
-        Authenticator::new(&settings.auth, db.clone()).context("auth settings")?
-    } else {
+    let auth = Authenticator::new(&settings.auth, db.clone()).context("auth settings")?;
+    if !settings.auth.enabled {
         warn!("Authentication is off (auth.enabled = false): every caller acts as an admin.");
-        Authenticator::disabled()
-    };
+    }
 
     // The query API alone never talks to the broker; every other role does.
     let broker_for_readiness = roles
@@ -223,9 +221,10 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             });
         }
         let http = metrics.http.for_server("query");
-        let server = Server::bind(
+        let server = Server::bind_tls(
             settings.query.listen,
             edge(http.layer(query::router(db.clone(), cache, auth.clone()))),
+            &settings.query.tls,
         )
         .await
         .with_context(|| format!("binding the query API to {}", settings.query.listen))?;
@@ -260,7 +259,12 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
                 .trim_end_matches('/')
                 .to_owned()
         } else {
-            format!("http://{}", query_addr.unwrap_or(settings.query.listen))
+            let scheme = if settings.query.tls.enabled() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", query_addr.unwrap_or(settings.query.listen))
         };
         let idempotency = db.clone().map(|db| {
             IdempotencyStore::new(
@@ -301,7 +305,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             state,
             settings.ingest.max_body_bytes,
         )));
-        let admin_server = Server::bind(settings.admin.listen, admin)
+        let admin_server = Server::bind_tls(settings.admin.listen, admin, &settings.admin.tls)
             .await
             .with_context(|| format!("binding the admin listener to {}", settings.admin.listen))?;
         admin_addr = Some(admin_server.local_addr()?);
@@ -309,7 +313,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             let cancel = cancel.clone();
             tasks.spawn(async move { admin_server.run(cancel).await.context("admin listener") });
         }
-        let server = Server::bind(settings.ingest.listen, router)
+        let server = Server::bind_tls(settings.ingest.listen, router, &settings.ingest.tls)
             .await
             .with_context(|| format!("binding the ingest edge to {}", settings.ingest.listen))?;
         ingest_addr = Some(server.local_addr()?);

@@ -170,31 +170,86 @@ pub async fn not_found_fallback() -> Problem {
     Problem::new(StatusCode::NOT_FOUND, "no-such-route", "No such route")
 }
 
-/// A bound listener (port 0 picks a free port) serving `router` until `cancel` fires.
+/// A bound listener (port 0 picks a free port) serving `router` until `cancel` fires, over
+/// plain HTTP or TLS ([`Server::bind_tls`]).
 pub struct Server {
     listener: TcpListener,
     router: Router,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }
+
+/// How long in-flight requests of a TLS listener get to finish once `cancel` fires.
+const TLS_DRAIN: std::time::Duration = std::time::Duration::from_secs(15);
 
 impl Server {
     pub async fn bind(addr: SocketAddr, router: Router) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
-        Ok(Self { listener, router })
+        Ok(Self {
+            listener,
+            router,
+            tls: None,
+        })
+    }
+
+    /// Binds with TLS when `tls` names a certificate (mutual TLS when it names client CAs),
+    /// plain HTTP otherwise.
+    pub async fn bind_tls(
+        addr: SocketAddr,
+        router: Router,
+        tls: &crate::config::TlsSettings,
+    ) -> Result<Self, BindError> {
+        let config = if tls.enabled() {
+            Some(crate::tls::server_config(tls)?)
+        } else {
+            None
+        };
+        let mut server = Self::bind(addr, router).await?;
+        server.tls = config;
+        Ok(server)
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
+    /// Whether this listener speaks TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Serves until `cancel`, then lets in-flight requests finish.
     pub async fn run(self, cancel: CancellationToken) -> std::io::Result<()> {
         // Connection info lets handlers and middleware see the peer's address (rate limits).
-        axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        let service = self
+            .router
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let Some(config) = self.tls else {
+            return axum::serve(self.listener, service)
+                .with_graceful_shutdown(async move { cancel.cancelled().await })
+                .await;
+        };
+        let handle = axum_server::Handle::new();
+        let stopper = handle.clone();
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            stopper.graceful_shutdown(Some(TLS_DRAIN));
+        });
+        let listener = self.listener.into_std()?;
+        axum_server::from_tcp_rustls(
+            listener,
+            axum_server::tls_rustls::RustlsConfig::from_config(config),
+        )?
+        .handle(handle)
+        .serve(service)
         .await
     }
+}
+
+/// Why a listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }

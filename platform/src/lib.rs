@@ -10,5 +10,6 @@ pub mod kafka;
 pub mod metrics;
 pub mod openapi;
 pub mod telemetry;
+pub mod tls;
 
 pub use config::{ConfigError, Settings};
