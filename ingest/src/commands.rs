@@ -187,6 +187,7 @@ async fn publish(
 )]
 pub async fn cancel(
     State(state): State<IngestState>,
+    seed: Option<axum::Extension<crate::idempotency::Seed>>,
     Path(order_id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
@@ -207,12 +208,18 @@ pub async fn cancel(
             "there is nothing to cancel",
         ));
     }
+    let mut envelope = envelope(
+        &order_id,
+        &location.customer_id,
+        EventKind::OrderCancellationRequested,
+    );
+    // With an Idempotency-Key, a retry after a 503 writes the very same event.
+    if let Some(axum::Extension(seed)) = seed {
+        envelope.event_id = seed.order_id.to_string();
+        envelope.occurred_at = seed.occurred_at;
+    }
     let event = OrderEvent::OrderCancellationRequested(OrderCancellationRequested {
-        envelope: envelope(
-            &order_id,
-            &location.customer_id,
-            EventKind::OrderCancellationRequested,
-        ),
+        envelope,
         reason: request.reason.chars().take(500).collect(),
     });
     publish(&state, state.orders_topic, &location.customer_id, &event).await?;

@@ -68,6 +68,10 @@ pub enum RequestError {
     Invalid(Vec<FieldError>),
 }
 
+/// The documented shape of [`OrderRequest`].
+static SHAPE: std::sync::LazyLock<orderflow_platform::shape::Shape> =
+    std::sync::LazyLock::new(orderflow_platform::shape::Shape::of::<OrderRequest>);
+
 /// Parses a request body into an order request, checking everything the edge checks.
 pub fn parse(body: &[u8]) -> Result<OrderRequest, RequestError> {
     parse_value(parse_json(body)?)
@@ -83,6 +87,11 @@ pub fn parse_json(body: &[u8]) -> Result<serde_json::Value, RequestError> {
 pub fn parse_value(value: serde_json::Value) -> Result<OrderRequest, RequestError> {
     if let Some(field) = find_card_number(&value, String::new()) {
         return Err(RequestError::CardData { field });
+    }
+    // Every shape error at once (deserializing would stop at the first).
+    let shape = SHAPE.errors(&value);
+    if !shape.is_empty() {
+        return Err(RequestError::Invalid(shape));
     }
     let request: OrderRequest = serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
@@ -287,7 +296,38 @@ mod tests {
         let Err(RequestError::Invalid(errors)) = parse(b.to_string().as_bytes()) else {
             panic!("expected Invalid");
         };
-        assert!(errors[0].message.contains("total_minor"), "{errors:?}");
+        assert_eq!(errors[0].field, "total_minor", "{errors:?}");
+        assert_eq!(errors[0].message, "is required");
+    }
+
+    #[test]
+    fn every_shape_error_is_listed_at_once() {
+        let mut b = body();
+        b.as_object_mut().expect("object").remove("currency");
+        b["total_minor"] = serde_json::json!("12");
+        b["lines"][0]["quantity"] = serde_json::json!(1e12);
+        b["lines"][0]["colour"] = serde_json::json!("red");
+        b["shipping_address"]
+            .as_object_mut()
+            .expect("object")
+            .remove("city");
+        b["shipping_address"]["line2"] = serde_json::json!(null);
+        let Err(RequestError::Invalid(errors)) = parse(b.to_string().as_bytes()) else {
+            panic!("expected Invalid");
+        };
+        let mut fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            [
+                "currency",
+                "lines[0].colour",
+                "lines[0].quantity",
+                "shipping_address.city",
+                "total_minor"
+            ],
+            "{errors:?}"
+        );
     }
 
     #[test]
