@@ -6,6 +6,8 @@
 //!   ([`driver`]) at rising rates against a pipeline it starts ([`setup`]) or a running one, the
 //!   broker's own ceiling on the same broker ([`ceiling`]), the pipeline's CPU and memory
 //!   ([`procstat`]), and the report ([`stats`], [`report`]). BENCHMARKS.md has the figures.
+//! - `ingest-bench` (`src/bin/ingest-bench.rs`) measures the ingest edge alone against the raw
+//!   produce ceiling of the same broker; `projection-bench` the projection and query API.
 //!
 //! [`sample_order`] is the event the micro benchmarks and the ceiling share.
 
