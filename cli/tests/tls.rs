@@ -130,8 +130,6 @@ fn a_missing_certificate_file_is_named() {
         key_file: fixture("server-key.pem"),
         client_ca_file: String::new(),
     };
-    let err = orderflow_platform::tls::server_config(&settings)
-        .err()
-        .expect("refused");
+    let err = orderflow_platform::tls::server_config(&settings).expect_err("refused");
     assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
 }
