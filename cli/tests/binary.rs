@@ -58,13 +58,15 @@ async fn dev_runs_serves_and_stops_cleanly() {
     assert_eq!(view["version"], 8, "placed .. confirmed: {view}");
 
     // loadgen against the running instance: every accepted order reaches a final status.
-    let ingest = dev.ingest_url.clone();
+    let (ingest, admin) = (dev.ingest_url.clone(), dev.admin_url.clone());
     let output = tokio::task::spawn_blocking(move || {
         Command::new(BIN)
             .args([
                 "loadgen",
                 "--url",
                 &ingest,
+                "--admin-url",
+                &admin,
                 "--orders",
                 "40",
                 "--rate",
@@ -78,7 +80,11 @@ async fn dev_runs_serves_and_stops_cleanly() {
     .await
     .expect("join");
     let report = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "loadgen failed:\n{report}");
+    assert!(
+        output.status.success(),
+        "loadgen failed:\n{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(report.contains("accepted  40 (202)"), "{report}");
     assert!(report.contains("not final in time: 0"), "{report}");
     assert!(report.contains("confirmed"), "{report}");
@@ -141,4 +147,55 @@ fn config_show_redacts_secrets_and_bad_values_name_their_key() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr).to_lowercase();
     assert!(err.contains("kafka.fetch_wait_max_ms"), "{err}");
+}
+
+/// `dev` with authentication on, as the README's first command runs it: the banner's keys are
+/// the ones that work, each for its role.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_prints_a_working_key_per_role() {
+    let dir = TempDir::new();
+    let mut dev = DevProcess::start(
+        Path::new(BIN),
+        &dir.0,
+        &["--set".into(), "auth.enabled=true".into()],
+    )
+    .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    let keys = dev.api_keys.clone();
+    let roles: Vec<&str> = keys.keys().map(String::as_str).collect();
+    assert_eq!(roles, ["admin", "producer", "reader"], "{:?}", dev.banner);
+    let client = reqwest::Client::new();
+    let post = |key: Option<&str>| {
+        let mut request = client
+            .post(format!("{}/v1/orders", dev.ingest_url))
+            .json(&order_json("c-keys"));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    assert_eq!(post(None).await.expect("post").status(), 401);
+    assert_eq!(
+        post(Some(&keys["reader"])).await.expect("post").status(),
+        403
+    );
+    let accepted = post(Some(&keys["producer"])).await.expect("post");
+    assert_eq!(accepted.status(), 202);
+    let body: Value = accepted.json().await.expect("json");
+    let status_url = body["status_url"].as_str().expect("status url");
+    let read = client
+        .get(status_url)
+        .bearer_auth(&keys["reader"])
+        .query(&[("min_version", "1")])
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(read.status(), 200);
+    let keys_list = client
+        .get(format!("{}/v1/keys", dev.admin_url))
+        .bearer_auth(&keys["admin"])
+        .send()
+        .await
+        .expect("keys");
+    assert_eq!(keys_list.status(), 200);
+    interrupt(&mut dev);
 }

@@ -43,6 +43,8 @@ impl DevProcess {
             .args([
                 "--set",
                 "admin.listen=\"127.0.0.1:0\"",
+                "--set",
+                "gateway.listen=\"127.0.0.1:0\"",
                 "--ingest-listen",
                 "127.0.0.1:0",
                 "--query-listen",
