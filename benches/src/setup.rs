@@ -77,6 +77,10 @@ impl Pipeline {
                     broker.bootstrap(),
                     "--database-url".to_owned(),
                     database.url.clone(),
+                    // As orderflow runs on Tansu: its read_committed can stop for good behind
+                    // a transaction it never ends (kafka.isolation_level in the defaults).
+                    "--set".to_owned(),
+                    "kafka.isolation_level=\"read_uncommitted\"".to_owned(),
                 ]);
                 (Some(broker), Some(database))
             }

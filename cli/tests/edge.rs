@@ -688,3 +688,25 @@ async fn each_principal_has_its_own_rate_limit_and_a_reload_changes_it() {
     }
     edge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_expires_after_its_time() {
+    let broker = Broker::embedded();
+    let db = Database::sqlite();
+    let edge = Edge::start(&broker, &db, &[("ingest.idempotency_ttl_secs", "1")]).await;
+    let producer = edge.key(AuthRole::Producer).await;
+    let (status, _, first) = post_keyed(&edge, &producer, "k-ttl", &order_json("c-ttl")).await;
+    assert_eq!(status, 202, "{first}");
+    // Within its time the key is bound to its first request...
+    let (status, _, _) = post_keyed(&edge, &producer, "k-ttl", &order_json("c-other")).await;
+    assert_eq!(status, 422);
+    // ...and once it expired, the same key is free for a new request: a new order.
+    let second = eventually(Duration::from_secs(10), "the key to expire", || async {
+        let (status, _, answer) =
+            post_keyed(&edge, &producer, "k-ttl", &order_json("c-other")).await;
+        (status == 202).then_some(answer)
+    })
+    .await;
+    assert_ne!(second["order_id"], first["order_id"]);
+    edge.stop().await;
+}

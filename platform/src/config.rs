@@ -182,6 +182,9 @@ pub struct KafkaSettings {
     pub message_timeout_ms: u32,
     pub transaction_timeout_ms: u32,
     pub embedded_brokers: u8,
+    /// What every consumer reads (`read_committed` or `read_uncommitted`); one level for all,
+    /// so every processor, restore and projection sees the same log.
+    pub isolation_level: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -461,6 +464,13 @@ impl Settings {
             ),
         );
         check(
+            k.isolation_level == "read_committed" || k.isolation_level == "read_uncommitted",
+            format!(
+                "kafka.isolation_level: expected read_committed or read_uncommitted, found {:?}",
+                k.isolation_level
+            ),
+        );
+        check(
             (1..=16).contains(&k.embedded_brokers),
             format!(
                 "kafka.embedded_brokers: expected 1..=16, found {}",
@@ -710,10 +720,17 @@ mod tests {
             flags.set("kafka.fetch_wait_max_ms", "0");
             flags.set("validation.currencies", "[\"euro\"]");
             flags.set("database.url", "mysql://x");
+            flags.set("kafka.isolation_level", "\"dirty\"");
+            flags.set("admin.tls.client_ca_file", "\"ca.pem\"");
+            flags.set("auth.jwt.hs256_secret", "\"short\"");
             let err = load(&flags).expect_err("invalid").to_string();
             assert!(err.contains("kafka.fetch_wait_max_ms"), "{err}");
             assert!(err.contains("validation.currencies"), "{err}");
             assert!(err.contains("database.url"), "{err}");
+            assert!(err.contains("kafka.isolation_level"), "{err}");
+            assert!(err.contains("admin.tls.client_ca_file"), "{err}");
+            assert!(err.contains("auth.jwt.issuer"), "{err}");
+            assert!(err.contains("auth.jwt.hs256_secret"), "{err}");
             Ok(())
         });
     }
@@ -723,8 +740,17 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.create_file("db-url", "postgres://app:hunter2@db/orders\n")?;
             jail.set_env("ORDERFLOW_DATABASE__URL_FILE", "db-url");
+            jail.create_file("jwt-secret", "an-hs256-secret-of-at-least-32-bytes!!\n")?;
+            jail.set_env("ORDERFLOW_AUTH__JWT__HS256_SECRET_FILE", "jwt-secret");
+            jail.set_env("ORDERFLOW_AUTH__JWT__ISSUER", "https://issuer");
+            jail.set_env("ORDERFLOW_AUTH__JWT__AUDIENCE", "orderflow");
             let s = load(&Overrides::default()).expect("loads");
             assert_eq!(s.database_url(), "postgres://app:hunter2@db/orders");
+            assert_eq!(
+                s.auth.jwt.hs256_secret.expose(),
+                Some("an-hs256-secret-of-at-least-32-bytes!!")
+            );
+            assert!(!s.to_toml().contains("an-hs256-secret"));
             let shown = s.to_toml();
             assert!(!shown.contains("hunter2"), "{shown}");
             assert!(shown.contains("[redacted]"), "{shown}");

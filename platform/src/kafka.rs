@@ -121,7 +121,7 @@ impl KafkaClients {
         let mut config = self.base(role);
         config
             .set("group.id", group_id)
-            .set("isolation.level", "read_committed")
+            .set("isolation.level", &self.settings.isolation_level)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
@@ -153,7 +153,7 @@ impl KafkaClients {
                 "group.id",
                 format!("{}-{role}-reader", self.settings.client_id),
             )
-            .set("isolation.level", "read_committed")
+            .set("isolation.level", &self.settings.isolation_level)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "true")
