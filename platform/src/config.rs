@@ -124,6 +124,9 @@ pub struct Settings {
 pub struct SagaSettings {
     pub review_timeout_ms: i64,
     pub inventory_timeout_ms: i64,
+    /// A payment or refund request still unanswered this long after it was made is sent to
+    /// the payment worker again (byte-identical), and again every as long.
+    pub payment_resend_ms: i64,
 }
 
 /// The fraud model: a logistic score over the order's features plus hard rules. Reloadable.
@@ -559,6 +562,13 @@ impl Settings {
             self.saga.review_timeout_ms > 0 && self.saga.inventory_timeout_ms > 0,
             "saga.review_timeout_ms and saga.inventory_timeout_ms: expected positive durations"
                 .to_owned(),
+        );
+        check(
+            self.saga.payment_resend_ms > self.payment.payment_timeout_ms,
+            format!(
+                "saga.payment_resend_ms: expected more than payment.payment_timeout_ms ({}), found {}",
+                self.payment.payment_timeout_ms, self.saga.payment_resend_ms
+            ),
         );
         for (key, tls) in [
             ("ingest.tls", &self.ingest.tls),

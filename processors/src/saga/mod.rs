@@ -102,14 +102,20 @@ pub enum Stage {
         reserved: BTreeMap<String, i32>,
         shortages: Vec<(String, i32, i32)>,
     },
-    /// Waiting for the payment worker's answer to `request_id`.
+    /// Waiting for the payment worker's answer to `request_id`. `cause_id` is the request's
+    /// causation id, kept to send the request again byte for byte (empty in states written
+    /// before it was kept: such a request is not sent again).
     Paying {
         request_id: String,
+        #[serde(default)]
+        cause_id: String,
     },
     Confirmed,
     /// Waiting for the refund of a confirmed order the customer cancelled.
     Refunding {
         request_id: String,
+        #[serde(default)]
+        cause_id: String,
     },
     /// `rejected` or `cancelled`.
     Done {
@@ -182,6 +188,9 @@ pub struct Saga {
     /// does not time out steps that were never given their time. Not state: after a restart a
     /// step gets its full time again, which only ever delays a timeout.
     first_seen: HashMap<i32, HashMap<String, i64>>,
+    /// When this process last sent a still unanswered payment request again (wall clock, by
+    /// request id).
+    resent: HashMap<i32, HashMap<String, i64>>,
 }
 
 impl Saga {
@@ -198,6 +207,7 @@ impl Saga {
             topics,
             timers_sent: HashMap::new(),
             first_seen: HashMap::new(),
+            resent: HashMap::new(),
         }
     }
 }
@@ -397,7 +407,10 @@ impl<'a> Emitter<'a> {
         );
         order.sequence += 1; // the worker's answer
         order.since = self.occurred_at;
-        order.stage = Stage::Paying { request_id };
+        order.stage = Stage::Paying {
+            request_id,
+            cause_id: self.cause_id.to_owned(),
+        };
     }
 
     fn request_refund(&mut self, order: &mut OrderState) {
@@ -425,8 +438,56 @@ impl<'a> Emitter<'a> {
         );
         order.sequence += 1; // the worker's answer
         order.since = self.occurred_at;
-        order.stage = Stage::Refunding { request_id };
+        order.stage = Stage::Refunding {
+            request_id,
+            cause_id: self.cause_id.to_owned(),
+        };
     }
+}
+
+/// The payment or refund request an order is waiting on, exactly as it was emitted (same id,
+/// time, cause, sequence and content), to send it again; `None` when it is not waiting on one.
+fn pending_payment_request(order_id: &str, order: &OrderState) -> Option<OrderEvent> {
+    let (request_id, cause_id, kind) = match &order.stage {
+        Stage::Paying {
+            request_id,
+            cause_id,
+        } => (request_id, cause_id, EventKind::PaymentRequested),
+        Stage::Refunding {
+            request_id,
+            cause_id,
+        } => (request_id, cause_id, EventKind::PaymentRefundRequested),
+        _ => return None,
+    };
+    if cause_id.is_empty() {
+        return None;
+    }
+    let envelope = Envelope {
+        event_id: request_id.clone(),
+        order_id: order_id.to_owned(),
+        customer_id: order.customer_id.clone(),
+        occurred_at: order.since,
+        causation_id: Some(cause_id.clone()),
+        // The request's; the slot after it is kept for the answer.
+        sequence: order.sequence - 1,
+        schema_version: kind.schema_version(),
+    };
+    Some(match kind {
+        EventKind::PaymentRequested => OrderEvent::PaymentRequested(PaymentRequested {
+            envelope,
+            amount_minor: order.total_minor,
+            currency: order.currency.clone(),
+            payment_token: order.payment_token.clone(),
+            idempotency_key: order_id.to_owned(),
+        }),
+        _ => OrderEvent::PaymentRefundRequested(PaymentRefundRequested {
+            envelope,
+            amount_minor: order.total_minor,
+            currency: order.currency.clone(),
+            idempotency_key: format!("refund-{order_id}"),
+            charge_idempotency_key: order_id.to_owned(),
+        }),
+    })
 }
 
 /// A final stage; what only the running saga needed is dropped.
@@ -686,9 +747,9 @@ impl Saga {
             return Ok(());
         };
         let awaited = match (&order.stage, event) {
-            (Stage::Paying { request_id }, OrderEvent::PaymentAuthorized(_))
-            | (Stage::Paying { request_id }, OrderEvent::PaymentDeclined(_))
-            | (Stage::Refunding { request_id }, OrderEvent::PaymentRefunded(_)) => {
+            (Stage::Paying { request_id, .. }, OrderEvent::PaymentAuthorized(_))
+            | (Stage::Paying { request_id, .. }, OrderEvent::PaymentDeclined(_))
+            | (Stage::Refunding { request_id, .. }, OrderEvent::PaymentRefunded(_)) => {
                 envelope.causation_id.as_deref() == Some(request_id.as_str())
             }
             _ => false,
@@ -917,6 +978,28 @@ impl Step for Saga {
                 }),
             );
         }
+        // Payment and refund requests still unanswered: sent to the worker again, byte for
+        // byte, every `payment_resend_ms` (in event time since the request, and waited that
+        // long in this process). A request or an answer the broker lost then still gets its
+        // answer; one that was only slow gets the same answer twice, which the saga drops.
+        let resend = self.timeouts.payment_resend_ms;
+        let resent = self.resent.entry(partition).or_default();
+        for (order_id, order) in state.orders.iter() {
+            let Some(request) = pending_payment_request(order_id, order) else {
+                continue;
+            };
+            let request_id = request.envelope().event_id.clone();
+            pending.insert(request_id.clone());
+            let seen = *first_seen.entry(request_id.clone()).or_insert(now_ms);
+            let last = resent.get(&request_id).copied().unwrap_or(seen);
+            if order.since + resend > now_ms || now_ms - last < resend {
+                continue;
+            }
+            resent.insert(request_id, now_ms);
+            tracing::warn!(order_id = %order_id, kind = request.kind().name(), "No payment answer in time; sending the request again.");
+            out.push(self.topics.payment_requests, order_id.clone(), request);
+        }
+        resent.retain(|id, _| pending.contains(id));
         // Forget timers whose order moved on.
         sent.retain(|id| due.contains(id));
         first_seen.retain(|id, _| pending.contains(id));

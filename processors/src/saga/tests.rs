@@ -684,6 +684,84 @@ fn a_step_with_no_answer_times_out_and_cancels() {
 }
 
 #[test]
+fn an_unanswered_payment_request_is_sent_again_byte_for_byte() {
+    let mut world = World::new();
+    world.pay = Pay::Hold;
+    world.restock("A", 5, 1);
+    let o = order(1, "c-1", &[("A", 2)]);
+    let id = o.envelope.order_id.clone();
+    world.place(o);
+    world.run();
+    // The request reached the worker's topic; the broker then loses it (or its answer).
+    let original = world.payments.pop_front().expect("a payment request");
+    assert!(world.payments.is_empty());
+    let requested_at = original.envelope().occurred_at;
+    let resend = defaults().saga.payment_resend_ms;
+    let tick = |world: &mut World, now: i64| {
+        let mut out = Outputs::default();
+        world.saga.tick(0, &world.saga_state, now, &mut out);
+        out.drain()
+            .filter(|r| r.topic == "payments.requests")
+            .map(|r| r.event)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        tick(&mut world, requested_at).is_empty(),
+        "nothing before its time"
+    );
+    assert!(
+        tick(&mut world, requested_at + resend - 1).is_empty(),
+        "nothing before payment_resend_ms"
+    );
+    // Waited its time in event time and here: sent again, exactly as first sent.
+    let again = tick(&mut world, requested_at + 2 * resend);
+    assert_eq!(again, vec![original.clone()]);
+    assert!(
+        tick(&mut world, requested_at + 2 * resend + 1).is_empty(),
+        "once per interval"
+    );
+    assert_eq!(tick(&mut world, requested_at + 3 * resend), vec![original]);
+    // The worker answers the resent request; the order goes on as if nothing happened.
+    world.pay = Pay::Authorize;
+    world.payments.extend(again);
+    world.run();
+    assert_eq!(world.status(&id), "confirmed");
+    assert_eq!(world.kinds(&id), HAPPY);
+    // Answered: never sent again.
+    assert!(tick(&mut world, requested_at + 10 * resend).is_empty());
+}
+
+#[test]
+fn an_unanswered_refund_request_is_sent_again_byte_for_byte() {
+    let mut world = World::new();
+    world.restock("A", 5, 1);
+    let o = order(1, "c-1", &[("A", 2)]);
+    let id = o.envelope.order_id.clone();
+    world.place(o);
+    world.run();
+    assert_eq!(world.status(&id), "confirmed");
+    world.pay = Pay::Hold;
+    world.input(cancel_request(&id, "c-1", 1));
+    world.run();
+    let original = world.payments.pop_front().expect("a refund request");
+    assert!(matches!(original, OrderEvent::PaymentRefundRequested(_)));
+    let at = original.envelope().occurred_at;
+    let resend = defaults().saga.payment_resend_ms;
+    let mut out = Outputs::default();
+    world.saga.tick(0, &world.saga_state, at, &mut out);
+    world
+        .saga
+        .tick(0, &world.saga_state, at + 2 * resend, &mut out);
+    let again: Vec<OrderEvent> = out.drain().map(|r| r.event).collect();
+    assert_eq!(again, vec![original]);
+    world.pay = Pay::Authorize;
+    world.payments.extend(again);
+    world.run();
+    assert_eq!(world.status(&id), "cancelled");
+    assert_eq!(world.available("A"), 5);
+}
+
+#[test]
 fn an_inventory_timeout_releases_everything() {
     let mut world = World::new();
     world.restock("A", 5, 1);
