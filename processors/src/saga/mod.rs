@@ -445,6 +445,14 @@ impl<'a> Emitter<'a> {
     }
 }
 
+/// The id of the payment or refund request an order is waiting on.
+fn awaited_payment(order: &OrderState) -> Option<&str> {
+    match &order.stage {
+        Stage::Paying { request_id, .. } | Stage::Refunding { request_id, .. } => Some(request_id),
+        _ => None,
+    }
+}
+
 /// The payment or refund request an order is waiting on, exactly as it was emitted (same id,
 /// time, cause, sequence and content), to send it again; `None` when it is not waiting on one.
 fn pending_payment_request(order_id: &str, order: &OrderState) -> Option<OrderEvent> {
@@ -939,8 +947,30 @@ impl Step for Saga {
         let mut pending = HashSet::new();
         let sent = self.timers_sent.entry(partition).or_default();
         let first_seen = self.first_seen.entry(partition).or_default();
+        let resent = self.resent.entry(partition).or_default();
+        let resend_ms = self.timeouts.payment_resend_ms;
         for (order_id, order) in state.orders.iter() {
             let Some((deadline, step, stage_event_id)) = deadline(&self.timeouts, order) else {
+                // Waiting on a payment or refund answer instead: the request is sent to the
+                // worker again, byte for byte, every `payment_resend_ms` (in event time since
+                // the request, and waited that long in this process). A request or an answer
+                // the broker lost then still gets its answer; one that was only slow gets the
+                // same answer twice, which the saga drops.
+                let Some(request_id) = awaited_payment(order) else {
+                    continue;
+                };
+                pending.insert(request_id.to_owned());
+                let seen = *first_seen.entry(request_id.to_owned()).or_insert(now_ms);
+                let last = resent.get(request_id).copied().unwrap_or(seen);
+                if order.since + resend_ms > now_ms || now_ms - last < resend_ms {
+                    continue;
+                }
+                let Some(request) = pending_payment_request(order_id, order) else {
+                    continue;
+                };
+                resent.insert(request_id.to_owned(), now_ms);
+                tracing::warn!(order_id = %order_id, kind = request.kind().name(), "No payment answer in time; sending the request again.");
+                out.push(self.topics.payment_requests, order_id.clone(), request);
                 continue;
             };
             pending.insert(stage_event_id.to_owned());
@@ -978,31 +1008,10 @@ impl Step for Saga {
                 }),
             );
         }
-        // Payment and refund requests still unanswered: sent to the worker again, byte for
-        // byte, every `payment_resend_ms` (in event time since the request, and waited that
-        // long in this process). A request or an answer the broker lost then still gets its
-        // answer; one that was only slow gets the same answer twice, which the saga drops.
-        let resend = self.timeouts.payment_resend_ms;
-        let resent = self.resent.entry(partition).or_default();
-        for (order_id, order) in state.orders.iter() {
-            let Some(request) = pending_payment_request(order_id, order) else {
-                continue;
-            };
-            let request_id = request.envelope().event_id.clone();
-            pending.insert(request_id.clone());
-            let seen = *first_seen.entry(request_id.clone()).or_insert(now_ms);
-            let last = resent.get(&request_id).copied().unwrap_or(seen);
-            if order.since + resend > now_ms || now_ms - last < resend {
-                continue;
-            }
-            resent.insert(request_id, now_ms);
-            tracing::warn!(order_id = %order_id, kind = request.kind().name(), "No payment answer in time; sending the request again.");
-            out.push(self.topics.payment_requests, order_id.clone(), request);
-        }
-        resent.retain(|id, _| pending.contains(id));
-        // Forget timers whose order moved on.
+        // Forget timers and resends whose order moved on.
         sent.retain(|id| due.contains(id));
         first_seen.retain(|id, _| pending.contains(id));
+        resent.retain(|id, _| pending.contains(id));
     }
 }
 
