@@ -86,6 +86,17 @@ async fn every_documented_operation_is_routed_and_nothing_else_is() {
             let url = format!("{base}{}", concrete(path));
             for method in METHODS {
                 let documented = item.get(method).is_some();
+                // Every operation that takes a body documents the body limit's answers.
+                if let Some(op) = item
+                    .get(method)
+                    .filter(|op| op.get("requestBody").is_some())
+                {
+                    for status in ["400", "413"] {
+                        if op["responses"].get(status).is_none() {
+                            failures.push(format!("{name}: {method} {path} lacks {status}"));
+                        }
+                    }
+                }
                 let response = client
                     .request(method.to_uppercase().parse().expect("method"), &url)
                     .header("content-type", "application/json")

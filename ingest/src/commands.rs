@@ -181,7 +181,6 @@ async fn publish(
         (status = 400, description = "Unreadable body, or an invalid Idempotency-Key.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order (yet).", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The order cannot be cancelled any more, or a request with the same Idempotency-Key is in progress.", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid body or order id, or an Idempotency-Key used for another request.", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -235,10 +234,8 @@ pub async fn cancel(
     request_body(content = ReviewBody, content_type = "application/json"),
     responses(
         (status = 202, description = "The decision is durable.", body = CommandAccepted),
-        (status = 400, description = "Unreadable body.", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such order (yet).", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The order is not held for review.", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid decision, reviewer or order id.", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -294,8 +291,6 @@ pub async fn review(
     request_body(content = Vec<RestockItem>, content_type = "application/json"),
     responses(
         (status = 202, description = "Every restock is durable.", body = RestockAccepted),
-        (status = 400, description = "Unreadable body.", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid items (every one listed).", body = Problem, content_type = "application/problem+json"),
     )
 )]

@@ -62,8 +62,6 @@ pub async fn list(State(state): State<IngestState>) -> Result<Json<KeyList>, Pro
     request_body(content = NewKey, content_type = "application/json"),
     responses(
         (status = 201, description = "Created; `token` is shown this once.", body = CreatedKey),
-        (status = 400, description = "Unreadable body.", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "Body too large.", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid name or role.", body = Problem, content_type = "application/problem+json"),
     )
 )]

@@ -2,7 +2,8 @@
 //! (utoipa; routes are registered through `utoipa_axum::routes!`, so a route cannot exist
 //! without its documentation). [`finish`] adds what every operation of a listener shares, in
 //! one place: the bearer security scheme, the answers of the authentication and rate-limiting
-//! layers (401, 403, 429) and of an unavailable dependency (503), all problem+json, and the
+//! layers (401, 403, 429), of an unavailable dependency (503) and of reading a body (400, 413),
+//! all problem+json, and the
 //! `/healthz` and `/openapi.json` operations every listener serves. [`document_routes`] serves
 //! the document.
 
@@ -84,6 +85,7 @@ pub fn finish(api: OpenApi, title: &str, rate_limited: bool) -> OpenApi {
             continue;
         }
         for operation in operations(item) {
+            let has_body = operation.request_body.is_some();
             operation.security = Some(vec![SecurityRequirement::new(
                 "bearer",
                 Vec::<String>::new(),
@@ -116,6 +118,14 @@ pub fn finish(api: OpenApi, title: &str, rate_limited: bool) -> OpenApi {
                     "A dependency (broker, database) is unavailable; retry later.",
                 )),
             );
+            // Every handler that takes a body reads it through the same limit.
+            if has_body {
+                add("400", problem_response("The body could not be read."));
+                add(
+                    "413",
+                    problem_response("The body is larger than the listener's limit."),
+                );
+            }
         }
     }
     let text = |description: &str, media: &str| {
