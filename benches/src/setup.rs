@@ -77,11 +77,12 @@ impl Pipeline {
                     broker.bootstrap(),
                     "--database-url".to_owned(),
                     database.url.clone(),
-                    // As orderflow runs on Tansu: its read_committed can stop for good behind
-                    // a transaction it never ends (kafka.isolation_level in the defaults).
-                    "--set".to_owned(),
-                    "kafka.isolation_level=\"read_uncommitted\"".to_owned(),
                 ]);
+                // As orderflow runs on Tansu (kafka.isolation_level and
+                // kafka.recheck_offset_gaps in the defaults).
+                for (key, value) in broker.overrides() {
+                    args.extend(["--set".to_owned(), format!("{key}={value}")]);
+                }
                 (Some(broker), Some(database))
             }
         };

@@ -9,7 +9,7 @@ use orderflow::pipeline::{self, Role};
 use orderflow_platform::{kafka::KafkaClients, Settings};
 use orderflow_schemas::{Codec, EventKind};
 use orderflow_testkit::{
-    apply_topics, eventually, log::read_dead_letters, restock, test_settings, Broker, Database,
+    apply_topics, eventually, log::read_dead_letters, restock, test_settings_with, Broker, Database,
 };
 use orderflow_topics::names;
 use rdkafka::{
@@ -238,7 +238,7 @@ fn assert_group_at_end(bootstrap: &str, settings: &Settings, group: &str) {
 }
 
 async fn orders_flow_end_to_end(broker: Broker, db: Database) {
-    let settings = test_settings(Some(&db.url));
+    let settings = test_settings_with(Some(&db.url), broker.overrides());
     let bootstrap = broker.bootstrap();
     apply_topics(&broker, &settings).await;
 

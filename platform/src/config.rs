@@ -188,6 +188,10 @@ pub struct KafkaSettings {
     /// What every consumer reads (`read_committed` or `read_uncommitted`); one level for all,
     /// so every processor, restore and projection sees the same log.
     pub isolation_level: String,
+    /// Read every gap in a partition's offsets a second time before passing it (processors and
+    /// projections): for brokers that can serve a record before an earlier one is readable
+    /// (Tansu). See [`crate::gaps`].
+    pub recheck_offset_gaps: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -4,6 +4,7 @@
 //! if something here is used by one role only, it belongs in that role.
 
 pub mod config;
+pub mod gaps;
 pub mod health;
 pub mod http;
 pub mod kafka;

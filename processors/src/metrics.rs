@@ -26,6 +26,8 @@ pub struct ProcessorMetrics {
     pub outputs: Family<OutputLabels, Counter>,
     pub dead_letters: Family<ProcessorLabels, Counter>,
     pub aborts: Family<ProcessorLabels, Counter>,
+    /// Gaps in the input offsets read a second time (`kafka.recheck_offset_gaps`).
+    pub gap_rereads: Family<ProcessorLabels, Counter>,
     pub batch_records: Family<ProcessorLabels, Histogram>,
     pub commit_seconds: Family<ProcessorLabels, Histogram>,
     pub restore_seconds: Family<ProcessorLabels, Histogram>,
@@ -73,6 +75,7 @@ impl ProcessorMetrics {
             outputs: Family::default(),
             dead_letters: Family::default(),
             aborts: Family::default(),
+            gap_rereads: Family::default(),
             batch_records: Family::new_with_constructor(batch_histogram),
             commit_seconds: Family::new_with_constructor(commit_histogram),
             restore_seconds: Family::new_with_constructor(commit_histogram),
@@ -105,6 +108,11 @@ impl ProcessorMetrics {
             "processor_transaction_aborts",
             "Batches aborted and redone from the last committed position",
             m.aborts.clone(),
+        );
+        registry.register(
+            "processor_offset_gap_rereads",
+            "Gaps in the input offsets read a second time before being passed (kafka.recheck_offset_gaps)",
+            m.gap_rereads.clone(),
         );
         registry.register(
             "processor_batch_records",

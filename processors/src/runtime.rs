@@ -45,6 +45,7 @@ use std::{
 
 use orderflow_platform::{
     config::BatchSettings,
+    gaps::GapGuard,
     health::Readiness,
     kafka::{
         collect_batch_within, dead_letter_headers, event_headers, header_value, next_offsets,
@@ -316,6 +317,7 @@ impl<S: Step> ProcessorRuntime<S> {
         info!(processor = self.io.name, group = %self.group_id, topic = self.io.input_topic, "Processor started.");
 
         let mut slots: BTreeMap<i32, Slot<S::State>> = BTreeMap::new();
+        let mut gaps = GapGuard::new(self.clients.settings().recheck_offset_gaps);
         let tick = Duration::from_millis(self.batch.tick_ms.max(10));
         let mut last_tick = Instant::now();
         let mut last_committed = None;
@@ -325,7 +327,8 @@ impl<S: Step> ProcessorRuntime<S> {
             // transaction is open then. Partitions revoked meanwhile lose their records and
             // state here; partitions assigned get their state restored before any of their
             // records is processed.
-            self.sync_assignment(&consumer, &mut slots).await?;
+            self.sync_assignment(&consumer, &mut slots, &mut gaps)
+                .await?;
             let batch = retain_assigned(&consumer, batch)
                 .into_iter()
                 .filter(|m| match slots.get(&m.partition()) {
@@ -334,6 +337,29 @@ impl<S: Step> ProcessorRuntime<S> {
                     None => false,
                 })
                 .collect::<Vec<_>>();
+            // A partition whose offsets jump is read again from the jump before its later
+            // records are applied (crate docs of `orderflow_platform::gaps`).
+            let (batch, rereads) = gaps.check(batch);
+            for reread in &rereads {
+                debug!(
+                    processor = self.io.name,
+                    partition = reread.partition,
+                    from = reread.from,
+                    "Reading a gap in the offsets again."
+                );
+                consumer.seek(
+                    &reread.topic,
+                    reread.partition,
+                    Offset::Offset(reread.from),
+                    Duration::from_secs(10),
+                )?;
+            }
+            if !rereads.is_empty() {
+                self.metrics
+                    .gap_rereads
+                    .get_or_create(&self.labels)
+                    .inc_by(rereads.len() as u64);
+            }
             let mut timers = Outputs::default();
             if last_tick.elapsed() >= tick {
                 last_tick = Instant::now();
@@ -377,6 +403,7 @@ impl<S: Step> ProcessorRuntime<S> {
         &self,
         consumer: &ProcessorConsumer,
         slots: &mut BTreeMap<i32, Slot<S::State>>,
+        gaps: &mut GapGuard,
     ) -> Result<(), ProcessorError> {
         let assigned: BTreeSet<i32> = consumer
             .assignment()?
@@ -385,6 +412,7 @@ impl<S: Step> ProcessorRuntime<S> {
             .map(|e| e.partition())
             .collect();
         slots.retain(|p, _| assigned.contains(p));
+        gaps.retain(|_, p| assigned.contains(&p));
         let new: Vec<i32> = assigned
             .iter()
             .copied()
@@ -413,6 +441,7 @@ impl<S: Step> ProcessorRuntime<S> {
                     if let Some(position) = slot.position {
                         self.seek_back_if_ahead(consumer, partition, position)
                             .await?;
+                        gaps.expect(self.io.input_topic, partition, position);
                     }
                     slot
                 }

@@ -8,6 +8,8 @@
 //!   records on the inventory and payment inputs go to their dead-letter topics and the records
 //!   behind them are processed;
 //! - fencing (Tansu): a new producer with an instance's transactional id fences the old one.
+//! - offset gaps: with `kafka.recheck_offset_gaps`, each transaction marker in the input is read
+//!   twice before it is passed, and every record is still handled once, in order.
 //! - readiness: a processor reports "restoring" on `/readyz` while its state restores, and
 //!   ready after.
 
@@ -39,7 +41,7 @@ use orderflow_schemas::{Codec, OrderEvent};
 use orderflow_testkit::{
     apply_topics, eventually,
     log::{now_ms, order_placed, read_dead_letters, restocked, LogReader},
-    test_settings, Broker,
+    test_settings, test_settings_with, Broker,
 };
 use orderflow_topics::names;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -200,6 +202,106 @@ async fn a_slow_batch_pauses_the_partitions_on_tansu() {
         return;
     };
     backpressure(broker).await;
+}
+
+/// Input written in committed transactions, each leaving a marker (an offset no record holds)
+/// in the partition: with `kafka.recheck_offset_gaps` the runtime reads each such gap a second
+/// time before passing it, and still handles every record exactly once and in order.
+async fn offset_gaps_are_read_twice(broker: Broker) {
+    let mut settings = test_settings_with(None, broker.overrides());
+    settings.kafka.recheck_offset_gaps = true;
+    apply_topics(&broker, &settings).await;
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let codec = Arc::new(Codec::new().expect("codec"));
+
+    let upstream: FutureProducer = clients
+        .transactional_producer("test", "test-gaps")
+        .create()
+        .expect("producer");
+    let timeout = Duration::from_secs(30);
+    upstream.init_transactions(timeout).expect("init");
+    let mut written = Vec::new();
+    for t in 0..4 {
+        upstream.begin_transaction().expect("begin");
+        for i in 0..5 {
+            let event = restocked(&format!("SKU-{t}-{i}"), 1, now_ms());
+            written.push(event.envelope().event_id.clone());
+            let bytes = codec.encode(&event).expect("encode");
+            upstream
+                .send(
+                    FutureRecord::to(names::PAYMENTS_REQUESTS)
+                        .partition(0)
+                        .key("k")
+                        .payload(&bytes),
+                    timeout,
+                )
+                .await
+                .unwrap_or_else(|(e, _)| panic!("write: {e}"));
+        }
+        upstream.commit_transaction(timeout).expect("commit");
+    }
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let metrics = ProcessorMetrics::register(&MetricsRegistry::new(), ConsumerMetrics::default());
+    let io = ProcessorIo {
+        name: "gaps-test",
+        input_topic: names::PAYMENTS_REQUESTS,
+        dead_letter_topic: names::PAYMENTS_DLQ,
+        changelog_topic: None,
+    };
+    let runtime = ProcessorRuntime::new(
+        io,
+        Gated {
+            gate: Arc::new(Semaphore::new(10_000)),
+            batches: Arc::new(Mutex::new(Vec::new())),
+            seen: seen.clone(),
+        },
+        clients,
+        &settings.processor,
+        codec,
+        metrics.clone(),
+    );
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(runtime.run(cancel.clone()));
+    let labels = ProcessorLabels {
+        processor: io.name.to_owned(),
+    };
+    eventually(
+        Duration::from_secs(60),
+        "every record committed",
+        || async { (metrics.records.get_or_create(&labels).get() == 20).then_some(()) },
+    )
+    .await;
+    cancel.cancel();
+    running.await.expect("runtime ends");
+    let seen = seen.lock().expect("lock").clone();
+    assert_eq!(seen, written, "every record once, in log order");
+    // On Tansu the markers after the first three transactions have records behind them: each
+    // gap was read again once (the last marker ends the partition, so nothing jumps over it).
+    // The in-process mock cluster stores no markers: its offsets have no gaps to read again.
+    let markers_behind_records = match broker {
+        Broker::Embedded(_) => 0,
+        Broker::Tansu(_) => 3,
+    };
+    assert_eq!(
+        metrics.gap_rereads.get_or_create(&labels).get(),
+        markers_behind_records,
+        "{}: one second read per marker",
+        broker.name()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_gaps_are_read_twice_on_the_in_process_broker() {
+    offset_gaps_are_read_twice(Broker::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_gaps_are_read_twice_on_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    offset_gaps_are_read_twice(broker).await;
 }
 
 /// Runs the three processors in this process until cancelled.

@@ -32,6 +32,8 @@ pub struct ProjectionMetrics {
     pub applied: Family<ProjectionLabels, Counter>,
     pub skipped: Family<ProjectionLabels, Counter>,
     pub dead_letters: Family<ProjectionLabels, Counter>,
+    /// Gaps in the input offsets read a second time (`kafka.recheck_offset_gaps`).
+    pub gap_rereads: Family<ProjectionLabels, Counter>,
     pub batch_records: Family<ProjectionLabels, Histogram>,
     pub write_seconds: Family<ProjectionLabels, Histogram>,
     /// Orders that became final, by final status.
@@ -58,6 +60,7 @@ impl ProjectionMetrics {
             applied: Family::default(),
             skipped: Family::default(),
             dead_letters: Family::default(),
+            gap_rereads: Family::default(),
             batch_records: Family::new_with_constructor(batch_histogram),
             write_seconds: Family::new_with_constructor(write_histogram),
             orders_final: Family::default(),
@@ -89,6 +92,11 @@ impl ProjectionMetrics {
             "projection_dead_letters",
             "Records a projection sent to its dead-letter topic",
             m.dead_letters.clone(),
+        );
+        registry.register(
+            "projection_offset_gap_rereads",
+            "Gaps in the input offsets read a second time before being passed (kafka.recheck_offset_gaps)",
+            m.gap_rereads.clone(),
         );
         registry.register(
             "projection_batch_records",

@@ -23,6 +23,7 @@ use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 
 use orderflow_platform::{
     config::ProjectionSettings,
+    gaps::GapGuard,
     health::Readiness,
     kafka::{
         collect_batch_within, dead_letter_headers, header_value, next_offsets, retain_assigned,
@@ -204,6 +205,7 @@ impl<P: Projection> ProjectionWriter<P> {
         };
         let mut last_committed = None;
         let mut known: std::collections::BTreeSet<(String, i32)> = Default::default();
+        let mut gaps = GapGuard::new(self.clients.settings().recheck_offset_gaps);
         loop {
             // Bounded wait, so that newly assigned (paused) partitions are seeked and resumed
             // even while no other partition has records.
@@ -211,7 +213,26 @@ impl<P: Projection> ProjectionWriter<P> {
                 &consumer,
                 collect_batch_within(&consumer, cancel, &bounds, Some(ASSIGNMENT_CHECK)).await,
             );
-            self.seek_new_partitions(&consumer, &mut known).await?;
+            self.seek_new_partitions(&consumer, &mut known, &mut gaps)
+                .await?;
+            // A partition whose offsets jump is read again from the jump before its later
+            // records are written (`orderflow_platform::gaps`).
+            let (batch, rereads) = gaps.check(batch);
+            for reread in &rereads {
+                debug!(projection = name, topic = %reread.topic, partition = reread.partition, from = reread.from, "Reading a gap in the offsets again.");
+                consumer.seek(
+                    &reread.topic,
+                    reread.partition,
+                    rdkafka::Offset::Offset(reread.from),
+                    Duration::from_secs(10),
+                )?;
+            }
+            if !rereads.is_empty() {
+                self.metrics
+                    .gap_rereads
+                    .get_or_create(&self.labels)
+                    .inc_by(rereads.len() as u64);
+            }
             if !batch.is_empty() {
                 let outcome = self.write(&batch, Some(&dead_letters)).await?;
                 // A hint for where to resume; the database's positions are the truth.
@@ -237,6 +258,7 @@ impl<P: Projection> ProjectionWriter<P> {
         &self,
         consumer: &StreamConsumer<GroupContext>,
         known: &mut std::collections::BTreeSet<(String, i32)>,
+        gaps: &mut GapGuard,
     ) -> Result<(), WriterError> {
         let assigned: std::collections::BTreeSet<(String, i32)> = consumer
             .assignment()?
@@ -245,6 +267,7 @@ impl<P: Projection> ProjectionWriter<P> {
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
         let new: Vec<(String, i32)> = assigned.difference(known).cloned().collect();
+        gaps.retain(|topic, partition| assigned.contains(&(topic.to_owned(), partition)));
         *known = assigned;
         for (topic, partition) in new {
             let stored: Option<i64> = sqlx::query_scalar(
@@ -265,6 +288,7 @@ impl<P: Projection> ProjectionWriter<P> {
                     );
                     tpl.add_partition_offset(&topic, partition, rdkafka::Offset::Offset(stored))?;
                     consumer.seek_partitions(tpl.clone(), Duration::from_secs(10))?;
+                    gaps.expect(&topic, partition, stored);
                 }
                 None => {
                     tpl.add_partition(&topic, partition);

@@ -71,6 +71,17 @@ impl Broker {
         }
     }
 
+    /// The settings orderflow runs with on this broker, `(key, TOML value)`: on Tansu every
+    /// consumer reads `read_uncommitted` (its `read_committed` can stop for good behind a
+    /// transaction it never ends) and re-reads offset gaps (it can serve a record before an
+    /// earlier one is readable). docs/architecture.md, "What the brokers here really guarantee".
+    pub fn overrides(&self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Self::Embedded(_) => &[],
+            Self::Tansu(_) => TANSU_OVERRIDES,
+        }
+    }
+
     pub fn as_embedded(&self) -> Option<&EmbeddedBroker> {
         match self {
             Self::Embedded(b) => Some(b),
@@ -85,6 +96,12 @@ impl Broker {
         }
     }
 }
+
+/// See [`Broker::overrides`].
+pub const TANSU_OVERRIDES: &[(&str, &str)] = &[
+    ("kafka.isolation_level", "\"read_uncommitted\""),
+    ("kafka.recheck_offset_gaps", "true"),
+];
 
 fn tansu_binary() -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("TANSU_BIN") {
