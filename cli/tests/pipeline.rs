@@ -530,6 +530,31 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
         report.breaches[0].contains(rejected.as_str()) && report.breaches[0].contains("status"),
         "{report}"
     );
+    // The command an operator runs says the same and exits non-zero.
+    let cli = tokio::task::spawn_blocking({
+        let (bootstrap, url) = (bootstrap.clone(), db.url.clone());
+        move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
+                .args(["--kafka-brokers", &bootstrap, "--database-url", &url])
+                .arg("reconcile")
+                .env("RUST_LOG", "error")
+                .output()
+                .expect("orderflow reconcile runs")
+        }
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&cli.stdout);
+    assert_eq!(
+        cli.status.code(),
+        Some(1),
+        "orderflow reconcile: {stdout}{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
+    assert!(
+        stdout.contains(rejected.as_str()) && stdout.contains("status"),
+        "orderflow reconcile names the tampered row: {stdout}"
+    );
     // A stock level that does not add up is named too.
     let sku: String = sqlx::query_scalar("SELECT MIN(sku) FROM inventory_levels")
         .fetch_one(projection_db.pool())
