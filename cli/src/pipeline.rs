@@ -10,8 +10,10 @@ use anyhow::{Context, Result};
 use orderflow_auth::Authenticator;
 use orderflow_gateway::simulator::Simulator;
 use orderflow_ingest::{
-    idempotency::IdempotencyStore, IngestMetrics, IngestState, OrderDirectory, OrderLocation,
-    Publisher, RateLimits, SharedDirectory,
+    idempotency::IdempotencyStore,
+    replays::{ProjectionReplayer, ReplaySummary, Replays},
+    IngestMetrics, IngestState, OrderDirectory, OrderLocation, Publisher, RateLimits,
+    SharedDirectory,
 };
 use orderflow_platform::{
     health::{readiness_routes, Readiness},
@@ -109,6 +111,45 @@ impl OrderDirectory for ProjectedOrders {
                     })
                 })
                 .map_err(|e| e.to_string())
+        })
+    }
+}
+
+/// `orderflow replay` behind the admin API: the same function, the process's own settings.
+struct Replayer {
+    db: Database,
+    clients: KafkaClients,
+    settings: orderflow_platform::config::ProjectionSettings,
+}
+
+impl ProjectionReplayer for Replayer {
+    fn projections(&self) -> &'static [&'static str] {
+        &["orders", "inventory"]
+    }
+
+    fn replay(
+        &self,
+        projection: &str,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<ReplaySummary, String>> + Send + '_>,
+    > {
+        let projection = projection.to_owned();
+        Box::pin(async move {
+            use orderflow_projections::{
+                inventory::InventoryProjection, orders::OrdersProjection, replay::replay,
+            };
+            let report = match projection.as_str() {
+                "orders" => replay(OrdersProjection, &self.db, &self.clients, &self.settings).await,
+                "inventory" => {
+                    replay(InventoryProjection, &self.db, &self.clients, &self.settings).await
+                }
+                other => return Err(format!("no projection {other}")),
+            }
+            .map_err(|e| e.to_string())?;
+            Ok(ReplaySummary {
+                records: report.records,
+                rows: report.rows,
+            })
         })
     }
 }
@@ -290,6 +331,13 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
                 .map(|db| Arc::new(ProjectedOrders(db)) as SharedDirectory),
             orders_topic: names::ORDERS_EVENTS,
             inventory_topic: names::INVENTORY_COMMANDS,
+            replays: db.clone().map(|db| {
+                Replays::new(Arc::new(Replayer {
+                    db,
+                    clients: clients.clone(),
+                    settings: settings.projection.clone(),
+                }))
+            }),
         };
         let http = metrics.http.for_server("ingest");
         let admin = edge(

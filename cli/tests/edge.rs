@@ -256,6 +256,22 @@ fn endpoints() -> Vec<Endpoint> {
             &[Admin],
             404,
         ),
+        e(
+            "admin",
+            "POST",
+            "/v1/projections/nothing/replay",
+            None,
+            &[Admin],
+            404,
+        ),
+        e(
+            "admin",
+            "GET",
+            "/v1/projections/orders/replay",
+            None,
+            &[Admin],
+            404,
+        ),
     ]
 }
 
@@ -350,7 +366,57 @@ async fn every_endpoint_answers_each_caller_as_its_role_allows() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+
+    // The matrix covers every operation each listener documents (and so routes:
+    // cli/tests/openapi.rs), apart from the public health and document routes.
+    let matrix = endpoints();
+    let mut uncovered = Vec::new();
+    for (base, url) in [
+        ("ingest", &edge.ingest),
+        ("query", &edge.query),
+        ("admin", &edge.admin),
+    ] {
+        let document: Value = edge
+            .client
+            .get(format!("{url}/openapi.json"))
+            .send()
+            .await
+            .expect("openapi.json")
+            .json()
+            .await
+            .expect("a JSON document");
+        let paths = document["paths"].as_object().expect("paths");
+        for (template, operations) in paths {
+            if ["/healthz", "/readyz", "/openapi.json"].contains(&template.as_str()) {
+                continue;
+            }
+            for method in operations.as_object().expect("operations").keys() {
+                let covered = matrix.iter().any(|e| {
+                    e.base == base
+                        && e.method.eq_ignore_ascii_case(method)
+                        && matches_template(template, &e.path)
+                });
+                if !covered {
+                    uncovered.push(format!("{base} {method} {template}"));
+                }
+            }
+        }
+    }
+    assert!(
+        uncovered.is_empty(),
+        "operations missing from the matrix: {uncovered:?}"
+    );
     edge.stop().await;
+}
+
+/// Whether a concrete path (query string ignored) is an instance of an OpenAPI path template.
+fn matches_template(template: &str, path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or_default();
+    let (t, p): (Vec<&str>, Vec<&str>) = (template.split('/').collect(), path.split('/').collect());
+    t.len() == p.len()
+        && t.iter()
+            .zip(&p)
+            .all(|(t, p)| (t.starts_with('{') && t.ends_with('}') && !p.is_empty()) || t == p)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,8 @@
 //!
 //! 1. Quiet: after the orders are final the tables are tampered with; the replay restores every
 //!    table of both projections to exactly what it was (checksums), and queries answered `200`
-//!    all along.
+//!    all along. The inventory is replayed over the admin API (`POST
+//!    /v1/projections/inventory/replay`), once refused while another holder has the replay lock.
 //! 2. Busy: orders keep arriving during a replay; afterwards `reconcile` finds the tables equal
 //!    to the fold of the log — nothing the live writer applied meanwhile was lost or doubled.
 
@@ -21,7 +22,7 @@ use orderflow_platform::kafka::KafkaClients;
 use orderflow_projections::{
     inventory::InventoryProjection,
     orders::OrdersProjection,
-    replay::{checksum, replay},
+    replay::{checksum, replay, ReplayLock},
     Database as Db, Projection,
 };
 use orderflow_testkit::{
@@ -47,6 +48,26 @@ async fn place(client: &reqwest::Client, ingest: &str, customer: &str) -> (Strin
         accepted["order_id"].as_str().expect("id").to_owned(),
         accepted["status_url"].as_str().expect("url").to_owned(),
     )
+}
+
+/// `POST /v1/projections/{projection}/replay` on the admin listener, then its status until the
+/// run ends; returns the finished run.
+async fn replay_over_http(client: &reqwest::Client, admin: &str, projection: &str) -> Value {
+    let url = format!("{admin}/v1/projections/{projection}/replay");
+    let started = client.post(&url).send().await.expect("start replay");
+    assert_eq!(started.status(), 202);
+    assert_eq!(
+        started
+            .headers()
+            .get("location")
+            .and_then(|v| v.to_str().ok()),
+        Some(format!("/v1/projections/{projection}/replay").as_str())
+    );
+    orderflow_testkit::eventually(Duration::from_secs(120), "the replay to end", || async {
+        let run: Value = client.get(&url).send().await.ok()?.json().await.ok()?;
+        (run["state"] != "running").then_some(run)
+    })
+    .await
 }
 
 async fn replay_keeps_the_tables_and_the_queries(db: Database) {
@@ -138,9 +159,24 @@ async fn replay_keeps_the_tables_and_the_queries(db: Database) {
         .await
         .expect("replay orders");
     assert_eq!(report.rows["orders"], 20, "{report}");
-    replay(InventoryProjection, &live, &clients, &settings.projection)
+    // The inventory over the admin API, as an operator would, first while someone else holds
+    // the replay lock (another instance, the CLI): that run is refused and changes nothing.
+    let admin = format!("http://{}", running.admin_addr.expect("admin"));
+    let held = ReplayLock::acquire(&live, "inventory")
         .await
-        .expect("replay inventory");
+        .expect("the replay lock is free");
+    let refused = replay_over_http(&client, &admin, "inventory").await;
+    assert_eq!(refused["state"], "failed", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("already running")),
+        "{refused}"
+    );
+    drop(held);
+    let done = replay_over_http(&client, &admin, "inventory").await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["rows"]["inventory_levels"], 1, "{done}");
     stop.store(true, Ordering::SeqCst);
     let failures = prober.await.expect("prober");
     assert!(

@@ -10,6 +10,7 @@
 //! - [`idempotency`] stores answers by `Idempotency-Key`, so a retried request writes nothing
 //!   twice.
 //! - [`keys`] is API key management over HTTP (the admin listener).
+//! - [`replays`] starts and reports projection replays over HTTP (the admin listener).
 //! - [`limits`] rate limits per client IP and per principal.
 
 pub mod commands;
@@ -18,6 +19,7 @@ pub mod keys;
 pub mod limits;
 pub mod metrics;
 pub mod publish;
+pub mod replays;
 pub mod request;
 pub mod routes;
 

@@ -52,6 +52,8 @@ pub struct IngestState {
     pub auth: Authenticator,
     /// Stored `Idempotency-Key` answers; `None` without a database (keys are then refused).
     pub idempotency: Option<IdempotencyStore>,
+    /// Projection replays started over the admin API; `None` without a database.
+    pub replays: Option<crate::replays::Replays>,
 }
 
 /// The answer to an accepted order.
@@ -115,6 +117,7 @@ pub fn admin_router(state: IngestState, max_body_bytes: usize) -> Router {
         .routes(routes!(crate::commands::restock))
         .routes(routes!(crate::keys::list, crate::keys::create))
         .routes(routes!(crate::keys::revoke))
+        .routes(routes!(crate::replays::start, crate::replays::status))
         .route_layer(from_fn_with_state(Permission::Administer, require));
     guarded(routes, state, max_body_bytes, "orderflow admin")
 }

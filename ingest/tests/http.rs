@@ -48,6 +48,7 @@ async fn start_with(broker: &Broker, extra: &[(&str, &str)]) -> Edge {
     let limits = orderflow_ingest::RateLimits::new(&settings.ingest);
     let publisher = Publisher::new(&clients, codec, names::ORDERS_EVENTS, None).expect("publisher");
     let state = IngestState {
+        replays: None,
         publisher,
         status_base_url: "http://query.example".into(),
         metrics: orderflow_ingest::IngestMetrics::unregistered(),

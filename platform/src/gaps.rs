@@ -9,15 +9,16 @@
 //! tests' readers passed over up to a few hundred records; docs/architecture.md).
 //!
 //! With `kafka.recheck_offset_gaps` on, the consumers that keep state (processors and
-//! projections) put every batch through a [`GapGuard`]: at the first gap of a partition the
-//! records from the gap on are held back and the partition is sought back to the first missing
-//! offset; the records come again, with the missing ones if they have been stored since. A gap
-//! that is still there on the second read is real (a marker) and is passed. Records are applied
+//! projections) put every batch through a [`GapGuard`]: at the first gap of a partition not
+//! read before, the records from the gap on are held back and the partition is sought back to
+//! the first missing offset; the records come again, with the missing ones if they have been
+//! stored since. A gap found on two reads is real (a marker) and is passed. Records are applied
 //! in log order either way, so the outputs stay a function of the log (DESIGN.md, rule 1).
-//! The cost is one seek per gap — a marker after every transaction — which is why it is off on
-//! brokers that never serve a record before an earlier one is readable.
+//! The cost is a second fetch of each batch that holds a gap — every transaction leaves a
+//! marker — which is why it is off on brokers that never serve a record before an earlier one
+//! is readable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use rdkafka::message::{Message, OwnedMessage};
 
@@ -40,8 +41,9 @@ pub struct GapGuard {
     enabled: bool,
     /// The offset after the last record passed, per partition.
     next: BTreeMap<TopicPartition, i64>,
-    /// Gaps already sent back for a second read: (first missing offset, the record after it).
-    rechecked: BTreeMap<TopicPartition, (i64, i64)>,
+    /// Gaps read once, per partition: (first missing offset, the record after the gap). A gap
+    /// found again on a later read is passed.
+    seen: BTreeMap<TopicPartition, BTreeSet<(i64, i64)>>,
     rereads: u64,
 }
 
@@ -63,47 +65,57 @@ impl GapGuard {
     /// Keeps only the partitions `keep` says are still assigned.
     pub fn retain(&mut self, mut keep: impl FnMut(&str, i32) -> bool) {
         self.next.retain(|(t, p), _| keep(t, *p));
-        self.rechecked.retain(|(t, p), _| keep(t, *p));
+        self.seen.retain(|(t, p), _| keep(t, *p));
     }
 
-    /// How many gaps were sent back for a second read so far.
+    /// How many times a partition was sent back for a second read so far.
     pub fn rereads(&self) -> u64 {
         self.rereads
     }
 
-    /// Splits a batch: the records to apply now, in their order, and the partitions to seek back
-    /// (their records from the first unchecked gap on are held back; they come again after the
-    /// seek). Records below a partition's expected offset pass unchanged: the consumers drop
-    /// what they applied already.
+    /// Splits a batch: the records to apply now, in their order, and the partitions to seek back.
+    /// At a partition's first gap not read before, its records from there on are held back
+    /// (they come again after the seek) and every gap among them is noted as read once, so the
+    /// second read passes them all: one seek per partition and batch, however many markers the
+    /// batch holds. Records below a partition's expected offset pass unchanged: the consumers
+    /// drop what they applied already.
     pub fn check(&mut self, batch: Vec<OwnedMessage>) -> (Vec<OwnedMessage>, Vec<Reread>) {
         if !self.enabled {
             return (batch, Vec::new());
         }
-        let mut held: BTreeMap<TopicPartition, ()> = BTreeMap::new();
+        // Partitions held back in this batch, with the offset of the last record held.
+        let mut held: BTreeMap<TopicPartition, i64> = BTreeMap::new();
         let mut rereads = Vec::new();
         let mut kept = Vec::with_capacity(batch.len());
         for message in batch {
             let key = (message.topic().to_owned(), message.partition());
-            if held.contains_key(&key) {
+            let offset = message.offset();
+            if let Some(last) = held.get_mut(&key) {
+                if offset > *last + 1 {
+                    self.seen
+                        .entry(key.clone())
+                        .or_default()
+                        .insert((*last + 1, offset));
+                }
+                *last = (*last).max(offset);
                 continue;
             }
-            let offset = message.offset();
             match self.next.get(&key).copied() {
                 Some(expected) if offset > expected => {
-                    if self.rechecked.get(&key) == Some(&(expected, offset)) {
-                        // Read twice, still missing: a transaction marker or a removed record.
-                        self.rechecked.remove(&key);
-                    } else {
-                        self.rechecked.insert(key.clone(), (expected, offset));
+                    let seen = self.seen.entry(key.clone()).or_default();
+                    if !seen.remove(&(expected, offset)) {
+                        // Not read before: read it again, with what follows.
+                        seen.insert((expected, offset));
                         self.rereads += 1;
                         rereads.push(Reread {
                             topic: key.0.clone(),
                             partition: key.1,
                             from: expected,
                         });
-                        held.insert(key, ());
+                        held.insert(key, offset);
                         continue;
                     }
+                    // Read twice, still missing: a transaction marker or a removed record.
                 }
                 Some(expected) if offset < expected => {
                     kept.push(message);
@@ -113,6 +125,12 @@ impl GapGuard {
             }
             self.next.insert(key, offset + 1);
             kept.push(message);
+        }
+        // Gaps behind a partition's position will not come again.
+        for (key, gaps) in &mut self.seen {
+            if let Some(next) = self.next.get(key) {
+                gaps.retain(|(from, _)| from >= next);
+            }
         }
         (kept, rereads)
     }
@@ -190,6 +208,28 @@ mod tests {
         let (kept, rereads) = guard.check(vec![record(0, 13)]);
         assert_eq!(offsets(&kept), vec![(0, 13)]);
         assert!(rereads.is_empty());
+        assert_eq!(guard.rereads(), 2);
+    }
+
+    #[test]
+    fn every_gap_of_a_batch_is_read_again_with_one_seek() {
+        let mut guard = GapGuard::new(true);
+        guard.expect("t", 0, 0);
+        // Markers at 1, 4 and 7.
+        let first = vec![0, 2, 3, 5, 6, 8].into_iter().map(|o| record(0, o));
+        let (kept, rereads) = guard.check(first.collect());
+        assert_eq!(offsets(&kept), vec![(0, 0)]);
+        assert_eq!(rereads.len(), 1);
+        assert_eq!(rereads[0].from, 1);
+        // The second read finds the same gaps and passes them all.
+        let again = vec![2, 3, 5, 6, 8, 10].into_iter().map(|o| record(0, o));
+        let (kept, rereads) = guard.check(again.collect());
+        assert_eq!(
+            offsets(&kept),
+            vec![(0, 2), (0, 3), (0, 5), (0, 6), (0, 8)],
+            "10 jumps over 9, a gap the first read did not see"
+        );
+        assert_eq!(rereads[0].from, 9);
         assert_eq!(guard.rereads(), 2);
     }
 

@@ -205,8 +205,8 @@ async fn a_slow_batch_pauses_the_partitions_on_tansu() {
 }
 
 /// Input written in committed transactions, each leaving a marker (an offset no record holds)
-/// in the partition: with `kafka.recheck_offset_gaps` the runtime reads each such gap a second
-/// time before passing it, and still handles every record exactly once and in order.
+/// in the partition on Tansu: with `kafka.recheck_offset_gaps` the runtime reads such gaps a
+/// second time before passing them, and still handles every record exactly once and in order.
 async fn offset_gaps_are_read_twice(broker: Broker) {
     let mut settings = test_settings_with(None, broker.overrides());
     settings.kafka.recheck_offset_gaps = true;
@@ -276,19 +276,18 @@ async fn offset_gaps_are_read_twice(broker: Broker) {
     running.await.expect("runtime ends");
     let seen = seen.lock().expect("lock").clone();
     assert_eq!(seen, written, "every record once, in log order");
-    // On Tansu the markers after the first three transactions have records behind them: each
-    // gap was read again once (the last marker ends the partition, so nothing jumps over it).
-    // The in-process mock cluster stores no markers: its offsets have no gaps to read again.
-    let markers_behind_records = match broker {
-        Broker::Embedded(_) => 0,
-        Broker::Tansu(_) => 3,
-    };
-    assert_eq!(
-        metrics.gap_rereads.get_or_create(&labels).get(),
-        markers_behind_records,
-        "{}: one second read per marker",
-        broker.name()
-    );
+    // On Tansu the markers after the first three transactions have records behind them: the
+    // gaps were read a second time, at least once and at most once each (one seek covers every
+    // gap of a batch; the last marker ends the partition, so nothing jumps over it). The
+    // in-process mock cluster stores no markers: its offsets have no gaps to read again.
+    let rereads = metrics.gap_rereads.get_or_create(&labels).get();
+    match broker {
+        Broker::Embedded(_) => assert_eq!(rereads, 0, "no gaps on the mock cluster"),
+        Broker::Tansu(_) => assert!(
+            (1..=3).contains(&rereads),
+            "tansu: three markers behind records, read again with 1 to 3 seeks, not {rereads}"
+        ),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

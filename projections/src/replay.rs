@@ -63,6 +63,13 @@ pub enum ReplayError {
     },
     #[error("schemas: {0}")]
     Codec(#[from] orderflow_schemas::CodecError),
+    #[error("a replay of projection {0} is already running")]
+    AlreadyRunning(String),
+    #[error("the replay lock {path}: {source}")]
+    LockFile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 impl From<sqlx::Error> for ReplayError {
@@ -299,7 +306,63 @@ impl LogCursor {
     }
 }
 
-/// Rebuilds `projection` from the log and swaps the new tables in. See the module docs.
+/// Held while a replay of one projection runs, by whichever process runs it: two replays of
+/// one projection would share (and drop) one scratch space. On PostgreSQL a session advisory
+/// lock (`hashtext('orderflow_replay_<projection>')`), on SQLite an exclusive lock on the file
+/// `<database>.replay-<projection>.lock`. Released when dropped, and by the database or the
+/// operating system when the process dies. An operator's tool may hold it to keep replays out.
+pub enum ReplayLock {
+    /// A session-level advisory lock on a connection of its own, which is closed with the lock.
+    Postgres { _session: sqlx::AnyConnection },
+    /// An exclusive lock on a file next to the database.
+    Sqlite { _file: std::fs::File },
+}
+
+impl ReplayLock {
+    /// Takes the lock, or fails with [`ReplayError::AlreadyRunning`] if someone holds it.
+    pub async fn acquire(live: &Database, projection: &str) -> Result<Self, ReplayError> {
+        match live.backend() {
+            Backend::Postgres => {
+                // Detached from the pool: dropping it closes the session, which ends the lock.
+                let mut conn = live.pool().acquire().await?.detach();
+                let taken: bool =
+                    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1)::bigint)")
+                        .bind(format!("orderflow_replay_{projection}"))
+                        .fetch_one(&mut conn)
+                        .await?;
+                if taken {
+                    Ok(Self::Postgres { _session: conn })
+                } else {
+                    Err(ReplayError::AlreadyRunning(projection.to_owned()))
+                }
+            }
+            Backend::Sqlite => {
+                let path = format!("{}.replay-{projection}.lock", sqlite_path(live.url()));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|source| ReplayError::LockFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                match file.try_lock() {
+                    Ok(()) => Ok(Self::Sqlite { _file: file }),
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        Err(ReplayError::AlreadyRunning(projection.to_owned()))
+                    }
+                    Err(std::fs::TryLockError::Error(source)) => {
+                        Err(ReplayError::LockFile { path, source })
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rebuilds `projection` from the log and swaps the new tables in. See the module docs. Fails
+/// with [`ReplayError::AlreadyRunning`] while another replay of the projection runs anywhere.
 pub async fn replay<P: Projection>(
     projection: P,
     live: &Database,
@@ -309,6 +372,7 @@ pub async fn replay<P: Projection>(
     let name = projection.name();
     let tables = projection.tables();
     let topics = projection.topics();
+    let _lock = ReplayLock::acquire(live, name).await?;
     let scratch = Scratch::create(live, name).await?;
     let result = async {
         let writer = ProjectionWriter::new(
