@@ -7,7 +7,10 @@
 //! without the permission) or `503` (the key store is unreachable); the problem documents never
 //! say why a credential failed — the log does, at debug level, without the credential.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use axum::{
     extract::{Request, State},
@@ -16,7 +19,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use orderflow_db::Database;
-use orderflow_platform::{config::AuthSettings, http::Problem};
+use orderflow_platform::{
+    config::{AuthSettings, JwtSettings},
+    http::Problem,
+};
 use tracing::debug;
 
 use crate::{
@@ -50,7 +56,8 @@ impl Caller {
 struct Inner {
     enabled: bool,
     keys: Option<KeyStore>,
-    jwt: Option<JwtVerifier>,
+    /// Replaced whole by [`Authenticator::reload_jwt`] (key rotation without a restart).
+    jwt: RwLock<Option<Arc<JwtVerifier>>>,
 }
 
 /// Verifies credentials; cheap to clone.
@@ -67,9 +74,29 @@ impl Authenticator {
                 enabled: settings.enabled,
                 keys: db
                     .map(|db| KeyStore::new(db, Duration::from_millis(settings.key_cache_ttl_ms))),
-                jwt: JwtVerifier::from_settings(&settings.jwt)?,
+                jwt: RwLock::new(JwtVerifier::from_settings(&settings.jwt)?.map(Arc::new)),
             }),
         })
+    }
+
+    /// Reads the JWT keys anew (the HS256 secret, the JWKS file) and uses them from the next
+    /// request on: how keys rotate without a restart (SIGHUP). On an error the keys in use stay.
+    pub fn reload_jwt(&self, settings: &JwtSettings) -> Result<(), AuthError> {
+        let verifier = JwtVerifier::from_settings(settings)?.map(Arc::new);
+        *self
+            .inner
+            .jwt
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = verifier;
+        Ok(())
+    }
+
+    fn jwt(&self) -> Option<Arc<JwtVerifier>> {
+        self.inner
+            .jwt
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// With authentication off: every caller is an anonymous admin.
@@ -78,7 +105,7 @@ impl Authenticator {
             inner: Arc::new(Inner {
                 enabled: false,
                 keys: None,
-                jwt: None,
+                jwt: RwLock::new(None),
             }),
         }
     }
@@ -120,7 +147,7 @@ impl Authenticator {
                 None => Err(AuthError::UnknownKey),
             }
         } else {
-            match &self.inner.jwt {
+            match self.jwt() {
                 Some(jwt) => jwt.verify(token).map(Arc::new),
                 None => Err(AuthError::NoJwtKeys),
             }

@@ -80,13 +80,20 @@ impl Metrics {
 pub struct Reloader {
     limits: RateLimits,
     fraud: SharedModel,
+    auth: Authenticator,
 }
 
 impl Reloader {
     pub fn reload(&self, settings: &Settings) {
         self.limits.reload(&settings.ingest);
         self.fraud.reload(&settings.fraud);
-        info!("Reloaded the rate limits and the fraud model.");
+        match self.auth.reload_jwt(&settings.auth.jwt) {
+            Ok(()) => info!("Reloaded the rate limits, the fraud model and the JWT keys."),
+            Err(e) => warn!(
+                error = %e,
+                "Reloaded the rate limits and the fraud model; the JWT keys are not reloaded (the old ones stay)."
+            ),
+        }
     }
 }
 
@@ -169,6 +176,8 @@ pub struct Running {
     /// The ingest edge's rate limits, for reloads.
     limits: RateLimits,
     fraud: SharedModel,
+    /// Credentials checks of every listener, for reloads of the JWT keys.
+    auth: Authenticator,
     publisher: Option<Publisher>,
 }
 
@@ -442,6 +451,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     Ok(Running {
         admin_addr,
         limits,
+        auth,
         fraud,
         gateway_addr,
         ingest_addr,
@@ -547,6 +557,7 @@ impl Running {
         Reloader {
             limits: self.limits.clone(),
             fraud: self.fraud.clone(),
+            auth: self.auth.clone(),
         }
     }
 

@@ -776,3 +776,75 @@ async fn an_idempotency_key_expires_after_its_time() {
     assert_ne!(second["order_id"], first["order_id"]);
     edge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_keys_rotate_on_a_reload() {
+    let broker = Broker::embedded();
+    let db = Database::sqlite();
+    // The JWKS in a file of the test's own, which the "operator" rewrites.
+    let dir = std::env::temp_dir().join(format!("orderflow-jwks-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let jwks = dir.join("jwks.json");
+    let original = std::fs::read_to_string(fixture("jwks.json")).expect("fixture");
+    std::fs::write(&jwks, &original).expect("write jwks");
+    let jwks_value = format!("{:?}", jwks.display().to_string());
+    let extra = [("auth.jwt.jwks_file", jwks_value.as_str())];
+    let edge = Edge::start(&broker, &db, &extra).await;
+    let reader = sign(Algorithm::RS256, Some("rsa-1"), &claims("reader"));
+    let status = |token: String| {
+        let (client, url) = (
+            edge.client.clone(),
+            format!("{}/v1/analytics/status-counts", edge.query),
+        );
+        async move {
+            client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("get")
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status(reader.clone()).await, 200);
+    let running = edge.running.as_ref().expect("running");
+
+    // The RSA key is retired: the file keeps only the other keys; a reload applies it.
+    let mut document: Value = serde_json::from_str(&original).expect("jwks json");
+    document["keys"]
+        .as_array_mut()
+        .expect("keys")
+        .retain(|k| k["kid"] != "rsa-1");
+    std::fs::write(&jwks, document.to_string()).expect("rewrite jwks");
+    assert_eq!(status(reader.clone()).await, 200, "nothing changes before");
+    running.reloader().reload(&settings(&db, &extra));
+    assert_eq!(
+        status(reader.clone()).await,
+        401,
+        "the retired key is refused"
+    );
+    // HS256 (the secret, reloaded too) and ES256 still work.
+    assert_eq!(
+        status(sign(Algorithm::ES256, Some("ec-1"), &claims("reader"))).await,
+        200
+    );
+    assert_eq!(
+        status(sign(Algorithm::HS256, None, &claims("reader"))).await,
+        200
+    );
+
+    // A file that does not load keeps the keys in use.
+    std::fs::write(&jwks, "{not json").expect("break jwks");
+    running.reloader().reload(&settings(&db, &extra));
+    assert_eq!(
+        status(sign(Algorithm::ES256, Some("ec-1"), &claims("reader"))).await,
+        200
+    );
+    // The key is back.
+    std::fs::write(&jwks, &original).expect("restore jwks");
+    running.reloader().reload(&settings(&db, &extra));
+    assert_eq!(status(reader).await, 200);
+    edge.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -824,6 +824,9 @@ async fn restore<T: PartitionState>(
                         slot.position = Some(position);
                     } else {
                         slot.state.restore(key, message.payload()).map_err(failed)?;
+                        if let Some(written_at) = message.timestamp().to_millis() {
+                            slot.state.note_written_at(key, written_at);
+                        }
                     }
                     if message.offset() + 1 >= high {
                         break;

@@ -27,6 +27,10 @@ pub trait PartitionState: Default + Send + 'static {
     fn restore(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), String>;
     /// Takes the records describing every entry changed since the last call.
     fn changes(&mut self) -> Vec<ChangelogRecord>;
+    /// While restoring, after [`PartitionState::restore`] of `key`: when that record was
+    /// written (the changelog record's timestamp, wall-clock milliseconds). For timers that
+    /// count from when an entry last changed, across restarts; ignored by default.
+    fn note_written_at(&mut self, _key: &str, _written_at_ms: i64) {}
 }
 
 /// A typed map whose keys carry a prefix in the changelog (`prefix` + key), remembering which
@@ -36,6 +40,8 @@ pub struct Store<V> {
     prefix: &'static str,
     entries: HashMap<String, V>,
     dirty: BTreeSet<String>,
+    /// When each restored entry was last written (changelog timestamps), until it changes here.
+    written_at: HashMap<String, i64>,
 }
 
 impl<V: Serialize + DeserializeOwned> Store<V> {
@@ -44,6 +50,24 @@ impl<V: Serialize + DeserializeOwned> Store<V> {
             prefix,
             entries: HashMap::new(),
             dirty: BTreeSet::new(),
+            written_at: HashMap::new(),
+        }
+    }
+
+    /// When the entry was last written, if it was restored from the changelog and has not
+    /// changed since (then the caller's own clock knows better).
+    pub fn written_at(&self, key: &str) -> Option<i64> {
+        self.written_at.get(key).copied()
+    }
+
+    /// Records when the changelog record of `changelog_key` (of this store) was written.
+    pub fn note_written_at(&mut self, changelog_key: &str, written_at_ms: i64) {
+        if let Some(key) = changelog_key.strip_prefix(self.prefix) {
+            if self.entries.contains_key(key) {
+                self.written_at.insert(key.to_owned(), written_at_ms);
+            } else {
+                self.written_at.remove(key);
+            }
         }
     }
 
@@ -106,6 +130,7 @@ impl<V: Serialize + DeserializeOwned> Store<V> {
     /// Drains the changed keys into changelog records.
     pub fn changes_into(&mut self, out: &mut Vec<ChangelogRecord>) {
         for key in std::mem::take(&mut self.dirty) {
+            self.written_at.remove(&key);
             let value = self.entries.get(&key).map(|v| {
                 // Serializing plain data structs to JSON cannot fail.
                 serde_json::to_vec(v).unwrap_or_default()
@@ -164,6 +189,20 @@ mod tests {
         }
         assert_eq!(restored.get("a"), None);
         assert_eq!(restored.get("b"), Some(&3));
+        // When a restored entry was written is known until it changes here.
+        restored.note_written_at("s:b", 1000);
+        restored.note_written_at("s:a", 1000);
+        assert_eq!(restored.written_at("b"), Some(1000));
+        assert_eq!(
+            restored.written_at("a"),
+            None,
+            "deleted entries have no time"
+        );
+        if let Some(b) = restored.get_mut("b") {
+            *b = 4;
+        }
+        restored.changes_into(&mut Vec::new());
+        assert_eq!(restored.written_at("b"), None, "changed here since");
         assert!(restored.restore("x:b", Some(b"1")).is_err());
         assert!(restored.restore("s:b", Some(b"not json")).is_err());
     }

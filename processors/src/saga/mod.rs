@@ -85,6 +85,10 @@ impl PartitionState for SagaState {
         self.customers.changes_into(&mut out);
         out
     }
+
+    fn note_written_at(&mut self, key: &str, written_at_ms: i64) {
+        self.orders.note_written_at(key, written_at_ms);
+    }
 }
 
 /// Where an order stands.
@@ -182,11 +186,13 @@ pub struct Saga {
     /// Timer events already written by this process, so a due timer is written once, not once
     /// per tick (a repeat after a restart is harmless: same id, same bytes).
     timers_sent: HashMap<i32, HashSet<String>>,
-    /// When this process first saw each pending step (wall clock, by the id of the event that
-    /// started it). A deadline is due when it passed in event time *and* the step has waited
-    /// that long here: a backlog (orders placed long before they are processed) or a restart
-    /// does not time out steps that were never given their time. Not state: after a restart a
-    /// step gets its full time again, which only ever delays a timeout.
+    /// Since when each pending step has waited (wall clock, by the id of the event that started
+    /// it): when this process first saw it, or, for an order restored from the changelog and
+    /// not changed since, when its changelog record was written (the step started then or
+    /// earlier). A deadline is due when it passed in event time *and* the step has waited that
+    /// long in wall time: a backlog (orders placed long before they are processed) does not
+    /// time out steps that were never given their time, and restarts, however frequent, do not
+    /// hold a timeout back. Not state; every estimate is late, which only ever delays a timeout.
     first_seen: HashMap<i32, HashMap<String, i64>>,
     /// When this process last sent a still unanswered payment request again (wall clock, by
     /// request id).
@@ -886,6 +892,15 @@ impl Saga {
     }
 }
 
+/// Since when (wall clock) an order's step has waited at the latest, as far as this process can
+/// tell: when its restored changelog record was written, or now.
+fn waiting_since(state: &SagaState, order_id: &str, now_ms: i64) -> i64 {
+    state
+        .orders
+        .written_at(order_id)
+        .map_or(now_ms, |written| written.min(now_ms))
+}
+
 /// The deadline of an order's current step, with the step and the event that started it.
 fn deadline<'a>(
     timeouts: &SagaSettings,
@@ -960,7 +975,9 @@ impl Step for Saga {
                     continue;
                 };
                 pending.insert(request_id.to_owned());
-                let seen = *first_seen.entry(request_id.to_owned()).or_insert(now_ms);
+                let seen = *first_seen
+                    .entry(request_id.to_owned())
+                    .or_insert_with(|| waiting_since(state, order_id, now_ms));
                 let last = resent.get(request_id).copied().unwrap_or(seen);
                 if order.since + resend_ms > now_ms || now_ms - last < resend_ms {
                     continue;
@@ -976,7 +993,7 @@ impl Step for Saga {
             pending.insert(stage_event_id.to_owned());
             let seen = *first_seen
                 .entry(stage_event_id.to_owned())
-                .or_insert(now_ms);
+                .or_insert_with(|| waiting_since(state, order_id, now_ms));
             let timeout = deadline - order.since;
             if deadline > now_ms || now_ms - seen < timeout {
                 continue;

@@ -684,6 +684,52 @@ fn a_step_with_no_answer_times_out_and_cancels() {
 }
 
 #[test]
+fn a_restored_step_counts_its_time_from_when_it_was_written() {
+    let mut world = World::new();
+    let o = big_order(1);
+    let placed_at = o.envelope.occurred_at;
+    world.place(o);
+    world.run();
+    let review_timeout = defaults().saga.review_timeout_ms;
+    // The partition's changelog as the runtime writes it, restored by a new process (a
+    // restart), with or without the records' timestamps.
+    let records = world.saga_state.changes();
+    let restore = |written_at: Option<i64>| {
+        let mut state = SagaState::default();
+        for (key, value) in &records {
+            state.restore(key, value.as_deref()).expect("restores");
+            if let Some(at) = written_at {
+                state.note_written_at(key, at);
+            }
+        }
+        state
+    };
+    // Written when the order entered review: due a timeout after that, however recently this
+    // process started.
+    let mut out = Outputs::default();
+    saga().tick(
+        3,
+        &restore(Some(placed_at)),
+        placed_at + review_timeout,
+        &mut out,
+    );
+    assert_eq!(out.records().len(), 1, "due on the first tick");
+    // Not yet due before then.
+    let mut early = Outputs::default();
+    saga().tick(
+        3,
+        &restore(Some(placed_at)),
+        placed_at + review_timeout - 1,
+        &mut early,
+    );
+    assert!(early.is_empty());
+    // With no time known the step gets its full time in this process.
+    let mut unknown = Outputs::default();
+    saga().tick(3, &restore(None), placed_at + review_timeout, &mut unknown);
+    assert!(unknown.is_empty());
+}
+
+#[test]
 fn an_unanswered_payment_request_is_sent_again_byte_for_byte() {
     let mut world = World::new();
     world.pay = Pay::Hold;
