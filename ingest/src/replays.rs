@@ -90,19 +90,20 @@ impl Replays {
         }
     }
 
-    fn latest(&self, projection: &str) -> Option<ReplayRun> {
+    /// The runs; a panic elsewhere while holding them leaves plain data, still usable.
+    fn runs(&self) -> std::sync::MutexGuard<'_, HashMap<String, ReplayRun>> {
         self.runs
             .lock()
-            .map(|runs| runs.get(projection).cloned())
-            .unwrap_or_else(|poisoned| poisoned.into_inner().get(projection).cloned())
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn latest(&self, projection: &str) -> Option<ReplayRun> {
+        self.runs().get(projection).cloned()
     }
 
     /// Starts a run unless one of `projection` is running here (then: when that one started).
     fn start(&self, projection: &str) -> Result<ReplayRun, i64> {
-        let mut runs = self
-            .runs
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut runs = self.runs();
         if let Some(run) = runs.get(projection) {
             if run.state == RunState::Running {
                 return Err(run.started_at);
@@ -125,11 +126,7 @@ impl Replays {
         tokio::spawn(async move {
             info!(projection = %name, "Replay started over the admin API.");
             let outcome = this.replayer.replay(&name).await;
-            let mut runs = this
-                .runs
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            if let Some(run) = runs.get_mut(&name) {
+            if let Some(run) = this.runs().get_mut(&name) {
                 run.finished_at = Some(now_ms());
                 match outcome {
                     Ok(summary) => {

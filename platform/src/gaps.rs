@@ -18,9 +18,18 @@
 //! marker — which is why it is off on brokers that never serve a record before an earlier one
 //! is readable.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{
+    consumer::Consumer,
+    error::KafkaError,
+    message::{Message, OwnedMessage},
+    Offset,
+};
+use tracing::debug;
 
 /// A partition: topic and number.
 pub type TopicPartition = (String, i32);
@@ -71,6 +80,33 @@ impl GapGuard {
     /// How many times a partition was sent back for a second read so far.
     pub fn rereads(&self) -> u64 {
         self.rereads
+    }
+
+    /// [`GapGuard::check`], then seeks `consumer` back for each partition to read again.
+    /// Returns the records to apply now and how many partitions were sent back. The records held
+    /// back are neither applied nor counted in the positions stored after the batch, so a crash
+    /// before their second read resumes before them: nothing is lost or applied twice.
+    pub fn check_and_seek<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+        &mut self,
+        consumer: &C,
+        batch: Vec<OwnedMessage>,
+    ) -> Result<(Vec<OwnedMessage>, usize), KafkaError> {
+        let (kept, rereads) = self.check(batch);
+        for reread in &rereads {
+            debug!(
+                topic = %reread.topic,
+                partition = reread.partition,
+                from = reread.from,
+                "Reading a gap in the offsets again."
+            );
+            consumer.seek(
+                &reread.topic,
+                reread.partition,
+                Offset::Offset(reread.from),
+                Duration::from_secs(10),
+            )?;
+        }
+        Ok((kept, rereads.len()))
     }
 
     /// Splits a batch: the records to apply now, in their order, and the partitions to seek back.

@@ -339,26 +339,12 @@ impl<S: Step> ProcessorRuntime<S> {
                 .collect::<Vec<_>>();
             // A partition whose offsets jump is read again from the jump before its later
             // records are applied (crate docs of `orderflow_platform::gaps`).
-            let (batch, rereads) = gaps.check(batch);
-            for reread in &rereads {
-                debug!(
-                    processor = self.io.name,
-                    partition = reread.partition,
-                    from = reread.from,
-                    "Reading a gap in the offsets again."
-                );
-                consumer.seek(
-                    &reread.topic,
-                    reread.partition,
-                    Offset::Offset(reread.from),
-                    Duration::from_secs(10),
-                )?;
-            }
-            if !rereads.is_empty() {
+            let (batch, rereads) = gaps.check_and_seek(&consumer, batch)?;
+            if rereads > 0 {
                 self.metrics
                     .gap_rereads
                     .get_or_create(&self.labels)
-                    .inc_by(rereads.len() as u64);
+                    .inc_by(rereads as u64);
             }
             let mut timers = Outputs::default();
             if last_tick.elapsed() >= tick {

@@ -90,6 +90,35 @@ impl Step for Gated {
     }
 }
 
+/// A stateless processor over `payments.requests` running `step`, with its metrics and labels.
+fn gated_processor(
+    name: &'static str,
+    step: Gated,
+    clients: KafkaClients,
+    settings: &Settings,
+    codec: Arc<Codec>,
+) -> (ProcessorRuntime<Gated>, ProcessorMetrics, ProcessorLabels) {
+    let metrics = ProcessorMetrics::register(&MetricsRegistry::new(), ConsumerMetrics::default());
+    let io = ProcessorIo {
+        name,
+        input_topic: names::PAYMENTS_REQUESTS,
+        dead_letter_topic: names::PAYMENTS_DLQ,
+        changelog_topic: None,
+    };
+    let runtime = ProcessorRuntime::new(
+        io,
+        step,
+        clients,
+        &settings.processor,
+        codec,
+        metrics.clone(),
+    );
+    let labels = ProcessorLabels {
+        processor: name.to_owned(),
+    };
+    (runtime, metrics, labels)
+}
+
 async fn write(producer: &FutureProducer, topic: &str, key: &str, bytes: &[u8]) {
     producer
         .send(
@@ -132,30 +161,19 @@ async fn backpressure(broker: Broker) {
     let gate = Arc::new(Semaphore::new(0));
     let batches = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let metrics = ProcessorMetrics::register(&MetricsRegistry::new(), ConsumerMetrics::default());
-    let io = ProcessorIo {
-        name: "backpressure-test",
-        input_topic: names::PAYMENTS_REQUESTS,
-        dead_letter_topic: names::PAYMENTS_DLQ,
-        changelog_topic: None,
-    };
-    let runtime = ProcessorRuntime::new(
-        io,
+    let (runtime, metrics, labels) = gated_processor(
+        "backpressure-test",
         Gated {
             gate: gate.clone(),
             batches: batches.clone(),
             seen: seen.clone(),
         },
         clients,
-        &settings.processor,
+        &settings,
         codec,
-        metrics.clone(),
     );
     let cancel = CancellationToken::new();
     let running = tokio::spawn(runtime.run(cancel.clone()));
-    let labels = ProcessorLabels {
-        processor: io.name.to_owned(),
-    };
 
     // The first batch is full and held in `prepare`: every partition is paused meanwhile.
     let first = eventually(Duration::from_secs(60), "the first batch", || async {
@@ -242,30 +260,19 @@ async fn offset_gaps_are_read_twice(broker: Broker) {
     }
 
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let metrics = ProcessorMetrics::register(&MetricsRegistry::new(), ConsumerMetrics::default());
-    let io = ProcessorIo {
-        name: "gaps-test",
-        input_topic: names::PAYMENTS_REQUESTS,
-        dead_letter_topic: names::PAYMENTS_DLQ,
-        changelog_topic: None,
-    };
-    let runtime = ProcessorRuntime::new(
-        io,
+    let (runtime, metrics, labels) = gated_processor(
+        "gaps-test",
         Gated {
             gate: Arc::new(Semaphore::new(10_000)),
             batches: Arc::new(Mutex::new(Vec::new())),
             seen: seen.clone(),
         },
         clients,
-        &settings.processor,
+        &settings,
         codec,
-        metrics.clone(),
     );
     let cancel = CancellationToken::new();
     let running = tokio::spawn(runtime.run(cancel.clone()));
-    let labels = ProcessorLabels {
-        processor: io.name.to_owned(),
-    };
     eventually(
         Duration::from_secs(60),
         "every record committed",

@@ -217,21 +217,12 @@ impl<P: Projection> ProjectionWriter<P> {
                 .await?;
             // A partition whose offsets jump is read again from the jump before its later
             // records are written (`orderflow_platform::gaps`).
-            let (batch, rereads) = gaps.check(batch);
-            for reread in &rereads {
-                debug!(projection = name, topic = %reread.topic, partition = reread.partition, from = reread.from, "Reading a gap in the offsets again.");
-                consumer.seek(
-                    &reread.topic,
-                    reread.partition,
-                    rdkafka::Offset::Offset(reread.from),
-                    Duration::from_secs(10),
-                )?;
-            }
-            if !rereads.is_empty() {
+            let (batch, rereads) = gaps.check_and_seek(&consumer, batch)?;
+            if rereads > 0 {
                 self.metrics
                     .gap_rereads
                     .get_or_create(&self.labels)
-                    .inc_by(rereads.len() as u64);
+                    .inc_by(rereads as u64);
             }
             if !batch.is_empty() {
                 let outcome = self.write(&batch, Some(&dead_letters)).await?;
