@@ -111,11 +111,22 @@ pub struct Settings {
     pub projection: ProjectionSettings,
     pub validation: ValidationSettings,
     pub saga: SagaSettings,
+    pub state: StateSettings,
     pub fraud: FraudSettings,
     pub payment: PaymentSettings,
     pub gateway: GatewaySettings,
     pub telemetry: TelemetrySettings,
     pub dev: DevSettings,
+}
+
+/// Processor state stores: how long what is kept only to recognise duplicates is kept.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    /// Horizon in event time: finished orders, released or refused reservations, seen
+    /// restocks, reservations of long-finished orders and idle customers older than this
+    /// (behind the newest input of their partition) are dropped from the state.
+    pub retention_ms: i64,
 }
 
 /// Step deadlines of the saga. A step with no answer by then cancels the order.
@@ -566,6 +577,21 @@ impl Settings {
             self.saga.review_timeout_ms > 0 && self.saga.inventory_timeout_ms > 0,
             "saga.review_timeout_ms and saga.inventory_timeout_ms: expected positive durations"
                 .to_owned(),
+        );
+        let longest_step = self.saga.inventory_timeout_ms + self.saga.payment_resend_ms;
+        check(
+            self.state.retention_ms > longest_step,
+            format!(
+                "state.retention_ms: expected more than saga.inventory_timeout_ms + saga.payment_resend_ms ({longest_step}): a reservation must outlive the saga steps that can release it; found {}",
+                self.state.retention_ms
+            ),
+        );
+        check(
+            self.state.retention_ms >= self.fraud.velocity_window_ms,
+            format!(
+                "state.retention_ms: expected at least fraud.velocity_window_ms ({}): a customer's velocity must outlive its window; found {}",
+                self.fraud.velocity_window_ms, self.state.retention_ms
+            ),
         );
         check(
             self.saga.payment_resend_ms > self.payment.payment_timeout_ms,

@@ -1,7 +1,14 @@
 //! Kafka client setup: the one place that decides client properties, so every role talks to
 //! the broker the same way. Also the in-process broker of the embedded mode.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
 
 use orderflow_schemas::{codec::CONTENT_TYPE, headers, EventKind};
 use rdkafka::{
@@ -208,6 +215,11 @@ pub struct GroupContext {
     /// Pause partitions as they are assigned, before anything is fetched (the owner seeks them
     /// to positions it keeps elsewhere and resumes them).
     pause_on_assign: bool,
+    /// The assignment epoch of each partition this member holds: a number that changes every
+    /// time the partition is assigned to it, so an owner that checks now and then can tell a
+    /// partition it kept from one revoked and assigned back in between.
+    epochs: Mutex<HashMap<(String, i32), u64>>,
+    assignments: AtomicU64,
 }
 
 impl GroupContext {
@@ -218,7 +230,20 @@ impl GroupContext {
             metrics: None,
             readiness: None,
             pause_on_assign: false,
+            epochs: Mutex::new(HashMap::new()),
+            assignments: AtomicU64::new(0),
         }
+    }
+
+    /// The epoch of `partition`'s current assignment to this member (`None`: not assigned).
+    /// It differs from an earlier reading whenever the partition was revoked and assigned
+    /// again since: whatever the owner kept of the partition is then stale.
+    pub fn assignment_epoch(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.epochs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(topic.to_owned(), partition))
+            .copied()
     }
 
     /// Assigned partitions start paused; the caller resumes each once it has seeked it.
@@ -275,6 +300,16 @@ impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                let epoch = self.assignments.fetch_add(1, Ordering::SeqCst) + 1;
+                {
+                    let mut epochs = self
+                        .epochs
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for e in tpl.elements() {
+                        epochs.insert((e.topic().to_owned(), e.partition()), epoch);
+                    }
+                }
                 if self.pause_on_assign && tpl.count() > 0 {
                     if let Err(e) = consumer.pause(tpl) {
                         warn!(role = self.role, error = %e, "Pausing assigned partitions failed.");
@@ -290,6 +325,15 @@ impl ConsumerContext for GroupContext {
                 }
             }
             Rebalance::Revoke(tpl) => {
+                {
+                    let mut epochs = self
+                        .epochs
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for e in tpl.elements() {
+                        epochs.remove(&(e.topic().to_owned(), e.partition()));
+                    }
+                }
                 info!(
                     role = self.role,
                     partitions = tpl.count(),

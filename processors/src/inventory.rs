@@ -2,14 +2,30 @@
 //! one partition decides every change of a SKU, in log order) and answers the saga per line on
 //! the orders topic.
 //!
-//! State per SKU: units available, every order's reservation (keyed by order id) and the restocks
-//! applied (by event id). That makes every command idempotent (rule 2): a second reservation
-//! request of an order gets the first answer again, byte for byte, and changes nothing; a release
-//! releases once; a restock adds once. A release that arrives for an order whose reservation was
-//! refused or never made changes nothing, and blocks a late duplicate of the reservation.
-//! Stock never goes negative: a reservation is granted only from what is available.
-
-use std::collections::{BTreeMap, BTreeSet};
+//! ## State (changelog keys)
+//!
+//! - `s:<sku>` — the SKU's counter: units available. O(1) whatever the SKU's traffic.
+//! - `r:<order id>/<sku>` — what happened to one order's request for one SKU (reserved, refused,
+//!   released), with the partition's event time of that change. One small record per
+//!   reservation, never a value that collects them.
+//! - `k:<restock event id>` — a restock applied, with its event time.
+//! - `t:clock` — the newest event time of the partition's inputs ([`EventClock`]).
+//!
+//! That makes every command idempotent (rule 2): a second reservation request of an order gets
+//! the first answer again, byte for byte, and changes nothing; a release releases once; a restock
+//! adds once. A release that arrives for an order whose reservation was refused or never made
+//! changes nothing, and blocks a late duplicate of the reservation. Stock never goes negative: a
+//! reservation is granted only from what is available.
+//!
+//! ## Horizon
+//!
+//! `r:` and `k:` entries are dropped (tombstoned) once the partition's clock is more than
+//! `state.retention_ms` past their time. A released or refused reservation and a restock are kept
+//! only to recognise duplicates; a reservation still held that long belongs to a confirmed order
+//! (every saga step that could release it has a deadline far shorter: the configuration checks
+//! it), and its units count as sold. Past the horizon, then: a duplicate restock would add again,
+//! a duplicate reservation request would reserve again, and a release (a customer cancelling a
+//! confirmed order that long after) returns no units — returns that late are restocked.
 
 use orderflow_schemas::{
     ids::derived_event_id, Envelope, EventKind, InventoryLineRejected, InventoryLineReleased,
@@ -20,7 +36,7 @@ use uuid::Uuid;
 
 use crate::{
     runtime::{Outputs, Step, StepError},
-    state::{ChangelogRecord, PartitionState, Store},
+    state::{ChangelogRecord, EventClock, Horizon, PartitionState, Store},
 };
 
 /// Roles of the replies, fed into their derived ids. Never rename.
@@ -32,71 +48,164 @@ const ROLE_RELEASED: &str = "inventory/released";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Reservation {
-    Reserved { quantity: i32, available_after: i64 },
-    Refused { requested: i32, available: i64 },
-    Released { quantity: i32, available_after: i64 },
+    Reserved {
+        quantity: i32,
+        available_after: i64,
+        /// The partition's event time when this changed (horizon).
+        at: i64,
+    },
+    Refused {
+        requested: i32,
+        available: i64,
+        at: i64,
+    },
+    Released {
+        quantity: i32,
+        available_after: i64,
+        at: i64,
+    },
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+impl Reservation {
+    fn at(&self) -> i64 {
+        match self {
+            Self::Reserved { at, .. } | Self::Refused { at, .. } | Self::Released { at, .. } => *at,
+        }
+    }
+}
+
+/// A SKU's stock: counters only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct SkuStock {
     pub available: i64,
-    pub reservations: BTreeMap<String, Reservation>,
-    pub restocks: BTreeSet<String>,
-}
-
-impl SkuStock {
-    /// Units held by reservations.
-    pub fn reserved(&self) -> i64 {
-        self.reservations
-            .values()
-            .map(|r| match r {
-                Reservation::Reserved { quantity, .. } => i64::from(*quantity),
-                _ => 0,
-            })
-            .sum()
-    }
 }
 
 /// Stock of the SKUs of one `inventory.commands` partition.
 #[derive(Debug)]
 pub struct InventoryState {
     skus: Store<SkuStock>,
+    reservations: Store<Reservation>,
+    /// Restocks applied, by event id, with the event time they were applied at.
+    restocks: Store<i64>,
+    clock: EventClock,
+    /// `r:`/`k:` keys by event time, for the horizon.
+    horizon: Horizon,
 }
 
 impl Default for InventoryState {
     fn default() -> Self {
         Self {
             skus: Store::new("s:"),
+            reservations: Store::new("r:"),
+            restocks: Store::new("k:"),
+            clock: EventClock::default(),
+            horizon: Horizon::default(),
         }
     }
+}
+
+fn reservation_key(order_id: &str, sku: &str) -> String {
+    format!("{order_id}/{sku}")
 }
 
 impl InventoryState {
     pub fn sku(&self, sku: &str) -> Option<&SkuStock> {
         self.skus.get(sku)
     }
+
+    /// What happened to `order_id`'s request for `sku`, while within the horizon.
+    pub fn reservation(&self, order_id: &str, sku: &str) -> Option<&Reservation> {
+        self.reservations.get(&reservation_key(order_id, sku))
+    }
+
+    /// Reservation and restock entries held (the part that grows with traffic, up to the
+    /// horizon).
+    pub fn tracked(&self) -> usize {
+        self.reservations.len() + self.restocks.len()
+    }
+
+    fn set_reservation(&mut self, key: String, reservation: Reservation) {
+        if self.reservations.get(&key).is_none() {
+            self.horizon.note(format!("r:{key}"), reservation.at());
+        }
+        self.reservations.put(key, reservation);
+    }
+
+    /// Advances the clock to the input's event time and drops what the horizon passed.
+    fn advance(&mut self, occurred_at: i64, retention_ms: i64) -> i64 {
+        let now = self.clock.advance(occurred_at);
+        let (reservations, restocks) = (&mut self.reservations, &mut self.restocks);
+        self.horizon
+            .expire(now.saturating_sub(retention_ms), |key, queued| {
+                if let Some(key) = key.strip_prefix("r:") {
+                    let at = reservations.get(key).map(Reservation::at)?;
+                    if at > queued {
+                        return Some(at);
+                    }
+                    reservations.remove(key);
+                } else if let Some(key) = key.strip_prefix("k:") {
+                    restocks.get(key)?;
+                    restocks.remove(key);
+                }
+                None
+            });
+        now
+    }
 }
 
 impl PartitionState for InventoryState {
     fn restore(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), String> {
-        self.skus.restore(key, value)
+        if self.skus.owns(key) {
+            self.skus.restore(key, value).map(|_| ())
+        } else if self.reservations.owns(key) {
+            self.reservations.restore(key, value).map(|_| ())
+        } else if self.restocks.owns(key) {
+            self.restocks.restore(key, value).map(|_| ())
+        } else if self.clock.owns(key) {
+            self.clock.restore(key, value)
+        } else {
+            Err(format!("unknown inventory state key {key:?}"))
+        }
+    }
+
+    fn restored(&mut self) {
+        let mut horizon = Horizon::default();
+        for (key, reservation) in self.reservations.iter() {
+            horizon.note(format!("r:{key}"), reservation.at());
+        }
+        for (key, at) in self.restocks.iter() {
+            horizon.note(format!("k:{key}"), *at);
+        }
+        self.horizon = horizon;
     }
 
     fn changes(&mut self) -> Vec<ChangelogRecord> {
         let mut out = Vec::new();
         self.skus.changes_into(&mut out);
+        self.reservations.changes_into(&mut out);
+        self.restocks.changes_into(&mut out);
+        self.clock.changes_into(&mut out);
         out
+    }
+
+    fn entries(&self) -> usize {
+        self.skus.len() + self.tracked() + self.horizon.len()
     }
 }
 
 pub struct Inventory {
     /// Where replies go (the orders topic, keyed by the order's customer).
     replies: &'static str,
+    /// `state.retention_ms`: the horizon of reservations and restocks.
+    retention_ms: i64,
 }
 
 impl Inventory {
-    pub fn new(replies: &'static str) -> Self {
-        Self { replies }
+    pub fn new(replies: &'static str, retention_ms: i64) -> Self {
+        Self {
+            replies,
+            retention_ms,
+        }
     }
 
     fn reply_envelope(
@@ -128,6 +237,7 @@ impl Inventory {
             Reservation::Reserved {
                 quantity,
                 available_after,
+                ..
             } => OrderEvent::InventoryLineReserved(InventoryLineReserved {
                 envelope: Self::reply_envelope(
                     command,
@@ -141,6 +251,7 @@ impl Inventory {
             Reservation::Refused {
                 requested,
                 available,
+                ..
             } => OrderEvent::InventoryLineRejected(InventoryLineRejected {
                 envelope: Self::reply_envelope(
                     command,
@@ -172,31 +283,33 @@ impl Step for Inventory {
         event: &OrderEvent,
         out: &mut Outputs,
     ) -> Result<(), StepError> {
+        let now = state.advance(event.envelope().occurred_at, self.retention_ms);
         match event {
             OrderEvent::InventoryReservationRequested(request) => {
                 let command = &request.envelope;
                 for line in &request.lines {
-                    let mut stock = state.skus.get(&line.sku).cloned().unwrap_or_default();
-                    let reservation = match stock.reservations.get(&command.order_id) {
+                    let key = reservation_key(&command.order_id, &line.sku);
+                    let reservation = match state.reservations.get(&key) {
                         Some(existing) => existing.clone(),
                         None => {
+                            let mut stock = state.skus.get(&line.sku).copied().unwrap_or_default();
                             let quantity = i64::from(line.quantity);
                             let reservation = if line.quantity > 0 && stock.available >= quantity {
                                 stock.available -= quantity;
+                                state.skus.put(line.sku.clone(), stock);
                                 Reservation::Reserved {
                                     quantity: line.quantity,
                                     available_after: stock.available,
+                                    at: now,
                                 }
                             } else {
                                 Reservation::Refused {
                                     requested: line.quantity,
                                     available: stock.available,
+                                    at: now,
                                 }
                             };
-                            stock
-                                .reservations
-                                .insert(command.order_id.clone(), reservation.clone());
-                            state.skus.put(line.sku.clone(), stock);
+                            state.set_reservation(key, reservation.clone());
                             reservation
                         }
                     };
@@ -206,18 +319,19 @@ impl Step for Inventory {
             }
             OrderEvent::InventoryReleaseRequested(release) => {
                 let command = &release.envelope;
-                let mut stock = state.skus.get(&release.sku).cloned().unwrap_or_default();
-                match stock.reservations.get(&command.order_id).cloned() {
-                    Some(Reservation::Released { .. }) | Some(Reservation::Refused { .. }) => {
-                        return Ok(())
-                    }
+                let key = reservation_key(&command.order_id, &release.sku);
+                match state.reservations.get(&key).cloned() {
+                    Some(Reservation::Released { .. }) | Some(Reservation::Refused { .. }) => {}
                     Some(Reservation::Reserved { quantity, .. }) => {
+                        let mut stock = state.skus.get(&release.sku).copied().unwrap_or_default();
                         stock.available += i64::from(quantity);
-                        stock.reservations.insert(
-                            command.order_id.clone(),
+                        state.skus.put(release.sku.clone(), stock);
+                        state.set_reservation(
+                            key,
                             Reservation::Released {
                                 quantity,
                                 available_after: stock.available,
+                                at: now,
                             },
                         );
                         out.push(
@@ -238,16 +352,17 @@ impl Step for Inventory {
                     None => {
                         // Nothing reserved (yet): remember the release so that a late
                         // duplicate of the request is not granted.
-                        stock.reservations.insert(
-                            command.order_id.clone(),
+                        let available = state.skus.get(&release.sku).map_or(0, |s| s.available);
+                        state.set_reservation(
+                            key,
                             Reservation::Released {
                                 quantity: 0,
-                                available_after: stock.available,
+                                available_after: available,
+                                at: now,
                             },
                         );
                     }
                 }
-                state.skus.put(release.sku.clone(), stock);
                 Ok(())
             }
             OrderEvent::InventoryRestocked(restock) => {
@@ -257,10 +372,13 @@ impl Step for Inventory {
                         restock.sku, restock.quantity
                     )));
                 }
-                let mut stock = state.skus.get(&restock.sku).cloned().unwrap_or_default();
-                if stock.restocks.insert(restock.envelope.event_id.clone()) {
+                let id = &restock.envelope.event_id;
+                if state.restocks.get(id).is_none() {
+                    let mut stock = state.skus.get(&restock.sku).copied().unwrap_or_default();
                     stock.available += i64::from(restock.quantity);
                     state.skus.put(restock.sku.clone(), stock);
+                    state.horizon.note(format!("k:{id}"), now);
+                    state.restocks.put(id.clone(), now);
                 }
                 Ok(())
             }
@@ -269,5 +387,163 @@ impl Step for Inventory {
                 other.kind().name()
             ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use orderflow_schemas::{InventoryReleaseRequested, InventoryRestocked, SkuQuantity};
+
+    use super::*;
+    use crate::state::MAX_VALUE_BYTES;
+
+    const HOUR: i64 = 3_600_000;
+
+    fn envelope(n: u128, order: u128, at: i64) -> Envelope {
+        Envelope {
+            event_id: Uuid::from_u128(n).to_string(),
+            order_id: Uuid::from_u128(order).to_string(),
+            customer_id: format!("customer-{}", order % 1000),
+            occurred_at: at,
+            causation_id: None,
+            sequence: 0,
+            schema_version: 1,
+        }
+    }
+
+    fn request(order: u128, sku: &str, quantity: i32, at: i64) -> OrderEvent {
+        OrderEvent::InventoryReservationRequested(
+            orderflow_schemas::InventoryReservationRequested {
+                envelope: envelope(0x1_0000_0000 + order, order, at),
+                lines: vec![SkuQuantity {
+                    sku: sku.to_owned(),
+                    quantity,
+                }],
+            },
+        )
+    }
+
+    fn release(order: u128, sku: &str, at: i64) -> OrderEvent {
+        OrderEvent::InventoryReleaseRequested(InventoryReleaseRequested {
+            envelope: envelope(0x2_0000_0000 + order, order, at),
+            sku: sku.to_owned(),
+            reason: "cancelled".to_owned(),
+        })
+    }
+
+    fn restock(n: u128, sku: &str, quantity: i32, at: i64) -> OrderEvent {
+        OrderEvent::InventoryRestocked(InventoryRestocked {
+            envelope: envelope(0x3_0000_0000 + n, 0x3_0000_0000 + n, at),
+            sku: sku.to_owned(),
+            quantity,
+            source: "test".to_owned(),
+        })
+    }
+
+    /// 100,000 reservations on one SKU (and a release of every tenth) over more than the
+    /// horizon: every changelog value stays small, the state stays bounded by the traffic within
+    /// the horizon, and stock is exact.
+    #[test]
+    fn a_hot_sku_keeps_small_values_and_bounded_state() {
+        let retention = HOUR;
+        let mut step = Inventory::new("orders.events", retention);
+        let mut state = InventoryState::default();
+        let mut out = Outputs::default();
+        let start = 1_764_000_000_000;
+        step.handle(&mut state, &restock(0, "HOT", 10_000_000, start), &mut out)
+            .expect("restock");
+        // One order every 100 ms of event time: 100,000 orders span 2.8 hours.
+        let orders = 100_000u128;
+        let mut largest = 0;
+        let mut most_entries = 0;
+        let mut released = 0i64;
+        for n in 0..orders {
+            let at = start + n as i64 * 100;
+            step.handle(&mut state, &request(n, "HOT", 1, at), &mut out)
+                .expect("reserve");
+            if n % 10 == 0 {
+                step.handle(&mut state, &release(n, "HOT", at), &mut out)
+                    .expect("release");
+                released += 1;
+            }
+            // Every 500 inputs is a batch: what the runtime would write.
+            if n % 500 == 499 {
+                for (key, value) in state.changes() {
+                    let size = value.map_or(0, |v| v.len());
+                    assert!(size < MAX_VALUE_BYTES, "{key}: {size} bytes");
+                    largest = largest.max(size);
+                }
+                most_entries = most_entries.max(state.entries());
+            }
+        }
+        out.drain();
+        assert!(largest < 200, "every value is a few dozen bytes: {largest}");
+        // The horizon holds one hour: 36,000 orders of event time, each with one entry (and
+        // a queue item per change).
+        let per_hour = (retention / 100) as usize;
+        assert!(
+            state.tracked() <= per_hour + 1,
+            "{} entries kept for an hour of {per_hour} orders",
+            state.tracked()
+        );
+        assert!(
+            most_entries <= 3 * per_hour,
+            "state entries peaked at {most_entries}, bounded by the horizon's traffic"
+        );
+        let reserved = orders as i64 - released;
+        assert_eq!(
+            state.sku("HOT").map(|s| s.available),
+            Some(10_000_000 - reserved)
+        );
+        // A duplicate within the horizon gets the first answer again and changes nothing.
+        let last = orders - 1;
+        let at = start + last as i64 * 100;
+        let mut again = Outputs::default();
+        step.handle(&mut state, &request(last, "HOT", 1, at), &mut again)
+            .expect("repeat");
+        assert_eq!(again.records().len(), 1);
+        assert_eq!(
+            state.sku("HOT").map(|s| s.available),
+            Some(10_000_000 - reserved)
+        );
+    }
+
+    #[test]
+    fn a_restored_partition_expires_what_the_first_run_would_have() {
+        let mut step = Inventory::new("orders.events", HOUR);
+        let mut state = InventoryState::default();
+        let mut out = Outputs::default();
+        step.handle(&mut state, &restock(1, "A", 10, 0), &mut out)
+            .expect("restock");
+        step.handle(&mut state, &request(1, "A", 2, 1000), &mut out)
+            .expect("reserve");
+        step.handle(&mut state, &release(1, "A", 2000), &mut out)
+            .expect("release");
+        let records = state.changes();
+
+        let mut restored = InventoryState::default();
+        for (key, value) in &records {
+            restored.restore(key, value.as_deref()).expect("restore");
+        }
+        restored.restored();
+        assert_eq!(restored.sku("A"), state.sku("A"));
+        assert_eq!(restored.tracked(), 2);
+        // Two hours later both entries are past the horizon, in the original and the restored.
+        for s in [&mut state, &mut restored] {
+            step.handle(s, &request(2, "A", 1, 2 * HOUR + 3000), &mut out)
+                .expect("reserve");
+            assert_eq!(s.tracked(), 1, "only the new reservation is kept");
+            assert!(s
+                .reservation(&Uuid::from_u128(1).to_string(), "A")
+                .is_none());
+        }
+        let tombstones: Vec<String> = state
+            .changes()
+            .into_iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(tombstones.len(), 2, "{tombstones:?}");
+        assert_eq!(restored.sku("A"), state.sku("A"));
     }
 }

@@ -78,6 +78,7 @@ pub fn saga_step(settings: &Settings, fraud: SharedModel) -> saga::Saga {
         fraud,
         settings.saga.clone(),
         SAGA_TOPICS,
+        settings.state.retention_ms,
     )
 }
 
@@ -118,7 +119,7 @@ pub fn processors(
         ),
         task(
             INVENTORY,
-            inventory::Inventory::new(names::ORDERS_EVENTS),
+            inventory::Inventory::new(names::ORDERS_EVENTS, settings.state.retention_ms),
             settings,
             deps,
             cancel,

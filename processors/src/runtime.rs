@@ -57,7 +57,7 @@ use orderflow_schemas::{headers, Codec, OrderEvent};
 use rdkafka::{
     consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer},
     error::KafkaError,
-    message::{Message, OwnedMessage},
+    message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
     producer::{future_producer::DeliveryFuture, FutureProducer, FutureRecord, Producer},
     Offset, TopicPartitionList,
 };
@@ -66,7 +66,7 @@ use tracing::{debug, debug_span, info, warn};
 
 use crate::{
     metrics::{OutputLabels, ProcessorLabels, ProcessorMetrics},
-    state::{PartitionState, POSITION_KEY},
+    state::{PartitionState, Restored, Restorer, CLAIM_KEY, GENERATION_HEADER, POSITION_KEY},
 };
 
 /// A processing step: plain code that sees one decoded input at a time, with the state of its
@@ -96,6 +96,12 @@ pub trait Step: Send + Sync + 'static {
     /// clock. Outputs go into the next transaction; the state cannot change here, so a timer's
     /// effect is an event that comes back through the input and is applied like any other.
     fn tick(&mut self, _partition: i32, _state: &Self::State, _now_ms: i64, _out: &mut Outputs) {}
+
+    /// Called when `partition`'s state was restored for a new assignment (after every
+    /// rebalance that gave it to this instance, and every session restart): whatever the step
+    /// remembers of the partition outside its state (timers written, requests resent) is from
+    /// before, and may belong to a batch that never committed.
+    fn on_assigned(&mut self, _partition: i32) {}
 }
 
 /// Why a step gave up on an input.
@@ -206,6 +212,12 @@ struct Slot<T> {
     /// The next input offset to process, as stored in the changelog; `None`: not stored yet
     /// (the group's committed offset decides).
     position: Option<i64>,
+    /// The generation this instance writes the partition's changelog with (module docs of
+    /// [`crate::state`]).
+    generation: u64,
+    /// The consumer's assignment epoch the state was restored for: a different epoch means the
+    /// partition was revoked and assigned again since, and the state must be restored anew.
+    epoch: Option<u64>,
 }
 
 /// Runs one processor until cancelled.
@@ -327,10 +339,12 @@ impl<S: Step> ProcessorRuntime<S> {
             // transaction is open then. Partitions revoked meanwhile lose their records and
             // state here; partitions assigned get their state restored before any of their
             // records is processed.
-            self.sync_assignment(&consumer, &mut slots, &mut gaps)
+            let seeked = self
+                .sync_assignment(&consumer, &producer, &mut slots, &mut gaps, cancel)
                 .await?;
             let batch = retain_assigned(&consumer, batch)
                 .into_iter()
+                .filter(|m| !seeked.contains(&m.partition()))
                 .filter(|m| match slots.get(&m.partition()) {
                     // Below the stored position: the state already holds its effect.
                     Some(slot) => slot.position.is_none_or(|p| m.offset() >= p),
@@ -384,56 +398,104 @@ impl<S: Step> ProcessorRuntime<S> {
         }
     }
 
-    /// Drops the state of revoked partitions and restores the state of newly assigned ones.
+    /// Drops the state of revoked partitions and restores the state of newly assigned ones —
+    /// including partitions revoked and assigned back since the last call (their assignment
+    /// epoch changed: another instance may have moved them on meanwhile). Each restored
+    /// partition's changelog is then claimed with the new generation before any of its records
+    /// is processed. Returns the partitions the consumer was seeked back on: the records of
+    /// those already in hand lie past the stored position and must be dropped, to come again in
+    /// order.
     async fn sync_assignment(
-        &self,
+        &mut self,
         consumer: &ProcessorConsumer,
+        producer: &FutureProducer,
         slots: &mut BTreeMap<i32, Slot<S::State>>,
         gaps: &mut GapGuard,
-    ) -> Result<(), ProcessorError> {
+        cancel: &CancellationToken,
+    ) -> Result<BTreeSet<i32>, ProcessorError> {
+        let input = self.io.input_topic;
         let assigned: BTreeSet<i32> = consumer
             .assignment()?
-            .elements_for_topic(self.io.input_topic)
+            .elements_for_topic(input)
             .iter()
             .map(|e| e.partition())
             .collect();
-        slots.retain(|p, _| assigned.contains(p));
-        gaps.retain(|_, p| assigned.contains(&p));
+        let context = consumer.context();
+        slots.retain(|p, slot| {
+            assigned.contains(p) && slot.epoch == context.assignment_epoch(input, *p)
+        });
+        gaps.retain(|_, p| slots.contains_key(&p));
         let new: Vec<i32> = assigned
             .iter()
             .copied()
             .filter(|p| !slots.contains_key(p))
             .collect();
         let component = self.state_component();
+        let mut seeked = BTreeSet::new();
         if new.is_empty() {
             if let Some(r) = &self.readiness {
                 r.set_ready(&component);
             }
-            return Ok(());
+            return Ok(seeked);
         }
         if let Some(r) = &self.readiness {
             r.set_not_ready(&component, format!("restoring partitions {new:?}"));
         }
+        let progress = RestoreProgress {
+            readiness: self.readiness.clone(),
+            component: component.clone(),
+        };
         let started = Instant::now();
+        let mut claims = Vec::new();
         for partition in new {
+            let epoch = context.assignment_epoch(input, partition);
             let slot = match self.io.changelog_topic {
                 None => Slot {
                     state: S::State::default(),
                     position: None,
+                    generation: 0,
+                    epoch,
                 },
                 Some(topic) => {
-                    let slot =
-                        restore::<S::State>(&self.clients, self.io.name, topic, partition).await?;
-                    if let Some(position) = slot.position {
-                        self.seek_back_if_ahead(consumer, partition, position)
-                            .await?;
-                        gaps.expect(self.io.input_topic, partition, position);
+                    let Some(restored) = restore::<S::State>(
+                        &self.clients,
+                        self.io.name,
+                        topic,
+                        partition,
+                        progress.clone(),
+                        cancel.clone(),
+                    )
+                    .await?
+                    else {
+                        return Ok(seeked); // cancelled
+                    };
+                    if restored.stale > 0 || restored.unfinished > 0 {
+                        info!(processor = self.io.name, partition, stale = restored.stale, unfinished = restored.unfinished, "Ignored changelog records of older generations and of batches that never finished.");
                     }
-                    slot
+                    if let Some(position) = restored.position {
+                        if self
+                            .seek_back_if_ahead(consumer, partition, position)
+                            .await?
+                        {
+                            seeked.insert(partition);
+                        }
+                        gaps.expect(input, partition, position);
+                    }
+                    claims.push((topic, partition, restored.generation));
+                    Slot {
+                        state: restored.state,
+                        position: restored.position,
+                        generation: restored.generation,
+                        epoch,
+                    }
                 }
             };
-            info!(processor = self.io.name, partition, position = ?slot.position, "Partition state restored.");
+            info!(processor = self.io.name, partition, position = ?slot.position, generation = slot.generation, entries = slot.state.entries(), "Partition state restored.");
+            self.step.on_assigned(partition);
             slots.insert(partition, slot);
+        }
+        if !claims.is_empty() {
+            self.claim(producer, &claims).await?;
         }
         self.metrics
             .restore_seconds
@@ -442,18 +504,47 @@ impl<S: Step> ProcessorRuntime<S> {
         if let Some(r) = &self.readiness {
             r.set_ready(&component);
         }
-        Ok(())
+        Ok(seeked)
+    }
+
+    /// Writes a claim record with its new generation to each restored changelog partition, in
+    /// a transaction of its own, and waits for it: from then on, whatever an earlier owner
+    /// (a zombie) writes there is of an older generation after a newer one, and every restore
+    /// ignores it.
+    async fn claim(
+        &self,
+        producer: &FutureProducer,
+        claims: &[(&'static str, i32, u64)],
+    ) -> Result<(), ProcessorError> {
+        producer.begin_transaction()?;
+        let mut deliveries = Vec::new();
+        for (topic, partition, generation) in claims {
+            let generation = generation.to_string();
+            let record = FutureRecord::to(topic)
+                .partition(*partition)
+                .key(CLAIM_KEY)
+                .payload(self.transactional_id.as_str())
+                .headers(generation_headers(&generation));
+            deliveries.push(producer.send_result(record).map_err(|(e, _)| e)?);
+        }
+        let timeout = self.transaction_timeout();
+        if let Err(e) = await_all(deliveries).await {
+            abort(producer, timeout).await;
+            return Err(e);
+        }
+        blocking(producer, move |p| p.commit_transaction(timeout)).await
     }
 
     /// Resume never later than the state (rule 3): if the group's committed offset is ahead of
     /// the changelog's position, seek back to the changelog's. (Offsets are committed after the
-    /// changelog is written, so this only happens after an operator moved the group.)
+    /// changelog is written, so this only happens after an operator moved the group.) Returns
+    /// whether it seeked.
     async fn seek_back_if_ahead(
         &self,
         consumer: &ProcessorConsumer,
         partition: i32,
         position: i64,
-    ) -> Result<(), ProcessorError> {
+    ) -> Result<bool, ProcessorError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(self.io.input_topic, partition);
         let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
@@ -478,7 +569,7 @@ impl<S: Step> ProcessorRuntime<S> {
                 Duration::from_secs(10),
             )?;
         }
-        Ok(())
+        Ok(ahead)
     }
 
     fn bounds(&self) -> BatchBounds {
@@ -629,10 +720,12 @@ impl<S: Step> ProcessorRuntime<S> {
                     slot.position = Some(next);
                     records.push((POSITION_KEY.to_owned(), Some(next.to_string().into_bytes())));
                 }
+                let generation = slot.generation.to_string();
                 for (key, value) in records {
                     let mut record = FutureRecord::to(topic)
                         .partition(*partition)
-                        .key(key.as_bytes());
+                        .key(key.as_bytes())
+                        .headers(generation_headers(&generation));
                     if let Some(value) = &value {
                         record = record.payload(value.as_slice());
                     }
@@ -722,6 +815,14 @@ fn pause_assigned(
     Ok(Some(partitions))
 }
 
+/// The headers of a changelog record: its writer's generation.
+fn generation_headers(generation: &str) -> OwnedHeaders {
+    OwnedHeaders::new().insert(Header {
+        key: GENERATION_HEADER,
+        value: Some(generation),
+    })
+}
+
 /// Sends one output inside the open transaction.
 fn send(
     producer: &FutureProducer,
@@ -751,13 +852,35 @@ async fn await_all(deliveries: Vec<DeliveryFuture>) -> Result<(), ProcessorError
     Ok(())
 }
 
-/// Reads changelog partition `partition` to its end into a fresh state.
+/// Where a restore reports its progress.
+#[derive(Clone)]
+struct RestoreProgress {
+    readiness: Option<Readiness>,
+    component: String,
+}
+
+impl RestoreProgress {
+    fn report(&self, partition: i32, read: i64, total: i64) {
+        if let Some(r) = &self.readiness {
+            r.set_not_ready(
+                &self.component,
+                format!("restoring partition {partition}: {read} of {total} records read"),
+            );
+        }
+    }
+}
+
+/// Reads changelog partition `partition` to its end into a fresh state (see
+/// [`crate::state::Restorer`] for which records count). No time limit: a large state takes as
+/// long as it takes, reporting its progress on `/readyz`; it stops when `cancel` fires.
 async fn restore<T: PartitionState>(
     clients: &KafkaClients,
     role: &'static str,
     topic: &'static str,
     partition: i32,
-) -> Result<Slot<T>, ProcessorError> {
+    progress: RestoreProgress,
+    cancel: CancellationToken,
+) -> Result<Option<Restored<T>>, ProcessorError> {
     let clients = clients.clone();
     let failed = move |reason: String| ProcessorError::Restore {
         topic,
@@ -768,28 +891,42 @@ async fn restore<T: PartitionState>(
         let reader: BaseConsumer = clients.reader(role).create()?;
         let timeout = Duration::from_secs(10);
         let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
-        let mut slot = Slot {
-            state: T::default(),
-            position: None,
-        };
+        let mut restorer = Restorer::<T>::default();
         if high <= low {
-            return Ok(slot);
+            return Ok(Some(restorer.finish()));
         }
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
         reader.assign(&tpl)?;
-        let deadline = Instant::now() + Duration::from_secs(120);
+        let total = high - low;
+        let mut read = 0i64;
+        let mut reported = Instant::now();
+        let mut last_progress = Instant::now();
+        progress.report(partition, 0, total);
         loop {
-            if Instant::now() > deadline {
-                return Err(failed(format!(
-                    "not at the end (offset {high}) after 120 s"
-                )));
+            if cancel.is_cancelled() {
+                return Ok(None);
             }
-            match reader.poll(Duration::from_millis(500)) {
-                None => continue,
+            match reader.poll(Duration::from_millis(200)) {
+                None => {
+                    if last_progress.elapsed() > Duration::from_secs(30) {
+                        warn!(
+                            processor = role,
+                            topic,
+                            partition,
+                            read,
+                            total,
+                            "Restore made no progress for 30 s; still waiting for the broker."
+                        );
+                        last_progress = Instant::now();
+                    }
+                    continue;
+                }
                 Some(Err(KafkaError::PartitionEOF(_))) => break,
                 Some(Err(e)) => return Err(e.into()),
                 Some(Ok(message)) => {
+                    read += 1;
+                    last_progress = Instant::now();
                     let key = message
                         .key()
                         .and_then(|k| std::str::from_utf8(k).ok())
@@ -799,20 +936,28 @@ async fn restore<T: PartitionState>(
                                 message.offset()
                             ))
                         })?;
-                    if key == POSITION_KEY {
-                        let position = message
-                            .payload()
-                            .and_then(|v| std::str::from_utf8(v).ok())
-                            .and_then(|v| v.parse::<i64>().ok())
-                            .ok_or_else(|| {
-                                failed(format!("bad position at offset {}", message.offset()))
-                            })?;
-                        slot.position = Some(position);
-                    } else {
-                        slot.state.restore(key, message.payload()).map_err(failed)?;
-                        if let Some(written_at) = message.timestamp().to_millis() {
-                            slot.state.note_written_at(key, written_at);
-                        }
+                    let generation = header_value_of(&message, GENERATION_HEADER)
+                        .map(|g| {
+                            g.parse::<u64>().map_err(|_| {
+                                failed(format!(
+                                    "bad generation {g:?} at offset {}",
+                                    message.offset()
+                                ))
+                            })
+                        })
+                        .transpose()?
+                        .unwrap_or(0);
+                    restorer
+                        .record(
+                            key,
+                            message.payload(),
+                            generation,
+                            message.timestamp().to_millis(),
+                        )
+                        .map_err(|e| failed(format!("offset {}: {e}", message.offset())))?;
+                    if reported.elapsed() > Duration::from_secs(1) {
+                        progress.report(partition, read, total);
+                        reported = Instant::now();
                     }
                     if message.offset() + 1 >= high {
                         break;
@@ -820,10 +965,21 @@ async fn restore<T: PartitionState>(
                 }
             }
         }
-        Ok(slot)
+        Ok(Some(restorer.finish()))
     })
     .await
     .map_err(|_| ProcessorError::Join)?
+}
+
+/// A header's value as text, on a borrowed message.
+fn header_value_of<M: Message>(message: &M, name: &str) -> Option<String> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
 }
 
 fn wall_clock_ms() -> i64 {

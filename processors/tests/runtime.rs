@@ -34,7 +34,8 @@ use orderflow_processors::{
     metrics::ProcessorLabels,
     processors,
     runtime::{ProcessorIo, StepError},
-    state::{ChangelogRecord, NoState, PartitionState},
+    saga::{OrderState, Stage},
+    state::{ChangelogRecord, NoState, PartitionState, GENERATION_HEADER, POSITION_KEY},
     Outputs, ProcessorDeps, ProcessorMetrics, ProcessorRuntime, SharedModel, Step,
 };
 use orderflow_schemas::{Codec, OrderEvent};
@@ -44,7 +45,10 @@ use orderflow_testkit::{
     test_settings, test_settings_with, Broker,
 };
 use orderflow_topics::names;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{
+    message::{Header, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord, Producer},
+};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -312,6 +316,22 @@ async fn offset_gaps_are_read_twice_on_tansu() {
 
 /// Runs the three processors in this process until cancelled.
 async fn run_processors(settings: &Settings, bootstrap: &str, cancel: &CancellationToken) {
+    run_some_processors(
+        settings,
+        bootstrap,
+        cancel,
+        &["saga", "inventory", "payments"],
+    )
+    .await;
+}
+
+/// Runs the named processors in this process until cancelled.
+async fn run_some_processors(
+    settings: &Settings,
+    bootstrap: &str,
+    cancel: &CancellationToken,
+    names: &[&str],
+) {
     let deps = ProcessorDeps {
         clients: KafkaClients::new(&settings.kafka, bootstrap),
         codec: Arc::new(Codec::new().expect("codec")),
@@ -320,8 +340,10 @@ async fn run_processors(settings: &Settings, bootstrap: &str, cancel: &Cancellat
         fraud: SharedModel::new(settings.fraud.clone()),
         gateway_url: settings.payment.gateway_url.clone(),
     };
-    for (_, task) in processors(settings, &deps, cancel) {
-        tokio::spawn(task);
+    for (name, task) in processors(settings, &deps, cancel) {
+        if names.contains(&name) {
+            tokio::spawn(task);
+        }
     }
 }
 
@@ -631,17 +653,20 @@ async fn not_ready_while_the_state_restores_and_ready_after() {
         .idempotent_producer("test")
         .create()
         .expect("producer");
+    // (An entry applies once the position record after it closes its batch.)
     for partition in 0..6 {
-        producer
-            .send(
-                FutureRecord::to(names::SAGA_CHANGELOG)
-                    .partition(partition)
-                    .key("entry")
-                    .payload("{}"),
-                Duration::from_secs(30),
-            )
-            .await
-            .unwrap_or_else(|(e, _)| panic!("changelog write: {e}"));
+        for (key, value) in [("entry", "{}"), (POSITION_KEY, "0")] {
+            producer
+                .send(
+                    FutureRecord::to(names::SAGA_CHANGELOG)
+                        .partition(partition)
+                        .key(key)
+                        .payload(value),
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap_or_else(|(e, _)| panic!("changelog write: {e}"));
+        }
     }
     let io = ProcessorIo {
         name: "restore-test",
@@ -684,11 +709,11 @@ async fn not_ready_while_the_state_restores_and_ready_after() {
     );
     let running = tokio::spawn(runtime.run(cancel.clone()));
 
+    // The restore reports its progress: which partition, how many of its records were read.
     let (status, body) = eventually(Duration::from_secs(60), "a restoring report", || async {
         let (status, body) = get().await?;
-        body["components"][component]
-            .as_str()?
-            .starts_with("restoring partitions")
+        let report = body["components"][component].as_str()?;
+        (report.starts_with("restoring partition ") && report.ends_with("of 2 records read"))
             .then_some((status, body))
     })
     .await;
@@ -707,4 +732,166 @@ async fn not_ready_while_the_state_restores_and_ready_after() {
     assert_eq!(body["components"][component], "ready");
     cancel.cancel();
     running.await.expect("runtime ends");
+}
+
+/// A thawed zombie's late state write never wins (DESIGN.md, "State stores, bounded and
+/// fenced"): an order confirms; the processors restart (a new owner, generation 2, claims the
+/// changelog); then a record of the first owner's generation lands in every saga changelog
+/// partition, putting the order back in `Reserving` as a frozen instance would. The saga restarts
+/// again, alone (no inventory processor: a canary order placed now waits in `Reserving` until its
+/// deadline cancels it). Once the canary is cancelled the stale order's deadline has passed too,
+/// and the confirmed order still has its one final event: the stale record was ignored.
+async fn a_zombies_state_write_never_wins(broker: Broker) {
+    let mut settings = test_settings_with(None, broker.overrides());
+    if std::env::var_os("TEST_LOG").is_some() {
+        let mut telemetry = settings.telemetry.clone();
+        telemetry.filter = "info".into();
+        let _ = orderflow_platform::telemetry::init(&telemetry);
+    }
+    settings.saga.inventory_timeout_ms = 1500;
+    settings.processor.tick_ms = 100;
+    apply_topics(&broker, &settings).await;
+    let mut gateway = settings.gateway.clone();
+    gateway.latency_ms = 1;
+    let simulator = Simulator::bind(&gateway).await.expect("gateway");
+    settings.payment.gateway_url = format!("http://{}", simulator.local_addr().expect("addr"));
+    let root = CancellationToken::new();
+    tokio::spawn(simulator.run(root.clone()));
+    let bootstrap = broker.bootstrap();
+    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
+    let codec = Codec::new().expect("codec");
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    let now = now_ms();
+    let restock = codec.encode(&restocked("SKU-Z", 10, now)).expect("encode");
+    write(&producer, names::INVENTORY_COMMANDS, "SKU-Z", &restock).await;
+    let order = order_placed("customer-z", &[("SKU-Z", 1)], "tok_ok", now);
+    let order_id = order.envelope.order_id.clone();
+    let bytes = codec
+        .encode(&OrderEvent::OrderPlaced(order.clone()))
+        .expect("encode");
+    write(&producer, names::ORDERS_EVENTS, "customer-z", &bytes).await;
+
+    // First owner (generation 1): the order confirms.
+    let first = root.child_token();
+    run_processors(&settings, &bootstrap, &first).await;
+    let mut reader = LogReader::new(&settings, &bootstrap);
+    reader.poll_until(Duration::from_secs(120), "the order confirmed", |log| {
+        log.outcome(&order_id) == Some("OrderConfirmed")
+    });
+    first.cancel();
+    // Second owner (generation 2) restores and claims every partition. Its claims are written
+    // before it processes anything; a canary order through the whole saga shows it is running.
+    let second = root.child_token();
+    run_processors(&settings, &bootstrap, &second).await;
+    let canary = order_placed("customer-y", &[("SKU-Z", 1)], "tok_ok", now_ms());
+    let canary_bytes = codec
+        .encode(&OrderEvent::OrderPlaced(canary.clone()))
+        .expect("encode");
+    write(&producer, names::ORDERS_EVENTS, "customer-y", &canary_bytes).await;
+    reader.poll_until(Duration::from_secs(120), "the canary confirmed", |log| {
+        log.outcome(&canary.envelope.order_id) == Some("OrderConfirmed")
+    });
+    second.cancel();
+
+    // The zombie: generation 1 writes the order as it stood before the reservation answered,
+    // and a position, to every saga changelog partition.
+    let stale = OrderState {
+        customer_id: "customer-z".into(),
+        currency: order.currency.clone(),
+        total_minor: order.total_minor,
+        lines: vec![("SKU-Z".into(), 1)],
+        payment_token: "tok_ok".into(),
+        sequence: 4,
+        since: now,
+        stage: Stage::Reserving {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            pending: [("SKU-Z".to_owned(), uuid::Uuid::new_v4().to_string())]
+                .into_iter()
+                .collect(),
+            reserved: Default::default(),
+            shortages: Vec::new(),
+        },
+        cancel_requested: None,
+    };
+    let stale = serde_json::to_vec(&stale).expect("json");
+    for partition in 0..6 {
+        for (key, value) in [
+            (format!("o:{order_id}"), stale.clone()),
+            // An old position: behind the state, as a frozen instance's would be.
+            (POSITION_KEY.to_owned(), b"0".to_vec()),
+        ] {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: GENERATION_HEADER,
+                value: Some("1"),
+            });
+            producer
+                .send(
+                    FutureRecord::to(names::SAGA_CHANGELOG)
+                        .partition(partition)
+                        .key(&key)
+                        .payload(&value)
+                        .headers(headers),
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap_or_else(|(e, _)| panic!("changelog write: {e}"));
+        }
+    }
+
+    // The saga alone: a new canary waits in Reserving and times out.
+    let third = root.child_token();
+    run_some_processors(&settings, &bootstrap, &third, &["saga"]).await;
+    let timed_out = order_placed("customer-x", &[("SKU-Z", 1)], "tok_ok", now_ms());
+    let timed_out_bytes = codec
+        .encode(&OrderEvent::OrderPlaced(timed_out.clone()))
+        .expect("encode");
+    write(
+        &producer,
+        names::ORDERS_EVENTS,
+        "customer-x",
+        &timed_out_bytes,
+    )
+    .await;
+    reader.poll_until(Duration::from_secs(120), "the canary timed out", |log| {
+        log.outcome(&timed_out.envelope.order_id) == Some("OrderCancelled")
+    });
+    // Any late event of the confirmed order too.
+    reader.poll_for(Duration::from_secs(1));
+    third.cancel();
+    root.cancel();
+    let log = &reader.log;
+    assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
+    assert_eq!(
+        log.finals.get(&order_id).map(|f| f.len()),
+        Some(1),
+        "the confirmed order has one final event: {:?}",
+        log.path(&order_id)
+    );
+    assert_eq!(log.outcome(&order_id), Some("OrderConfirmed"));
+    let kinds: Vec<&str> = log.by_order[&order_id]
+        .values()
+        .map(|e| e.kind().name())
+        .collect();
+    assert!(
+        !kinds
+            .iter()
+            .any(|kind| *kind == "OrderStepTimedOut" || *kind == "InventoryReleased"),
+        "nothing happened to the confirmed order: {kinds:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombies_state_write_never_wins_on_the_in_process_broker() {
+    a_zombies_state_write_never_wins(Broker::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zombies_state_write_never_wins_on_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    a_zombies_state_write_never_wins(broker).await;
 }

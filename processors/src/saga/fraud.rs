@@ -33,32 +33,73 @@ impl SharedModel {
     }
 }
 
+/// How many time buckets a customer's velocity window is cut into.
+pub const VELOCITY_BUCKETS: usize = 12;
+
 /// What the saga remembers of a customer for scoring (partition-local: orders are keyed by
-/// customer).
+/// customer). Fixed size whatever the customer's traffic: the velocity window is counted in
+/// [`VELOCITY_BUCKETS`] time buckets, never as a list of orders.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CustomerState {
-    /// `(order_id, occurred_at)` of the customer's orders within the velocity window of the
-    /// latest one, oldest first.
-    pub recent: Vec<(String, i64)>,
+    /// Width of a bucket (the velocity window / [`VELOCITY_BUCKETS`] when they were counted).
+    #[serde(default)]
+    pub bucket_ms: i64,
+    /// `(bucket index, orders)`: the customer's orders per bucket (index = event time /
+    /// `bucket_ms`), the newest [`VELOCITY_BUCKETS`] buckets at most, oldest first.
+    #[serde(default)]
+    pub buckets: Vec<(i64, u32)>,
     pub orders_seen: u64,
     pub last_country: Option<String>,
+    /// Event time of the customer's newest order: the horizon counts from it.
+    #[serde(default)]
+    pub last_at: i64,
 }
 
 impl CustomerState {
-    /// Records `placed` (once per order id) and forgets orders outside the window.
+    /// Records `placed`, a new order of the customer (the saga drops repeats before scoring).
     pub fn record(&mut self, placed: &OrderPlaced, window_ms: i64) {
-        let order_id = &placed.envelope.order_id;
-        if self.recent.iter().any(|(id, _)| id == order_id) {
-            return;
-        }
         let at = placed.envelope.occurred_at;
-        self.recent.push((order_id.clone(), at));
-        self.recent.sort_by_key(|(_, t)| *t);
-        let newest = self.recent.last().map_or(at, |(_, t)| *t);
-        self.recent.retain(|(_, t)| *t > newest - window_ms);
+        let width = bucket_width(window_ms);
+        if self.bucket_ms != width {
+            // The window changed: the old buckets do not divide into the new ones.
+            self.buckets.clear();
+            self.bucket_ms = width;
+        }
+        let index = at.div_euclid(width);
+        match self.buckets.binary_search_by_key(&index, |(i, _)| *i) {
+            Ok(found) => self.buckets[found].1 = self.buckets[found].1.saturating_add(1),
+            Err(position) => self.buckets.insert(position, (index, 1)),
+        }
+        let newest = self.buckets.last().map_or(index, |(i, _)| *i);
+        self.buckets
+            .retain(|(i, _)| *i > newest - VELOCITY_BUCKETS as i64);
         self.orders_seen += 1;
         self.last_country = Some(placed.shipping_address.country.clone());
+        self.last_at = self.last_at.max(at);
     }
+
+    /// The customer's orders recorded in the window ending with the bucket of `at`.
+    pub fn velocity(&self, at: i64, window_ms: i64) -> u64 {
+        let width = bucket_width(window_ms);
+        if self.bucket_ms != width {
+            return 0;
+        }
+        let index = at.div_euclid(width);
+        self.buckets
+            .iter()
+            .filter(|(i, _)| *i <= index && *i > index - VELOCITY_BUCKETS as i64)
+            .map(|(_, n)| u64::from(*n))
+            .sum()
+    }
+
+    /// The event time the customer's entry expires from (plus the horizon).
+    pub fn expires_at(&self) -> i64 {
+        self.last_at
+    }
+}
+
+fn bucket_width(window_ms: i64) -> i64 {
+    (window_ms / VELOCITY_BUCKETS as i64).max(1)
 }
 
 /// The model's verdict on one order.
@@ -72,22 +113,10 @@ pub struct Assessment {
 /// Scores `placed` for a customer whose state does not include it yet.
 pub fn assess(model: &FraudSettings, placed: &OrderPlaced, customer: &CustomerState) -> Assessment {
     let at = placed.envelope.occurred_at;
-    let velocity = customer
-        .recent
-        .iter()
-        .filter(|(id, t)| {
-            *id != placed.envelope.order_id && *t > at - model.velocity_window_ms && *t <= at
-        })
-        .count();
-    // The customer's state may already hold this order (re-scoring after a crash): never count
-    // the order against itself.
-    let itself = u64::from(
-        customer
-            .recent
-            .iter()
-            .any(|(id, _)| *id == placed.envelope.order_id),
-    );
-    let first_order = customer.orders_seen.saturating_sub(itself) == 0;
+    // The customer's state never holds this order yet: the saga scores an order once, and a
+    // re-run after a failed batch restores the state from before that batch.
+    let velocity = customer.velocity(at, model.velocity_window_ms);
+    let first_order = customer.orders_seen == 0;
     let items: i64 = placed
         .lines
         .iter()
@@ -156,7 +185,7 @@ pub fn assess(model: &FraudSettings, placed: &OrderPlaced, customer: &CustomerSt
     } else {
         FraudDecision::Approve
     };
-    if velocity + 1 > model.max_orders_per_window as usize {
+    if velocity + 1 > u64::from(model.max_orders_per_window) {
         decision = FraudDecision::Reject;
         reasons.push(format!(
             "rule: {} orders within the window, more than {}",

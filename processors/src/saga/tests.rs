@@ -6,8 +6,16 @@ use orderflow_schemas::{
     PaymentDeclined, PaymentRefunded,
 };
 
+use orderflow_schemas::{
+    ids::derived_event_id, Envelope, EventKind, FraudDecision, FraudReviewDecided, OrderPlaced,
+    ReviewDecision,
+};
+
 use super::*;
-use crate::inventory::{Inventory, InventoryState};
+use crate::{
+    inventory::{Inventory, InventoryState},
+    state::PartitionState,
+};
 
 fn rules() -> validation::Rules {
     validation::Rules::from_settings(&ValidationSettings {
@@ -72,7 +80,13 @@ fn fraud() -> FraudSettings {
 }
 
 fn saga() -> Saga {
-    Saga::new(rules(), SharedModel::new(fraud()), defaults().saga, TOPICS)
+    Saga::new(
+        rules(),
+        SharedModel::new(fraud()),
+        defaults().saga,
+        TOPICS,
+        defaults().state.retention_ms,
+    )
 }
 
 fn order(n: u128, customer: &str, lines: &[(&str, i32)]) -> OrderPlaced {
@@ -123,7 +137,7 @@ impl World {
         Self {
             saga: saga(),
             saga_state: SagaState::default(),
-            inventory: Inventory::new("orders.events"),
+            inventory: Inventory::new("orders.events", defaults().state.retention_ms),
             stock: InventoryState::default(),
             pay: Pay::Authorize,
             log: Vec::new(),
@@ -702,6 +716,7 @@ fn a_restored_step_counts_its_time_from_when_it_was_written() {
                 state.note_written_at(key, at);
             }
         }
+        state.restored();
         state
     };
     // Written when the order entered review: due a timeout after that, however recently this
@@ -915,4 +930,141 @@ fn state_survives_a_changelog_round_trip() {
             .expect("restores");
     }
     assert_eq!(restored_stock.sku("A"), world.stock.sku("A"));
+}
+
+/// 100,000 orders from one customer (a marketplace sending under one id) over almost three
+/// hours of event time, with a one-hour horizon: the customer's value stays a few hundred bytes,
+/// finished orders are dropped once the horizon passes them, and no changelog value nears the
+/// limit.
+#[test]
+fn a_hot_customer_keeps_small_values_and_bounded_state() {
+    const HOUR: i64 = 3_600_000;
+    let mut model = fraud();
+    // Score every order, reject each: finished at once, the customer recorded every time.
+    model.reject_threshold = 0.000_001;
+    model.review_threshold = 0.000_001;
+    let mut saga = Saga::new(
+        rules(),
+        SharedModel::new(model),
+        defaults().saga,
+        TOPICS,
+        HOUR,
+    );
+    let mut state = SagaState::default();
+    let start = 1_764_000_000_000;
+    let orders = 100_000u128;
+    let mut largest = 0;
+    let mut most_orders = 0;
+    for n in 0..orders {
+        let mut o = order(n, "c-hot", &[("A", 1)]);
+        o.envelope.occurred_at = start + n as i64 * 100;
+        let mut out = Outputs::default();
+        saga.handle(&mut state, &OrderEvent::OrderPlaced(o), &mut out)
+            .expect("handled");
+        if n % 500 == 499 {
+            for (key, value) in state.changes() {
+                let size = value.map_or(0, |v| v.len());
+                assert!(size < crate::state::MAX_VALUE_BYTES, "{key}: {size} bytes");
+                largest = largest.max(size);
+            }
+            most_orders = most_orders.max(state.orders());
+        }
+    }
+    assert!(largest < 1024, "largest changelog value: {largest} bytes");
+    let customer = state.customer("c-hot").expect("customer kept");
+    assert_eq!(customer.orders_seen, orders as u64);
+    assert!(customer.buckets.len() <= fraud::VELOCITY_BUCKETS);
+    let per_hour = (HOUR / 100) as usize;
+    assert!(
+        most_orders <= per_hour + 500,
+        "orders held peaked at {most_orders}: bounded by the horizon's {per_hour}"
+    );
+    assert!(
+        state.entries() <= 2 * per_hour + 1000,
+        "{} entries",
+        state.entries()
+    );
+    // Within the horizon a repeat is still recognised; past it the order is gone.
+    let recent = Uuid::from_u128(0x2000 + orders - 1).to_string();
+    assert!(state.order(&recent).is_some());
+    assert!(state.order(&Uuid::from_u128(0x2000).to_string()).is_none());
+}
+
+/// A finished order is dropped with a tombstone once the horizon passes, an order in flight
+/// never is, and the customer goes once idle that long.
+#[test]
+fn finished_orders_and_idle_customers_expire_orders_in_flight_do_not() {
+    const HOUR: i64 = 3_600_000;
+    let mut saga = Saga::new(
+        rules(),
+        SharedModel::new(fraud()),
+        defaults().saga,
+        TOPICS,
+        HOUR,
+    );
+    let mut state = SagaState::default();
+    let mut out = Outputs::default();
+    // Order 1 is invalid (rejected at once), order 2 is held for review (in flight).
+    let mut invalid = order(1, "c-1", &[("A", 1)]);
+    invalid.currency = "XXX".into();
+    let held = big_order(2);
+    let (invalid_id, held_id) = (
+        invalid.envelope.order_id.clone(),
+        held.envelope.order_id.clone(),
+    );
+    for o in [invalid, held] {
+        saga.handle(&mut state, &OrderEvent::OrderPlaced(o), &mut out)
+            .expect("handled");
+    }
+    state.changes();
+    // Two hours later, an order of someone else moves the partition's clock.
+    let mut later = order(3, "c-3", &[("A", 1)]);
+    later.envelope.occurred_at += 2 * HOUR;
+    saga.handle(&mut state, &OrderEvent::OrderPlaced(later), &mut out)
+        .expect("handled");
+    assert!(state.order(&invalid_id).is_none(), "finished: dropped");
+    assert!(state.order(&held_id).is_some(), "in flight: kept");
+    assert!(state.customer("c-big").is_none(), "idle customer dropped");
+    let tombstones: Vec<String> = state
+        .changes()
+        .into_iter()
+        .filter(|(_, v)| v.is_none())
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        tombstones.contains(&format!("o:{invalid_id}")),
+        "{tombstones:?}"
+    );
+    assert!(tombstones.contains(&"c:c-big".to_owned()), "{tombstones:?}");
+}
+
+/// A timeout written by a batch that then failed is written again after the partition is
+/// restored (the runtime calls `on_assigned` then), byte for byte; without a restore, once.
+#[test]
+fn a_timer_whose_batch_failed_is_written_again() {
+    let mut world = World::new();
+    let o = big_order(1);
+    let placed_at = o.envelope.occurred_at;
+    world.place(o);
+    world.run();
+    let due = placed_at + defaults().saga.review_timeout_ms;
+    let mut first = Outputs::default();
+    world.saga.tick(3, &world.saga_state, placed_at, &mut first);
+    world.saga.tick(3, &world.saga_state, due, &mut first);
+    assert_eq!(first.records().len(), 1, "due");
+    let mut again = Outputs::default();
+    world
+        .saga
+        .tick(3, &world.saga_state, due + 1000, &mut again);
+    assert!(again.is_empty(), "written once while its batch stands");
+    // The batch carrying it failed: the session restarts and restores the partition.
+    world.saga.on_assigned(3);
+    world
+        .saga
+        .tick(3, &world.saga_state, due + 2000, &mut again);
+    assert_eq!(
+        again.records(),
+        first.records(),
+        "the same timer, byte for byte"
+    );
 }
