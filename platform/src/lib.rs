@@ -10,6 +10,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod openapi;
+pub mod restart;
 pub mod shape;
 pub mod telemetry;
 pub mod tls;

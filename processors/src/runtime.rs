@@ -51,6 +51,7 @@ use orderflow_platform::{
         collect_batch_within, dead_letter_headers, event_headers, header_value, next_offsets,
         retain_assigned, BatchBounds, GroupContext, KafkaClients,
     },
+    restart::Restarts,
     telemetry::{continue_trace, current_traceparent},
 };
 use orderflow_schemas::{headers, Codec, OrderEvent};
@@ -281,22 +282,21 @@ impl<S: Step> ProcessorRuntime<S> {
         format!("processor {} state", self.io.name)
     }
 
-    /// Runs sessions until `cancel` fires; a failed session is retried with backoff.
+    /// Runs sessions until `cancel` fires; a failed session is retried with backoff
+    /// ([`Restarts`]).
     pub async fn run(mut self, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut restarts = Restarts::new(format!("processor {}", self.io.name));
         loop {
+            restarts.session_started();
             match self.session(&cancel).await {
                 Ok(()) => {
                     info!(processor = self.io.name, "Processor stopped.");
                     return;
                 }
                 Err(e) => {
-                    warn!(processor = self.io.name, error = %e, retry_in = ?backoff, "Processor session failed; restarting from the stored position.");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !restarts.failed(&e, &cancel).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }

@@ -18,6 +18,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use orderflow_platform::restart::Restarts;
+
 use moka::{ops::compute::Op, sync::Cache};
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -217,8 +219,9 @@ impl OrderCache {
 /// PostgreSQL at `url`, until cancelled. Reconnects with backoff; clears the cache on every
 /// (re)connect, since notifications sent while not listening are lost.
 pub async fn listen(url: String, cache: OrderCache, cancel: CancellationToken) {
-    let mut backoff = Duration::from_millis(200);
+    let mut restarts = Restarts::new("order cache listener");
     loop {
+        restarts.session_started();
         let session = async {
             let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
             listener.listen(CHANNEL).await?;
@@ -242,19 +245,16 @@ pub async fn listen(url: String, cache: OrderCache, cancel: CancellationToken) {
             #[allow(unreachable_code)]
             Ok::<(), sqlx::Error>(())
         };
-        tokio::select! {
+        let failure = tokio::select! {
             _ = cancel.cancelled() => return,
-            result = session => {
-                if let Err(e) = result {
-                    warn!(error = %e, retry_in = ?backoff, "Listening for order changes failed; reconnecting.");
-                }
-            }
+            result = session => match result {
+                Ok(()) => return,
+                Err(e) => e,
+            },
+        };
+        if !restarts.failed(&failure, &cancel).await {
+            return;
         }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

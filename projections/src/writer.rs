@@ -29,6 +29,7 @@ use orderflow_platform::{
         collect_batch_within, dead_letter_headers, header_value, next_offsets, retain_assigned,
         BatchBounds, GroupContext, KafkaClients,
     },
+    restart::Restarts,
     telemetry::continue_trace,
 };
 use orderflow_schemas::{headers, Codec, OrderEvent};
@@ -157,22 +158,21 @@ impl<P: Projection> ProjectionWriter<P> {
         format!("orderflow-projection-{}", self.projection.name())
     }
 
-    /// Runs until cancelled; a failed session restarts from the stored positions.
+    /// Runs until cancelled; a failed session restarts from the stored positions, after a
+    /// backoff ([`Restarts`]).
     pub async fn run(self, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut restarts = Restarts::new(format!("projection {}", self.projection.name()));
         loop {
+            restarts.session_started();
             match self.session(&cancel).await {
                 Ok(()) => {
                     info!(projection = self.projection.name(), "Projection stopped.");
                     return;
                 }
                 Err(e) => {
-                    warn!(projection = self.projection.name(), error = %e, retry_in = ?backoff, "Projection session failed; restarting.");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                    if !restarts.failed(&e, &cancel).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
@@ -204,7 +204,7 @@ impl<P: Projection> ProjectionWriter<P> {
             idle: Duration::from_millis(self.settings.batch_idle_ms),
         };
         let mut last_committed = None;
-        let mut known: std::collections::BTreeSet<(String, i32)> = Default::default();
+        let mut known: BTreeMap<(String, i32), Option<u64>> = BTreeMap::new();
         let mut gaps = GapGuard::new(self.clients.settings().recheck_offset_gaps);
         loop {
             // Bounded wait, so that newly assigned (paused) partitions are seeked and resumed
@@ -244,21 +244,33 @@ impl<P: Projection> ProjectionWriter<P> {
     /// Newly assigned partitions arrive paused (see `GroupContext::pause_on_assign`): each is
     /// moved to the position stored with the rows, if there is one, and resumed. (The group
     /// offset is committed after the database and may lag it; records below the stored position
-    /// would be skipped anyway, this saves reading them.)
+    /// would be skipped anyway, this saves reading them.) A partition revoked and assigned back
+    /// since the last call counts as new (its assignment epoch changed): it is paused again.
     async fn seek_new_partitions(
         &self,
         consumer: &StreamConsumer<GroupContext>,
-        known: &mut std::collections::BTreeSet<(String, i32)>,
+        known: &mut BTreeMap<(String, i32), Option<u64>>,
         gaps: &mut GapGuard,
     ) -> Result<(), WriterError> {
-        let assigned: std::collections::BTreeSet<(String, i32)> = consumer
+        let context = consumer.context();
+        let assigned: BTreeMap<(String, i32), Option<u64>> = consumer
             .assignment()?
             .elements()
             .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
+            .map(|e| {
+                let epoch = context.assignment_epoch(e.topic(), e.partition());
+                ((e.topic().to_owned(), e.partition()), epoch)
+            })
             .collect();
-        let new: Vec<(String, i32)> = assigned.difference(known).cloned().collect();
-        gaps.retain(|topic, partition| assigned.contains(&(topic.to_owned(), partition)));
+        let new: Vec<(String, i32)> = assigned
+            .iter()
+            .filter(|(key, epoch)| known.get(*key) != Some(*epoch))
+            .map(|(key, _)| key.clone())
+            .collect();
+        gaps.retain(|topic, partition| {
+            let key = (topic.to_owned(), partition);
+            assigned.contains_key(&key) && !new.contains(&key)
+        });
         *known = assigned;
         for (topic, partition) in new {
             let stored: Option<i64> = sqlx::query_scalar(
