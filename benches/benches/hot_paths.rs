@@ -33,10 +33,7 @@ fn codec(c: &mut Criterion) {
 
 fn saga(c: &mut Criterion) {
     let settings = Settings::from_defaults(&Overrides::default()).expect("settings");
-    let mut saga = orderflow_processors::saga_step(
-        &settings,
-        orderflow_processors::SharedModel::new(settings.fraud.clone()),
-    );
+    let mut saga = orderflow_processors::saga_step(&settings);
     let event = OrderEvent::OrderPlaced(sample_order(4));
     // A fresh partition state per order: validation, fraud scoring and the reservation request.
     c.bench_function("saga/validate_score_reserve_4_lines", |b| {

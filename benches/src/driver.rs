@@ -33,6 +33,10 @@ pub struct StepConfig {
     /// How long after the last send to wait for orders to become final.
     pub drain: Duration,
     pub seed: u64,
+    /// Customers the orders come from.
+    pub customers: u32,
+    /// SKUs the orders buy (2 for the hot-key scenario: every order on the same two SKUs).
+    pub skus: u32,
 }
 
 fn now_ms() -> i64 {
@@ -110,8 +114,8 @@ pub async fn run_step(config: &StepConfig, db: &AnyPool) -> Result<StepResult> {
         api_key: None,
         orders: 0,
         rate: config.rate,
-        customers: 1000,
-        skus: 500,
+        customers: config.customers,
+        skus: config.skus,
         invalid_ratio: 0.0,
         concurrency: config.max_in_flight,
         wait_secs: 0,

@@ -50,6 +50,13 @@ struct Args {
         default_value = "50,100,200,400,800,1600,3200"
     )]
     rates: Vec<f64>,
+    /// Customers the orders come from (each customer's orders count toward its fraud velocity:
+    /// keep it well above rate × duration / fraud.max_orders_per_window).
+    #[arg(long, default_value_t = 1000)]
+    customers: u32,
+    /// SKUs the orders buy; 2 is the hot-key scenario (every order on the same two SKUs).
+    #[arg(long, default_value_t = 500)]
+    skus: u32,
     /// Seconds to send at each rate.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -123,6 +130,8 @@ async fn main() -> Result<()> {
         max_in_flight: 512,
         drain: Duration::from_secs(60),
         seed: 1,
+        customers: args.customers,
+        skus: args.skus,
     };
     progress("Warming up.");
     run_step(&warm, &db).await?;

@@ -32,6 +32,8 @@ async fn every_sent_order_is_accounted_for() {
         max_in_flight: 64,
         drain: Duration::from_secs(60),
         seed: 9,
+        customers: 1000,
+        skus: 500,
     };
     let step = run_step(&config, &pool).await.expect("step");
     assert_eq!(step.sent, 40);

@@ -22,7 +22,7 @@ use orderflow_platform::{
     metrics::{metrics_routes, ConsumerMetrics, HttpMetrics, MetricsRegistry, ProducerMetrics},
     Settings,
 };
-use orderflow_processors::{ProcessorDeps, ProcessorMetrics, SharedModel};
+use orderflow_processors::{saga::rules, ProcessorDeps, ProcessorMetrics, SagaRules};
 use orderflow_projections::{
     cache::{listen, ChangeFeed, OrderCache},
     db::Backend,
@@ -37,7 +37,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-/// The roles of DESIGN.md; `dev` runs them all.
+/// The roles; `dev` runs them all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     Ingest,
@@ -75,24 +75,87 @@ impl Metrics {
 }
 
 /// Applies the reloadable parts of a new configuration to running roles: the ingest edge's
-/// rate limits and the fraud model. Everything else needs a restart.
+/// rate limits, the JWT keys, and the saga's rules (validation, fraud model, deadlines), which
+/// are published to the log rather than swapped in memory (`orderflow_processors::saga::rules`).
+/// Everything else needs a restart.
 #[derive(Clone)]
 pub struct Reloader {
     limits: RateLimits,
-    fraud: SharedModel,
     auth: Authenticator,
+    rules: Option<RulesPublisher>,
 }
 
 impl Reloader {
     pub fn reload(&self, settings: &Settings) {
         self.limits.reload(&settings.ingest);
-        self.fraud.reload(&settings.fraud);
         match self.auth.reload_jwt(&settings.auth.jwt) {
-            Ok(()) => info!("Reloaded the rate limits, the fraud model and the JWT keys."),
+            Ok(()) => info!("Reloaded the rate limits and the JWT keys."),
             Err(e) => warn!(
                 error = %e,
-                "Reloaded the rate limits and the fraud model; the JWT keys are not reloaded (the old ones stay)."
+                "Reloaded the rate limits; the JWT keys are not reloaded (the old ones stay)."
             ),
+        }
+        if let Some(publisher) = &self.rules {
+            let publisher = publisher.clone();
+            let rules = SagaRules::from_settings(settings);
+            tokio::spawn(async move { publisher.publish_if_changed(rules).await });
+        }
+    }
+}
+
+/// Publishes the saga's rules to every `orders.events` partition (a control record each), where
+/// they take effect at that position of the log for every replica and every re-run.
+#[derive(Clone)]
+pub struct RulesPublisher {
+    clients: KafkaClients,
+    codec: Arc<Codec>,
+    /// The rules last published (JSON), to publish a reload only when it changes them.
+    last: Arc<std::sync::Mutex<String>>,
+}
+
+impl RulesPublisher {
+    fn new(clients: KafkaClients, codec: Arc<Codec>) -> Self {
+        Self {
+            clients,
+            codec,
+            last: Arc::default(),
+        }
+    }
+
+    /// Publishes `rules` unless they are the ones published last.
+    pub async fn publish_if_changed(&self, rules: SagaRules) {
+        let json = rules.to_json();
+        if *self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            == json
+        {
+            return;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        match rules::publish(
+            &self.clients,
+            &self.codec,
+            names::ORDERS_EVENTS,
+            &rules,
+            now,
+        )
+        .await
+        {
+            Ok(partitions) => {
+                info!(digest = %rules.digest(), partitions, "Saga rules published; each partition applies them from here on.");
+                *self
+                    .last
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = json;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "Publishing the saga rules failed; the partitions keep the rules they have. Send SIGHUP again.");
+            }
         }
     }
 }
@@ -175,7 +238,8 @@ pub struct Running {
     tasks: JoinSet<Result<()>>,
     /// The ingest edge's rate limits, for reloads.
     limits: RateLimits,
-    fraud: SharedModel,
+    /// Publishes the saga's rules on reloads (where processors run).
+    rules: Option<RulesPublisher>,
     /// Credentials checks of every listener, for reloads of the JWT keys.
     auth: Authenticator,
     publisher: Option<Publisher>,
@@ -379,9 +443,16 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         tasks.spawn(async move { server.run(cancel).await.context("ingest edge") });
     }
 
-    let fraud = SharedModel::new(settings.fraud.clone());
+    let mut rules_publisher = None;
     let mut gateway_addr = None;
     if roles.contains(&Role::Process) {
+        // A start is a reload: the configured rules go into the log, where every partition
+        // takes them up at this position (a partition without rules adopts them anyway).
+        let publisher = RulesPublisher::new(clients.clone(), codec.clone());
+        publisher
+            .publish_if_changed(SagaRules::from_settings(settings))
+            .await;
+        rules_publisher = Some(publisher);
         let gateway_url = if settings.payment.gateway_url.trim().is_empty() {
             let simulator = Simulator::bind(&settings.gateway).await.with_context(|| {
                 format!(
@@ -402,7 +473,6 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             codec: codec.clone(),
             metrics: metrics.processors.clone(),
             readiness: Some(readiness.clone()),
-            fraud: fraud.clone(),
             gateway_url,
         };
         for (_name, task) in orderflow_processors::processors(settings, &deps, &cancel) {
@@ -452,7 +522,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         admin_addr,
         limits,
         auth,
-        fraud,
+        rules: rules_publisher,
         gateway_addr,
         ingest_addr,
         query_addr,
@@ -556,8 +626,8 @@ impl Running {
     pub fn reloader(&self) -> Reloader {
         Reloader {
             limits: self.limits.clone(),
-            fraud: self.fraud.clone(),
             auth: self.auth.clone(),
+            rules: self.rules.clone(),
         }
     }
 

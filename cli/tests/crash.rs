@@ -2,10 +2,18 @@
 //! processors are disturbed while thousands of orders flow:
 //!
 //! - **kill**: one processor process SIGKILLed at random moments, again and again, and
-//!   restarted (10 000 orders);
+//!   restarted (10 000 orders on Tansu, 6 000 on the in-process broker, which keeps at most
+//!   5 MiB per partition: the test checks its log still starts at offset 0), under the same
+//!   instance id — and once more with no stable instance id, the default, where every restart
+//!   is a new transactional id that fences nothing;
 //! - **rebalance**: instances join and leave (gracefully or killed) mid-stream (8 000 orders);
 //! - **freeze-thaw** (Tansu): a processor frozen with SIGSTOP past its session and transaction
 //!   timeouts while a successor takes over, then thawed to run alongside it as a zombie.
+//!
+//! Once every order is final, every processor is killed and restarted once more, and the run
+//! goes on past the longest saga deadline that can fire here (`LATE_WINDOW`): a restore that
+//! brought back stale state would cancel or release something now, and the checks below would
+//! see a second final event or a conflicting one.
 //!
 //! Afterwards the test reads the log itself (not the projections), every record ever written
 //! (`read_uncommitted`: zombies' and aborted transactions' records too), and checks:
@@ -46,6 +54,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 const SKUS: usize = 20;
 /// Units per SKU: less than the demand, so stock runs out and orders are rejected for it.
 const STOCK: i32 = 600;
+/// How long the processors keep running after the last restart: past `saga.inventory_timeout_ms`
+/// (30 s, the longest deadline an order of these runs can be waiting on; payments are answered
+/// long before their deadline) and a few timer ticks.
+const LATE_WINDOW: Duration = Duration::from_secs(35);
 
 /// `orderflow process` in its own process, as instance `instance` (its transactional ids).
 fn start_processor(
@@ -129,6 +141,9 @@ fn kill(mut child: Child) {
 enum Scenario {
     /// One instance, SIGKILLed every 3–8 s and restarted under the same identity.
     Kill,
+    /// As `Kill`, but with no stable `processor.instance_id` (the default): every start is a
+    /// new random transactional id, so nothing fences the killed one's open transaction.
+    KillWithoutInstanceId,
     /// Instance `a` stays; `b` and `c` join, leave (SIGTERM) or crash and restart (SIGKILL)
     /// every 3–8 s.
     Rebalance,
@@ -138,9 +153,13 @@ enum Scenario {
 }
 
 impl Scenario {
-    fn orders(self) -> usize {
+    fn orders(self, in_process: bool) -> usize {
         let default = match self {
+            // The in-process broker keeps 5 MiB per partition: 10 000 orders came within a few
+            // percent of it (about 22 000 events per orders.events partition).
+            Self::Kill if in_process => 6_000,
             Self::Kill => 10_000,
+            Self::KillWithoutInstanceId => 4_000,
             Self::Rebalance => 8_000,
             Self::FreezeThaw => 5_000,
         };
@@ -154,7 +173,7 @@ impl Scenario {
     /// partitions, and the run must see several before the orders are through.
     fn interval(self) -> std::ops::Range<u64> {
         match self {
-            Self::Kill => 3000..8000,
+            Self::Kill | Self::KillWithoutInstanceId => 3000..8000,
             Self::Rebalance => 1500..4000,
             Self::FreezeThaw => 1500..3000,
         }
@@ -164,7 +183,7 @@ impl Scenario {
     /// freeze → thaw episode.
     fn min_actions(self) -> usize {
         match self {
-            Self::Kill | Self::Rebalance => 3,
+            Self::Kill | Self::KillWithoutInstanceId | Self::Rebalance => 3,
             Self::FreezeThaw => 2,
         }
     }
@@ -175,7 +194,7 @@ impl Scenario {
             // Until every order is final (the deadline bounds it). Tansu never times out a
             // transaction a killed process left open; the restart's init_transactions under the
             // same id ends it.
-            Self::Kill => usize::MAX,
+            Self::Kill | Self::KillWithoutInstanceId => usize::MAX,
             Self::Rebalance => 20,
             // Three freeze → thaw → leave cycles.
             Self::FreezeThaw => 9,
@@ -187,7 +206,7 @@ impl Scenario {
         match self {
             // Frozen for 9 s: past the session (3 s) and transaction (5 s) timeouts.
             Self::FreezeThaw => &[("kafka.transaction_timeout_ms", "5000")],
-            Self::Kill | Self::Rebalance => &[],
+            Self::Kill | Self::KillWithoutInstanceId | Self::Rebalance => &[],
         }
     }
 }
@@ -227,7 +246,7 @@ impl Fleet {
             actions: 0,
         };
         let first = match scenario {
-            Scenario::Kill => "crash".to_owned(),
+            Scenario::Kill | Scenario::KillWithoutInstanceId => "crash".to_owned(),
             Scenario::Rebalance => "a".to_owned(),
             Scenario::FreezeThaw => fleet.fresh_id(),
         };
@@ -248,7 +267,12 @@ impl Fleet {
             // kafka.recheck_offset_gaps).
             extra.extend_from_slice(TANSU_OVERRIDES);
         }
-        let child = start_processor(&self.bootstrap, &self.gateway, instance, &extra);
+        // Without a stable instance id the process picks a random one at every start.
+        let id = match self.scenario {
+            Scenario::KillWithoutInstanceId => "",
+            _ => instance,
+        };
+        let child = start_processor(&self.bootstrap, &self.gateway, id, &extra);
         self.members.insert(instance.to_owned(), child);
     }
 
@@ -262,7 +286,7 @@ impl Fleet {
             return;
         }
         match self.scenario {
-            Scenario::Kill => {
+            Scenario::Kill | Scenario::KillWithoutInstanceId => {
                 let child = self.members.remove("crash").expect("running");
                 kill(child);
                 self.start("crash");
@@ -314,6 +338,20 @@ impl Fleet {
     fn thaw(&mut self) {
         if let Some(id) = self.frozen.take() {
             signal(&self.members[&id], "CONT");
+        }
+    }
+
+    /// Kills every member and starts it again (under its id): one more restore of every
+    /// partition, after the run.
+    fn restart_all(&mut self) {
+        self.thaw();
+        self.thawed = None;
+        let ids: Vec<String> = self.members.keys().cloned().collect();
+        for id in ids {
+            if let Some(child) = self.members.remove(&id) {
+                kill(child);
+            }
+            self.start(&id);
         }
     }
 
@@ -421,7 +459,7 @@ fn valid_paths() -> Vec<Vec<&'static str>> {
 }
 
 async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, settings: Settings) {
-    let n = scenario.orders();
+    let n = scenario.orders(broker_name != "tansu");
     let codec = Codec::new().expect("codec");
 
     // The gateway: in this process (the processors are what gets disturbed).
@@ -546,8 +584,12 @@ async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, se
     while Instant::now() < settle && !unreleased(&reader.log).is_empty() {
         reader.poll_for(Duration::from_millis(500));
     }
-    // And the last batches' re-emissions.
-    reader.poll_for(Duration::from_secs(2));
+    // Late damage: one more restart of every processor, then past the longest deadline.
+    fleet.restart_all();
+    let late_until = Instant::now() + LATE_WINDOW;
+    while Instant::now() < late_until {
+        reader.poll_for(Duration::from_millis(500));
+    }
     let actions = fleet.actions;
     fleet.stop();
     // The checks read the log anew now that nothing writes any more, to the end of every
@@ -592,6 +634,31 @@ async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, se
         log.errors.len(),
         log.errors.iter().take(5).collect::<Vec<_>>()
     );
+    // Every record is still there: the in-process broker (librdkafka's mock cluster) drops the
+    // oldest records past 5 MiB per partition, which would make every check below meaningless.
+    let watermarks: rdkafka::consumer::BaseConsumer =
+        clients.reader("crash-test").create().expect("reader");
+    for topic in [
+        names::ORDERS_EVENTS,
+        names::INVENTORY_COMMANDS,
+        names::SAGA_CHANGELOG,
+        names::INVENTORY_CHANGELOG,
+    ] {
+        for partition in 0..6 {
+            let (low, _) = rdkafka::consumer::Consumer::fetch_watermarks(
+                &watermarks,
+                topic,
+                partition,
+                Duration::from_secs(10),
+            )
+            .expect("watermarks");
+            assert_eq!(
+                low, 0,
+                "{broker_name}, {scenario:?}: {topic} partition {partition} lost its oldest \
+                 records (the broker's log starts at {low}): the run wrote past its limits"
+            );
+        }
+    }
     assert!(
         actions >= scenario.min_actions(),
         "{broker_name}, {scenario:?}: the run was too short to disturb the processors"
@@ -764,6 +831,16 @@ async fn processors_killed_again_and_again_on_the_in_process_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn processors_killed_again_and_again_on_tansu() {
     on_tansu(Scenario::Kill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processors_without_an_instance_id_killed_again_and_again_on_the_in_process_broker() {
+    on_the_in_process_broker(Scenario::KillWithoutInstanceId).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processors_without_an_instance_id_killed_again_and_again_on_tansu() {
+    on_tansu(Scenario::KillWithoutInstanceId).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

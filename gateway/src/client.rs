@@ -15,7 +15,8 @@ pub enum GatewayError {
     /// 5xx: the gateway failed; retry with the same key.
     #[error("gateway error {0}")]
     Server(u16),
-    /// 4xx: the request itself is wrong; retrying cannot help.
+    /// 4xx. Most say the request itself is wrong and retrying cannot help; `408`, `409` (a
+    /// call for the same key still in progress), `425` and `429` (throttled) say "not now".
     #[error("request refused ({status}): {body}")]
     Refused { status: u16, body: String },
     #[error("answer does not parse: {0}")]
@@ -23,9 +24,22 @@ pub enum GatewayError {
 }
 
 impl GatewayError {
+    /// Whether this says the gateway itself is failing (what a circuit breaker counts), rather
+    /// than something about one request or key.
+    pub fn is_gateway_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Timeout(_) | Self::Unreachable(_) | Self::Server(_)
+        )
+    }
+
     /// Whether retrying the same call may succeed.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, Self::Refused { .. } | Self::BadAnswer(_))
+        match self {
+            Self::Refused { status, .. } => matches!(status, 408 | 409 | 425 | 429),
+            Self::BadAnswer(_) => false,
+            Self::Timeout(_) | Self::Unreachable(_) | Self::Server(_) => true,
+        }
     }
 }
 
@@ -143,4 +157,28 @@ async fn parse<T: serde::de::DeserializeOwned>(
         .await
         .map_err(|e| GatewayError::Unreachable(e.to_string()))?;
     serde_json::from_slice(&bytes).map_err(|e| GatewayError::BadAnswer(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_now_answers_are_retried_and_refusals_are_not() {
+        let refused = |status| GatewayError::Refused {
+            status,
+            body: String::new(),
+        };
+        for status in [408, 409, 425, 429] {
+            assert!(refused(status).is_transient(), "{status} is retried");
+        }
+        for status in [400, 402, 404, 422] {
+            assert!(!refused(status).is_transient(), "{status} is final");
+        }
+        assert!(GatewayError::Server(503).is_transient());
+        assert!(GatewayError::Server(503).is_gateway_failure());
+        assert!(!refused(409).is_gateway_failure(), "one key's trouble");
+        assert!(GatewayError::Timeout(Duration::from_secs(1)).is_transient());
+        assert!(!GatewayError::BadAnswer("x".into()).is_transient());
+    }
 }

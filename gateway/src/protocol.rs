@@ -42,7 +42,8 @@ pub struct ChargeRecord {
     pub status: String,
     /// Charge calls received for this key (retries and repeats included).
     pub attempts: u32,
-    /// Successful charges made for this key: 0 or 1.
+    /// Authorizations the gateway issued for this key: 0 or 1 unless idempotency broke (the
+    /// simulator counts every one it issues).
     pub charges: u32,
 }
 

@@ -6,6 +6,15 @@
 //! is declined is decided per idempotency key (a hash below `decline_rate`, or a payment token
 //! starting with `tok_decline`), so even the first answer is repeatable. Faults can be changed
 //! while it runs (`PUT /v1/faults`), which is how tests break and heal it.
+//!
+//! Payment tokens also pick refusals, for the worker's classification of answers:
+//! `tok_invalid…` charges answer `422` (a request that can never succeed); `tok_busy…` keys
+//! answer `409` to every charge and void (a call for the key forever "in progress": the order can
+//! only end by the saga's payment deadline); `tok_throttle…` keys answer `429` with `Retry-After`
+//! to their first two charges, then as usual.
+//!
+//! Every authorization it issues is recorded (`GET /v1/charges` reports how many each key got),
+//! so a test can tell a key charged twice, whatever the ledger's own bookkeeping says.
 
 use std::{
     collections::BTreeMap,
@@ -44,6 +53,10 @@ struct Charge {
     voided: bool,
     refunded: bool,
     attempts: u32,
+    /// Authorizations issued for the key (one, unless idempotency broke).
+    authorizations: u32,
+    /// `tok_busy…`: every call for the key answers `409`.
+    busy: bool,
 }
 
 impl Charge {
@@ -55,8 +68,22 @@ impl Charge {
             voided: false,
             refunded: false,
             attempts: 0,
+            authorizations: 0,
+            busy: false,
         }
     }
+}
+
+/// A `4xx` the simulator answers for a refusing payment token.
+fn refusal(status: StatusCode, kind: &str, title: &str) -> Response {
+    let mut response = Problem::new(status, kind, title).into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+    }
+    response
 }
 
 #[derive(Clone)]
@@ -149,6 +176,13 @@ async fn charge(State(sim): State<Sim>, Json(request): Json<ChargeRequest>) -> R
             return response;
         }
     };
+    if request.payment_token.starts_with("tok_invalid") {
+        return refusal(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid-payment-token",
+            "The payment token is not valid",
+        );
+    }
     let answer = {
         let mut ledger = sim.ledger();
         let charge = ledger
@@ -156,6 +190,23 @@ async fn charge(State(sim): State<Sim>, Json(request): Json<ChargeRequest>) -> R
             .entry(request.idempotency_key.clone())
             .or_insert_with(|| Charge::new(request.amount_minor));
         charge.attempts += 1;
+        if request.payment_token.starts_with("tok_busy") {
+            charge.busy = true;
+        }
+        if charge.busy {
+            return refusal(
+                StatusCode::CONFLICT,
+                "in-progress",
+                "A call for this key is in progress",
+            );
+        }
+        if request.payment_token.starts_with("tok_throttle") && charge.attempts <= 2 {
+            return refusal(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                "Too many requests",
+            );
+        }
         match &charge.answer {
             Some(answer) => answer.clone(),
             None => {
@@ -166,6 +217,7 @@ async fn charge(State(sim): State<Sim>, Json(request): Json<ChargeRequest>) -> R
                         reason: "insufficient funds".to_owned(),
                     }
                 } else {
+                    charge.authorizations += 1;
                     Answer::Authorized {
                         authorization_id: format!("auth_{}", uuid::Uuid::new_v4().simple()),
                     }
@@ -187,6 +239,13 @@ async fn void(State(sim): State<Sim>, Path(key): Path<String>) -> Response {
     let answer = {
         let mut ledger = sim.ledger();
         let charge = ledger.charges.entry(key).or_insert_with(|| Charge::new(0));
+        if charge.busy {
+            return refusal(
+                StatusCode::CONFLICT,
+                "in-progress",
+                "A call for this key is in progress",
+            );
+        }
         match &charge.answer {
             Some(answer) => answer.clone(),
             None => {
@@ -262,7 +321,7 @@ async fn report(State(sim): State<Sim>) -> Json<Report> {
                 }
                 .to_owned(),
                 attempts: c.attempts,
-                charges: u32::from(matches!(c.answer, Some(Answer::Authorized { .. }))),
+                charges: c.authorizations,
             })
             .collect(),
     })

@@ -138,6 +138,12 @@ pub struct SagaSettings {
     /// A payment or refund request still unanswered this long after it was made is sent to
     /// the payment worker again (byte-identical), and again every as long.
     pub payment_resend_ms: i64,
+    /// A payment with no answer this long after it was requested cancels the order (stock
+    /// released; an authorization that comes later is refunded).
+    pub payment_deadline_ms: i64,
+    /// A refund with no answer this long after it was requested ends the order (stock
+    /// released; reconcile reports the payment still standing, for an operator).
+    pub refund_deadline_ms: i64,
 }
 
 /// The fraud model: a logistic score over the order's features plus hard rules. Reloadable.
@@ -578,11 +584,23 @@ impl Settings {
             "saga.review_timeout_ms and saga.inventory_timeout_ms: expected positive durations"
                 .to_owned(),
         );
-        let longest_step = self.saga.inventory_timeout_ms + self.saga.payment_resend_ms;
+        check(
+            self.saga.payment_deadline_ms > self.saga.payment_resend_ms
+                && self.saga.refund_deadline_ms > self.saga.payment_resend_ms,
+            format!(
+                "saga.payment_deadline_ms and saga.refund_deadline_ms: expected more than saga.payment_resend_ms ({}), found {} and {}",
+                self.saga.payment_resend_ms, self.saga.payment_deadline_ms, self.saga.refund_deadline_ms
+            ),
+        );
+        let longest_step = self.saga.inventory_timeout_ms
+            + self
+                .saga
+                .payment_deadline_ms
+                .max(self.saga.refund_deadline_ms);
         check(
             self.state.retention_ms > longest_step,
             format!(
-                "state.retention_ms: expected more than saga.inventory_timeout_ms + saga.payment_resend_ms ({longest_step}): a reservation must outlive the saga steps that can release it; found {}",
+                "state.retention_ms: expected more than saga.inventory_timeout_ms + the longer of saga.payment_deadline_ms and saga.refund_deadline_ms ({longest_step}): a reservation must outlive the saga steps that can release it; found {}",
                 self.state.retention_ms
             ),
         );

@@ -13,7 +13,7 @@
 //! read before, the records from the gap on are held back and the partition is sought back to
 //! the first missing offset; the records come again, with the missing ones if they have been
 //! stored since. A gap found on two reads is real (a marker) and is passed. Records are applied
-//! in log order either way, so the outputs stay a function of the log (DESIGN.md, rule 1).
+//! in log order either way, so the outputs stay a function of the log (docs/architecture.md, rule 1).
 //! The cost is a second fetch of each batch that holds a gap — every transaction leaves a
 //! marker — which is why it is off on brokers that never serve a record before an earlier one
 //! is readable.

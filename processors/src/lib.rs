@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use metrics::ProcessorMetrics;
 pub use runtime::{Outputs, ProcessorError, ProcessorIo, ProcessorRuntime, Step};
-pub use saga::fraud::SharedModel;
+pub use saga::rules::SagaRules;
 
 /// A processor's run loop, ready to be spawned.
 pub type ProcessorTask = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -36,8 +36,6 @@ pub struct ProcessorDeps {
     pub codec: Arc<Codec>,
     pub metrics: ProcessorMetrics,
     pub readiness: Option<Readiness>,
-    /// The fraud model, shared with the reloader.
-    pub fraud: SharedModel,
     /// Base URL of the payment gateway.
     pub gateway_url: String,
 }
@@ -71,12 +69,10 @@ pub const SAGA_TOPICS: saga::SagaTopics = saga::SagaTopics {
     payment_requests: names::PAYMENTS_REQUESTS,
 };
 
-/// The saga step, built from the settings.
-pub fn saga_step(settings: &Settings, fraud: SharedModel) -> saga::Saga {
+/// The saga step, built from the settings (its configured rules: [`saga::rules`]).
+pub fn saga_step(settings: &Settings) -> saga::Saga {
     saga::Saga::new(
-        saga::validation::Rules::from_settings(&settings.validation),
-        fraud,
-        settings.saga.clone(),
+        SagaRules::from_settings(settings),
         SAGA_TOPICS,
         settings.state.retention_ms,
     )
@@ -110,13 +106,7 @@ pub fn processors(
         (io.name, Box::pin(runtime.run(cancel)))
     }
     vec![
-        task(
-            SAGA,
-            saga_step(settings, deps.fraud.clone()),
-            settings,
-            deps,
-            cancel,
-        ),
+        task(SAGA, saga_step(settings), settings, deps, cancel),
         task(
             INVENTORY,
             inventory::Inventory::new(names::ORDERS_EVENTS, settings.state.retention_ms),

@@ -54,6 +54,9 @@ pub struct GatewayMetrics {
     pub calls: Family<GatewayCallLabels, Counter>,
     pub call_seconds: Family<GatewayCallLabels, Histogram>,
     pub retries: Counter,
+    /// Requests left unanswered for now (no answer after the call's retries): the saga sends
+    /// them again.
+    pub deferred: Counter,
     /// 1 while the circuit breaker is open (calls rejected without trying), else 0.
     pub circuit_open: Gauge,
 }
@@ -85,6 +88,7 @@ impl ProcessorMetrics {
                 calls: Family::default(),
                 call_seconds: Family::new_with_constructor(commit_histogram),
                 retries: Counter::default(),
+                deferred: Counter::default(),
                 circuit_open: Gauge::default(),
             },
             consumer,
@@ -153,6 +157,11 @@ impl ProcessorMetrics {
             "payment_gateway_retries",
             "Gateway calls retried after an error",
             m.gateway.retries.clone(),
+        );
+        registry.register(
+            "payment_requests_deferred",
+            "Payment requests left unanswered for now (the saga sends them again)",
+            m.gateway.deferred.clone(),
         );
         registry.register(
             "payment_gateway_circuit_open",

@@ -13,8 +13,21 @@
 //! breaker (failsafe) that stops calling a failing gateway for `breaker_open_ms`. When a charge
 //! has no definitive answer and its request is older than `payment_timeout_ms` (event time
 //! against the wall clock), the worker voids the key — which fixes its answer as declined unless
-//! the gateway had already answered — and reports that answer. Otherwise the batch is retried
-//! later: an order never gets an answer the gateway did not give.
+//! the gateway had already answered — and reports that answer. An order never gets an answer
+//! the gateway did not give.
+//!
+//! Answers are classified per request, and one order's trouble never holds up the others:
+//!
+//! - an answer (authorized, declined, refunded) is emitted;
+//! - a refusal (a `4xx` other than `408`/`409`/`425`/`429`: the request can never succeed) of a
+//!   charge is a decline with the gateway's reason, so the order is cancelled and its stock
+//!   released; of a refund, a dead letter with the reason (the saga's refund deadline then ends
+//!   the order, for an operator to refund by hand);
+//! - anything else (timeouts, `5xx`, `409`, `429`, an open breaker, an unreadable answer) after
+//!   the call's own retries leaves the request unanswered *for now*: nothing is emitted and the
+//!   batch commits. The saga sends an unanswered request again every `saga.payment_resend_ms`,
+//!   byte for byte, which retries that key alone; past `payment_timeout_ms` a charge is voided,
+//!   and past `saga.payment_deadline_ms` the saga ends the order itself.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -76,10 +89,20 @@ struct Caller {
 /// What went wrong with one request, after retries.
 #[derive(Debug)]
 enum CallFailure {
-    /// Retry the batch later.
+    /// No answer now; the saga's resend retries this request later.
     Transient(String),
     /// The gateway refused the request: retrying cannot help.
     Refused(String),
+}
+
+/// What became of one request in this batch.
+#[derive(Debug, Clone)]
+enum Outcome {
+    Answered(Answer),
+    /// A refund the gateway refused: a dead letter.
+    Refused(String),
+    /// No answer for now (module docs): nothing is emitted.
+    Deferred(String),
 }
 
 impl Caller {
@@ -114,8 +137,10 @@ impl Caller {
                 Err(_) => "refused",
             };
             self.count(operation, outcome, Some(started.elapsed()));
+            // Only the gateway failing opens the breaker: one key's 409 or 429 must not stop
+            // every other order's calls.
             match &result {
-                Err(e) if e.is_transient() => self.breaker.on_error(),
+                Err(e) if e.is_gateway_failure() => self.breaker.on_error(),
                 _ => self.breaker.on_success(),
             }
             result
@@ -145,12 +170,15 @@ impl Caller {
 
     async fn carry_out(&self, request: &OrderEvent, now_ms: i64) -> Result<Answer, CallFailure> {
         let timeout = Duration::from_millis(self.settings.attempt_timeout_ms);
-        let failed = |e: GatewayError| {
-            if e.is_transient() {
-                CallFailure::Transient(e.to_string())
-            } else {
+        let failed = |e: GatewayError| match e {
+            GatewayError::Refused { .. } if !e.is_transient() => {
                 CallFailure::Refused(e.to_string())
             }
+            GatewayError::BadAnswer(_) => {
+                tracing::error!(error = %e, "The payment gateway's answer does not parse; the request stays unanswered.");
+                CallFailure::Transient(e.to_string())
+            }
+            e => CallFailure::Transient(e.to_string()),
         };
         match request {
             OrderEvent::PaymentRequested(p) => {
@@ -176,7 +204,13 @@ impl Caller {
                             .await
                             .map_err(failed)
                     }
-                    Err(e) => Err(failed(e)),
+                    Err(e) => match failed(e) {
+                        // A charge the gateway refuses for good is declined, with its reason.
+                        CallFailure::Refused(reason) => Ok(Answer::Declined {
+                            reason: format!("refused by the payment gateway: {reason}"),
+                        }),
+                        transient => Err(transient),
+                    },
                 }
             }
             OrderEvent::PaymentRefundRequested(r) => {
@@ -201,8 +235,8 @@ pub struct PaymentWorker {
     caller: Caller,
     /// Where answers go (the orders topic, keyed by customer).
     replies: &'static str,
-    /// This batch's gateway answers, by request event id.
-    answers: HashMap<String, Result<Answer, String>>,
+    /// This batch's outcomes, by request event id.
+    answers: HashMap<String, Outcome>,
     clock: fn() -> i64,
 }
 
@@ -298,28 +332,19 @@ impl Step for PaymentWorker {
                 answers
             });
         }
-        let mut transient = None;
         while let Some(joined) = calls.join_next().await {
             let answers =
                 joined.map_err(|e| StepError::Retry(format!("gateway call task: {e}")))?;
             for (id, answer) in answers {
-                match answer {
-                    Ok(answer) => {
-                        self.answers.insert(id, Ok(answer));
-                    }
-                    Err(CallFailure::Refused(reason)) => {
-                        self.answers.insert(id, Err(reason));
-                    }
-                    Err(CallFailure::Transient(reason)) => transient = Some(reason),
-                }
+                let outcome = match answer {
+                    Ok(answer) => Outcome::Answered(answer),
+                    Err(CallFailure::Refused(reason)) => Outcome::Refused(reason),
+                    Err(CallFailure::Transient(reason)) => Outcome::Deferred(reason),
+                };
+                self.answers.insert(id, outcome);
             }
         }
-        match transient {
-            Some(reason) => Err(StepError::Retry(format!(
-                "payment gateway: {reason}; the batch is retried"
-            ))),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     fn handle(
@@ -329,21 +354,30 @@ impl Step for PaymentWorker {
         out: &mut Outputs,
     ) -> Result<(), StepError> {
         let envelope = event.envelope();
+        if !matches!(
+            event,
+            OrderEvent::PaymentRequested(_) | OrderEvent::PaymentRefundRequested(_)
+        ) {
+            return Err(StepError::Poison(format!(
+                "{} is not a payment request",
+                event.kind().name()
+            )));
+        }
         let answer = match self.answers.get(&envelope.event_id) {
-            Some(Ok(answer)) => answer.clone(),
-            Some(Err(reason)) => {
+            Some(Outcome::Answered(answer)) => answer.clone(),
+            Some(Outcome::Refused(reason)) => {
                 return Err(StepError::Poison(format!("the gateway refused: {reason}")))
             }
-            None => {
-                return match event {
-                    OrderEvent::PaymentRequested(_) | OrderEvent::PaymentRefundRequested(_) => Err(
-                        StepError::Retry("no gateway answer for a request".to_owned()),
-                    ),
-                    other => Err(StepError::Poison(format!(
-                        "{} is not a payment request",
-                        other.kind().name()
-                    ))),
-                }
+            // An earlier request of the same order failed in this batch (this one waits), or
+            // this one had no answer: the saga sends it again.
+            deferred => {
+                let reason = match deferred {
+                    Some(Outcome::Deferred(reason)) => reason.as_str(),
+                    _ => "an earlier request of the order is unanswered",
+                };
+                warn!(order_id = %envelope.order_id, kind = event.kind().name(), %reason, "No payment answer for now; the saga sends the request again.");
+                self.caller.metrics.deferred.inc();
+                return Ok(());
             }
         };
         let reply = match (event, answer) {

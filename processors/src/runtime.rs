@@ -8,7 +8,7 @@
 //! input goes idle.
 //!
 //! The brokers used here show aborted records to `read_committed` readers and one of them never
-//! stores transactional offsets (DESIGN.md), so correctness does not rest on the transaction:
+//! stores transactional offsets (docs/architecture.md), so correctness does not rest on the transaction:
 //!
 //! 1. **Deterministic outputs**: steps derive ids, sequences and times from the input and the
 //!    state only, so re-processing re-emits byte-identical events.

@@ -36,7 +36,7 @@ use orderflow_processors::{
     runtime::{ProcessorIo, StepError},
     saga::{OrderState, Stage},
     state::{ChangelogRecord, NoState, PartitionState, GENERATION_HEADER, POSITION_KEY},
-    Outputs, ProcessorDeps, ProcessorMetrics, ProcessorRuntime, SharedModel, Step,
+    Outputs, ProcessorDeps, ProcessorMetrics, ProcessorRuntime, SagaRules, Step,
 };
 use orderflow_schemas::{Codec, OrderEvent};
 use orderflow_testkit::{
@@ -337,7 +337,6 @@ async fn run_some_processors(
         codec: Arc::new(Codec::new().expect("codec")),
         metrics: ProcessorMetrics::unregistered(),
         readiness: None,
-        fraud: SharedModel::new(settings.fraud.clone()),
         gateway_url: settings.payment.gateway_url.clone(),
     };
     for (name, task) in processors(settings, &deps, cancel) {
@@ -734,8 +733,8 @@ async fn not_ready_while_the_state_restores_and_ready_after() {
     running.await.expect("runtime ends");
 }
 
-/// A thawed zombie's late state write never wins (DESIGN.md, "State stores, bounded and
-/// fenced"): an order confirms; the processors restart (a new owner, generation 2, claims the
+/// A thawed zombie's late state write never wins (docs/architecture.md, "Processor
+/// state"): an order confirms; the processors restart (a new owner, generation 2, claims the
 /// changelog); then a record of the first owner's generation lands in every saga changelog
 /// partition, putting the order back in `Reserving` as a frozen instance would. The saga restarts
 /// again, alone (no inventory processor: a canary order placed now waits in `Reserving` until its
@@ -815,6 +814,7 @@ async fn a_zombies_state_write_never_wins(broker: Broker) {
             shortages: Vec::new(),
         },
         cancel_requested: None,
+        timed_out_payment: None,
     };
     let stale = serde_json::to_vec(&stale).expect("json");
     for partition in 0..6 {
@@ -894,4 +894,216 @@ async fn a_zombies_state_write_never_wins_on_tansu() {
         return;
     };
     a_zombies_state_write_never_wins(broker).await;
+}
+
+/// Every order ends, whatever the gateway answers, each key on its own: a charge refused with
+/// `422` is declined with the gateway's reason (stock released); one throttled with `429` is
+/// retried and authorized; one whose every charge and void answers `409` ends at the saga's
+/// payment deadline (stock released); and an ordinary order among them is confirmed.
+async fn every_order_ends_whatever_the_gateway_answers(broker: Broker) {
+    let mut settings = test_settings_with(None, broker.overrides());
+    settings.payment.payment_timeout_ms = 300;
+    settings.saga.payment_resend_ms = 600;
+    settings.saga.payment_deadline_ms = 4000;
+    settings.processor.tick_ms = 100;
+    settings.validate().expect("valid settings");
+    apply_topics(&broker, &settings).await;
+    let mut gateway = settings.gateway.clone();
+    gateway.latency_ms = 1;
+    let simulator = Simulator::bind(&gateway).await.expect("gateway");
+    settings.payment.gateway_url = format!("http://{}", simulator.local_addr().expect("addr"));
+    let cancel = CancellationToken::new();
+    tokio::spawn(simulator.run(cancel.clone()));
+    let bootstrap = broker.bootstrap();
+    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
+    let codec = Codec::new().expect("codec");
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    let now = now_ms();
+    let restock = codec.encode(&restocked("SKU-G", 100, now)).expect("encode");
+    write(&producer, names::INVENTORY_COMMANDS, "SKU-G", &restock).await;
+    let orders: Vec<_> = ["tok_invalid_1", "tok_throttle_1", "tok_busy_1", "tok_ok"]
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            order_placed(
+                &format!("customer-g{i}"),
+                &[("SKU-G", 1)],
+                token,
+                now + i as i64,
+            )
+        })
+        .collect();
+    for order in &orders {
+        let bytes = codec
+            .encode(&OrderEvent::OrderPlaced(order.clone()))
+            .expect("encode");
+        write(
+            &producer,
+            names::ORDERS_EVENTS,
+            &order.envelope.customer_id,
+            &bytes,
+        )
+        .await;
+    }
+    run_processors(&settings, &bootstrap, &cancel).await;
+    let mut reader = LogReader::new(&settings, &bootstrap);
+    reader.poll_until(Duration::from_secs(120), "every order final", |log| {
+        orders
+            .iter()
+            .all(|o| log.outcome(&o.envelope.order_id).is_some())
+    });
+    let report = GatewayClient::new(&settings.payment.gateway_url)
+        .report(Duration::from_secs(10))
+        .await
+        .expect("gateway report");
+    cancel.cancel();
+    let log = &reader.log;
+    assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
+    let cancelled = |order: &orderflow_schemas::OrderPlaced| {
+        log.by_order[&order.envelope.order_id]
+            .values()
+            .find_map(|e| match e {
+                OrderEvent::OrderCancelled(c) => Some(c.clone()),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{} not cancelled", order.payment_token))
+    };
+    let released = |order: &orderflow_schemas::OrderPlaced| {
+        log.by_order[&order.envelope.order_id]
+            .values()
+            .any(|e| matches!(e, OrderEvent::InventoryReleased(_)))
+    };
+    let [invalid, throttled, busy, ordinary] = &orders[..] else {
+        panic!("four orders");
+    };
+    let refused = cancelled(invalid);
+    assert!(
+        refused.reason.contains("refused by the payment gateway") && refused.reason.contains("422"),
+        "{}",
+        refused.reason
+    );
+    assert_eq!(refused.initiated_by, "payment");
+    assert!(released(invalid), "the refused order's stock is released");
+    assert_eq!(
+        log.outcome(&throttled.envelope.order_id),
+        Some("OrderConfirmed")
+    );
+    let timed_out = cancelled(busy);
+    assert_eq!(timed_out.initiated_by, "timeout", "{}", timed_out.reason);
+    assert!(timed_out.reason.contains("payment"), "{}", timed_out.reason);
+    assert!(released(busy), "the timed-out order's stock is released");
+    assert_eq!(
+        log.outcome(&ordinary.envelope.order_id),
+        Some("OrderConfirmed")
+    );
+    // Only the two confirmed orders were charged, once each.
+    let charged: BTreeSet<String> = report
+        .charges
+        .iter()
+        .inspect(|r| assert!(r.charges <= 1, "{} authorized twice", r.idempotency_key))
+        .filter(|r| r.charges == 1)
+        .map(|r| r.idempotency_key.clone())
+        .collect();
+    let confirmed: BTreeSet<String> = [throttled, ordinary]
+        .iter()
+        .map(|o| o.envelope.order_id.clone())
+        .collect();
+    assert_eq!(charged, confirmed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_order_ends_whatever_the_gateway_answers_on_the_in_process_broker() {
+    every_order_ends_whatever_the_gateway_answers(Broker::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_order_ends_whatever_the_gateway_answers_on_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    every_order_ends_whatever_the_gateway_answers(broker).await;
+}
+
+/// A reload's rules go through the log: published to every orders.events partition, they decide
+/// the orders behind them, while the orders before them kept their outcome.
+async fn rules_published_to_the_log_decide_from_there_on(broker: Broker) {
+    let mut settings = test_settings_with(None, broker.overrides());
+    apply_topics(&broker, &settings).await;
+    let mut gateway = settings.gateway.clone();
+    gateway.latency_ms = 1;
+    let simulator = Simulator::bind(&gateway).await.expect("gateway");
+    settings.payment.gateway_url = format!("http://{}", simulator.local_addr().expect("addr"));
+    let cancel = CancellationToken::new();
+    tokio::spawn(simulator.run(cancel.clone()));
+    let bootstrap = broker.bootstrap();
+    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
+    let codec = Codec::new().expect("codec");
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    let restock = codec
+        .encode(&restocked("SKU-R", 10, now_ms()))
+        .expect("encode");
+    write(&producer, names::INVENTORY_COMMANDS, "SKU-R", &restock).await;
+    run_processors(&settings, &bootstrap, &cancel).await;
+    let place = |customer: &str| order_placed(customer, &[("SKU-R", 1)], "tok_ok", now_ms());
+    let before = place("customer-r1");
+    let bytes = codec
+        .encode(&OrderEvent::OrderPlaced(before.clone()))
+        .expect("encode");
+    write(&producer, names::ORDERS_EVENTS, "customer-r1", &bytes).await;
+    let mut reader = LogReader::new(&settings, &bootstrap);
+    reader.poll_until(
+        Duration::from_secs(120),
+        "the first order confirmed",
+        |log| log.outcome(&before.envelope.order_id) == Some("OrderConfirmed"),
+    );
+
+    // The reload: a model that rejects every order, published to the log.
+    let mut strict = SagaRules::from_settings(&settings);
+    strict.fraud.review_threshold = 0.000_001;
+    strict.fraud.reject_threshold = 0.000_001;
+    let partitions = orderflow_processors::saga::rules::publish(
+        &clients,
+        &codec,
+        names::ORDERS_EVENTS,
+        &strict,
+        now_ms(),
+    )
+    .await
+    .expect("published");
+    assert_eq!(partitions, 6);
+    let after = place("customer-r2");
+    let bytes = codec
+        .encode(&OrderEvent::OrderPlaced(after.clone()))
+        .expect("encode");
+    write(&producer, names::ORDERS_EVENTS, "customer-r2", &bytes).await;
+    reader.poll_until(Duration::from_secs(120), "the second order final", |log| {
+        log.outcome(&after.envelope.order_id).is_some()
+    });
+    cancel.cancel();
+    let log = &reader.log;
+    assert_eq!(log.outcome(&after.envelope.order_id), Some("OrderRejected"));
+    assert_eq!(
+        log.outcome(&before.envelope.order_id),
+        Some("OrderConfirmed")
+    );
+    assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_published_to_the_log_decide_from_there_on_on_the_in_process_broker() {
+    rules_published_to_the_log_decide_from_there_on(Broker::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_published_to_the_log_decide_from_there_on_on_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    rules_published_to_the_log_decide_from_there_on(broker).await;
 }

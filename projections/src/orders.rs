@@ -82,6 +82,8 @@ pub fn status_after(event: &OrderEvent) -> Option<&'static str> {
         | OrderEvent::InventoryLineRejected(_)
         | OrderEvent::InventoryLineReleased(_)
         | OrderEvent::InventoryReleaseRequested(_) => return None,
+        // A control record of the saga, not part of any order (its order_id is empty).
+        OrderEvent::SagaRulesChanged(_) => return None,
     })
 }
 
@@ -382,6 +384,10 @@ impl Projection for OrdersProjection {
         event: &OrderEvent,
         written_at: i64,
     ) -> Result<bool> {
+        // The saga's control records belong to no order: nothing of them is an order's.
+        if matches!(event, OrderEvent::SagaRulesChanged(_)) {
+            return Ok(false);
+        }
         record_history(conn, event).await?;
         if let OrderEvent::FraudReviewDecided(decided) = event {
             record_reviewer(conn, decided).await?;

@@ -84,11 +84,12 @@ pub enum EventKind {
     InventoryLineReleased,
     InventoryReleaseRequested,
     PaymentRefundRequested,
+    SagaRulesChanged,
 }
 
 impl EventKind {
     /// All kinds, in schema-id order.
-    pub const ALL: [EventKind; 23] = [
+    pub const ALL: [EventKind; 24] = [
         Self::OrderPlaced,
         Self::OrderValidated,
         Self::OrderRejected,
@@ -112,6 +113,7 @@ impl EventKind {
         Self::InventoryLineReleased,
         Self::InventoryReleaseRequested,
         Self::PaymentRefundRequested,
+        Self::SagaRulesChanged,
     ];
 
     /// The record name, also sent as the `event_type` Kafka header.
@@ -140,6 +142,7 @@ impl EventKind {
             Self::InventoryLineReleased => "InventoryLineReleased",
             Self::InventoryReleaseRequested => "InventoryReleaseRequested",
             Self::PaymentRefundRequested => "PaymentRefundRequested",
+            Self::SagaRulesChanged => "SagaRulesChanged",
         }
     }
 
@@ -169,6 +172,7 @@ impl EventKind {
             Self::InventoryLineReleased => 21,
             Self::InventoryReleaseRequested => 22,
             Self::PaymentRefundRequested => 23,
+            Self::SagaRulesChanged => 24,
         }
     }
 
@@ -209,6 +213,7 @@ impl EventKind {
                 include_str!("../avro/inventory_release_requested.avsc")
             }
             Self::PaymentRefundRequested => include_str!("../avro/payment_refund_requested.avsc"),
+            Self::SagaRulesChanged => include_str!("../avro/saga_rules_changed.avsc"),
         }
     }
 
@@ -274,6 +279,7 @@ impl Codec {
             OrderEvent::InventoryLineReleased(e) => self.body(kind, e),
             OrderEvent::InventoryReleaseRequested(e) => self.body(kind, e),
             OrderEvent::PaymentRefundRequested(e) => self.body(kind, e),
+            OrderEvent::SagaRulesChanged(e) => self.body(kind, e),
         }?;
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());
         out.push(MAGIC_BYTE);
@@ -337,6 +343,7 @@ impl Codec {
             EventKind::PaymentRefundRequested => {
                 OrderEvent::PaymentRefundRequested(self.read(kind, body)?)
             }
+            EventKind::SagaRulesChanged => OrderEvent::SagaRulesChanged(self.read(kind, body)?),
         })
     }
 

@@ -252,6 +252,17 @@ pub struct PaymentRefundRequested {
     pub charge_idempotency_key: String,
 }
 
+/// The saga's outcome-deciding configuration from this position of an `orders.events`
+/// partition on (a control record: not part of any order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SagaRulesChanged {
+    pub envelope: Envelope,
+    /// JSON: `{"validation": …, "fraud": …, "deadlines": …}`.
+    pub rules: String,
+    /// A UUIDv5 of `rules`.
+    pub digest: String,
+}
+
 /// Every event of an order's life, as it travels on the event topics.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OrderEvent {
@@ -278,6 +289,7 @@ pub enum OrderEvent {
     InventoryLineReleased(InventoryLineReleased),
     InventoryReleaseRequested(InventoryReleaseRequested),
     PaymentRefundRequested(PaymentRefundRequested),
+    SagaRulesChanged(SagaRulesChanged),
 }
 
 impl OrderEvent {
@@ -307,6 +319,7 @@ impl OrderEvent {
             Self::InventoryLineReleased(e) => &e.envelope,
             Self::InventoryReleaseRequested(e) => &e.envelope,
             Self::PaymentRefundRequested(e) => &e.envelope,
+            Self::SagaRulesChanged(e) => &e.envelope,
         }
     }
 
@@ -337,6 +350,7 @@ impl OrderEvent {
             Self::InventoryLineReleased(_) => K::InventoryLineReleased,
             Self::InventoryReleaseRequested(_) => K::InventoryReleaseRequested,
             Self::PaymentRefundRequested(_) => K::PaymentRefundRequested,
+            Self::SagaRulesChanged(_) => K::SagaRulesChanged,
         }
     }
 }

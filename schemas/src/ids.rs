@@ -1,4 +1,4 @@
-//! Deterministic event ids (DESIGN.md rule 1): an output's id is a UUIDv5 of the causing event's
+//! Deterministic event ids (docs/architecture.md, rule 1): an output's id is a UUIDv5 of the causing event's
 //! id and the output's role, so re-processing an input re-emits byte-identical events and every
 //! consumer can drop the repeat by id.
 

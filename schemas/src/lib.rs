@@ -8,7 +8,7 @@
 //! - [`events`] holds one Rust struct per schema and [`OrderEvent`], the sum of them.
 //! - [`codec`] maps each event kind to its compiled-in schema and a fixed schema id, and encodes
 //!   and decodes values as `0x00 | schema id (u32 BE) | Avro body`.
-//! - [`ids`] derives event ids from their cause (UUIDv5), rule 1 of DESIGN.md.
+//! - [`ids`] derives event ids from their cause (UUIDv5), rule 1 of docs/architecture.md.
 
 pub mod codec;
 pub mod events;
@@ -22,8 +22,8 @@ pub use events::{
     InventoryReleased, InventoryReservationRequested, InventoryReserved, InventoryRestocked,
     OrderCancellationRequested, OrderCancelled, OrderConfirmed, OrderEvent, OrderLine, OrderPlaced,
     OrderRejected, OrderStepTimedOut, OrderValidated, PaymentAuthorized, PaymentDeclined,
-    PaymentRefundRequested, PaymentRefunded, PaymentRequested, Reason, ReviewDecision, SkuQuantity,
-    SkuShortage,
+    PaymentRefundRequested, PaymentRefunded, PaymentRequested, Reason, ReviewDecision,
+    SagaRulesChanged, SkuQuantity, SkuShortage,
 };
 
 /// A SKU is 1–64 characters of ASCII letters, digits, `-` and `_` (the one definition; the

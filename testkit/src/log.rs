@@ -233,7 +233,7 @@ impl LogReader {
 
     /// Reads every record ever written, open and aborted transactions' too: an auditor's view.
     /// On the brokers used here a processor may act on a record whose transaction is aborted
-    /// later (DESIGN.md), so the invariants must hold over everything, not only the committed.
+    /// later (docs/architecture.md), so the invariants must hold over everything, not only the committed.
     pub fn everything(settings: &Settings, bootstrap: &str) -> Self {
         Self::with_isolation(settings, bootstrap, "read_uncommitted")
     }

@@ -256,6 +256,29 @@ impl<'a> Emitter<'a> {
         };
     }
 
+    /// A refund of an authorization that came after the payment deadline had cancelled the
+    /// order: to the payment worker only, off the order's timeline (sequence 0, like other
+    /// compensations from outside it), under the refund key a customer's refund would use.
+    pub(super) fn refund_late_authorization(&mut self, order: &OrderState) {
+        let envelope = self.envelope(
+            role::LATE_REFUND,
+            EventKind::PaymentRefundRequested,
+            &order.customer_id,
+            0,
+        );
+        self.out.push(
+            self.topics.payment_requests,
+            self.order_id.to_owned(),
+            OrderEvent::PaymentRefundRequested(PaymentRefundRequested {
+                envelope,
+                amount_minor: order.total_minor,
+                currency: order.currency.clone(),
+                idempotency_key: format!("refund-{}", self.order_id),
+                charge_idempotency_key: self.order_id.to_owned(),
+            }),
+        );
+    }
+
     /// A final stage, from this input's time on; what only the running saga needed is dropped.
     pub(super) fn finish(&self, order: &mut OrderState, status: &str) {
         order.stage = Stage::Done {

@@ -1,37 +1,11 @@
 //! Fraud scoring: hard rules plus a logistic model over an order's features, with weights and
-//! thresholds from `[fraud]` (reloadable). Pure: the features come from the order and the
-//! customer's state, time from event timestamps, so a re-scored order scores the same (as long as
-//! the configuration did not change in between).
-
-use std::sync::{Arc, RwLock};
+//! thresholds from `[fraud]`. Pure: the features come from the order and the customer's state,
+//! time from event timestamps, and the model is the partition's (part of the log: [`super::rules`]),
+//! so a re-scored order scores the same.
 
 use orderflow_platform::config::FraudSettings;
 use orderflow_schemas::{FraudDecision, OrderPlaced};
 use serde::{Deserialize, Serialize};
-
-/// The model's settings, shared with the reloader: a reload takes effect for the next order.
-#[derive(Debug, Clone)]
-pub struct SharedModel(Arc<RwLock<FraudSettings>>);
-
-impl SharedModel {
-    pub fn new(settings: FraudSettings) -> Self {
-        Self(Arc::new(RwLock::new(settings)))
-    }
-
-    pub fn reload(&self, settings: &FraudSettings) {
-        match self.0.write() {
-            Ok(mut current) => *current = settings.clone(),
-            Err(poisoned) => *poisoned.into_inner() = settings.clone(),
-        }
-    }
-
-    pub fn current(&self) -> FraudSettings {
-        match self.0.read() {
-            Ok(settings) => settings.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-}
 
 /// How many time buckets a customer's velocity window is cut into.
 pub const VELOCITY_BUCKETS: usize = 12;

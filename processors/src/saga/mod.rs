@@ -27,17 +27,20 @@ pub mod payment;
 pub mod placed;
 pub mod reservation;
 pub mod review;
+pub mod rules;
 pub mod state;
 pub mod timers;
 pub mod validation;
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
-use orderflow_platform::config::SagaSettings;
 use orderflow_schemas::{Envelope, OrderEvent};
 use uuid::Uuid;
 
-use self::fraud::SharedModel;
+pub use self::rules::{ActiveRules, SagaRules};
 pub use self::state::{OrderState, SagaState, Stage};
 use crate::runtime::{Outputs, Step, StepError};
 
@@ -64,16 +67,19 @@ mod role {
     pub(super) const CONFIRMED: &str = "saga/confirmed";
     pub(super) const CANCELLED: &str = "saga/cancelled";
     pub(super) const TIMEOUT: &str = "saga/timeout";
+    pub(super) const LATE_REFUND: &str = "saga/late-refund";
 }
 
 /// The step names of `OrderStepTimedOut`.
 pub const STEP_REVIEW: &str = "review";
 pub const STEP_INVENTORY: &str = "inventory";
+pub const STEP_PAYMENT: &str = "payment";
+pub const STEP_REFUND: &str = "refund";
 
 pub struct Saga {
-    rules: validation::Rules,
-    fraud: SharedModel,
-    timeouts: SagaSettings,
+    /// The process's configured rules: adopted by a partition that has none yet
+    /// ([`rules`]); after that, the partition's own rules decide.
+    configured: Arc<ActiveRules>,
     topics: SagaTopics,
     /// `state.retention_ms`: how long finished orders and idle customers are kept.
     retention_ms: i64,
@@ -94,17 +100,9 @@ pub struct Saga {
 }
 
 impl Saga {
-    pub fn new(
-        rules: validation::Rules,
-        fraud: SharedModel,
-        timeouts: SagaSettings,
-        topics: SagaTopics,
-        retention_ms: i64,
-    ) -> Self {
+    pub fn new(rules: SagaRules, topics: SagaTopics, retention_ms: i64) -> Self {
         Self {
-            rules,
-            fraud,
-            timeouts,
+            configured: ActiveRules::new(rules),
             topics,
             retention_ms,
             timers_sent: HashMap::new(),
@@ -134,8 +132,16 @@ impl Step for Saga {
     ) -> Result<(), StepError> {
         let envelope = event.envelope();
         state.advance(envelope.occurred_at, self.retention_ms);
+        let rules = state.rules_or_adopt(&self.configured);
         let handled = match event {
-            OrderEvent::OrderPlaced(placed) => self.on_placed(state, placed, out),
+            OrderEvent::SagaRulesChanged(changed) => {
+                let rules = SagaRules::from_json(&changed.rules).map_err(StepError::Poison)?;
+                if state.set_rules(ActiveRules::new(rules)) {
+                    tracing::info!(digest = %changed.digest, "Saga rules changed.");
+                }
+                return Ok(());
+            }
+            OrderEvent::OrderPlaced(placed) => self.on_placed(state, placed, &rules, out),
             OrderEvent::FraudReviewDecided(decided) => self.on_review(state, decided, out),
             OrderEvent::InventoryLineReserved(r) => {
                 self.on_inventory_answer(state, &r.envelope, &r.sku, Ok(r.quantity), out)
@@ -153,7 +159,7 @@ impl Step for Saga {
             OrderEvent::OrderCancellationRequested(c) => {
                 self.on_cancel_request(state, &c.envelope, &c.reason, out)
             }
-            OrderEvent::OrderStepTimedOut(t) => self.on_timeout(state, t, out),
+            OrderEvent::OrderStepTimedOut(t) => self.on_timeout(state, t, &rules, out),
             // The saga's own timeline events and the inventory's release receipts.
             _ => Ok(()),
         };

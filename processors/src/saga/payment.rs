@@ -23,6 +23,21 @@ impl Saga {
         let Some(order) = state.orders.get(&envelope.order_id) else {
             return Ok(());
         };
+        if let (Some(timed_out), OrderEvent::PaymentAuthorized(_)) =
+            (&order.timed_out_payment, event)
+        {
+            if envelope.causation_id.as_deref() == Some(timed_out.as_str()) {
+                // Authorized after the payment deadline cancelled the order: give it back.
+                let cause = cause_of(envelope)?;
+                let Some(order) = state.orders.get_mut(&envelope.order_id) else {
+                    return Ok(());
+                };
+                order.timed_out_payment = None;
+                Emitter::for_input(out, self.topics, envelope, cause)
+                    .refund_late_authorization(order);
+                return Ok(());
+            }
+        }
         let awaited = match (&order.stage, event) {
             (Stage::Paying { request_id, .. }, OrderEvent::PaymentAuthorized(_))
             | (Stage::Paying { request_id, .. }, OrderEvent::PaymentDeclined(_))

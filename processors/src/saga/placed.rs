@@ -11,6 +11,7 @@ use super::{
     cause_of,
     emitter::Emitter,
     fraud, role,
+    rules::ActiveRules,
     state::{OrderState, SagaState, Stage},
     Saga,
 };
@@ -21,6 +22,7 @@ impl Saga {
         &self,
         state: &mut SagaState,
         placed: &OrderPlaced,
+        rules: &ActiveRules,
         out: &mut Outputs,
     ) -> Result<(), StepError> {
         let envelope = &placed.envelope;
@@ -44,9 +46,10 @@ impl Saga {
                 status: "placed".to_owned(),
             },
             cancel_requested: None,
+            timed_out_payment: None,
         };
         let mut em = Emitter::for_input(out, self.topics, envelope, cause);
-        let problems = self.rules.check(placed);
+        let problems = rules.validation.check(placed);
         if !problems.is_empty() {
             em.reject(&mut order, "validation", problems);
             state.orders.put(envelope.order_id.clone(), order);
@@ -66,13 +69,13 @@ impl Saga {
             },
         );
 
-        let model = self.fraud.current();
+        let model = rules.fraud();
         let customer = state
             .customers
             .get(&envelope.customer_id)
             .cloned()
             .unwrap_or_default();
-        let assessment = fraud::assess(&model, placed, &customer);
+        let assessment = fraud::assess(model, placed, &customer);
         let mut customer = customer;
         customer.record(placed, model.velocity_window_ms);
         state.customers.put(envelope.customer_id.clone(), customer);

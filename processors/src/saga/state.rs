@@ -10,13 +10,21 @@
 //! window). Orders in flight are never dropped, and are indexed apart, so the timers visit only
 //! them, not every order of the horizon.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use orderflow_schemas::SkuQuantity;
 use serde::{Deserialize, Serialize};
 
-use super::fraud::CustomerState;
+use super::{
+    fraud::CustomerState,
+    rules::{ActiveRules, SagaRules},
+};
 use crate::state::{ChangelogRecord, EventClock, Horizon, PartitionState, Store};
+
+const RULES_KEY: &str = "rules";
 
 /// The saga's state of one `orders.events` partition.
 #[derive(Debug)]
@@ -28,6 +36,9 @@ pub struct SagaState {
     horizon: Horizon,
     /// Orders not in a final stage: what the timers look at.
     active: BTreeSet<String>,
+    /// The partition's rules (`g:rules`), and them compiled.
+    rules: Store<SagaRules>,
+    in_force: Option<Arc<ActiveRules>>,
 }
 
 impl Default for SagaState {
@@ -38,6 +49,8 @@ impl Default for SagaState {
             clock: EventClock::default(),
             horizon: Horizon::default(),
             active: BTreeSet::new(),
+            rules: Store::new("g:"),
+            in_force: None,
         }
     }
 }
@@ -59,6 +72,33 @@ impl SagaState {
     /// Customers held.
     pub fn customers(&self) -> usize {
         self.customers.len()
+    }
+
+    /// The rules in force on this partition, if it has adopted any.
+    pub fn rules(&self) -> Option<&Arc<ActiveRules>> {
+        self.in_force.as_ref()
+    }
+
+    /// The rules in force, adopting `configured` if the partition has none yet (the first
+    /// input of a partition): from then on only a control record changes them.
+    pub(super) fn rules_or_adopt(&mut self, configured: &Arc<ActiveRules>) -> Arc<ActiveRules> {
+        match &self.in_force {
+            Some(rules) => rules.clone(),
+            None => {
+                self.set_rules(configured.clone());
+                configured.clone()
+            }
+        }
+    }
+
+    /// Puts `rules` in force (written with the batch); the same rules again change nothing.
+    pub(super) fn set_rules(&mut self, rules: Arc<ActiveRules>) -> bool {
+        if self.in_force.as_ref().is_some_and(|r| r.json == rules.json) {
+            return false;
+        }
+        self.rules.put(RULES_KEY.to_owned(), rules.rules.clone());
+        self.in_force = Some(rules);
+        true
     }
 
     /// Orders in flight, with their state.
@@ -127,12 +167,15 @@ impl PartitionState for SagaState {
             self.customers.restore(key, value).map(|_| ())
         } else if self.clock.owns(key) {
             self.clock.restore(key, value)
+        } else if self.rules.owns(key) {
+            self.rules.restore(key, value).map(|_| ())
         } else {
             Err(format!("unknown saga state key {key:?}"))
         }
     }
 
     fn restored(&mut self) {
+        self.in_force = self.rules.get(RULES_KEY).cloned().map(ActiveRules::new);
         let mut horizon = Horizon::default();
         let mut active = BTreeSet::new();
         for (id, order) in self.orders.iter() {
@@ -154,6 +197,7 @@ impl PartitionState for SagaState {
         self.orders.changes_into(&mut out);
         self.customers.changes_into(&mut out);
         self.clock.changes_into(&mut out);
+        self.rules.changes_into(&mut out);
         out
     }
 
@@ -219,6 +263,10 @@ pub struct OrderState {
     pub stage: Stage,
     /// A cancellation that arrived while a payment was in flight: applied on its answer.
     pub cancel_requested: Option<String>,
+    /// The payment request whose deadline cancelled the order: an authorization that still
+    /// answers it is refunded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timed_out_payment: Option<String>,
 }
 
 impl Stage {

@@ -17,12 +17,12 @@ use crate::{
     state::PartitionState,
 };
 
-fn rules() -> validation::Rules {
-    validation::Rules::from_settings(&ValidationSettings {
+fn validation_settings() -> ValidationSettings {
+    ValidationSettings {
         currencies: vec!["EUR".into(), "USD".into()],
         max_lines: 10,
         max_quantity_per_line: 100,
-    })
+    }
 }
 
 fn placed() -> OrderPlaced {
@@ -79,14 +79,26 @@ fn fraud() -> FraudSettings {
     defaults().fraud
 }
 
-fn saga() -> Saga {
-    Saga::new(
-        rules(),
-        SharedModel::new(fraud()),
-        defaults().saga,
-        TOPICS,
-        defaults().state.retention_ms,
+/// The saga's rules: the defaults with [`rules`]' validation.
+fn saga_rules(fraud: FraudSettings, retention_ms: i64) -> (SagaRules, i64) {
+    let defaults = defaults();
+    (
+        SagaRules {
+            validation: validation_settings(),
+            fraud,
+            deadlines: defaults.saga,
+        },
+        retention_ms,
     )
+}
+
+fn saga_with(fraud: FraudSettings, retention_ms: i64) -> Saga {
+    let (rules, retention) = saga_rules(fraud, retention_ms);
+    Saga::new(rules, TOPICS, retention)
+}
+
+fn saga() -> Saga {
+    saga_with(fraud(), defaults().state.retention_ms)
 }
 
 fn order(n: u128, customer: &str, lines: &[(&str, i32)]) -> OrderPlaced {
@@ -943,18 +955,13 @@ fn a_hot_customer_keeps_small_values_and_bounded_state() {
     // Score every order, reject each: finished at once, the customer recorded every time.
     model.reject_threshold = 0.000_001;
     model.review_threshold = 0.000_001;
-    let mut saga = Saga::new(
-        rules(),
-        SharedModel::new(model),
-        defaults().saga,
-        TOPICS,
-        HOUR,
-    );
+    let mut saga = saga_with(model, HOUR);
     let mut state = SagaState::default();
     let start = 1_764_000_000_000;
     let orders = 100_000u128;
     let mut largest = 0;
     let mut most_orders = 0;
+    let mut changelog = Vec::new();
     for n in 0..orders {
         let mut o = order(n, "c-hot", &[("A", 1)]);
         o.envelope.occurred_at = start + n as i64 * 100;
@@ -963,13 +970,30 @@ fn a_hot_customer_keeps_small_values_and_bounded_state() {
             .expect("handled");
         if n % 500 == 499 {
             for (key, value) in state.changes() {
-                let size = value.map_or(0, |v| v.len());
+                let size = value.as_ref().map_or(0, |v| v.len());
                 assert!(size < crate::state::MAX_VALUE_BYTES, "{key}: {size} bytes");
                 largest = largest.max(size);
+                changelog.push((key, value));
             }
+            changelog.push((
+                crate::state::POSITION_KEY.to_owned(),
+                Some((n + 1).to_string().into_bytes()),
+            ));
             most_orders = most_orders.max(state.orders());
         }
     }
+    // The whole history restores to the same bounded state.
+    let mut restorer = crate::state::Restorer::<SagaState>::default();
+    for (key, value) in &changelog {
+        restorer
+            .record(key, value.as_deref(), 1, None)
+            .expect("restores");
+    }
+    let restored = restorer.finish();
+    assert_eq!(restored.position, Some(orders as i64));
+    assert_eq!(restored.state.orders(), state.orders());
+    assert_eq!(restored.state.customer("c-hot"), state.customer("c-hot"));
+    assert_eq!(restored.state.entries(), state.entries());
     assert!(largest < 1024, "largest changelog value: {largest} bytes");
     let customer = state.customer("c-hot").expect("customer kept");
     assert_eq!(customer.orders_seen, orders as u64);
@@ -995,13 +1019,7 @@ fn a_hot_customer_keeps_small_values_and_bounded_state() {
 #[test]
 fn finished_orders_and_idle_customers_expire_orders_in_flight_do_not() {
     const HOUR: i64 = 3_600_000;
-    let mut saga = Saga::new(
-        rules(),
-        SharedModel::new(fraud()),
-        defaults().saga,
-        TOPICS,
-        HOUR,
-    );
+    let mut saga = saga_with(fraud(), HOUR);
     let mut state = SagaState::default();
     let mut out = Outputs::default();
     // Order 1 is invalid (rejected at once), order 2 is held for review (in flight).
@@ -1066,5 +1084,238 @@ fn a_timer_whose_batch_failed_is_written_again() {
         again.records(),
         first.records(),
         "the same timer, byte for byte"
+    );
+}
+
+/// A payment the worker never answers ends the order at `saga.payment_deadline_ms`: stock
+/// released, cancelled, the timeline contiguous; an authorization that still arrives is refunded.
+#[test]
+fn a_payment_never_answered_ends_the_order_and_a_late_authorization_is_refunded() {
+    let mut world = World::new();
+    world.pay = Pay::Hold;
+    world.restock("A", 5, 1);
+    let o = order(1, "c-1", &[("A", 2)]);
+    let id = o.envelope.order_id.clone();
+    world.place(o);
+    world.run();
+    assert_eq!(world.available("A"), 3);
+    let request = world.payments.pop_front().expect("a payment request");
+    let requested_at = request.envelope().occurred_at;
+    let deadline = requested_at + defaults().saga.payment_deadline_ms;
+    let mut out = Outputs::default();
+    world
+        .saga
+        .tick(0, &world.saga_state, requested_at, &mut out);
+    world
+        .saga
+        .tick(0, &world.saga_state, deadline - 1, &mut out);
+    assert!(
+        out.records()
+            .iter()
+            .all(|r| matches!(r.event, OrderEvent::PaymentRequested(_))),
+        "only resends before the deadline"
+    );
+    out.drain();
+    world.saga.tick(0, &world.saga_state, deadline, &mut out);
+    let timeouts: Vec<_> = out
+        .records()
+        .iter()
+        .filter(|r| matches!(r.event, OrderEvent::OrderStepTimedOut(_)))
+        .collect();
+    assert_eq!(timeouts.len(), 1, "due at the deadline");
+    world.route(&mut out);
+    world.run();
+    assert_eq!(world.status(&id), "cancelled");
+    assert_eq!(world.available("A"), 5, "stock released");
+    let timeline = world.timeline(&id);
+    let sequences: Vec<i64> = timeline.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        sequences,
+        (1..=sequences.len() as i64).collect::<Vec<_>>(),
+        "contiguous: {timeline:?}"
+    );
+    assert_eq!(
+        world.kinds(&id)[world.kinds(&id).len() - 2..],
+        ["InventoryReleased", "OrderCancelled"]
+    );
+    // The gateway authorized after all: the saga asks for the money back, once.
+    world.pay = Pay::Authorize;
+    let late = world.answer_payment(&request).expect("an answer");
+    let mut out = Outputs::default();
+    for _ in 0..2 {
+        world
+            .saga
+            .handle(&mut world.saga_state, &late, &mut out)
+            .expect("handled");
+    }
+    let refunds: Vec<_> = out
+        .records()
+        .iter()
+        .filter(|r| r.topic == "payments.requests")
+        .map(|r| r.event.clone())
+        .collect();
+    assert_eq!(refunds.len(), 1, "one refund request: {refunds:?}");
+    let OrderEvent::PaymentRefundRequested(refund) = &refunds[0] else {
+        panic!("expected a refund request: {refunds:?}");
+    };
+    assert_eq!(refund.charge_idempotency_key, id);
+    assert_eq!(world.status(&id), "cancelled");
+}
+
+/// A refund never answered ends the cancelled order at `saga.refund_deadline_ms`, with its
+/// stock released and the reason naming the refund.
+#[test]
+fn a_refund_never_answered_ends_the_order() {
+    let mut world = World::new();
+    world.restock("A", 5, 1);
+    let o = order(1, "c-1", &[("A", 2)]);
+    let id = o.envelope.order_id.clone();
+    world.place(o);
+    world.run();
+    assert_eq!(world.status(&id), "confirmed");
+    world.pay = Pay::Hold;
+    world.input(cancel_request(&id, "c-1", 1));
+    world.run();
+    assert!(matches!(
+        world.saga_state.order(&id).map(|o| &o.stage),
+        Some(Stage::Refunding { .. })
+    ));
+    let request = world.payments.pop_front().expect("a refund request");
+    let requested_at = request.envelope().occurred_at;
+    let deadline = requested_at + defaults().saga.refund_deadline_ms;
+    let mut out = Outputs::default();
+    world
+        .saga
+        .tick(0, &world.saga_state, requested_at, &mut out);
+    world
+        .saga
+        .tick(0, &world.saga_state, deadline - 1, &mut out);
+    world.saga.tick(0, &world.saga_state, deadline, &mut out);
+    world.route(&mut out);
+    world.run();
+    assert_eq!(world.status(&id), "cancelled");
+    assert_eq!(world.available("A"), 5);
+    let cancelled = world.log.iter().rev().find_map(|e| match e {
+        OrderEvent::OrderCancelled(c) if c.envelope.order_id == id => Some(c.clone()),
+        _ => None,
+    });
+    let cancelled = cancelled.expect("cancelled");
+    assert_eq!(cancelled.initiated_by, "timeout");
+    assert!(
+        cancelled.reason.contains("refund by hand"),
+        "{}",
+        cancelled.reason
+    );
+}
+
+/// A stricter fraud model reloaded between a crash and the re-run of the batch the crash cut
+/// short: the re-run emits exactly the first run's bytes (the partition's rules are part of its
+/// state), and the new model decides from its control record on.
+#[test]
+fn a_reload_between_a_crash_and_the_re_run_changes_no_outcome() {
+    let codec = Codec::new().expect("codec");
+    let retention = defaults().state.retention_ms;
+    let mut lenient = saga_with(fraud(), retention);
+    let mut state = SagaState::default();
+    let mut out = Outputs::default();
+    // Batch 1: order 1, committed with its state.
+    lenient
+        .handle(
+            &mut state,
+            &OrderEvent::OrderPlaced(order(1, "c-1", &[("A", 1)])),
+            &mut out,
+        )
+        .expect("handled");
+    let committed = state.changes();
+    // Batch 2: order 2; its outputs are written, then the process crashes before its state.
+    let second = OrderEvent::OrderPlaced(order(2, "c-2", &[("A", 1)]));
+    let mut first_run = Outputs::default();
+    lenient
+        .handle(&mut state, &second, &mut first_run)
+        .expect("handled");
+    let bytes = |out: &Outputs| -> Vec<Vec<u8>> {
+        out.records()
+            .iter()
+            .map(|r| codec.encode(&r.event).expect("encodes"))
+            .collect()
+    };
+    assert!(
+        first_run.records().iter().any(|r| matches!(
+            &r.event,
+            OrderEvent::FraudScored(s) if s.decision == FraudDecision::Approve
+        )),
+        "approved at first"
+    );
+
+    // The operator reloads a model that rejects everything; the processor restarts with it.
+    let mut strict_model = fraud();
+    strict_model.review_threshold = 0.000_001;
+    strict_model.reject_threshold = 0.000_001;
+    let mut strict = saga_with(strict_model.clone(), retention);
+    let mut restored = SagaState::default();
+    for (key, value) in &committed {
+        restored.restore(key, value.as_deref()).expect("restores");
+    }
+    restored.restored();
+    let mut re_run = Outputs::default();
+    strict
+        .handle(&mut restored, &second, &mut re_run)
+        .expect("handled");
+    assert_eq!(
+        bytes(&re_run),
+        bytes(&first_run),
+        "the re-run emits the same bytes"
+    );
+
+    // The reload's control record, behind batch 2 in the log: from here on, the strict model.
+    let (rules, _) = saga_rules(strict_model, retention);
+    strict
+        .handle(
+            &mut restored,
+            &rules.changed_event(0, 1_764_000_100_000),
+            &mut Outputs::default(),
+        )
+        .expect("handled");
+    let mut third = Outputs::default();
+    strict
+        .handle(
+            &mut restored,
+            &OrderEvent::OrderPlaced(order(3, "c-3", &[("A", 1)])),
+            &mut third,
+        )
+        .expect("handled");
+    assert!(
+        third.records().iter().any(|r| matches!(
+            &r.event,
+            OrderEvent::FraudScored(s) if s.decision == FraudDecision::Reject
+        )),
+        "rejected under the new rules"
+    );
+    // The rules travel with the state: a restore keeps them.
+    let mut again = SagaState::default();
+    for (key, value) in committed.iter().chain(restored.changes().iter()) {
+        again.restore(key, value.as_deref()).expect("restores");
+    }
+    again.restored();
+    assert_eq!(
+        again.rules().map(|r| r.fraud().reject_threshold),
+        Some(0.000_001)
+    );
+    // A control record that does not parse is poison, and changes nothing.
+    let OrderEvent::SagaRulesChanged(mut broken) = rules.changed_event(0, 1) else {
+        panic!("a control record");
+    };
+    broken.rules = "{\"nope\": 1}".into();
+    let err = strict
+        .handle(
+            &mut again,
+            &OrderEvent::SagaRulesChanged(broken),
+            &mut Outputs::default(),
+        )
+        .expect_err("poison");
+    assert!(matches!(err, StepError::Poison(_)));
+    assert_eq!(
+        again.rules().map(|r| r.fraud().reject_threshold),
+        Some(0.000_001)
     );
 }

@@ -20,8 +20,9 @@ use super::{
     cause_of,
     emitter::Emitter,
     role,
+    rules::ActiveRules,
     state::{OrderState, SagaState, Stage},
-    Saga, STEP_INVENTORY, STEP_REVIEW,
+    Saga, STEP_INVENTORY, STEP_PAYMENT, STEP_REFUND, STEP_REVIEW,
 };
 use crate::runtime::{Outputs, StepError};
 use orderflow_platform::config::SagaSettings;
@@ -31,18 +32,15 @@ impl Saga {
         &self,
         state: &mut SagaState,
         timed_out: &OrderStepTimedOut,
+        rules: &ActiveRules,
         out: &mut Outputs,
     ) -> Result<(), StepError> {
         let envelope = &timed_out.envelope;
         let Some(order) = state.orders.get(&envelope.order_id) else {
             return Ok(());
         };
-        let current = match &order.stage {
-            Stage::Review { scored_event_id } => Some((STEP_REVIEW, scored_event_id)),
-            Stage::Reserving { request_id, .. } => Some((STEP_INVENTORY, request_id)),
-            _ => None,
-        };
-        if current != Some((timed_out.step.as_str(), &timed_out.stage_event_id)) {
+        let current = deadline(rules.deadlines(), order).map(|(_, step, id)| (step, id));
+        if current != Some((timed_out.step.as_str(), timed_out.stage_event_id.as_str())) {
             return Ok(()); // the step answered in time, or this is a repeat
         }
         let cause = cause_of(envelope)?;
@@ -51,10 +49,39 @@ impl Saga {
         };
         let mut em = Emitter::for_input(out, self.topics, envelope, cause);
         let reason = format!("no answer from the {} step in time", timed_out.step);
-        if timed_out.step == STEP_INVENTORY {
-            em.release_all(order, &reason);
+        match timed_out.step.as_str() {
+            STEP_INVENTORY => {
+                em.release_all(order, &reason);
+                em.cancel(order, &reason, "timeout");
+            }
+            STEP_PAYMENT => {
+                // The slot kept for the worker's answer is not coming: the timeline goes on
+                // from it. A late authorization is refunded (`payment`).
+                order.sequence -= 1;
+                let request = timed_out.stage_event_id.clone();
+                let reason = format!("{reason}; a late authorization is refunded");
+                em.release_all(order, &reason);
+                em.cancel(order, &reason, "timeout");
+                order.timed_out_payment = Some(request);
+            }
+            STEP_REFUND => {
+                // The customer cancelled a confirmed order; the refund was never confirmed.
+                // The order ends (stock released) and reconcile reports the payment still
+                // standing for an operator to refund by hand.
+                order.sequence -= 1;
+                let asked = order
+                    .cancel_requested
+                    .clone()
+                    .unwrap_or_else(|| "cancelled by the customer".to_owned());
+                em.release_all(order, "order cancelled");
+                em.cancel(
+                    order,
+                    &format!("{asked}; {reason}: refund by hand"),
+                    "timeout",
+                );
+            }
+            _ => em.cancel(order, &reason, "timeout"),
         }
-        em.cancel(order, &reason, "timeout");
         Ok(())
     }
 
@@ -72,33 +99,35 @@ impl Saga {
         let sent = self.timers_sent.entry(partition).or_default();
         let first_seen = self.first_seen.entry(partition).or_default();
         let resent = self.resent.entry(partition).or_default();
-        let resend_ms = self.timeouts.payment_resend_ms;
+        // The partition's rules; the configured ones until its first input adopts them.
+        let rules = state.rules().unwrap_or(&self.configured).clone();
+        let timeouts = rules.deadlines();
+        let resend_ms = timeouts.payment_resend_ms;
         for (order_id, order) in state.active() {
-            let Some((deadline, step, stage_event_id)) = deadline(&self.timeouts, order) else {
-                // Waiting on a payment or refund answer instead: the request is sent to the
-                // worker again, byte for byte, every `payment_resend_ms` (in event time since
-                // the request, and waited that long in this process). A request or an answer
-                // the broker lost then still gets its answer; one that was only slow gets the
-                // same answer twice, which the saga drops.
-                let Some(request_id) = order.awaited_payment() else {
-                    continue;
-                };
-                pending.insert(request_id.to_owned());
+            let Some((deadline, step, stage_event_id)) = deadline(timeouts, order) else {
+                continue;
+            };
+            pending.insert(stage_event_id.to_owned());
+            if let Some(request_id) = order.awaited_payment() {
+                // Waiting on a payment or refund answer: until its deadline, the request is
+                // sent to the worker again, byte for byte, every `payment_resend_ms` (in event
+                // time since the request, and waited that long in this process). A request or
+                // an answer the broker lost then still gets its answer, and a request the
+                // gateway could not answer is tried again (one key at a time); one that was
+                // only slow gets the same answer twice, which the saga drops.
                 let seen = *first_seen
                     .entry(request_id.to_owned())
                     .or_insert_with(|| waiting_since(state, order_id, now_ms));
                 let last = resent.get(request_id).copied().unwrap_or(seen);
-                if order.since + resend_ms > now_ms || now_ms - last < resend_ms {
-                    continue;
+                let resend_due = order.since + resend_ms <= now_ms && now_ms - last >= resend_ms;
+                if resend_due && deadline > now_ms {
+                    if let Some(request) = pending_payment_request(order_id, order) {
+                        resent.insert(request_id.to_owned(), now_ms);
+                        tracing::warn!(order_id = %order_id, kind = request.kind().name(), "No payment answer in time; sending the request again.");
+                        out.push(self.topics.payment_requests, order_id.clone(), request);
+                    }
                 }
-                let Some(request) = pending_payment_request(order_id, order) else {
-                    continue;
-                };
-                resent.insert(request_id.to_owned(), now_ms);
-                tracing::warn!(order_id = %order_id, kind = request.kind().name(), "No payment answer in time; sending the request again.");
-                out.push(self.topics.payment_requests, order_id.clone(), request);
-                continue;
-            };
+            }
             pending.insert(stage_event_id.to_owned());
             let seen = *first_seen
                 .entry(stage_event_id.to_owned())
@@ -162,21 +191,22 @@ fn deadline<'a>(
     timeouts: &SagaSettings,
     order: &'a OrderState,
 ) -> Option<(i64, &'static str, &'a str)> {
-    {
-        match &order.stage {
-            Stage::Review { scored_event_id } => Some((
-                order.since + timeouts.review_timeout_ms,
-                STEP_REVIEW,
-                scored_event_id,
-            )),
-            Stage::Reserving { request_id, .. } => Some((
-                order.since + timeouts.inventory_timeout_ms,
-                STEP_INVENTORY,
-                request_id,
-            )),
-            _ => None,
+    let (timeout, step, id) = match &order.stage {
+        Stage::Review { scored_event_id } => {
+            (timeouts.review_timeout_ms, STEP_REVIEW, scored_event_id)
         }
-    }
+        Stage::Reserving { request_id, .. } => {
+            (timeouts.inventory_timeout_ms, STEP_INVENTORY, request_id)
+        }
+        Stage::Paying { request_id, .. } => {
+            (timeouts.payment_deadline_ms, STEP_PAYMENT, request_id)
+        }
+        Stage::Refunding { request_id, .. } => {
+            (timeouts.refund_deadline_ms, STEP_REFUND, request_id)
+        }
+        Stage::Confirmed | Stage::Done { .. } => return None,
+    };
+    Some((order.since + timeout, step, id.as_str()))
 }
 
 /// The payment or refund request an order is waiting on, exactly as it was emitted (same id,

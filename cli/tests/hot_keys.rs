@@ -1,0 +1,187 @@
+//! Hot keys, end to end: every order on the same two SKUs, from many customers, through the
+//! whole pipeline over HTTP. Before the state stores were bounded, a SKU's changelog value held
+//! every reservation it ever saw and passed Kafka's 1 MB message limit after about 9 800 such
+//! orders; from then on every inventory batch failed and every later order was cancelled by its
+//! deadline. Here 12 000 orders (in-process broker + SQLite) must all be confirmed, with stock
+//! exact and `reconcile` clean. (12 000 keeps the in-process broker, which holds at most 5 MiB
+//! per partition, under its limit: the test checks that the log still starts at offset 0. On
+//! Tansu + PostgreSQL, where the full saga runs at about 25 orders/s here, 3 000.)
+
+use std::time::Duration;
+
+use orderflow::pipeline::{self, Role};
+use orderflow_platform::{kafka::KafkaClients, Settings};
+use orderflow_testkit::{apply_topics, eventually, restock, test_settings_with, Broker, Database};
+use orderflow_topics::names;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use serde_json::{json, Value};
+
+const SKUS: [&str; 2] = ["SKU-HOT-1", "SKU-HOT-2"];
+const STOCK: i32 = 10_000_000;
+
+fn order(n: usize, customers: usize) -> Value {
+    let sku = SKUS[n % 2];
+    json!({
+        "customer_id": format!("hot-customer-{}", n % customers),
+        "currency": "EUR",
+        "lines": [{"sku": sku, "quantity": 1, "unit_price_minor": 1000}],
+        "shipping_address": {"name": "Ada", "line1": "1 Main St", "city": "Berlin",
+                             "postal_code": "10115", "country": "DE"},
+        "payment_token": "tok_visa",
+        "shipping_minor": 0,
+        "total_minor": 1000
+    })
+}
+
+async fn count(db: &orderflow_projections::Database, status: &str) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE status = $1")
+        .bind(status)
+        .fetch_one(db.pool())
+        .await
+        .unwrap_or(0)
+}
+
+async fn hot_keys(broker: Broker, db: Database, orders: usize) {
+    let settings: Settings = test_settings_with(Some(&db.url), broker.overrides());
+    let bootstrap = broker.bootstrap();
+    apply_topics(&broker, &settings).await;
+    let running = pipeline::start(&settings, &bootstrap, &Role::ALL)
+        .await
+        .expect("pipeline starts");
+    let ingest = format!("http://{}", running.ingest_addr.expect("ingest runs"));
+    let client = reqwest::Client::new();
+    restock(
+        &client,
+        &format!("http://{}", running.admin_addr.expect("admin runs")),
+        &SKUS.map(|sku| (sku, STOCK)),
+    )
+    .await;
+
+    // Many customers, so that no customer's velocity trips the fraud rules: 5 orders each.
+    let customers = orders / 5;
+    for chunk in (0..orders).collect::<Vec<_>>().chunks(100) {
+        let batch: Vec<Value> = chunk.iter().map(|n| order(*n, customers)).collect();
+        let response = client
+            .post(format!("{ingest}/v1/orders/batch"))
+            .json(&batch)
+            .send()
+            .await
+            .expect("post");
+        let status = response.status();
+        let body: Value = response.json().await.expect("json");
+        assert!(status.is_success(), "batch answered {status}: {body}");
+        assert_eq!(
+            body["accepted"].as_u64(),
+            Some(chunk.len() as u64),
+            "every order of the batch accepted: {body}"
+        );
+    }
+
+    let projection_db = orderflow_projections::Database::connect(&db.url, 2)
+        .await
+        .expect("database");
+    let deadline = Duration::from_secs(if matches!(broker, Broker::Tansu(_)) {
+        900
+    } else {
+        600
+    });
+    eventually(deadline, "every order final", || async {
+        let done = count(&projection_db, "confirmed").await
+            + count(&projection_db, "cancelled").await
+            + count(&projection_db, "rejected").await;
+        (done == orders as i64).then_some(())
+    })
+    .await;
+    assert_eq!(
+        count(&projection_db, "confirmed").await,
+        orders as i64,
+        "every order confirmed (the test gateway declines none)"
+    );
+
+    // The tables are the fold of the log, stock included; and the log is whole.
+    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    let report = orderflow_projections::reconcile::reconcile(
+        &projection_db,
+        &clients,
+        names::ORDERS_EVENTS,
+        Duration::from_secs(600),
+        now,
+    )
+    .await
+    .expect("reconcile");
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.orders_checked, orders, "{report}");
+    let available: Vec<i64> = {
+        let mut out = Vec::new();
+        for sku in SKUS {
+            let level: Value = client
+                .get(format!(
+                    "http://{}/v1/inventory/{sku}",
+                    running.query_addr.expect("query runs")
+                ))
+                .send()
+                .await
+                .expect("inventory")
+                .json()
+                .await
+                .expect("json");
+            out.push(level["available"].as_i64().unwrap_or(-1));
+        }
+        out
+    };
+    let per_sku = (orders / 2) as i64;
+    assert_eq!(
+        available,
+        vec![i64::from(STOCK) - per_sku, i64::from(STOCK) - per_sku]
+    );
+    let reader: BaseConsumer = clients.reader("hot-keys-test").create().expect("reader");
+    for topic in [
+        names::ORDERS_EVENTS,
+        names::INVENTORY_COMMANDS,
+        names::INVENTORY_CHANGELOG,
+    ] {
+        for partition in 0..6 {
+            let (low, _) = reader
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .expect("watermarks");
+            assert_eq!(
+                low, 0,
+                "{topic} partition {partition} lost its oldest records: the run wrote past \
+                 the broker's limits"
+            );
+        }
+    }
+    running
+        .shutdown(Duration::from_secs(30))
+        .await
+        .expect("graceful stop");
+}
+
+mod embedded_sqlite {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn twelve_thousand_orders_on_two_skus_all_confirm() {
+        super::hot_keys(
+            orderflow_testkit::Broker::embedded(),
+            orderflow_testkit::Database::sqlite(),
+            12_000,
+        )
+        .await;
+    }
+}
+
+mod tansu_postgres {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_thousand_orders_on_two_skus_all_confirm() {
+        let Some(broker) = orderflow_testkit::Broker::tansu() else {
+            return;
+        };
+        let Some(db) = orderflow_testkit::Database::postgres().await else {
+            return;
+        };
+        super::hot_keys(broker, db, 3_000).await;
+    }
+}
