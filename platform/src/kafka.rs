@@ -215,11 +215,51 @@ pub struct GroupContext {
     /// Pause partitions as they are assigned, before anything is fetched (the owner seeks them
     /// to positions it keeps elsewhere and resumes them).
     pause_on_assign: bool,
-    /// The assignment epoch of each partition this member holds: a number that changes every
-    /// time the partition is assigned to it, so an owner that checks now and then can tell a
-    /// partition it kept from one revoked and assigned back in between.
-    epochs: Mutex<HashMap<(String, i32), u64>>,
+    /// The assignment epoch of each partition this member holds.
+    epochs: AssignmentEpochs,
+}
+
+/// The assignment epoch of each partition a member holds: a number that changes every time the
+/// partition is assigned to it, so an owner that checks now and then can tell a partition it
+/// kept from one revoked and assigned back in between (another member may have moved it on).
+#[derive(Debug, Default)]
+pub struct AssignmentEpochs {
+    held: Mutex<HashMap<(String, i32), u64>>,
     assignments: AtomicU64,
+}
+
+impl AssignmentEpochs {
+    /// `partitions` were assigned: each gets a new epoch.
+    pub fn assigned<'a>(&self, partitions: impl IntoIterator<Item = (&'a str, i32)>) {
+        let epoch = self.assignments.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (topic, partition) in partitions {
+            held.insert((topic.to_owned(), partition), epoch);
+        }
+    }
+
+    /// `partitions` were revoked.
+    pub fn revoked<'a>(&self, partitions: impl IntoIterator<Item = (&'a str, i32)>) {
+        let mut held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (topic, partition) in partitions {
+            held.remove(&(topic.to_owned(), partition));
+        }
+    }
+
+    /// The epoch of the partition's current assignment; `None` while not assigned.
+    pub fn epoch(&self, topic: &str, partition: i32) -> Option<u64> {
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(topic.to_owned(), partition))
+            .copied()
+    }
 }
 
 impl GroupContext {
@@ -230,8 +270,7 @@ impl GroupContext {
             metrics: None,
             readiness: None,
             pause_on_assign: false,
-            epochs: Mutex::new(HashMap::new()),
-            assignments: AtomicU64::new(0),
+            epochs: AssignmentEpochs::default(),
         }
     }
 
@@ -239,11 +278,7 @@ impl GroupContext {
     /// It differs from an earlier reading whenever the partition was revoked and assigned
     /// again since: whatever the owner kept of the partition is then stale.
     pub fn assignment_epoch(&self, topic: &str, partition: i32) -> Option<u64> {
-        self.epochs
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&(topic.to_owned(), partition))
-            .copied()
+        self.epochs.epoch(topic, partition)
     }
 
     /// Assigned partitions start paused; the caller resumes each once it has seeked it.
@@ -300,16 +335,8 @@ impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let epoch = self.assignments.fetch_add(1, Ordering::SeqCst) + 1;
-                {
-                    let mut epochs = self
-                        .epochs
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    for e in tpl.elements() {
-                        epochs.insert((e.topic().to_owned(), e.partition()), epoch);
-                    }
-                }
+                self.epochs
+                    .assigned(tpl.elements().iter().map(|e| (e.topic(), e.partition())));
                 if self.pause_on_assign && tpl.count() > 0 {
                     if let Err(e) = consumer.pause(tpl) {
                         warn!(role = self.role, error = %e, "Pausing assigned partitions failed.");
@@ -325,15 +352,8 @@ impl ConsumerContext for GroupContext {
                 }
             }
             Rebalance::Revoke(tpl) => {
-                {
-                    let mut epochs = self
-                        .epochs
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    for e in tpl.elements() {
-                        epochs.remove(&(e.topic().to_owned(), e.partition()));
-                    }
-                }
+                self.epochs
+                    .revoked(tpl.elements().iter().map(|e| (e.topic(), e.partition())));
                 info!(
                     role = self.role,
                     partitions = tpl.count(),
@@ -517,4 +537,33 @@ pub fn dead_letter_headers(message: &OwnedMessage, consumer: &str, reason: &str)
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_revoked_and_assigned_back_has_a_new_epoch() {
+        let epochs = AssignmentEpochs::default();
+        assert_eq!(epochs.epoch("t", 0), None);
+        epochs.assigned([("t", 0), ("t", 1)]);
+        let (first, other) = (epochs.epoch("t", 0), epochs.epoch("t", 1));
+        assert!(first.is_some());
+        // Between two checks: revoked, then assigned back (another member held it meanwhile).
+        epochs.revoked([("t", 0), ("t", 1)]);
+        assert_eq!(epochs.epoch("t", 0), None);
+        epochs.assigned([("t", 0)]);
+        assert_ne!(
+            epochs.epoch("t", 0),
+            first,
+            "an owner can tell it changed hands"
+        );
+        assert_eq!(epochs.epoch("t", 1), None);
+        // An incremental assignment of another partition leaves the kept one's epoch alone.
+        let kept = epochs.epoch("t", 0);
+        epochs.assigned([("t", 2)]);
+        assert_eq!(epochs.epoch("t", 0), kept);
+        assert_ne!(epochs.epoch("t", 2), other);
+    }
 }

@@ -1107,3 +1107,193 @@ async fn rules_published_to_the_log_decide_from_there_on_on_tansu() {
     };
     rules_published_to_the_log_decide_from_there_on(broker).await;
 }
+
+/// A cancellation request for `order`, as the ingest edge writes it.
+fn cancellation(order: &orderflow_schemas::OrderPlaced, round: u8) -> OrderEvent {
+    OrderEvent::OrderCancellationRequested(orderflow_schemas::OrderCancellationRequested {
+        envelope: orderflow_schemas::Envelope {
+            event_id: uuid::Uuid::new_v4().to_string(),
+            order_id: order.envelope.order_id.clone(),
+            customer_id: order.envelope.customer_id.clone(),
+            occurred_at: now_ms(),
+            causation_id: None,
+            sequence: 0,
+            schema_version: 1,
+        },
+        reason: format!("round {round}"),
+    })
+}
+
+/// Partitions move to a second saga instance and back: whatever the second one did to their
+/// orders meanwhile is in the state the first restores when it gets them back (its assignment
+/// epoch changed, so the state it held before is dropped). Orders are confirmed; a second
+/// instance joins; every order is cancelled (refunded, released) — some by the second instance;
+/// it leaves; a second cancellation of every order must then change nothing. A first instance
+/// that kept its stale state would see those orders still confirmed and refund them again.
+async fn a_partition_handed_back_brings_its_state(broker: Broker) {
+    let mut settings = test_settings_with(None, broker.overrides());
+    apply_topics(&broker, &settings).await;
+    let mut gateway = settings.gateway.clone();
+    gateway.latency_ms = 1;
+    let simulator = Simulator::bind(&gateway).await.expect("gateway");
+    settings.payment.gateway_url = format!("http://{}", simulator.local_addr().expect("addr"));
+    let root = CancellationToken::new();
+    tokio::spawn(simulator.run(root.clone()));
+    let bootstrap = broker.bootstrap();
+    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
+    let codec = Arc::new(Codec::new().expect("codec"));
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    let send = |event: OrderEvent| {
+        let producer = producer.clone();
+        let bytes = codec.encode(&event).expect("encode");
+        async move {
+            let key = event.envelope().customer_id.clone();
+            write(&producer, names::ORDERS_EVENTS, &key, &bytes).await;
+        }
+    };
+    let restock = codec
+        .encode(&restocked("SKU-H", 1000, now_ms()))
+        .expect("encode");
+    write(&producer, names::INVENTORY_COMMANDS, "SKU-H", &restock).await;
+
+    run_processors(&settings, &bootstrap, &root).await;
+    let orders: Vec<_> = (0..24)
+        .map(|i| {
+            order_placed(
+                &format!("customer-h{i}"),
+                &[("SKU-H", 1)],
+                "tok_ok",
+                now_ms(),
+            )
+        })
+        .collect();
+    for order in &orders {
+        send(OrderEvent::OrderPlaced(order.clone())).await;
+    }
+    let mut reader = LogReader::new(&settings, &bootstrap);
+    reader.poll_until(Duration::from_secs(120), "every order confirmed", |log| {
+        orders
+            .iter()
+            .all(|o| log.outcome(&o.envelope.order_id) == Some("OrderConfirmed"))
+    });
+
+    // A second saga instance joins the group and takes some partitions.
+    let second = root.child_token();
+    let metrics = ProcessorMetrics::register(&MetricsRegistry::new(), ConsumerMetrics::default());
+    let labels = ProcessorLabels {
+        processor: "saga".to_owned(),
+    };
+    let mut instance = settings.processor.clone();
+    instance.instance_id = "second".into();
+    let runtime = ProcessorRuntime::new(
+        orderflow_processors::SAGA,
+        orderflow_processors::saga_step(&settings),
+        clients.clone(),
+        &instance,
+        codec.clone(),
+        metrics.clone(),
+    );
+    let running = tokio::spawn(runtime.run(second.clone()));
+    // Once it handles inputs, the group has moved partitions to it: cancel every order (a
+    // batch of cancellations until the second instance has handled some of them).
+    let mut round = 0;
+    eventually(
+        Duration::from_secs(120),
+        "the second instance at work",
+        || {
+            round += 1;
+            let batch: Vec<OrderEvent> = orders.iter().map(|o| cancellation(o, 1)).collect();
+            let send = &send;
+            let handled = metrics.records.get_or_create(&labels).get();
+            async move {
+                if handled > 0 {
+                    return Some(());
+                }
+                for event in batch {
+                    send(event).await;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            }
+        },
+    )
+    .await;
+    reader.poll_until(Duration::from_secs(120), "every order cancelled", |log| {
+        orders.iter().all(|o| {
+            log.by_order[&o.envelope.order_id]
+                .values()
+                .any(|e| matches!(e, OrderEvent::OrderCancelled(_)))
+        })
+    });
+    // It leaves; its partitions go back to the first instance.
+    second.cancel();
+    running.await.expect("second instance stops");
+
+    // Cancel every order again, then place one more order per customer behind it: once those
+    // are confirmed, the first instance has handled the second cancellations.
+    for order in &orders {
+        send(cancellation(order, 2)).await;
+    }
+    let markers: Vec<_> = (0..24)
+        .map(|i| {
+            order_placed(
+                &format!("customer-h{i}"),
+                &[("SKU-H", 1)],
+                "tok_ok",
+                now_ms(),
+            )
+        })
+        .collect();
+    for order in &markers {
+        send(OrderEvent::OrderPlaced(order.clone())).await;
+    }
+    reader.poll_until(Duration::from_secs(120), "the markers confirmed", |log| {
+        markers
+            .iter()
+            .all(|o| log.outcome(&o.envelope.order_id) == Some("OrderConfirmed"))
+    });
+    reader.poll_for(Duration::from_secs(1));
+    root.cancel();
+    let log = &reader.log;
+    assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
+    assert!(
+        metrics.records.get_or_create(&labels).get() > 0,
+        "the second instance handled some partitions"
+    );
+    for order in &orders {
+        let id = &order.envelope.order_id;
+        let kinds: Vec<&str> = log.by_order[id].values().map(|e| e.kind().name()).collect();
+        let count = |kind: &str| kinds.iter().filter(|k| **k == kind).count();
+        assert_eq!(
+            count("PaymentRefundRequested"),
+            1,
+            "{id}: refunded once: {kinds:?}"
+        );
+        assert_eq!(
+            count("OrderCancelled"),
+            1,
+            "{id}: cancelled once: {kinds:?}"
+        );
+        assert_eq!(
+            log.finals[id].len(),
+            2,
+            "{id}: confirmed, then cancelled: {kinds:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_handed_back_brings_its_state_on_the_in_process_broker() {
+    a_partition_handed_back_brings_its_state(Broker::embedded()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_handed_back_brings_its_state_on_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    a_partition_handed_back_brings_its_state(broker).await;
+}
