@@ -173,7 +173,7 @@ async fn replay_keeps_the_tables_and_the_queries(db: Database) {
             .is_some_and(|e| e.contains("already running")),
         "{refused}"
     );
-    drop(held);
+    held.release().await.expect("released");
     let done = replay_over_http(&client, &admin, "inventory").await;
     assert_eq!(done["state"], "succeeded", "{done}");
     assert_eq!(done["rows"]["inventory_levels"], 1, "{done}");

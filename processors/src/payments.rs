@@ -23,11 +23,17 @@
 //!   charge is a decline with the gateway's reason, so the order is cancelled and its stock
 //!   released; of a refund, a dead letter with the reason (the saga's refund deadline then ends
 //!   the order, for an operator to refund by hand);
-//! - anything else (timeouts, `5xx`, `409`, `429`, an open breaker, an unreadable answer) after
-//!   the call's own retries leaves the request unanswered *for now*: nothing is emitted and the
+//! - "not now" for one key (`408`, `409`, `425`, `429`, an unreadable answer) after the call's
+//!   own retries leaves that request unanswered *for now*: nothing is emitted for it and the
 //!   batch commits. The saga sends an unanswered request again every `saga.payment_resend_ms`,
-//!   byte for byte, which retries that key alone; past `payment_timeout_ms` a charge is voided,
-//!   and past `saga.payment_deadline_ms` the saga ends the order itself.
+//!   byte for byte, which retries that key alone;
+//! - the gateway itself failing (timeouts, `5xx`, unreachable, the breaker open) fails the batch,
+//!   which is retried with backoff — every order is held up alike then, and retrying soon is
+//!   what brings them through a blip — but only while the request is younger than
+//!   `payment_timeout_ms`. Past that a charge is voided (its answer fixed), and a request whose
+//!   gateway call still fails is left unanswered like a "not now", so one key the gateway keeps
+//!   failing holds the partition up for `payment_timeout_ms` at most; past
+//!   `saga.payment_deadline_ms` the saga ends the order itself.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -89,8 +95,11 @@ struct Caller {
 /// What went wrong with one request, after retries.
 #[derive(Debug)]
 enum CallFailure {
-    /// No answer now; the saga's resend retries this request later.
-    Transient(String),
+    /// The gateway itself is failing (timeouts, `5xx`, unreachable, the breaker open): every
+    /// order is affected alike.
+    Gateway(String),
+    /// Not now for this key (`408`, `409`, `425`, `429`, an unreadable answer).
+    NotNow(String),
     /// The gateway refused the request: retrying cannot help.
     Refused(String),
 }
@@ -176,9 +185,10 @@ impl Caller {
             }
             GatewayError::BadAnswer(_) => {
                 tracing::error!(error = %e, "The payment gateway's answer does not parse; the request stays unanswered.");
-                CallFailure::Transient(e.to_string())
+                CallFailure::NotNow(e.to_string())
             }
-            e => CallFailure::Transient(e.to_string()),
+            e if e.is_gateway_failure() => CallFailure::Gateway(e.to_string()),
+            e => CallFailure::NotNow(e.to_string()),
         };
         match request {
             OrderEvent::PaymentRequested(p) => {
@@ -209,7 +219,7 @@ impl Caller {
                         CallFailure::Refused(reason) => Ok(Answer::Declined {
                             reason: format!("refused by the payment gateway: {reason}"),
                         }),
-                        transient => Err(transient),
+                        other => Err(other),
                     },
                 }
             }
@@ -324,7 +334,8 @@ impl Step for PaymentWorker {
                 for request in requests {
                     let answer = caller.carry_out(&request, now_ms).await;
                     let stop = answer.is_err();
-                    answers.push((request.envelope().event_id.clone(), answer));
+                    let envelope = request.envelope();
+                    answers.push((envelope.event_id.clone(), envelope.occurred_at, answer));
                     if stop {
                         break; // later requests of this order wait for this one
                     }
@@ -332,19 +343,35 @@ impl Step for PaymentWorker {
                 answers
             });
         }
+        let mut retry_batch = None;
         while let Some(joined) = calls.join_next().await {
             let answers =
                 joined.map_err(|e| StepError::Retry(format!("gateway call task: {e}")))?;
-            for (id, answer) in answers {
+            for (id, occurred_at, answer) in answers {
                 let outcome = match answer {
                     Ok(answer) => Outcome::Answered(answer),
                     Err(CallFailure::Refused(reason)) => Outcome::Refused(reason),
-                    Err(CallFailure::Transient(reason)) => Outcome::Deferred(reason),
+                    Err(CallFailure::NotNow(reason)) => Outcome::Deferred(reason),
+                    Err(CallFailure::Gateway(reason))
+                        if now_ms - occurred_at < self.caller.settings.payment_timeout_ms =>
+                    {
+                        retry_batch = Some(reason.clone());
+                        Outcome::Deferred(reason)
+                    }
+                    Err(CallFailure::Gateway(reason)) => {
+                        warn!(%reason, "The payment gateway keeps failing a request older than payment.payment_timeout_ms; it stays unanswered for now and the saga sends it again.");
+                        Outcome::Deferred(reason)
+                    }
                 };
                 self.answers.insert(id, outcome);
             }
         }
-        Ok(())
+        match retry_batch {
+            Some(reason) => Err(StepError::Retry(format!(
+                "payment gateway: {reason}; the batch is retried"
+            ))),
+            None => Ok(()),
+        }
     }
 
     fn handle(

@@ -309,11 +309,16 @@ impl LogCursor {
 /// Held while a replay of one projection runs, by whichever process runs it: two replays of
 /// one projection would share (and drop) one scratch space. On PostgreSQL a session advisory
 /// lock (`hashtext('orderflow_replay_<projection>')`), on SQLite an exclusive lock on the file
-/// `<database>.replay-<projection>.lock`. Released when dropped, and by the database or the
-/// operating system when the process dies. An operator's tool may hold it to keep replays out.
+/// `<database>.replay-<projection>.lock`. Released by [`ReplayLock::release`] (at once), when
+/// dropped (PostgreSQL: when the server notices the closed session, a moment later), and by the
+/// database or the operating system when the process dies. An operator's tool may hold it to
+/// keep replays out.
 pub enum ReplayLock {
     /// A session-level advisory lock on a connection of its own, which is closed with the lock.
-    Postgres { _session: sqlx::AnyConnection },
+    Postgres {
+        session: sqlx::AnyConnection,
+        key: String,
+    },
     /// An exclusive lock on a file next to the database.
     Sqlite { _file: std::fs::File },
 }
@@ -325,13 +330,14 @@ impl ReplayLock {
             Backend::Postgres => {
                 // Detached from the pool: dropping it closes the session, which ends the lock.
                 let mut conn = live.pool().acquire().await?.detach();
+                let key = format!("orderflow_replay_{projection}");
                 let taken: bool =
                     sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1)::bigint)")
-                        .bind(format!("orderflow_replay_{projection}"))
+                        .bind(&key)
                         .fetch_one(&mut conn)
                         .await?;
                 if taken {
-                    Ok(Self::Postgres { _session: conn })
+                    Ok(Self::Postgres { session: conn, key })
                 } else {
                     Err(ReplayError::AlreadyRunning(projection.to_owned()))
                 }
@@ -361,6 +367,24 @@ impl ReplayLock {
     }
 }
 
+impl ReplayLock {
+    /// Releases the lock now: the next replay, here or anywhere, can take it at once. (Dropping
+    /// it releases it too, but on PostgreSQL only once the server has ended the session.)
+    pub async fn release(self) -> Result<(), ReplayError> {
+        match self {
+            Self::Postgres { mut session, key } => {
+                sqlx::query("SELECT pg_advisory_unlock(hashtext($1)::bigint)")
+                    .bind(&key)
+                    .execute(&mut session)
+                    .await?;
+                sqlx::Connection::close(session).await?;
+            }
+            Self::Sqlite { .. } => {}
+        }
+        Ok(())
+    }
+}
+
 /// Rebuilds `projection` from the log and swaps the new tables in. See the module docs. Fails
 /// with [`ReplayError::AlreadyRunning`] while another replay of the projection runs anywhere.
 pub async fn replay<P: Projection>(
@@ -372,7 +396,7 @@ pub async fn replay<P: Projection>(
     let name = projection.name();
     let tables = projection.tables();
     let topics = projection.topics();
-    let _lock = ReplayLock::acquire(live, name).await?;
+    let lock = ReplayLock::acquire(live, name).await?;
     let scratch = Scratch::create(live, name).await?;
     let result = async {
         let writer = ProjectionWriter::new(
@@ -484,6 +508,10 @@ pub async fn replay<P: Projection>(
     }
     .await;
     scratch.drop(live).await;
+    if let Err(e) = lock.release().await {
+        // Dropped instead: the database ends the lock with the session.
+        tracing::debug!(error = %e, "Releasing the replay lock failed.");
+    }
     result
 }
 

@@ -185,6 +185,15 @@ fn samples() -> Vec<OrderEvent> {
             idempotency_key: "refund-0192f0c2".into(),
             charge_idempotency_key: "0192f0c2-3b4a-7cde-8f01-23456789abcd".into(),
         }),
+        OrderEvent::SagaRulesChanged(SagaRulesChanged {
+            envelope: Envelope {
+                order_id: String::new(),
+                customer_id: String::new(),
+                ..envelope(0)
+            },
+            rules: "{\"validation\": {}}".into(),
+            digest: "3f2b7f0e-4c1d-5a6b-8e9f-0a1b2c3d4e5f".into(),
+        }),
     ]
 }
 
@@ -330,7 +339,7 @@ fn corrupted_bodies_never_panic() {
 #[test]
 fn unknown_kinds_and_round_trip_of_ids() {
     assert_eq!(EventKind::from_schema_id(0), None);
-    assert_eq!(EventKind::from_schema_id(24), None);
+    assert_eq!(EventKind::from_schema_id(25), None);
     for kind in EventKind::ALL {
         assert_eq!(EventKind::from_schema_id(kind.schema_id()), Some(kind));
     }
