@@ -733,6 +733,76 @@ async fn not_ready_while_the_state_restores_and_ready_after() {
     running.await.expect("runtime ends");
 }
 
+/// What the saga scenarios below start from: the catalog's topics on `broker`, a simulated
+/// gateway (1 ms latency) the settings point at, a producer, and a root token that stops the
+/// gateway and whatever runs under it.
+struct Scene {
+    settings: Settings,
+    bootstrap: String,
+    clients: KafkaClients,
+    codec: Arc<Codec>,
+    producer: FutureProducer,
+    root: CancellationToken,
+}
+
+impl Scene {
+    /// `tweak` adjusts the settings (deadlines, ticks) before anything starts.
+    async fn new(broker: &Broker, tweak: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = test_settings_with(None, broker.overrides());
+        tweak(&mut settings);
+        settings.validate().expect("valid settings");
+        apply_topics(broker, &settings).await;
+        let mut gateway = settings.gateway.clone();
+        gateway.latency_ms = 1;
+        let simulator = Simulator::bind(&gateway).await.expect("gateway");
+        settings.payment.gateway_url = format!("http://{}", simulator.local_addr().expect("addr"));
+        let root = CancellationToken::new();
+        tokio::spawn(simulator.run(root.clone()));
+        let bootstrap = broker.bootstrap();
+        let clients = KafkaClients::new(&settings.kafka, &bootstrap);
+        let producer: FutureProducer = clients
+            .idempotent_producer("test")
+            .create()
+            .expect("producer");
+        Self {
+            settings,
+            bootstrap,
+            clients,
+            codec: Arc::new(Codec::new().expect("codec")),
+            producer,
+            root,
+        }
+    }
+
+    /// Writes `event` to orders.events, keyed by its customer.
+    async fn send(&self, event: &OrderEvent) {
+        let bytes = self.codec.encode(event).expect("encode");
+        let key = &event.envelope().customer_id;
+        write(&self.producer, names::ORDERS_EVENTS, key, &bytes).await;
+    }
+
+    async fn restock(&self, sku: &str, quantity: i32) {
+        let bytes = self
+            .codec
+            .encode(&restocked(sku, quantity, now_ms()))
+            .expect("encode");
+        write(&self.producer, names::INVENTORY_COMMANDS, sku, &bytes).await;
+    }
+
+    /// Runs the named processors (all three by default) under a child of the root token.
+    async fn run(&self, names: &[&str]) -> CancellationToken {
+        let token = self.root.child_token();
+        run_some_processors(&self.settings, &self.bootstrap, &token, names).await;
+        token
+    }
+
+    fn reader(&self) -> LogReader {
+        LogReader::new(&self.settings, &self.bootstrap)
+    }
+}
+
+const ALL_PROCESSORS: &[&str] = &["saga", "inventory", "payments"];
+
 /// A thawed zombie's late state write never wins (docs/architecture.md, "Processor
 /// state"): an order confirms; the processors restart (a new owner, generation 2, claims the
 /// changelog); then a record of the first owner's generation lands in every saga changelog
@@ -741,55 +811,36 @@ async fn not_ready_while_the_state_restores_and_ready_after() {
 /// deadline cancels it). Once the canary is cancelled the stale order's deadline has passed too,
 /// and the confirmed order still has its one final event: the stale record was ignored.
 async fn a_zombies_state_write_never_wins(broker: Broker) {
-    let mut settings = test_settings_with(None, broker.overrides());
     if std::env::var_os("TEST_LOG").is_some() {
-        let mut telemetry = settings.telemetry.clone();
-        telemetry.filter = "info".into();
-        let _ = orderflow_platform::telemetry::init(&telemetry);
+        let _ =
+            orderflow_platform::telemetry::init(&orderflow_platform::config::TelemetrySettings {
+                filter: "info".into(),
+                ..test_settings_with(None, &[]).telemetry
+            });
     }
-    settings.saga.inventory_timeout_ms = 1500;
-    settings.processor.tick_ms = 100;
-    apply_topics(&broker, &settings).await;
-    let mut gateway = settings.gateway.clone();
-    gateway.latency_ms = 1;
-    let simulator = Simulator::bind(&gateway).await.expect("gateway");
-    settings.payment.gateway_url = format!("http://{}", simulator.local_addr().expect("addr"));
-    let root = CancellationToken::new();
-    tokio::spawn(simulator.run(root.clone()));
-    let bootstrap = broker.bootstrap();
-    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
-    let codec = Codec::new().expect("codec");
-    let producer: FutureProducer = clients
-        .idempotent_producer("test")
-        .create()
-        .expect("producer");
+    let scene = Scene::new(&broker, |s| {
+        s.saga.inventory_timeout_ms = 1500;
+        s.processor.tick_ms = 100;
+    })
+    .await;
     let now = now_ms();
-    let restock = codec.encode(&restocked("SKU-Z", 10, now)).expect("encode");
-    write(&producer, names::INVENTORY_COMMANDS, "SKU-Z", &restock).await;
+    scene.restock("SKU-Z", 10).await;
     let order = order_placed("customer-z", &[("SKU-Z", 1)], "tok_ok", now);
     let order_id = order.envelope.order_id.clone();
-    let bytes = codec
-        .encode(&OrderEvent::OrderPlaced(order.clone()))
-        .expect("encode");
-    write(&producer, names::ORDERS_EVENTS, "customer-z", &bytes).await;
+    scene.send(&OrderEvent::OrderPlaced(order.clone())).await;
 
     // First owner (generation 1): the order confirms.
-    let first = root.child_token();
-    run_processors(&settings, &bootstrap, &first).await;
-    let mut reader = LogReader::new(&settings, &bootstrap);
+    let first = scene.run(ALL_PROCESSORS).await;
+    let mut reader = scene.reader();
     reader.poll_until(Duration::from_secs(120), "the order confirmed", |log| {
         log.outcome(&order_id) == Some("OrderConfirmed")
     });
     first.cancel();
     // Second owner (generation 2) restores and claims every partition. Its claims are written
     // before it processes anything; a canary order through the whole saga shows it is running.
-    let second = root.child_token();
-    run_processors(&settings, &bootstrap, &second).await;
+    let second = scene.run(ALL_PROCESSORS).await;
     let canary = order_placed("customer-y", &[("SKU-Z", 1)], "tok_ok", now_ms());
-    let canary_bytes = codec
-        .encode(&OrderEvent::OrderPlaced(canary.clone()))
-        .expect("encode");
-    write(&producer, names::ORDERS_EVENTS, "customer-y", &canary_bytes).await;
+    scene.send(&OrderEvent::OrderPlaced(canary.clone())).await;
     reader.poll_until(Duration::from_secs(120), "the canary confirmed", |log| {
         log.outcome(&canary.envelope.order_id) == Some("OrderConfirmed")
     });
@@ -827,7 +878,8 @@ async fn a_zombies_state_write_never_wins(broker: Broker) {
                 key: GENERATION_HEADER,
                 value: Some("1"),
             });
-            producer
+            scene
+                .producer
                 .send(
                     FutureRecord::to(names::SAGA_CHANGELOG)
                         .partition(partition)
@@ -842,26 +894,18 @@ async fn a_zombies_state_write_never_wins(broker: Broker) {
     }
 
     // The saga alone: a new canary waits in Reserving and times out.
-    let third = root.child_token();
-    run_some_processors(&settings, &bootstrap, &third, &["saga"]).await;
+    let third = scene.run(&["saga"]).await;
     let timed_out = order_placed("customer-x", &[("SKU-Z", 1)], "tok_ok", now_ms());
-    let timed_out_bytes = codec
-        .encode(&OrderEvent::OrderPlaced(timed_out.clone()))
-        .expect("encode");
-    write(
-        &producer,
-        names::ORDERS_EVENTS,
-        "customer-x",
-        &timed_out_bytes,
-    )
-    .await;
+    scene
+        .send(&OrderEvent::OrderPlaced(timed_out.clone()))
+        .await;
     reader.poll_until(Duration::from_secs(120), "the canary timed out", |log| {
         log.outcome(&timed_out.envelope.order_id) == Some("OrderCancelled")
     });
     // Any late event of the confirmed order too.
     reader.poll_for(Duration::from_secs(1));
     third.cancel();
-    root.cancel();
+    scene.root.cancel();
     let log = &reader.log;
     assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
     assert_eq!(
@@ -901,29 +945,15 @@ async fn a_zombies_state_write_never_wins_on_tansu() {
 /// retried and authorized; one whose every charge and void answers `409` ends at the saga's
 /// payment deadline (stock released); and an ordinary order among them is confirmed.
 async fn every_order_ends_whatever_the_gateway_answers(broker: Broker) {
-    let mut settings = test_settings_with(None, broker.overrides());
-    settings.payment.payment_timeout_ms = 300;
-    settings.saga.payment_resend_ms = 600;
-    settings.saga.payment_deadline_ms = 4000;
-    settings.processor.tick_ms = 100;
-    settings.validate().expect("valid settings");
-    apply_topics(&broker, &settings).await;
-    let mut gateway = settings.gateway.clone();
-    gateway.latency_ms = 1;
-    let simulator = Simulator::bind(&gateway).await.expect("gateway");
-    settings.payment.gateway_url = format!("http://{}", simulator.local_addr().expect("addr"));
-    let cancel = CancellationToken::new();
-    tokio::spawn(simulator.run(cancel.clone()));
-    let bootstrap = broker.bootstrap();
-    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
-    let codec = Codec::new().expect("codec");
-    let producer: FutureProducer = clients
-        .idempotent_producer("test")
-        .create()
-        .expect("producer");
+    let scene = Scene::new(&broker, |s| {
+        s.payment.payment_timeout_ms = 300;
+        s.saga.payment_resend_ms = 600;
+        s.saga.payment_deadline_ms = 4000;
+        s.processor.tick_ms = 100;
+    })
+    .await;
     let now = now_ms();
-    let restock = codec.encode(&restocked("SKU-G", 100, now)).expect("encode");
-    write(&producer, names::INVENTORY_COMMANDS, "SKU-G", &restock).await;
+    scene.restock("SKU-G", 100).await;
     let orders: Vec<_> = ["tok_invalid_1", "tok_throttle_1", "tok_busy_1", "tok_ok"]
         .iter()
         .enumerate()
@@ -937,29 +967,20 @@ async fn every_order_ends_whatever_the_gateway_answers(broker: Broker) {
         })
         .collect();
     for order in &orders {
-        let bytes = codec
-            .encode(&OrderEvent::OrderPlaced(order.clone()))
-            .expect("encode");
-        write(
-            &producer,
-            names::ORDERS_EVENTS,
-            &order.envelope.customer_id,
-            &bytes,
-        )
-        .await;
+        scene.send(&OrderEvent::OrderPlaced(order.clone())).await;
     }
-    run_processors(&settings, &bootstrap, &cancel).await;
-    let mut reader = LogReader::new(&settings, &bootstrap);
+    scene.run(ALL_PROCESSORS).await;
+    let mut reader = scene.reader();
     reader.poll_until(Duration::from_secs(120), "every order final", |log| {
         orders
             .iter()
             .all(|o| log.outcome(&o.envelope.order_id).is_some())
     });
-    let report = GatewayClient::new(&settings.payment.gateway_url)
+    let report = GatewayClient::new(&scene.settings.payment.gateway_url)
         .report(Duration::from_secs(10))
         .await
         .expect("gateway report");
-    cancel.cancel();
+    scene.root.cancel();
     let log = &reader.log;
     assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
     let cancelled = |order: &orderflow_schemas::OrderPlaced| {
@@ -1030,33 +1051,13 @@ async fn every_order_ends_whatever_the_gateway_answers_on_tansu() {
 /// A reload's rules go through the log: published to every orders.events partition, they decide
 /// the orders behind them, while the orders before them kept their outcome.
 async fn rules_published_to_the_log_decide_from_there_on(broker: Broker) {
-    let mut settings = test_settings_with(None, broker.overrides());
-    apply_topics(&broker, &settings).await;
-    let mut gateway = settings.gateway.clone();
-    gateway.latency_ms = 1;
-    let simulator = Simulator::bind(&gateway).await.expect("gateway");
-    settings.payment.gateway_url = format!("http://{}", simulator.local_addr().expect("addr"));
-    let cancel = CancellationToken::new();
-    tokio::spawn(simulator.run(cancel.clone()));
-    let bootstrap = broker.bootstrap();
-    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
-    let codec = Codec::new().expect("codec");
-    let producer: FutureProducer = clients
-        .idempotent_producer("test")
-        .create()
-        .expect("producer");
-    let restock = codec
-        .encode(&restocked("SKU-R", 10, now_ms()))
-        .expect("encode");
-    write(&producer, names::INVENTORY_COMMANDS, "SKU-R", &restock).await;
-    run_processors(&settings, &bootstrap, &cancel).await;
+    let scene = Scene::new(&broker, |_| {}).await;
+    scene.restock("SKU-R", 10).await;
+    scene.run(ALL_PROCESSORS).await;
     let place = |customer: &str| order_placed(customer, &[("SKU-R", 1)], "tok_ok", now_ms());
     let before = place("customer-r1");
-    let bytes = codec
-        .encode(&OrderEvent::OrderPlaced(before.clone()))
-        .expect("encode");
-    write(&producer, names::ORDERS_EVENTS, "customer-r1", &bytes).await;
-    let mut reader = LogReader::new(&settings, &bootstrap);
+    scene.send(&OrderEvent::OrderPlaced(before.clone())).await;
+    let mut reader = scene.reader();
     reader.poll_until(
         Duration::from_secs(120),
         "the first order confirmed",
@@ -1064,12 +1065,12 @@ async fn rules_published_to_the_log_decide_from_there_on(broker: Broker) {
     );
 
     // The reload: a model that rejects every order, published to the log.
-    let mut strict = SagaRules::from_settings(&settings);
+    let mut strict = SagaRules::from_settings(&scene.settings);
     strict.fraud.review_threshold = 0.000_001;
     strict.fraud.reject_threshold = 0.000_001;
     let partitions = orderflow_processors::saga::rules::publish(
-        &clients,
-        &codec,
+        &scene.clients,
+        &scene.codec,
         names::ORDERS_EVENTS,
         &strict,
         now_ms(),
@@ -1078,14 +1079,11 @@ async fn rules_published_to_the_log_decide_from_there_on(broker: Broker) {
     .expect("published");
     assert_eq!(partitions, 6);
     let after = place("customer-r2");
-    let bytes = codec
-        .encode(&OrderEvent::OrderPlaced(after.clone()))
-        .expect("encode");
-    write(&producer, names::ORDERS_EVENTS, "customer-r2", &bytes).await;
+    scene.send(&OrderEvent::OrderPlaced(after.clone())).await;
     reader.poll_until(Duration::from_secs(120), "the second order final", |log| {
         log.outcome(&after.envelope.order_id).is_some()
     });
-    cancel.cancel();
+    scene.root.cancel();
     let log = &reader.log;
     assert_eq!(log.outcome(&after.envelope.order_id), Some("OrderRejected"));
     assert_eq!(
@@ -1131,35 +1129,9 @@ fn cancellation(order: &orderflow_schemas::OrderPlaced, round: u8) -> OrderEvent
 /// it leaves; a second cancellation of every order must then change nothing. A first instance
 /// that kept its stale state would see those orders still confirmed and refund them again.
 async fn a_partition_handed_back_brings_its_state(broker: Broker) {
-    let mut settings = test_settings_with(None, broker.overrides());
-    apply_topics(&broker, &settings).await;
-    let mut gateway = settings.gateway.clone();
-    gateway.latency_ms = 1;
-    let simulator = Simulator::bind(&gateway).await.expect("gateway");
-    settings.payment.gateway_url = format!("http://{}", simulator.local_addr().expect("addr"));
-    let root = CancellationToken::new();
-    tokio::spawn(simulator.run(root.clone()));
-    let bootstrap = broker.bootstrap();
-    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
-    let codec = Arc::new(Codec::new().expect("codec"));
-    let producer: FutureProducer = clients
-        .idempotent_producer("test")
-        .create()
-        .expect("producer");
-    let send = |event: OrderEvent| {
-        let producer = producer.clone();
-        let bytes = codec.encode(&event).expect("encode");
-        async move {
-            let key = event.envelope().customer_id.clone();
-            write(&producer, names::ORDERS_EVENTS, &key, &bytes).await;
-        }
-    };
-    let restock = codec
-        .encode(&restocked("SKU-H", 1000, now_ms()))
-        .expect("encode");
-    write(&producer, names::INVENTORY_COMMANDS, "SKU-H", &restock).await;
-
-    run_processors(&settings, &bootstrap, &root).await;
+    let scene = Scene::new(&broker, |_| {}).await;
+    scene.restock("SKU-H", 1000).await;
+    scene.run(ALL_PROCESSORS).await;
     let orders: Vec<_> = (0..24)
         .map(|i| {
             order_placed(
@@ -1171,9 +1143,9 @@ async fn a_partition_handed_back_brings_its_state(broker: Broker) {
         })
         .collect();
     for order in &orders {
-        send(OrderEvent::OrderPlaced(order.clone())).await;
+        scene.send(&OrderEvent::OrderPlaced(order.clone())).await;
     }
-    let mut reader = LogReader::new(&settings, &bootstrap);
+    let mut reader = scene.reader();
     reader.poll_until(Duration::from_secs(120), "every order confirmed", |log| {
         orders
             .iter()
@@ -1181,19 +1153,19 @@ async fn a_partition_handed_back_brings_its_state(broker: Broker) {
     });
 
     // A second saga instance joins the group and takes some partitions.
-    let second = root.child_token();
+    let second = scene.root.child_token();
     let metrics = ProcessorMetrics::register(&MetricsRegistry::new(), ConsumerMetrics::default());
     let labels = ProcessorLabels {
         processor: "saga".to_owned(),
     };
-    let mut instance = settings.processor.clone();
+    let mut instance = scene.settings.processor.clone();
     instance.instance_id = "second".into();
     let runtime = ProcessorRuntime::new(
         orderflow_processors::SAGA,
-        orderflow_processors::saga_step(&settings),
-        clients.clone(),
+        orderflow_processors::saga_step(&scene.settings),
+        scene.clients.clone(),
         &instance,
-        codec.clone(),
+        scene.codec.clone(),
         metrics.clone(),
     );
     let running = tokio::spawn(runtime.run(second.clone()));
@@ -1206,14 +1178,14 @@ async fn a_partition_handed_back_brings_its_state(broker: Broker) {
         || {
             round += 1;
             let batch: Vec<OrderEvent> = orders.iter().map(|o| cancellation(o, 1)).collect();
-            let send = &send;
+            let scene = &scene;
             let handled = metrics.records.get_or_create(&labels).get();
             async move {
                 if handled > 0 {
                     return Some(());
                 }
                 for event in batch {
-                    send(event).await;
+                    scene.send(&event).await;
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 None
@@ -1235,7 +1207,7 @@ async fn a_partition_handed_back_brings_its_state(broker: Broker) {
     // Cancel every order again, then place one more order per customer behind it: once those
     // are confirmed, the first instance has handled the second cancellations.
     for order in &orders {
-        send(cancellation(order, 2)).await;
+        scene.send(&cancellation(order, 2)).await;
     }
     let markers: Vec<_> = (0..24)
         .map(|i| {
@@ -1248,7 +1220,7 @@ async fn a_partition_handed_back_brings_its_state(broker: Broker) {
         })
         .collect();
     for order in &markers {
-        send(OrderEvent::OrderPlaced(order.clone())).await;
+        scene.send(&OrderEvent::OrderPlaced(order.clone())).await;
     }
     reader.poll_until(Duration::from_secs(120), "the markers confirmed", |log| {
         markers
@@ -1256,7 +1228,7 @@ async fn a_partition_handed_back_brings_its_state(broker: Broker) {
             .all(|o| log.outcome(&o.envelope.order_id) == Some("OrderConfirmed"))
     });
     reader.poll_for(Duration::from_secs(1));
-    root.cancel();
+    scene.root.cancel();
     let log = &reader.log;
     assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
     assert!(

@@ -203,13 +203,7 @@ impl<'a> Emitter<'a> {
             order.sequence,
         );
         let request_id = envelope.event_id.clone();
-        let event = OrderEvent::PaymentRequested(PaymentRequested {
-            envelope,
-            amount_minor: order.total_minor,
-            currency: order.currency.clone(),
-            payment_token: order.payment_token.clone(),
-            idempotency_key: self.order_id.to_owned(),
-        });
+        let event = charge_request(self.order_id, order, envelope);
         self.out
             .push(self.topics.orders, order.customer_id.clone(), event.clone());
         self.out.push(
@@ -234,13 +228,7 @@ impl<'a> Emitter<'a> {
             order.sequence,
         );
         let request_id = envelope.event_id.clone();
-        let event = OrderEvent::PaymentRefundRequested(PaymentRefundRequested {
-            envelope,
-            amount_minor: order.total_minor,
-            currency: order.currency.clone(),
-            idempotency_key: format!("refund-{}", self.order_id),
-            charge_idempotency_key: self.order_id.to_owned(),
-        });
+        let event = refund_request(self.order_id, order, envelope);
         self.out
             .push(self.topics.orders, order.customer_id.clone(), event.clone());
         self.out.push(
@@ -269,13 +257,7 @@ impl<'a> Emitter<'a> {
         self.out.push(
             self.topics.payment_requests,
             self.order_id.to_owned(),
-            OrderEvent::PaymentRefundRequested(PaymentRefundRequested {
-                envelope,
-                amount_minor: order.total_minor,
-                currency: order.currency.clone(),
-                idempotency_key: format!("refund-{}", self.order_id),
-                charge_idempotency_key: self.order_id.to_owned(),
-            }),
+            refund_request(self.order_id, order, envelope),
         );
     }
 
@@ -288,4 +270,27 @@ impl<'a> Emitter<'a> {
         order.payment_token.clear();
         order.cancel_requested = None;
     }
+}
+
+/// The charge request of an order: its idempotency key is the order id, so every repeat, from
+/// any instance, gets the gateway's first answer.
+pub(super) fn charge_request(order_id: &str, order: &OrderState, envelope: Envelope) -> OrderEvent {
+    OrderEvent::PaymentRequested(PaymentRequested {
+        envelope,
+        amount_minor: order.total_minor,
+        currency: order.currency.clone(),
+        payment_token: order.payment_token.clone(),
+        idempotency_key: order_id.to_owned(),
+    })
+}
+
+/// The refund request of an order's charge, under the one refund key of the order.
+pub(super) fn refund_request(order_id: &str, order: &OrderState, envelope: Envelope) -> OrderEvent {
+    OrderEvent::PaymentRefundRequested(PaymentRefundRequested {
+        envelope,
+        amount_minor: order.total_minor,
+        currency: order.currency.clone(),
+        idempotency_key: format!("refund-{order_id}"),
+        charge_idempotency_key: order_id.to_owned(),
+    })
 }

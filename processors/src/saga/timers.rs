@@ -12,13 +12,12 @@ use std::collections::HashSet;
 
 use orderflow_schemas::{
     ids::derived_event_id, Envelope, EventKind, OrderEvent, OrderStepTimedOut,
-    PaymentRefundRequested, PaymentRequested,
 };
 use uuid::Uuid;
 
 use super::{
     cause_of,
-    emitter::Emitter,
+    emitter::{charge_request, refund_request, Emitter},
     role,
     rules::ActiveRules,
     state::{OrderState, SagaState, Stage},
@@ -237,19 +236,7 @@ fn pending_payment_request(order_id: &str, order: &OrderState) -> Option<OrderEv
         schema_version: kind.schema_version(),
     };
     Some(match kind {
-        EventKind::PaymentRequested => OrderEvent::PaymentRequested(PaymentRequested {
-            envelope,
-            amount_minor: order.total_minor,
-            currency: order.currency.clone(),
-            payment_token: order.payment_token.clone(),
-            idempotency_key: order_id.to_owned(),
-        }),
-        _ => OrderEvent::PaymentRefundRequested(PaymentRefundRequested {
-            envelope,
-            amount_minor: order.total_minor,
-            currency: order.currency.clone(),
-            idempotency_key: format!("refund-{order_id}"),
-            charge_idempotency_key: order_id.to_owned(),
-        }),
+        EventKind::PaymentRequested => charge_request(order_id, order, envelope),
+        _ => refund_request(order_id, order, envelope),
     })
 }
