@@ -68,7 +68,7 @@ fn leak(name: String) -> &'static str {
     Box::leak(name.into_boxed_str())
 }
 
-/// Creates the topics through the admin API; the in-process broker has no CreateTopics and
+/// Creates the topics through the admin API; a broker without CreateTopics (the mock cluster)
 /// creates them on first use instead.
 async fn create_topics(clients: &KafkaClients, names: &[&str]) {
     let Ok(admin) = clients
@@ -81,7 +81,7 @@ async fn create_topics(clients: &KafkaClients, names: &[&str]) {
         .iter()
         .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
         .collect();
-    // The in-process broker never answers CreateTopics: bound the request, not just the op.
+    // The mock cluster never answers CreateTopics: bound the request, not just the op.
     let options = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(5)))
         .request_timeout(Some(Duration::from_secs(5)));

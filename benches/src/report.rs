@@ -80,7 +80,7 @@ impl BenchReport {
     pub fn to_markdown(&self) -> String {
         let mut out = String::new();
         let setup = match self.setup {
-            Some(SetupKind::Embedded) => "in-process broker + SQLite",
+            Some(SetupKind::Embedded) => "embedded broker (Tansu + SQLite storage) + SQLite",
             Some(SetupKind::TansuPostgres) => "Tansu + PostgreSQL",
             None => "running instance",
         };

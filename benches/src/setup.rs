@@ -1,5 +1,5 @@
 //! What the harness measures: a pipeline it starts as a child process (`orderflow dev`, on the
-//! in-process broker with SQLite, or on a Tansu process it starts with a fresh PostgreSQL
+//! embedded broker with SQLite, or on a Tansu process it starts with a fresh PostgreSQL
 //! database), or one already running.
 
 use std::path::Path;
@@ -10,7 +10,8 @@ use orderflow_testkit::{dev::DevProcess, Broker, Database, TempDir};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SetupKind {
-    /// `orderflow dev` with its in-process broker and a SQLite file.
+    /// `orderflow dev` with its embedded broker (Tansu with SQLite storage, a child process of
+    /// `dev`) and a SQLite file.
     Embedded,
     /// A separate Tansu broker process and a fresh PostgreSQL database.
     TansuPostgres,
@@ -97,6 +98,11 @@ impl Pipeline {
         if let Some(Broker::Tansu(tansu)) = &broker {
             processes.push(("tansu".to_owned(), tansu.pid()));
         }
+        if kind == SetupKind::Embedded {
+            if let Some(pid) = dev.pid().and_then(child_process) {
+                processes.push(("embedded broker".to_owned(), pid));
+            }
+        }
         Ok(Self {
             ingest_url: dev.ingest_url.clone(),
             admin_url: dev.admin_url.clone(),
@@ -124,4 +130,17 @@ impl Pipeline {
             Err(e) => bail!("orderflow dev: {e}"),
         }
     }
+}
+
+/// The first child process of `pid` (the embedded broker `dev` starts), from `/proc`.
+pub fn child_process(pid: u32) -> Option<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    tasks.filter_map(Result::ok).find_map(|task| {
+        std::fs::read_to_string(task.path().join("children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }

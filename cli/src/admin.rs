@@ -1,6 +1,5 @@
-//! Operator commands around the pipeline: `orderflow broker` (a throwaway in-process broker on
-//! its own), `orderflow gateway` (the simulated payment gateway on its own), `orderflow
-//! inventory load FILE` and `orderflow review ORDER`.
+//! Operator commands around the pipeline: `orderflow inventory load FILE` and `orderflow review
+//! ORDER`.
 
 use std::{path::Path, sync::Arc, time::Duration};
 

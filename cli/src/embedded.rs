@@ -1,21 +1,20 @@
-//! What `orderflow dev` adds to the pipeline: the in-process broker, and a data directory kept
-//! consistent with it.
+//! What `orderflow dev` and `orderflow broker` add to the pipeline: the embedded broker (Tansu
+//! with SQLite storage, its log in `<dev.data_dir>/broker`, crate `orderflow-broker`), and the
+//! check that the tables in the database describe that log.
 //!
-//! The in-process broker keeps its log in memory, so every `dev` start begins with an empty
-//! log. Tables (and their stored positions) from an earlier run describe a log that no longer
-//! exists, and stored positions past the new log's end would make the projection skip new
-//! events. So on a fresh in-process broker:
-//! - the default SQLite file of an earlier run is moved aside (kept, not deleted) and a new one
-//!   is started, and the user is told;
-//! - a configured database that already holds projection positions is refused with an
-//!   explanation, rather than silently mixing two logs.
+//! The embedded broker keeps its log across restarts, and the SQLite file beside it keeps the
+//! tables and the positions they reflect, so a restarted `dev` carries on where it stopped.
+//! The one way the two can disagree is by hand: a broker directory removed or replaced while
+//! the database stayed. Positions past the end of the log would make the projections skip
+//! every new event up to them, so [`check_database_matches_log`] refuses to start then, naming
+//! what differs and what to do.
 
-use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use orderflow_broker::{BrokerOptions, DurableBroker, Install};
 use orderflow_platform::{
-    config::EMBEDDED_DATABASE_FILE,
-    kafka::{EmbeddedBroker, KafkaClients},
+    kafka::{KafkaClients, MockBroker},
     Settings,
 };
 use orderflow_projections::Database;
@@ -23,30 +22,48 @@ use orderflow_topics::{
     apply::{apply, ApplyReport, Provisioner},
     Catalog,
 };
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::Row;
 
 /// Where the pipeline's broker is.
 pub enum Broker {
-    /// Started in this process; lives as long as this value.
-    Embedded(EmbeddedBroker),
+    /// The embedded broker, a child process; stopped when this value drops.
+    Embedded(DurableBroker),
+    /// librdkafka's mock cluster in this process (tests that inject broker faults).
+    Mock(MockBroker),
     External(String),
 }
 
 impl Broker {
-    /// The configured broker, or a new in-process one when `kafka.brokers` is empty.
+    /// The configured broker, or the embedded one when `kafka.brokers` is empty (installed on
+    /// a first run, with progress on stderr).
     pub fn from_settings(settings: &Settings) -> Result<Self> {
-        if settings.kafka.brokers.trim().is_empty() {
-            let broker = EmbeddedBroker::start(settings.kafka.embedded_brokers)
-                .context("starting the in-process broker")?;
-            Ok(Self::Embedded(broker))
-        } else {
-            Ok(Self::External(settings.kafka.brokers.clone()))
+        if !settings.kafka.brokers.trim().is_empty() {
+            return Ok(Self::External(settings.kafka.brokers.clone()));
         }
+        let dev = &settings.dev;
+        let options = BrokerOptions {
+            dir: dev.broker_dir(),
+            listen: dev.broker_listen.clone(),
+            binary: (!dev.broker_bin.trim().is_empty()).then(|| dev.broker_bin.trim().into()),
+            install: Install::IfMissing,
+        };
+        let broker = DurableBroker::start(&options, |command| {
+            eprintln!(
+                "First run: the embedded broker (Tansu {} with SQLite storage) is not installed \
+                 yet. Building it once with\n  {command}\nThis takes about 12 minutes on 2 cores; \
+                 cargo's progress follows. Later starts take well under a second.",
+                orderflow_broker::install::TANSU_VERSION
+            );
+        })
+        .with_context(|| format!("starting the embedded broker in {}", options.dir.display()))?;
+        Ok(Self::Embedded(broker))
     }
 
     pub fn bootstrap(&self) -> String {
         match self {
             Self::Embedded(b) => b.bootstrap_servers().to_owned(),
+            Self::Mock(b) => b.bootstrap_servers().to_owned(),
             Self::External(s) => s.clone(),
         }
     }
@@ -60,52 +77,57 @@ impl Broker {
         let catalog = Catalog::load()?;
         let clients = KafkaClients::new(&settings.kafka, self.bootstrap());
         let provisioner = match self {
-            Self::Embedded(b) => Provisioner::Embedded(b),
-            Self::External(_) => Provisioner::Admin,
+            Self::Mock(b) => Provisioner::Mock(b),
+            Self::Embedded(_) | Self::External(_) => Provisioner::Admin,
         };
         Ok(apply(&catalog, &clients, provisioner).await?)
     }
 }
 
-/// Makes the database agree with a fresh in-process log (see the module docs). Returns where
-/// an earlier run's SQLite file was moved, if it was.
-pub async fn prepare_database_for_fresh_log(settings: &Settings) -> Result<Option<PathBuf>> {
-    if settings.database.url.expose().is_none() {
-        return move_aside(&settings.dev.data_dir.join(EMBEDDED_DATABASE_FILE));
-    }
+/// Refuses a database whose projection positions lie past the end of the log at `bootstrap`
+/// (module docs): its tables were folded from another log.
+pub async fn check_database_matches_log(settings: &Settings, bootstrap: &str) -> Result<()> {
     let db = Database::connect(&settings.database_url(), 1)
         .await
         .context("connecting to the database (database.url)")?;
     db.migrate().await.context("applying database migrations")?;
-    let positions: i64 = sqlx::query("SELECT COUNT(*) FROM projection_offsets")
-        .fetch_one(db.pool())
-        .await?
-        .try_get(0)?;
-    if positions > 0 {
-        bail!(
-            "the configured database holds projection positions from another broker's log, and \
-             the in-process broker starts with an empty log; point database.url at an empty \
-             database, or set kafka.brokers to the broker that log came from"
-        );
+    let rows = sqlx::query("SELECT topic, partition_id, next_offset FROM projection_offsets")
+        .fetch_all(db.pool())
+        .await?;
+    db.pool().close().await;
+    if rows.is_empty() {
+        return Ok(());
     }
-    Ok(None)
-}
-
-fn move_aside(file: &Path) -> Result<Option<PathBuf>> {
-    if !file.exists() {
-        return Ok(None);
-    }
-    let stamp = time::OffsetDateTime::now_utc().unix_timestamp();
-    let target = file.with_extension(format!("sqlite.{stamp}.previous"));
-    std::fs::rename(file, &target)
-        .with_context(|| format!("moving {} aside to {}", file.display(), target.display()))?;
-    for suffix in ["-wal", "-shm"] {
-        let side = PathBuf::from(format!("{}{suffix}", file.display()));
-        if side.exists() {
-            let side_target = PathBuf::from(format!("{}{suffix}", target.display()));
-            std::fs::rename(&side, &side_target)
-                .with_context(|| format!("moving {} aside", side.display()))?;
+    let clients = KafkaClients::new(&settings.kafka, bootstrap);
+    let consumer: std::sync::Arc<BaseConsumer> = std::sync::Arc::new(clients.admin().create()?);
+    let mut past_end = Vec::new();
+    for row in rows {
+        let topic: String = row.try_get(0)?;
+        let partition: i64 = row.try_get(1)?;
+        let position: i64 = row.try_get(2)?;
+        let partition = i32::try_from(partition).context("partition_id out of range")?;
+        let consumer = consumer.clone();
+        let topic_for_call = topic.clone();
+        let (_, high) = tokio::task::spawn_blocking(move || {
+            consumer.fetch_watermarks(&topic_for_call, partition, Duration::from_secs(10))
+        })
+        .await??;
+        if position > high {
+            past_end.push(format!(
+                "{topic}[{partition}]: tables at offset {position}, log ends at {high}"
+            ));
         }
     }
-    Ok(Some(target))
+    if !past_end.is_empty() {
+        bail!(
+            "the database ({}) holds projection positions past the end of the broker's log, so \
+             its tables were folded from another log:\n  {}\nMove the database aside (or remove \
+             {} as a whole) to start afresh, or point kafka.brokers at the broker those tables \
+             came from",
+            crate::redact_url(&settings.database_url()),
+            past_end.join("\n  "),
+            settings.dev.data_dir.display()
+        );
+    }
+    Ok(())
 }

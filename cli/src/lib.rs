@@ -2,8 +2,8 @@
 //! start and stop together. No role logic lives here.
 //!
 //! - [`pipeline`] starts any set of roles on a shared cancellation token and drains them.
-//! - [`embedded`] is what `orderflow dev` adds: the in-process broker and the SQLite data
-//!   directory kept consistent with it.
+//! - [`embedded`] is what `orderflow dev` adds: the embedded broker that keeps its log in the
+//!   data directory, and the check that the database's tables describe that log.
 //! - [`admin`] holds the operator commands: inventory load, review, the stand-alone broker.
 //! - [`loadgen`] posts realistic random orders to a running instance and reads back the result.
 
@@ -11,3 +11,17 @@ pub mod admin;
 pub mod embedded;
 pub mod loadgen;
 pub mod pipeline;
+
+/// A URL with any password replaced, for printing.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}://{user}:***{}", &url[..scheme_end], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}

@@ -5,9 +5,10 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use orderflow::{
-    embedded::{prepare_database_for_fresh_log, Broker},
+    embedded::{check_database_matches_log, Broker},
     loadgen::{self, LoadgenArgs},
     pipeline::{self, Role},
+    redact_url,
 };
 use orderflow_auth::{KeyStore, Role as AuthRole};
 use orderflow_platform::{config::Overrides, telemetry, Settings};
@@ -31,7 +32,7 @@ struct Cli {
     /// Override any config key, e.g. --set kafka.fetch_wait_max_ms=10 (repeatable).
     #[arg(long = "set", global = true, value_name = "KEY=VALUE")]
     set: Vec<String>,
-    /// Kafka bootstrap servers (kafka.brokers); empty: in-process broker (dev only).
+    /// Kafka bootstrap servers (kafka.brokers); empty: the embedded broker (dev only).
     #[arg(long, global = true, value_name = "HOSTS")]
     kafka_brokers: Option<String>,
     /// Database URL (database.url): sqlite://PATH or postgres://...
@@ -52,8 +53,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every role in one process; with no broker configured, on an in-process broker and a
-    /// SQLite file under ./data.
+    /// Run every role in one process; with no broker configured, on the embedded broker (its
+    /// log in ./data/broker) and a SQLite file under ./data. A restart carries on from both.
     Dev,
     /// Run the ingest edge (HTTP → orders.events).
     Ingest,
@@ -89,9 +90,18 @@ enum Command {
         #[arg(value_enum)]
         projection: ProjectionName,
     },
-    /// Run the in-process broker on its own, with the topic catalog applied, and print its
-    /// address (a throwaway local Kafka; its log lives in memory).
-    Broker,
+    /// Run the embedded broker on its own (Tansu with SQLite storage, its log on disk), with
+    /// the topic catalog applied, and print its address first.
+    Broker {
+        /// Directory of the log (default: dev.data_dir/broker). A restart on the same directory
+        /// serves the same log.
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Only install the broker if it is missing (a first run builds it), print the binary's
+        /// path and exit.
+        #[arg(long)]
+        install_only: bool,
+    },
     /// Run the simulated payment gateway on its own (gateway.listen).
     Gateway,
     /// Stock commands.
@@ -289,7 +299,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             };
             print!("{report}");
         }
-        Command::Broker => broker(&settings).await?,
+        Command::Broker { data, install_only } => broker(&settings, data, install_only).await?,
         Command::Gateway => {
             let simulator = orderflow_gateway::simulator::Simulator::bind(&settings.gateway)
                 .await
@@ -406,13 +416,7 @@ async fn dev(
 ) -> Result<()> {
     let broker = Broker::from_settings(settings)?;
     if broker.is_embedded() {
-        if let Some(moved) = prepare_database_for_fresh_log(settings).await? {
-            println!(
-                "The in-process broker starts with an empty log, so the previous run's tables \
-                 were moved aside to {} and fresh ones started.",
-                moved.display()
-            );
-        }
+        check_database_matches_log(settings, &broker.bootstrap()).await?;
     }
     let report = broker.apply_topics(settings).await?;
     if report.has_drift() {
@@ -424,9 +428,12 @@ async fn dev(
         "  broker      {}{}",
         broker.bootstrap(),
         if broker.is_embedded() {
-            " (in-process)"
+            format!(
+                " (embedded, log in {})",
+                settings.dev.broker_dir().display()
+            )
         } else {
-            ""
+            String::new()
         }
     );
     println!("  database    {}", redact_url(&settings.database_url()));
@@ -466,7 +473,7 @@ async fn dev(
 }
 
 /// `dev` on a database without API keys creates one per role and returns them, to print once
-/// (the in-process broker starts empty, and so does its database, so that is every run).
+/// (on its first run: the database keeps them, and later runs say so).
 async fn dev_keys(settings: &Settings) -> Result<Vec<(AuthRole, String)>> {
     let keys = key_store(settings).await?;
     if keys.list().await?.iter().any(|k| k.revoked_at.is_none()) {
@@ -492,19 +499,30 @@ async fn key_store(settings: &Settings) -> Result<KeyStore> {
     ))
 }
 
-/// `orderflow broker`: the in-process broker alone, until Ctrl-C.
-async fn broker(settings: &Settings) -> Result<()> {
-    let broker = Broker::from_settings(&Settings {
-        kafka: orderflow_platform::config::KafkaSettings {
-            brokers: String::new(),
-            ..settings.kafka.clone()
-        },
-        ..settings.clone()
-    })?;
-    broker.apply_topics(settings).await?;
+/// `orderflow broker`: the embedded broker alone, until Ctrl-C.
+async fn broker(settings: &Settings, data: Option<PathBuf>, install_only: bool) -> Result<()> {
+    if install_only {
+        let binary = orderflow_broker::install::resolve(
+            None,
+            orderflow_broker::Install::IfMissing,
+            |command| eprintln!("Installing the embedded broker: {command}"),
+        )?;
+        println!("{}", binary.display());
+        return Ok(());
+    }
+    let mut settings = settings.clone();
+    settings.kafka.brokers = String::new();
+    if let Some(dir) = data {
+        settings.dev.broker_data = dir.display().to_string();
+    }
+    let broker = Broker::from_settings(&settings)?;
+    broker.apply_topics(&settings).await?;
     // The first line is the address, for scripts (and tests) to read.
     println!("{}", broker.bootstrap());
-    println!("in-process broker running with the topic catalog applied; Ctrl-C stops it (its log is in memory and goes with it)");
+    println!(
+        "embedded broker running with the topic catalog applied, its log in {}; Ctrl-C stops it",
+        settings.dev.broker_dir().display()
+    );
     shutdown_signal().await;
     Ok(())
 }
@@ -515,7 +533,7 @@ async fn role(
     reload: impl Fn() -> Result<Settings, orderflow_platform::ConfigError> + Send + Sync + 'static,
 ) -> Result<()> {
     if settings.kafka.brokers.trim().is_empty() {
-        bail!("kafka.brokers is not set; set it (or ORDERFLOW_KAFKA__BROKERS), or use `orderflow dev` for the in-process broker");
+        bail!("kafka.brokers is not set; set it (or ORDERFLOW_KAFKA__BROKERS), or use `orderflow dev` for the embedded broker");
     }
     if role == Role::Process && settings.payment.gateway_url.trim().is_empty() {
         bail!("payment.gateway_url is not set; point it at the payment gateway (or run `orderflow gateway` for the simulated one)");
@@ -593,7 +611,7 @@ async fn topics(settings: &Settings, command: TopicsCommand) -> Result<std::proc
     match command {
         TopicsCommand::Apply => {
             if settings.kafka.brokers.trim().is_empty() {
-                bail!("kafka.brokers is not set; `topics apply` needs a broker to apply to (`orderflow dev` applies the catalog to its in-process broker itself)");
+                bail!("kafka.brokers is not set; `topics apply` needs a broker to apply to (`orderflow dev` and `orderflow broker` apply the catalog to the embedded broker themselves)");
             }
             let broker = Broker::External(settings.kafka.brokers.clone());
             let report = broker.apply_topics(settings).await?;
@@ -625,19 +643,5 @@ async fn topics(settings: &Settings, command: TopicsCommand) -> Result<std::proc
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
-    }
-}
-
-/// A URL with any password replaced, for printing.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}://{user}:***{}", &url[..scheme_end], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
     }
 }

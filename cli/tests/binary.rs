@@ -1,11 +1,13 @@
 //! The README's run command as a user meets it: `orderflow dev` as a child process on the
-//! in-process broker and a SQLite file; an order posted and read back confirmed; `loadgen`
-//! against it; Ctrl-C (SIGINT) stops it cleanly; a second start moves the first run's tables
-//! aside because the in-process log starts empty.
+//! embedded broker and a SQLite file; an order posted and read back confirmed; `loadgen`
+//! against it; Ctrl-C (SIGINT) stops it cleanly; a second start finds the log and the tables as
+//! the first left them, `orderflow reconcile` finds them equal, and the pipeline carries on.
 
 use std::{path::Path, process::Command};
 
-use orderflow_testkit::{dev::DevProcess, order_json, wait_final, TempDir};
+use orderflow_testkit::{
+    dev::DevProcess, embedded_broker_installed, order_json, wait_final, TempDir,
+};
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
@@ -24,11 +26,14 @@ fn interrupt(dev: &mut DevProcess) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_runs_serves_and_stops_cleanly() {
+async fn dev_runs_serves_stops_cleanly_and_carries_on_after_a_restart() {
+    let Some(()) = embedded_broker_installed() else {
+        return;
+    };
     let dir = TempDir::new();
     let mut dev = start_dev(&dir.0);
     assert!(
-        dev.banner.iter().any(|l| l.contains("(in-process)")),
+        dev.banner.iter().any(|l| l.contains("(embedded, log in")),
         "{:?}",
         dev.banner
     );
@@ -93,29 +98,79 @@ async fn dev_runs_serves_and_stops_cleanly() {
     interrupt(&mut dev);
     assert!(dir.0.join("data/orderflow.sqlite").exists());
 
-    // The in-process log is gone; a second start must not keep tables that disagree with it.
+    assert!(dir.0.join("data/broker/tansu.db").exists());
+
+    // A second start finds the log and the tables as the first run left them.
     let mut second = start_dev(&dir.0);
-    assert!(
-        second.banner.iter().any(|l| l.contains("moved aside")),
-        "{:?}",
-        second.banner
-    );
-    let moved: Vec<_> = std::fs::read_dir(dir.0.join("data"))
-        .expect("data dir")
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".previous"))
-        .collect();
-    assert_eq!(moved.len(), 1, "the first run's database is kept aside");
-    let missing = client
+    let again = client
         .get(status_url.replace(&dev.query_url, &second.query_url))
         .send()
         .await
-        .expect("get");
-    assert_eq!(
-        missing.status(),
-        404,
-        "fresh tables do not know the old order"
+        .expect("get")
+        .json::<Value>()
+        .await
+        .expect("json");
+    assert_eq!(again["status"], "confirmed", "{again}");
+    assert_eq!(again["version"], 8, "{again}");
+    let bootstrap = second.bootstrap.clone();
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("consumer");
+    let mut records = 0;
+    for partition in 0..6 {
+        let (low, high) = rdkafka::consumer::Consumer::fetch_watermarks(
+            &consumer,
+            "orders.events",
+            partition,
+            std::time::Duration::from_secs(10),
+        )
+        .expect("watermarks");
+        assert_eq!(low, 0, "orders.events[{partition}] lost its start");
+        records += high;
+    }
+    // 41 orders: the confirmed one alone has 8 events.
+    assert!(records >= 41 + 7, "the log kept {records} records");
+
+    // The tables equal the log.
+    let url = format!("sqlite://{}", dir.0.join("data/orderflow.sqlite").display());
+    let reconcile = {
+        let (bootstrap, url) = (bootstrap.clone(), url.clone());
+        tokio::task::spawn_blocking(move || {
+            Command::new(BIN)
+                .args(["--kafka-brokers", &bootstrap, "--database-url", &url])
+                .args(["reconcile", "--slo-secs", "3600"])
+                .env("RUST_LOG", "error")
+                .output()
+                .expect("orderflow reconcile runs")
+        })
+        .await
+        .expect("join")
+    };
+    let stdout = String::from_utf8_lossy(&reconcile.stdout);
+    assert!(
+        reconcile.status.success(),
+        "reconcile after the restart: {stdout}{}",
+        String::from_utf8_lossy(&reconcile.stderr)
     );
+    assert!(stdout.contains("checked 41 orders"), "{stdout}");
+
+    // And the pipeline carries on: a new order confirms (the stock restocked before is kept).
+    let accepted: Value = client
+        .post(format!("{}/v1/orders", second.ingest_url))
+        .json(&order_json("customer-2"))
+        .send()
+        .await
+        .expect("post")
+        .json()
+        .await
+        .expect("json");
+    let view = wait_final(
+        &client,
+        accepted["status_url"].as_str().expect("status_url"),
+    )
+    .await;
+    assert_eq!(view["status"], "confirmed", "{view}");
     interrupt(&mut second);
 }
 
@@ -153,6 +208,9 @@ fn config_show_redacts_secrets_and_bad_values_name_their_key() {
 /// the ones that work, each for its role.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_prints_a_working_key_per_role() {
+    let Some(()) = embedded_broker_installed() else {
+        return;
+    };
     let dir = TempDir::new();
     let mut dev = DevProcess::start(
         Path::new(BIN),

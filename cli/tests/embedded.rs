@@ -1,70 +1,301 @@
-//! `orderflow dev` on a fresh in-process broker must not keep tables that disagree with its
-//! empty log.
+//! The embedded broker keeps every record, across restarts; what reads the log from its start
+//! refuses a log that no longer has it; `dev` refuses tables from another log.
+//!
+//! - `orderflow broker --data DIR` takes 150,000 single-record produces into one partition
+//!   (past both limits of librdkafka's mock cluster, 5 MiB and 100,000 message sets per
+//!   partition, past which the mock drops the oldest): the low watermark stays 0 and every
+//!   record reads back, in order — and the same after a restart on the same directory.
+//! - `replay` and `reconcile` refuse a log whose low watermark is above 0, naming the partition
+//!   (cut on the mock cluster, the one broker here that drops records: the embedded broker's
+//!   DeleteRecords is unimplemented and its retention is kept forever).
+//! - `dev`'s start check refuses a database whose positions lie past the end of the log.
+//!
+//! `dev` itself restarting onto its log and tables, with `reconcile` clean, is in binary.rs.
 
-use orderflow::embedded::prepare_database_for_fresh_log;
-use orderflow_platform::{config::Overrides, Settings};
-use orderflow_projections::Database;
-use orderflow_testkit::TempDir;
+use std::time::Duration;
 
-fn settings(overrides: &[(&str, String)]) -> Settings {
-    let mut o = Overrides::default();
-    for (key, value) in overrides {
-        o.set(*key, &format!("{value:?}"));
+use orderflow::embedded::check_database_matches_log;
+use orderflow_platform::kafka::KafkaClients;
+use orderflow_projections::{orders::OrdersProjection, replay::replay, Database};
+use orderflow_schemas::Codec;
+use orderflow_testkit::{
+    apply_topics, free_port,
+    log::{order_placed, short_timeline},
+    test_settings, Broker, BrokerProcess, TempDir,
+};
+use orderflow_topics::names;
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    producer::{FutureProducer, FutureRecord},
+    ClientConfig, Message, Offset, TopicPartitionList,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
+/// Past the mock cluster's 100,000 message sets and, at this payload size, its 5 MiB.
+const RECORDS: i64 = 150_000;
+
+fn payload(i: i64) -> String {
+    // 64 bytes: 150,000 of them are 9.6 MB before any framing.
+    format!("record {i:>12} of the log that must never lose its start.......")
+}
+
+/// Produces `RECORDS` records into `orders.events` partition 0, each in its own message set
+/// (`batch.num.messages = 1`), five requests in flight.
+async fn produce_single_record_batches(bootstrap: &str) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .set("batch.num.messages", "1")
+        .set("message.timeout.ms", "120000")
+        .create()
+        .expect("producer");
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..RECORDS {
+        let body = payload(i);
+        let mut record = FutureRecord::to(names::ORDERS_EVENTS)
+            .partition(0)
+            .key("k")
+            .payload(body.as_bytes());
+        // A bounded window of deliveries in flight; a full local queue waits for the oldest.
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push_back(delivery);
+                    break;
+                }
+                Err((_, returned)) => {
+                    record = returned;
+                    let oldest = pending
+                        .pop_front()
+                        .expect("a full queue has deliveries in flight");
+                    await_delivery(oldest).await;
+                }
+            }
+        }
+        if pending.len() >= 2_000 {
+            await_delivery(pending.pop_front().expect("non-empty")).await;
+        }
     }
-    Settings::from_defaults(&o).expect("settings")
+    for delivery in pending {
+        await_delivery(delivery).await;
+    }
 }
 
-#[tokio::test]
-async fn the_default_sqlite_file_of_an_earlier_run_is_moved_aside() {
-    let dir = TempDir::new();
-    let data = dir.0.join("data");
-    let settings = settings(&[("dev.data_dir", data.display().to_string())]);
-    assert_eq!(
-        prepare_database_for_fresh_log(&settings)
-            .await
-            .expect("nothing to move"),
-        None
-    );
-
-    let db = Database::connect(&settings.database_url(), 1)
+async fn await_delivery(delivery: rdkafka::producer::DeliveryFuture) {
+    delivery
         .await
-        .expect("connect");
-    db.migrate().await.expect("migrate");
-    db.pool().close().await;
-    let moved = prepare_database_for_fresh_log(&settings)
-        .await
-        .expect("moves")
-        .expect("a file was moved");
-    assert!(moved.exists());
-    assert!(!data.join("orderflow.sqlite").exists());
+        .expect("delivery not cancelled")
+        .unwrap_or_else(|(e, _)| panic!("produce: {e}"));
 }
 
-#[tokio::test]
-async fn a_configured_database_with_positions_is_refused() {
-    let dir = TempDir::new();
-    let url = format!(
-        "sqlite://{}?mode=rwc",
-        dir.0.join("shared.sqlite").display()
-    );
-    let settings = settings(&[("database.url", url.clone())]);
-    // Empty: fine.
-    assert_eq!(
-        prepare_database_for_fresh_log(&settings)
-            .await
-            .expect("empty is fine"),
-        None
-    );
+/// The low watermark is 0, the high one `RECORDS`, and every record reads back in order.
+fn assert_whole_log(bootstrap: &str, when: &str) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("embedded-test-{}", uuid::Uuid::new_v4()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "50")
+        .create()
+        .expect("consumer");
+    let (low, high) = consumer
+        .fetch_watermarks(names::ORDERS_EVENTS, 0, Duration::from_secs(10))
+        .expect("watermarks");
+    assert_eq!(low, 0, "{when}: the log no longer starts at 0");
+    assert_eq!(high, RECORDS, "{when}: high watermark");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(names::ORDERS_EVENTS, 0, Offset::Beginning)
+        .expect("partition");
+    consumer.assign(&tpl).expect("assign");
+    let mut next = 0i64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while next < RECORDS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{when}: read {next} of {RECORDS} records in 300 s"
+        );
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let message = message.unwrap_or_else(|e| panic!("{when}: read error: {e}"));
+        assert_eq!(message.offset(), next, "{when}: offsets run without gaps");
+        assert_eq!(
+            message.payload(),
+            Some(payload(next).as_bytes()),
+            "{when}: record {next} reads back as written"
+        );
+        next += 1;
+    }
+}
 
-    let db = Database::connect(&url, 1).await.expect("connect");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_keeps_every_record_past_the_mocks_limits_and_across_a_restart() {
+    let dir = TempDir::new();
+    let log_dir = dir.0.join("broker");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let Some(mut broker) = BrokerProcess::start_on(BIN, &log_dir, &listen) else {
+        return;
+    };
+    let bootstrap = broker.bootstrap();
+    produce_single_record_batches(&bootstrap).await;
+    tokio::task::spawn_blocking({
+        let bootstrap = bootstrap.clone();
+        move || assert_whole_log(&bootstrap, "before the restart")
+    })
+    .await
+    .expect("join");
+
+    assert!(
+        broker.interrupt(),
+        "orderflow broker stops cleanly on Ctrl-C"
+    );
+    let Some(again) = BrokerProcess::start_on(BIN, &log_dir, &listen) else {
+        return;
+    };
+    assert_eq!(again.bootstrap(), bootstrap);
+    tokio::task::spawn_blocking(move || assert_whole_log(&bootstrap, "after the restart"))
+        .await
+        .expect("join");
+}
+
+/// Writes `orders` short order timelines to `orders.events`.
+async fn write_orders(clients: &KafkaClients, orders: usize) {
+    let codec = Codec::new().expect("codec");
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    let now = orderflow_testkit::log::now_ms();
+    for i in 0..orders {
+        let placed = order_placed(
+            &format!("customer-{i}"),
+            &[("SKU-00001", 1)],
+            "tok_ok",
+            now + i as i64,
+        );
+        for event in short_timeline(&placed, true) {
+            let bytes = codec.encode(&event).expect("encode");
+            producer
+                .send(
+                    FutureRecord::to(names::ORDERS_EVENTS)
+                        .key(&placed.envelope.customer_id)
+                        .payload(&bytes),
+                    Duration::from_secs(30),
+                )
+                .await
+                .unwrap_or_else(|(e, _)| panic!("write: {e}"));
+        }
+    }
+}
+
+/// The log is cut the way the mock cluster cuts it (which is what the embedded broker replaced):
+/// past 5 MiB in one partition, the oldest records are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_and_reconcile_refuse_a_log_that_no_longer_starts_at_zero() {
+    let broker = Broker::mock_that_drops();
+    let db = orderflow_testkit::Database::sqlite();
+    let settings = test_settings(Some(&db.url));
+    apply_topics(&broker, &settings).await;
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    write_orders(&clients, 40).await;
+    let live = Database::connect(&db.url, 2).await.expect("database");
+    live.migrate().await.expect("migrate");
+    let reconcile = || {
+        orderflow_projections::reconcile::reconcile(
+            &live,
+            &clients,
+            names::ORDERS_EVENTS,
+            Duration::from_secs(3600),
+            orderflow_testkit::log::now_ms(),
+        )
+    };
+    let report = reconcile().await.expect("reconcile on a whole log");
+    assert!(report.is_clean(), "{report}");
+
+    // 6 MiB more into partition 2: the mock drops that partition's oldest records.
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    let filler = vec![b'x'; 1024];
+    for _ in 0..6 * 1024 {
+        producer
+            .send_result(
+                FutureRecord::to(names::ORDERS_EVENTS)
+                    .partition(2)
+                    .key("filler")
+                    .payload(&filler),
+            )
+            .map_err(|(e, _)| e)
+            .expect("queued");
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60)).expect("flush");
+    let consumer: BaseConsumer = clients.admin().create().expect("consumer");
+    let (low, _) = consumer
+        .fetch_watermarks(names::ORDERS_EVENTS, 2, Duration::from_secs(10))
+        .expect("watermarks");
+    assert!(low > 0, "the mock kept everything: low watermark {low}");
+
+    let expected = format!("orders.events partition 2 starts at offset {low}");
+    let err = reconcile().await.expect_err("reconcile refuses");
+    assert!(err.to_string().contains(&expected), "reconcile: {err}");
+    let err = replay(OrdersProjection, &live, &clients, &settings.projection)
+        .await
+        .expect_err("replay refuses");
+    assert!(err.to_string().contains(&expected), "replay: {err}");
+
+    // The operator's commands say the same and exit non-zero.
+    for command in [&["reconcile"][..], &["replay", "orders"][..]] {
+        let output = tokio::task::spawn_blocking({
+            let (bootstrap, url) = (broker.bootstrap(), db.url.clone());
+            move || {
+                std::process::Command::new(BIN)
+                    .args(["--kafka-brokers", &bootstrap, "--database-url", &url])
+                    .args(command)
+                    .env("RUST_LOG", "error")
+                    .output()
+                    .expect("orderflow runs")
+            }
+        })
+        .await
+        .expect("join");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command:?} succeeded: {stderr}");
+        assert!(stderr.contains(&expected), "{command:?}: {stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_refuses_tables_folded_from_another_log() {
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
+    let db = orderflow_testkit::Database::sqlite();
+    let settings = test_settings(Some(&db.url));
+    apply_topics(&broker, &settings).await;
+    // Fresh tables of a fresh log: fine.
+    check_database_matches_log(&settings, &broker.bootstrap())
+        .await
+        .expect("an empty database matches any log");
+    let live = Database::connect(&db.url, 1).await.expect("connect");
     sqlx::query(
         "INSERT INTO projection_offsets (projection, topic, partition_id, next_offset) \
          VALUES ('orders', 'orders.events', 0, 42)",
     )
-    .execute(db.pool())
+    .execute(live.pool())
     .await
     .expect("insert");
-    let err = prepare_database_for_fresh_log(&settings)
+    let err = check_database_matches_log(&settings, &broker.bootstrap())
         .await
-        .expect_err("positions of another log");
-    assert!(err.to_string().contains("another broker's log"), "{err}");
+        .expect_err("positions past the end of an empty log");
+    let message = err.to_string();
+    assert!(
+        message.contains("orders.events[0]: tables at offset 42, log ends at 0"),
+        "{message}"
+    );
+    assert!(message.contains("another log"), "{message}");
 }

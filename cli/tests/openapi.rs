@@ -66,7 +66,9 @@ fn concrete(path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_documented_operation_is_routed_and_nothing_else_is() {
-    let broker = Broker::embedded();
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
     let db = Database::sqlite();
     let listeners = start(&db, &broker, false).await;
     let client = reqwest::Client::new();
@@ -165,7 +167,9 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
     let Some(bin) = schemathesis() else {
         return;
     };
-    let broker = Broker::embedded();
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
     let db = Database::sqlite();
     let listeners = start(&db, &broker, true).await;
     let keys = KeyStore::new(

@@ -17,7 +17,7 @@ use orderflow_schemas::{
 };
 use orderflow_testkit::{
     log::{next_envelope, now_ms, order_placed, restocked, short_timeline},
-    test_settings, BrokerProcess, Database,
+    test_settings, BrokerProcess, Database, TempDir,
 };
 use orderflow_topics::names;
 use rand::{rngs::StdRng, Rng, SeedableRng};
@@ -142,7 +142,10 @@ async fn caught_up(db: &orderflow_projections::Database, consumer: &BaseConsumer
 }
 
 async fn killed_mid_batch(db: Database) {
-    let broker = BrokerProcess::start(BIN);
+    let dir = TempDir::new();
+    let Some(broker) = BrokerProcess::start(BIN, &dir) else {
+        return;
+    };
     let bootstrap = broker.bootstrap();
     let settings: Settings = test_settings(Some(&db.url));
     let clients = KafkaClients::new(&settings.kafka, &bootstrap);

@@ -65,7 +65,9 @@ async fn call(client: &reqwest::Client, method: &str, url: &str) -> (u16, Value)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_runs_in_the_background_once_at_a_time() {
-    let broker = Broker::embedded();
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
     let settings = Settings::from_defaults(&Default::default()).expect("settings");
     let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
     let codec = Arc::new(Codec::new().expect("codec"));

@@ -194,14 +194,16 @@ pub struct GatewaySettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaSettings {
-    /// Bootstrap servers; empty means the in-process broker (`dev` only).
+    /// Bootstrap servers; empty means the embedded broker (`dev` only).
     pub brokers: String,
     pub client_id: String,
     pub fetch_wait_max_ms: u32,
     pub session_timeout_ms: u32,
     pub message_timeout_ms: u32,
     pub transaction_timeout_ms: u32,
-    pub embedded_brokers: u8,
+    /// Whether processors commit each batch in a Kafka transaction: `auto` (when the broker
+    /// has them), `on` or `off`. Correctness never rests on them (docs/architecture.md).
+    pub transactions: Transactions,
     /// What every consumer reads (`read_committed` or `read_uncommitted`); one level for all,
     /// so every processor, restore and projection sees the same log.
     pub isolation_level: String,
@@ -372,6 +374,33 @@ pub struct TelemetrySettings {
 #[serde(deny_unknown_fields)]
 pub struct DevSettings {
     pub data_dir: PathBuf,
+    /// Where the embedded broker listens (`host:port`; port 0 picks a free one).
+    pub broker_listen: String,
+    /// A Tansu binary with SQLite storage to run instead of the one `dev` installs; empty: the
+    /// installed one.
+    pub broker_bin: String,
+    /// The embedded broker's log directory; empty: `<data_dir>/broker`.
+    pub broker_data: String,
+}
+
+impl DevSettings {
+    /// The embedded broker's log directory.
+    pub fn broker_dir(&self) -> PathBuf {
+        match self.broker_data.trim() {
+            "" => self.data_dir.join("broker"),
+            dir => PathBuf::from(dir),
+        }
+    }
+}
+
+/// `kafka.transactions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transactions {
+    /// Use transactions when the broker supports them (EndTxn in its ApiVersions).
+    Auto,
+    On,
+    Off,
 }
 
 /// Command-line overrides, the last layer: `(dotted key, value)` pairs.
@@ -495,10 +524,13 @@ impl Settings {
             ),
         );
         check(
-            (1..=16).contains(&k.embedded_brokers),
+            self.dev
+                .broker_listen
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok()),
             format!(
-                "kafka.embedded_brokers: expected 1..=16, found {}",
-                k.embedded_brokers
+                "dev.broker_listen: expected host:port, found {:?}",
+                self.dev.broker_listen
             ),
         );
         if let Some(url) = self.database.url.expose() {

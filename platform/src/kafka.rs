@@ -1,5 +1,7 @@
 //! Kafka client setup: the one place that decides client properties, so every role talks to
-//! the broker the same way. Also the in-process broker of the embedded mode.
+//! the broker the same way. Also [`MockBroker`], librdkafka's mock cluster, for tests that inject
+//! broker faults (never for data a user keeps: it drops the oldest records past 5 MiB or 100,000
+//! message sets per partition).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,16 +31,18 @@ use crate::{
 
 use crate::config::KafkaSettings;
 
-/// The in-process Kafka cluster (librdkafka's mock cluster) of `orderflow dev` and the tests.
+/// librdkafka's mock cluster, in this process: for tests that inject broker faults (brokers
+/// down, request errors, latency).
 ///
-/// It keeps its log in memory only and dies with the process. It is not `Send`: keep it in the
-/// task that started the pipeline (the binary's main future or the test body).
-pub struct EmbeddedBroker {
+/// Not a broker to keep data in: it keeps its log in memory only, dies with the process, and
+/// silently drops the oldest message sets of a partition past 5 MiB or 100,000 of them
+/// (`rd_kafka_mock_msgset_new`). It is not `Send`: keep it in the task that started it.
+pub struct MockBroker {
     cluster: MockCluster<'static, DefaultProducerContext>,
     bootstrap: String,
 }
 
-impl EmbeddedBroker {
+impl MockBroker {
     pub fn start(brokers: u8) -> Result<Self, rdkafka::error::KafkaError> {
         let cluster = MockCluster::new(i32::from(brokers.max(1)))?;
         let bootstrap = cluster.bootstrap_servers();
@@ -120,6 +124,24 @@ impl KafkaClients {
                 "message.timeout.ms",
                 self.settings.transaction_timeout_ms.to_string(),
             );
+        config
+    }
+
+    /// Idempotent producer for a processor's changelog when it runs without transactions: the
+    /// records it is given are held (a long linger) until the caller flushes, and then each
+    /// partition's records leave as one message set (counts and bytes far above a batch's), so
+    /// a broker that stores a message set atomically — Tansu's SQLite engine writes each one in
+    /// one SQL transaction — never holds part of a batch's state changes. That matters because
+    /// such a broker compacts the whole log, its tail included: half a batch there could
+    /// outlive the earlier values of its keys (docs/architecture.md, "Transactions are
+    /// optional").
+    pub fn changelog_producer(&self, role: &str) -> ClientConfig {
+        let mut config = self.idempotent_producer(role);
+        config
+            .set("linger.ms", "600000")
+            .set("batch.num.messages", "1000000")
+            .set("batch.size", "100000000")
+            .set("message.max.bytes", "100000000");
         config
     }
 

@@ -14,5 +14,6 @@ pub mod restart;
 pub mod shape;
 pub mod telemetry;
 pub mod tls;
+pub mod transactions;
 
 pub use config::{ConfigError, Settings};

@@ -1,14 +1,23 @@
 //! The processor runtime: consume → step → produce, effectively once on any broker.
 //!
-//! Each batch is one Kafka transaction on a transactional producer: the outputs, any dead
-//! letters, the state changes (to the processor's compacted changelog, partition for partition
-//! with the input) and the consumed offsets (`send_offsets_to_transaction` with the group
-//! metadata, so a zombie of an old generation is fenced where the broker supports it, KIP-447).
-//! Consumers read `read_committed`. A batch is bounded by count and time and ends early when the
-//! input goes idle.
+//! A batch's writes go out in this order: the outputs and any dead letters, then the state
+//! changes (to the processor's compacted changelog, partition for partition with the input)
+//! with the input position they reflect, then the consumed offsets. Each step waits for the
+//! acknowledgements of the one before. Two modes (`kafka.transactions`, decided per session by
+//! `orderflow_platform::transactions`):
+//!
+//! - **Transactional** (brokers with EndTxn): the batch is one Kafka transaction on a
+//!   transactional producer, the offsets go in with `send_offsets_to_transaction` and the group
+//!   metadata, so a zombie of an old generation is fenced where the broker supports it (KIP-447).
+//! - **Idempotent** (brokers without transactions, such as the embedded Tansu with SQLite
+//!   storage): the same writes in the same order through an idempotent producer, no transaction;
+//!   the group offset is committed last.
+//!
+//! A batch is bounded by count and time and ends early when the input goes idle.
 //!
 //! The brokers used here show aborted records to `read_committed` readers and one of them never
-//! stores transactional offsets (docs/architecture.md), so correctness does not rest on the transaction:
+//! stores transactional offsets (docs/architecture.md), so correctness does not rest on the
+//! transaction, and both modes are exactly-once in effect for the same reasons:
 //!
 //! 1. **Deterministic outputs**: steps derive ids, sequences and times from the input and the
 //!    state only, so re-processing re-emits byte-identical events.
@@ -53,6 +62,7 @@ use orderflow_platform::{
     },
     restart::Restarts,
     telemetry::{continue_trace, current_traceparent},
+    transactions,
 };
 use orderflow_schemas::{headers, Codec, OrderEvent};
 use rdkafka::{
@@ -192,6 +202,8 @@ pub enum ProcessorError {
     },
     #[error("step: {0}")]
     Step(String),
+    #[error("deciding kafka.transactions: {0}")]
+    Probe(String),
 }
 
 type ProcessorConsumer = StreamConsumer<GroupContext>;
@@ -221,6 +233,13 @@ struct Slot<T> {
     epoch: Option<u64>,
 }
 
+/// How a session's batches are committed (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Transactional,
+    Idempotent,
+}
+
 /// Runs one processor until cancelled.
 pub struct ProcessorRuntime<S: Step> {
     io: ProcessorIo,
@@ -234,6 +253,8 @@ pub struct ProcessorRuntime<S: Step> {
     /// This processor's label value, built once.
     labels: ProcessorLabels,
     readiness: Option<Readiness>,
+    /// This session's commit mode, decided when it starts.
+    mode: Mode,
 }
 
 impl<S: Step> ProcessorRuntime<S> {
@@ -263,6 +284,7 @@ impl<S: Step> ProcessorRuntime<S> {
             },
             metrics,
             readiness: None,
+            mode: Mode::Transactional,
         }
     }
 
@@ -317,16 +339,40 @@ impl<S: Step> ProcessorRuntime<S> {
                     None => context,
                 }
             })?;
-        let producer: FutureProducer = self
-            .clients
-            .transactional_producer(self.io.name, &self.transactional_id)
-            .create()?;
+        let settings = self.clients.settings();
+        self.mode = match transactions::decide(settings.transactions, self.clients.bootstrap())
+            .await
+            .map_err(|e| ProcessorError::Probe(e.to_string()))?
+        {
+            true => Mode::Transactional,
+            false => Mode::Idempotent,
+        };
         let timeout = self.transaction_timeout();
-        // Fences an earlier producer with the same transactional id (a zombie of this
-        // instance) and aborts its open transaction, where the broker supports it.
-        blocking(&producer, move |p| p.init_transactions(timeout)).await?;
+        let producer: FutureProducer = match self.mode {
+            Mode::Transactional => {
+                let producer: FutureProducer = self
+                    .clients
+                    .transactional_producer(self.io.name, &self.transactional_id)
+                    .create()?;
+                // Fences an earlier producer with the same transactional id (a zombie of this
+                // instance) and aborts its open transaction, where the broker supports it.
+                blocking(&producer, move |p| p.init_transactions(timeout)).await?;
+                producer
+            }
+            // No fencing here: a zombie's late changelog writes carry an older generation and
+            // lose on restore (crate::state), its late outputs are byte-identical duplicates.
+            Mode::Idempotent => self.clients.idempotent_producer(self.io.name).create()?,
+        };
+        // Without a transaction a batch's changelog writes must reach each partition whole (see
+        // `KafkaClients::changelog_producer`); with one, they ride in the transaction.
+        let changelog: Option<FutureProducer> = match (self.mode, self.io.changelog_topic) {
+            (Mode::Idempotent, Some(_)) => {
+                Some(self.clients.changelog_producer(self.io.name).create()?)
+            }
+            _ => None,
+        };
         consumer.subscribe(&[self.io.input_topic])?;
-        info!(processor = self.io.name, group = %self.group_id, topic = self.io.input_topic, "Processor started.");
+        info!(processor = self.io.name, group = %self.group_id, topic = self.io.input_topic, transactions = self.mode == Mode::Transactional, "Processor started.");
 
         let mut slots: BTreeMap<i32, Slot<S::State>> = BTreeMap::new();
         let mut gaps = GapGuard::new(self.clients.settings().recheck_offset_gaps);
@@ -370,13 +416,22 @@ impl<S: Step> ProcessorRuntime<S> {
             }
             if !batch.is_empty() || !timers.is_empty() {
                 match self
-                    .process(&consumer, &producer, &batch, timers, &mut slots)
+                    .process(
+                        &consumer,
+                        &producer,
+                        changelog.as_ref(),
+                        &batch,
+                        timers,
+                        &mut slots,
+                    )
                     .await
                 {
                     Ok(Some(offsets)) => last_committed = Some(offsets),
                     Ok(None) => {}
                     Err(e) => {
-                        abort(&producer, timeout).await;
+                        if self.mode == Mode::Transactional {
+                            abort(&producer, timeout).await;
+                        }
                         self.metrics.aborts.get_or_create(&self.labels).inc();
                         self.metrics
                             .paused_partitions
@@ -507,16 +562,19 @@ impl<S: Step> ProcessorRuntime<S> {
         Ok(seeked)
     }
 
-    /// Writes a claim record with its new generation to each restored changelog partition, in
-    /// a transaction of its own, and waits for it: from then on, whatever an earlier owner
-    /// (a zombie) writes there is of an older generation after a newer one, and every restore
-    /// ignores it.
+    /// Writes a claim record with its new generation to each restored changelog partition (in
+    /// a transaction of its own in the transactional mode) and waits for it: from then on,
+    /// whatever an earlier owner (a zombie) writes there is of an older generation after a
+    /// newer one, and every restore ignores it.
     async fn claim(
         &self,
         producer: &FutureProducer,
         claims: &[(&'static str, i32, u64)],
     ) -> Result<(), ProcessorError> {
-        producer.begin_transaction()?;
+        let transactional = self.mode == Mode::Transactional;
+        if transactional {
+            producer.begin_transaction()?;
+        }
         let mut deliveries = Vec::new();
         for (topic, partition, generation) in claims {
             let generation = generation.to_string();
@@ -529,10 +587,15 @@ impl<S: Step> ProcessorRuntime<S> {
         }
         let timeout = self.transaction_timeout();
         if let Err(e) = await_all(deliveries).await {
-            abort(producer, timeout).await;
+            if transactional {
+                abort(producer, timeout).await;
+            }
             return Err(e);
         }
-        blocking(producer, move |p| p.commit_transaction(timeout)).await
+        if transactional {
+            blocking(producer, move |p| p.commit_transaction(timeout)).await?;
+        }
+        Ok(())
     }
 
     /// Resume never later than the state (rule 3): if the group's committed offset is ahead of
@@ -584,13 +647,14 @@ impl<S: Step> ProcessorRuntime<S> {
         Duration::from_millis(u64::from(self.clients.settings().transaction_timeout_ms))
     }
 
-    /// One transaction: the timers' outputs, every record's outputs (or dead letter), then the
-    /// state changes and positions, then the offsets. Returns the offsets committed, if any
-    /// input was consumed.
+    /// One batch (one transaction in the transactional mode): the timers' outputs, every
+    /// record's outputs (or dead letter), then the state changes and positions, then the
+    /// offsets. Returns the offsets committed, if any input was consumed.
     async fn process(
         &mut self,
         consumer: &ProcessorConsumer,
         producer: &FutureProducer,
+        changelog_producer: Option<&FutureProducer>,
         batch: &[OwnedMessage],
         mut timers: Outputs,
         slots: &mut BTreeMap<i32, Slot<S::State>>,
@@ -630,7 +694,10 @@ impl<S: Step> ProcessorRuntime<S> {
 
         // The transaction opens only now: a slow `prepare` (the gateway) keeps no transaction
         // open and cannot run it into its timeout.
-        producer.begin_transaction()?;
+        let transactional = self.mode == Mode::Transactional;
+        if transactional {
+            producer.begin_transaction()?;
+        }
         let mut deliveries = Vec::new();
         let mut emitted: Vec<&'static str> = Vec::new();
         for record in timers.drain() {
@@ -729,27 +796,39 @@ impl<S: Step> ProcessorRuntime<S> {
                     if let Some(value) = &value {
                         record = record.payload(value.as_slice());
                     }
-                    changelog.push(producer.send_result(record).map_err(|(e, _)| e)?);
+                    let to = changelog_producer.unwrap_or(producer);
+                    changelog.push(to.send_result(record).map_err(|(e, _)| e)?);
                 }
+            }
+            if let Some(to) = changelog_producer {
+                // Everything is queued: send it now, one message set per partition.
+                let timeout =
+                    Duration::from_millis(u64::from(self.clients.settings().message_timeout_ms));
+                blocking(to, move |p| p.flush(timeout)).await?;
             }
             await_all(changelog).await?;
         }
 
         let timeout = self.transaction_timeout();
         let committing = Instant::now();
-        if let Some(offsets) = &offsets {
-            let group = consumer
-                .group_metadata()
-                .ok_or(ProcessorError::NoGroupMetadata)?;
-            let offsets = offsets.clone();
-            blocking(producer, move |p| {
-                p.send_offsets_to_transaction(&offsets, &group, timeout)
-            })
-            .await?;
+        if transactional {
+            if let Some(offsets) = &offsets {
+                let group = consumer
+                    .group_metadata()
+                    .ok_or(ProcessorError::NoGroupMetadata)?;
+                let offsets = offsets.clone();
+                blocking(producer, move |p| {
+                    p.send_offsets_to_transaction(&offsets, &group, timeout)
+                })
+                .await?;
+            }
+            blocking(producer, move |p| p.commit_transaction(timeout)).await?;
         }
-        blocking(producer, move |p| p.commit_transaction(timeout)).await?;
         // The group offset (the only stored position of a stateless processor, and the only
-        // one on a broker that ignores transactional offsets) follows the commit.
+        // one on a broker that ignores transactional offsets or has no transactions) follows
+        // the commit. Without a transaction, a crash before it re-reads the batch from the
+        // changelog's position (stateful) or the previous group offset (stateless): the outputs
+        // come again, byte-identical, and consumers drop them (rules 1 and 2).
         if let Some(offsets) = &offsets {
             consumer.commit(offsets, CommitMode::Async)?;
         }

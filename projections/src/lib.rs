@@ -9,6 +9,7 @@
 
 pub mod cache;
 pub mod inventory;
+pub mod log_start;
 pub mod metrics;
 pub mod orders;
 pub mod query;

@@ -30,6 +30,8 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
+    #[error(transparent)]
+    LogStart(#[from] crate::log_start::LogStartError),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
@@ -136,7 +138,7 @@ fn read_log(
     let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
-        let (_, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+        let (_, high) = crate::log_start::require_whole(&consumer, topic, p.id(), timeout)?;
         let end = high.min(positions.get(&p.id()).copied().unwrap_or(0));
         if end > 0 {
             ends.insert(p.id(), end);

@@ -47,6 +47,8 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(transparent)]
+    LogStart(#[from] crate::log_start::LogStartError),
+    #[error(transparent)]
     Writer(#[from] WriterError),
     #[error(transparent)]
     Db(#[from] DbError),
@@ -216,6 +218,7 @@ impl LogCursor {
         for topic in topics {
             let metadata = consumer.fetch_metadata(Some(topic), clients.admin_timeout())?;
             for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
+                crate::log_start::require_whole(&consumer, topic, p.id(), clients.admin_timeout())?;
                 tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
             }
         }

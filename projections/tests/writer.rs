@@ -97,8 +97,8 @@ async fn stored_offset(db: &Database) -> Option<i64> {
     .map(|r| r.try_get(0).expect("i64"))
 }
 
-/// An orders projection writer on a migrated database, with the in-process broker for its
-/// dead letters.
+/// An orders projection writer on a migrated database, with the embedded broker for its
+/// dead letters; `None` (skip) when the embedded broker is not installed.
 struct Fixture {
     broker: Broker,
     clients: KafkaClients,
@@ -108,8 +108,8 @@ struct Fixture {
     dlq: FutureProducer,
 }
 
-async fn fixture(db_url: &str) -> Fixture {
-    let broker = Broker::embedded();
+async fn fixture(db_url: &str) -> Option<Fixture> {
+    let broker = Broker::embedded()?;
     let settings = orderflow_testkit::test_settings(None);
     let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
     orderflow_testkit::apply_topics(&broker, &settings).await;
@@ -128,25 +128,28 @@ async fn fixture(db_url: &str) -> Fixture {
         .idempotent_producer("test")
         .create()
         .expect("producer");
-    Fixture {
+    Some(Fixture {
         broker,
         clients,
         db,
         codec,
         writer,
         dlq,
-    }
+    })
 }
 
 async fn batches_apply_exactly_once(db_url: &str) {
-    let Fixture {
+    let Some(Fixture {
         broker: _broker,
         clients,
         db,
         codec,
         writer,
         dlq,
-    } = fixture(db_url).await;
+    }) = fixture(db_url).await
+    else {
+        return;
+    };
 
     let a = uuid::Uuid::new_v4().to_string();
     let batch = vec![
@@ -224,14 +227,17 @@ async fn batches_apply_exactly_once(db_url: &str) {
 
 /// The fact tables count each order once, however often its events are delivered.
 async fn facts_count_each_order_once(db_url: &str) {
-    let Fixture {
+    let Some(Fixture {
         broker: _broker,
         clients: _,
         db,
         codec,
         writer,
         dlq,
-    } = fixture(db_url).await;
+    }) = fixture(db_url).await
+    else {
+        return;
+    };
 
     let a = uuid::Uuid::new_v4().to_string();
     let b = uuid::Uuid::new_v4().to_string();
@@ -405,14 +411,17 @@ async fn postgres_batches_apply_exactly_once() {
 /// skips, what the tables already hold.
 async fn a_new_assignment_starts_at_the_stored_positions(db_url: &str) {
     use rdkafka::producer::FutureRecord;
-    let Fixture {
+    let Some(Fixture {
         broker,
         clients,
         db,
         codec,
         writer: _,
         dlq: producer,
-    } = fixture(db_url).await;
+    }) = fixture(db_url).await
+    else {
+        return;
+    };
     // 30 events on the log, all of them already in the tables (positions at the end).
     for _ in 0..30 {
         let order = uuid::Uuid::new_v4().to_string();

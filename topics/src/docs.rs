@@ -25,7 +25,7 @@ pub fn render_markdown(catalog: &Catalog) -> String {
     );
     for t in &catalog.topics {
         let retention = match t.retention_ms {
-            Some(-1) => "forever".to_owned(),
+            Some(-1 | crate::FOREVER) => "forever".to_owned(),
             Some(ms) => format!("{} days", ms / 86_400_000),
             None => "-".to_owned(),
         };
@@ -47,6 +47,9 @@ pub fn render_markdown(catalog: &Catalog) -> String {
             "\n## {}\n\n{}\n\n- **Key:** {}\n- **Value:** {}\n",
             t.name, t.description, t.key, t.value
         );
+        if let Some(why) = &t.retention_why {
+            let _ = writeln!(out, "- **Retention:** {why}");
+        }
         if !t.schemas.is_empty() {
             let _ = writeln!(
                 out,

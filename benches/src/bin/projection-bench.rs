@@ -2,7 +2,7 @@
 //! fast the query API answers an order from its cache and from the database.
 //!
 //! 1. Writes `--orders` orders (placed, validated, confirmed: three events each) to
-//!    `orders.events` on an in-process broker.
+//!    `orders.events` on the embedded broker.
 //! 2. Runs the orders projection writer (the real one, batches and positions) from offset 0
 //!    and times it until its stored positions reach the end of the log: events per second.
 //! 3. Serves the query API over the tables (with its cache) and requests `--queries` distinct
@@ -76,7 +76,9 @@ async fn main() -> Result<()> {
             None => bail!("PostgreSQL is not reachable at TEST_DATABASE_URL"),
         },
     };
-    let broker = Broker::embedded();
+    let Some(broker) = Broker::embedded() else {
+        bail!("the embedded broker is not installed: orderflow broker --install-only");
+    };
     let settings = test_settings(Some(&db.url));
     apply_topics(&broker, &settings).await;
     let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());

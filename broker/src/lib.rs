@@ -1,0 +1,326 @@
+//! The embedded default broker: a real Kafka-protocol broker that keeps its log on disk.
+//!
+//! `orderflow dev`, `orderflow broker` and the tests' default broker run Tansu with its SQLite
+//! storage engine as a child process, its log in one file of the data directory
+//! (`<dir>/tansu.db`, its output in `<dir>/tansu.log`). Every record produced is in that file
+//! once acknowledged; a restart on the same directory finds the whole log (offsets, low
+//! watermark 0, group offsets). Nothing is dropped for size or age: the broker applies no
+//! retention of its own.
+//!
+//! What this build of Tansu does not do: transactions (it has no EndTxn), so the processors
+//! run without them (`kafka.transactions = auto`, docs/architecture.md); and topic configs are
+//! not reported back.
+//!
+//! - [`install`] decides which binary runs, installing the pinned build on a first run.
+//! - [`DurableBroker`] owns the running child: one per data directory (a lock file refuses a
+//!   second), stopped with SIGTERM when dropped, and asked to die with its parent thread
+//!   (`setpriv --pdeathsig`) so a killed `dev` leaves no orphan holding the log.
+
+pub mod install;
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{Read as _, Seek as _, SeekFrom},
+    net::{TcpListener, TcpStream, ToSocketAddrs},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+
+pub use install::Install;
+
+/// The log file inside the data directory.
+pub const LOG_FILE: &str = "tansu.db";
+/// The broker's own output, appended across runs.
+pub const OUTPUT_FILE: &str = "tansu.log";
+const LOCK_FILE: &str = "broker.lock";
+/// How long a start may take before it is a failure (Tansu starts in well under a second).
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stop waits after SIGTERM before it kills.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the broker binary {0} (dev.broker_bin) does not exist")]
+    ConfiguredBinaryMissing(PathBuf),
+    #[error("the embedded broker (Tansu with SQLite storage) is not installed; install it with: {command}")]
+    NotInstalled { command: String },
+    #[error("installing the embedded broker failed ({status}); the command was: {command}")]
+    InstallFailed { status: String, command: String },
+    #[error("{0} is in use by another broker (another `orderflow dev` or `orderflow broker` on the same data directory)")]
+    InUse(PathBuf),
+    #[error("listen address {0:?} is not host:port")]
+    Listen(String),
+    #[error("the broker exited at start ({status}); its last output ({log}):\n{tail}")]
+    Exited {
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("the broker did not listen on {address} within {waited:?}; see {log}")]
+    NotListening {
+        address: String,
+        waited: Duration,
+        log: PathBuf,
+    },
+}
+
+/// How to start the embedded broker.
+#[derive(Debug, Clone)]
+pub struct BrokerOptions {
+    /// The directory that holds the log (created if missing).
+    pub dir: PathBuf,
+    /// `host:port` to listen on and advertise; port 0 picks a free port.
+    pub listen: String,
+    /// A Tansu binary to run instead of the installed one (`dev.broker_bin`).
+    pub binary: Option<PathBuf>,
+    pub install: Install,
+}
+
+/// A running embedded broker; stopped when dropped.
+pub struct DurableBroker {
+    child: Option<Child>,
+    bootstrap: String,
+    dir: PathBuf,
+    /// Held for the broker's life: one broker per directory.
+    _lock: File,
+}
+
+impl DurableBroker {
+    /// Starts the broker on `options.dir` and waits until it accepts connections. The log of
+    /// an earlier run in that directory is kept and served. Must be called from a thread that
+    /// outlives the broker (the main thread, a test's thread): the child is told to stop when
+    /// that thread ends.
+    pub fn start(
+        options: &BrokerOptions,
+        before_install: impl FnOnce(&str),
+    ) -> Result<Self, BrokerError> {
+        let dir = &options.dir;
+        std::fs::create_dir_all(dir).map_err(|source| BrokerError::Io {
+            what: format!("creating the broker directory {}", dir.display()),
+            source,
+        })?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = File::create(&lock_path).map_err(|source| BrokerError::Io {
+            what: format!("creating {}", lock_path.display()),
+            source,
+        })?;
+        if lock.try_lock().is_err() {
+            return Err(BrokerError::InUse(dir.clone()));
+        }
+        let binary = install::resolve(options.binary.as_deref(), options.install, before_install)?;
+        let (host, port) = listen_address(&options.listen)?;
+        let url = format!("tcp://{host}:{port}");
+        let output_path = dir.join(OUTPUT_FILE);
+        let output = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&output_path)
+            .map_err(|source| BrokerError::Io {
+                what: format!("opening {}", output_path.display()),
+                source,
+            })?;
+        let output_start = output.metadata().map(|m| m.len()).unwrap_or(0);
+        let stderr = output.try_clone().map_err(|source| BrokerError::Io {
+            what: format!("opening {}", output_path.display()),
+            source,
+        })?;
+        let mut command = parent_bound_command(&binary);
+        command
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            // Tansu resolves an absolute sqlite:/// path against its working directory, so the
+            // log file is named relative to the directory the broker runs in.
+            .args(["--storage-engine", &format!("sqlite://{LOG_FILE}")])
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(output)
+            .stderr(stderr);
+        let child = command.spawn().map_err(|source| BrokerError::Io {
+            what: format!("starting {}", binary.display()),
+            source,
+        })?;
+        let mut broker = Self {
+            child: Some(child),
+            bootstrap: format!("{host}:{port}"),
+            dir: dir.clone(),
+            _lock: lock,
+        };
+        broker.wait_listening(&output_path, output_start)?;
+        info!(bootstrap = %broker.bootstrap, dir = %dir.display(), binary = %binary.display(), "Embedded broker started.");
+        Ok(broker)
+    }
+
+    fn wait_listening(&mut self, log: &Path, log_start: u64) -> Result<(), BrokerError> {
+        let started = Instant::now();
+        let address = self.bootstrap.clone();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(BrokerError::Exited {
+                        status: status.to_string(),
+                        log: log.to_owned(),
+                        tail: tail(log, log_start),
+                    });
+                }
+            }
+            let connected = address
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok());
+            if connected {
+                return Ok(());
+            }
+            if started.elapsed() > START_TIMEOUT {
+                return Err(BrokerError::NotListening {
+                    address,
+                    waited: START_TIMEOUT,
+                    log: log.to_owned(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `host:port` for clients.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// The directory holding the log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The broker's process id (for CPU and memory readings, and for fault tests).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the broker: SIGTERM, then SIGKILL if it has not exited within 10 s. Every
+    /// acknowledged record is in the log file either way (SQLite commits before the ack).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = rustix::process::Pid::from_raw(child.id() as i32);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => break,
+            }
+        }
+        warn!(dir = %self.dir.display(), "The embedded broker did not stop on SIGTERM; killing it.");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Kills the broker at once (SIGKILL), as a crash would: for tests of durability.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for DurableBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The command that runs `binary`, asked to receive SIGTERM when the thread that starts it
+/// ends (`setpriv --pdeathsig`, util-linux), so a killed parent leaves no broker behind. Where
+/// `setpriv` is missing the binary runs directly, and `Drop` alone stops it.
+fn parent_bound_command(binary: &Path) -> Command {
+    let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
+        .into_iter()
+        .map(Path::new)
+        .find(|p| p.is_file());
+    match setpriv {
+        Some(setpriv) => {
+            let mut command = Command::new(setpriv);
+            command.args(["--pdeathsig", "TERM", "--"]).arg(binary);
+            command
+        }
+        None => Command::new(binary),
+    }
+}
+
+/// Splits `host:port`; port 0 becomes a free port (bound and released: a small window in
+/// which another process could take it, which then shows as the broker failing to start).
+fn listen_address(listen: &str) -> Result<(String, u16), BrokerError> {
+    let (host, port) = listen
+        .rsplit_once(':')
+        .ok_or_else(|| BrokerError::Listen(listen.to_owned()))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| BrokerError::Listen(listen.to_owned()))?;
+    if host.is_empty() {
+        return Err(BrokerError::Listen(listen.to_owned()));
+    }
+    if port != 0 {
+        return Ok((host.to_owned(), port));
+    }
+    let free = TcpListener::bind((host, 0))
+        .and_then(|l| l.local_addr())
+        .map_err(|source| BrokerError::Io {
+            what: format!("finding a free port on {host}"),
+            source,
+        })?;
+    Ok((host.to_owned(), free.port()))
+}
+
+/// The broker's output since `from`, last 40 lines.
+fn tail(log: &Path, from: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut file) = File::open(log) {
+        let _ = file.seek(SeekFrom::Start(from));
+        let _ = file.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_are_host_and_port() {
+        assert_eq!(
+            listen_address("127.0.0.1:9092").expect("valid"),
+            ("127.0.0.1".to_owned(), 9092)
+        );
+        let (host, port) = listen_address("127.0.0.1:0").expect("valid");
+        assert_eq!(host, "127.0.0.1");
+        assert_ne!(port, 0, "port 0 picks a free port");
+        for bad in ["9092", ":9092", "localhost:x", "localhost:70000"] {
+            assert!(listen_address(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

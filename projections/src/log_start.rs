@@ -1,0 +1,83 @@
+//! Where replay and reconcile must start reading: the first offset of each partition.
+//!
+//! Both fold a topic from its beginning, so a partition whose log no longer starts at offset 0
+//! (records deleted by retention, or by a broker that drops old records) cannot give the right
+//! answer: a replay would build tables without the deleted orders, a reconcile would compare
+//! the tables with part of their history. They refuse instead, naming the partition. The topic
+//! catalog keeps the topics they read with no time retention for this reason.
+
+use std::time::Duration;
+
+use rdkafka::{consumer::Consumer, error::KafkaError};
+
+/// A partition whose log no longer starts at 0.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{topic} partition {partition} starts at offset {low}, not 0: its first {low} records were \
+     deleted, so it cannot be read from its beginning. Restore the topic from a backup, or use \
+     a log that still holds its whole history (the catalog keeps {topic} with no time retention; \
+     check its retention.ms with `orderflow topics apply`)"
+)]
+pub struct LogTruncated {
+    pub topic: String,
+    pub partition: i32,
+    pub low: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogStartError {
+    #[error(transparent)]
+    Truncated(#[from] LogTruncated),
+    #[error("reading the watermarks of {topic} partition {partition}: {source}")]
+    Kafka {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: KafkaError,
+    },
+}
+
+/// The partition's watermarks `(low, high)`, or an error if its log does not start at 0.
+pub fn require_whole<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<(i64, i64), LogStartError> {
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, timeout)
+        .map_err(|source| LogStartError::Kafka {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        })?;
+    check(topic, partition, low)?;
+    Ok((low, high))
+}
+
+fn check(topic: &str, partition: i32, low: i64) -> Result<(), LogTruncated> {
+    if low > 0 {
+        return Err(LogTruncated {
+            topic: topic.to_owned(),
+            partition,
+            low,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_that_starts_later_is_refused_naming_the_partition() {
+        assert!(check("orders.events", 3, 0).is_ok());
+        let err = check("orders.events", 3, 18_042).expect_err("truncated");
+        let message = err.to_string();
+        assert!(
+            message.contains("orders.events partition 3 starts at offset 18042"),
+            "{message}"
+        );
+    }
+}
