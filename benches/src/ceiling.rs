@@ -2,16 +2,22 @@
 //! settings and message size as the pipeline:
 //! - raw produce: an idempotent producer (`acks=all`) writing `n` records as fast as it can;
 //! - raw consume: a `read_committed` consumer reading them back;
-//! - transactional consume → produce: orderflow's own processor runtime with a step that only
-//!   passes each event on (decode, encode, one transaction per batch with the offsets), timed
-//!   from the first to the last record a `read_committed` reader sees on its output (the first
-//!   batch is outside the timing; with the default 20 000 records and batches of at most 500
-//!   that overstates the rate by at most ~2.5 %).
+//! - consume → produce: orderflow's own processor runtime with a step that only passes each
+//!   event on (decode, encode, outputs, offsets), timed from the first to the last record a
+//!   `read_committed` reader sees on its output (the first batch is outside the timing; with
+//!   the default 20 000 records and batches of at most 500 that overstates the rate by at most
+//!   ~2.5 %) — once without transactions (`kafka.transactions = off`), and once with one
+//!   transaction per batch where the broker has transactions. `pipeline_rate` is the one of the
+//!   mode the pipeline runs in on this broker (`auto`), which the efficiency divides by.
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
-use orderflow_platform::{config::Overrides, kafka::KafkaClients, Settings};
+use orderflow_platform::{
+    config::{Overrides, Transactions},
+    kafka::KafkaClients,
+    Settings,
+};
 use orderflow_processors::{
     runtime::StepError, state::NoState, Outputs, ProcessorIo, ProcessorRuntime, Step,
 };
@@ -37,7 +43,12 @@ pub struct Ceiling {
     /// Records per second.
     pub produce_rate: f64,
     pub consume_rate: f64,
-    pub transactional_rate: f64,
+    /// Consume → produce through the runtime without transactions.
+    pub idempotent_rate: f64,
+    /// The same with transactions; `None` where the broker has none.
+    pub transactional_rate: Option<f64>,
+    /// The rate of the mode the pipeline runs in on this broker.
+    pub pipeline_rate: f64,
 }
 
 /// Passes every event on unchanged: the cheapest possible processor.
@@ -164,9 +175,7 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
     let codec = Arc::new(Codec::new()?);
     let run = uuid::Uuid::new_v4().simple().to_string();
     let input = leak(format!("orderflow.bench.{run}.raw"));
-    let txn_input = leak(format!("orderflow.bench.{run}.in"));
-    let txn_output = leak(format!("orderflow.bench.{run}.out"));
-    create_topics(&clients, &[input, txn_input, txn_output]).await;
+    create_topics(&clients, &[input]).await;
 
     // Raw produce.
     let producer: FutureProducer = clients.idempotent_producer("bench").create()?;
@@ -197,10 +206,58 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
         (n + 1) as f64 / (last - started).as_secs_f64().max(1e-9)
     };
 
-    // Transactional consume → produce through the processor runtime, on its own topics. It is
-    // started and warmed up first (group joined, producer initialised, one record through), then
-    // timed from the start of producing `n` records to its input to the last of them on its
-    // output: the time for `n` records to pass through a running processor.
+    let through = |transactions| {
+        through_runtime(
+            &settings,
+            &clients,
+            &codec,
+            &producer,
+            &payload,
+            n,
+            transactions,
+        )
+    };
+    let idempotent_rate = through(Transactions::Off).await?;
+    let has_transactions =
+        orderflow_platform::transactions::supports_transactions(bootstrap).await?;
+    let transactional_rate = if has_transactions {
+        Some(through(Transactions::On).await?)
+    } else {
+        None
+    };
+    let pipeline_rate = transactional_rate.unwrap_or(idempotent_rate);
+
+    Ok(Ceiling {
+        messages: n,
+        message_bytes: payload.len(),
+        produce_rate,
+        consume_rate,
+        idempotent_rate,
+        transactional_rate,
+        pipeline_rate,
+    })
+}
+
+/// Consume → produce through the processor runtime, on topics of its own. It is started and
+/// warmed up first (group joined, producer initialised, one record through), then timed from
+/// the start of producing `n` records to its input to the last of them on its output: the time
+/// for `n` records to pass through a running processor.
+async fn through_runtime(
+    settings: &Settings,
+    clients: &KafkaClients,
+    codec: &Arc<Codec>,
+    producer: &FutureProducer,
+    payload: &[u8],
+    n: u64,
+    transactions: Transactions,
+) -> Result<f64> {
+    let mut settings = settings.clone();
+    settings.kafka.transactions = transactions;
+    let clients = KafkaClients::new(&settings.kafka, clients.bootstrap());
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let txn_input = leak(format!("orderflow.bench.{run}.in"));
+    let txn_output = leak(format!("orderflow.bench.{run}.out"));
+    create_topics(&clients, &[txn_input, txn_output]).await;
     let io = ProcessorIo {
         name: leak(format!("bench-{run}")),
         input_topic: txn_input,
@@ -217,7 +274,7 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
     );
     let cancel = CancellationToken::new();
     let task = tokio::spawn(runtime.run(cancel.clone()));
-    produce_n(&producer, txn_input, &payload, 1).await?;
+    produce_n(producer, txn_input, payload, 1).await?;
     // The output topic may not exist yet on a broker that creates topics on first use.
     let out_reader = {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -235,21 +292,13 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
         read_n(&out_reader, 1, Duration::from_secs(120)).map(|_| out_reader)
     })
     .await
-    .context("transactional warm-up")??;
+    .context("consume → produce warm-up")??;
     let started = std::time::Instant::now();
     let reading =
         tokio::task::spawn_blocking(move || read_n(&out_reader, n, Duration::from_secs(600)));
-    produce_n(&producer, txn_input, &payload, n).await?;
-    let (_, last) = reading.await.context("transactional")??;
+    produce_n(producer, txn_input, payload, n).await?;
+    let (_, last) = reading.await.context("consume → produce")??;
     cancel.cancel();
     let _ = task.await;
-    let transactional_rate = n as f64 / (last - started).as_secs_f64().max(1e-9);
-
-    Ok(Ceiling {
-        messages: n,
-        message_bytes: payload.len(),
-        produce_rate,
-        consume_rate,
-        transactional_rate,
-    })
+    Ok(n as f64 / (last - started).as_secs_f64().max(1e-9))
 }

@@ -6,8 +6,9 @@
 //! cache directory of its own, named after the version and feature, so a binary found there is
 //! always the right build:
 //!
-//! `$ORDERFLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/orderflow`, else `$HOME/.cache/orderflow`,
-//! then `tansu-<version>-libsql/bin/tansu`.
+//! `$XDG_CACHE_HOME/orderflow`, else `$HOME/.cache/orderflow`, then
+//! `tansu-<version>-libsql/bin/tansu`. (No `ORDERFLOW_…` variable: those are configuration
+//! keys.)
 //!
 //! An install builds into a temporary root beside the final one and is renamed into place only
 //! when `cargo install` succeeded, so a build interrupted half-way never counts as installed.
@@ -38,9 +39,6 @@ pub enum Install {
 
 /// The cache directory of orderflow's own tools.
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("ORDERFLOW_CACHE_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("orderflow");
     }

@@ -13,8 +13,9 @@
 //!
 //! - [`install`] decides which binary runs, installing the pinned build on a first run.
 //! - [`DurableBroker`] owns the running child: one per data directory (a lock file refuses a
-//!   second), stopped with SIGTERM when dropped, and asked to die with its parent thread
-//!   (`setpriv --pdeathsig`) so a killed `dev` leaves no orphan holding the log.
+//!   second), in a process group of its own (a terminal's Ctrl-C reaches `dev`, which drains and
+//!   then stops the broker), stopped with SIGTERM when dropped, and asked to die with its
+//!   parent thread (`setpriv --pdeathsig`) so a killed `dev` leaves no orphan holding the log.
 
 pub mod install;
 
@@ -26,6 +27,8 @@ use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
+
+use std::os::unix::process::CommandExt as _;
 
 use tracing::{info, warn};
 
@@ -134,6 +137,10 @@ impl DurableBroker {
             source,
         })?;
         let mut command = parent_bound_command(&binary);
+        // A process group of its own: Ctrl-C in a terminal signals the whole foreground group,
+        // and the broker must outlive the pipeline's drain (which still commits to it); the
+        // pipeline stops it afterwards (`Drop`).
+        command.process_group(0);
         command
             .args([
                 "broker",

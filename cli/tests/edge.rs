@@ -1,4 +1,4 @@
-//! The HTTP edge with authentication on, as production runs it (in-process broker, SQLite):
+//! The HTTP edge with authentication on, as production runs it (embedded broker, SQLite):
 //! the authorization matrix of every endpoint, JWT attacks, `Idempotency-Key` replay, conflict
 //! and concurrent duplicates (and a retry after a 503 writing the same event), and rate limits
 //! per principal.

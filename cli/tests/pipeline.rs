@@ -1,4 +1,4 @@
-//! End to end: the whole pipeline in-process, on the in-process broker with SQLite and on a
+//! End to end: the whole pipeline in one process, on the embedded broker with SQLite and on a
 //! separate Tansu broker with PostgreSQL. Orders go in over HTTP and are read back, final, from
 //! the query API; the event log is then checked for exactly one event of each kind per order,
 //! and the consumer groups' committed positions for the end of the log after a graceful stop.

@@ -1,4 +1,4 @@
-//! The saga through the running pipeline (in-process broker, SQLite): fraud review decided over
+//! The saga through the running pipeline (embedded broker, SQLite): fraud review decided over
 //! HTTP, customer cancellation before and after confirmation, and a faulty payment gateway —
 //! retries, the circuit breaker opening and closing, no order charged twice, every order ends.
 

@@ -1,5 +1,6 @@
-//! The ingest edge over HTTP against the in-process broker: what is accepted, what is refused
-//! and how, and that a broker outage answers 503 instead of hanging or lying.
+//! The ingest edge over HTTP against the embedded broker (and the mock cluster, where the broker
+//! goes down): what is accepted, what is refused and how, and that a broker outage answers 503
+//! instead of hanging or lying.
 
 use std::{sync::Arc, time::Duration};
 

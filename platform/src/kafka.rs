@@ -137,8 +137,13 @@ impl KafkaClients {
     /// optional").
     pub fn changelog_producer(&self, role: &str) -> ClientConfig {
         let mut config = self.idempotent_producer(role);
+        // The caller enqueues a batch's records in one go and flushes at once: the linger only
+        // has to outlast the enqueueing, and the deadline is a transaction's, as in the
+        // transactional mode.
+        let timeout = self.settings.transaction_timeout_ms.max(2_000);
         config
-            .set("linger.ms", "600000")
+            .set("message.timeout.ms", timeout.to_string())
+            .set("linger.ms", (timeout / 2).min(5).to_string())
             .set("batch.num.messages", "1000000")
             .set("batch.size", "100000000")
             .set("message.max.bytes", "100000000");

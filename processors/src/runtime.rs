@@ -372,7 +372,8 @@ impl<S: Step> ProcessorRuntime<S> {
             _ => None,
         };
         consumer.subscribe(&[self.io.input_topic])?;
-        info!(processor = self.io.name, group = %self.group_id, topic = self.io.input_topic, transactions = self.mode == Mode::Transactional, "Processor started.");
+        let transactional = self.mode == Mode::Transactional;
+        info!(processor = self.io.name, group = %self.group_id, topic = self.io.input_topic, transactional, "Processor started.");
 
         let mut slots: BTreeMap<i32, Slot<S::State>> = BTreeMap::new();
         let mut gaps = GapGuard::new(self.clients.settings().recheck_offset_gaps);

@@ -960,8 +960,8 @@ async fn a_zombies_state_write_never_wins_on_the_embedded_broker() {
 }
 
 /// Ignored in the default run: on Tansu the saga sometimes does not finish its canary order
-/// within two minutes after one of the restarts (2 of 5 runs here; the in-process variant never
-/// failed). Until the cause is found — suspected: the restart's claim transaction on Tansu —
+/// within two minutes after one of the restarts (2 of 5 runs here; the variants on the mock
+/// cluster, before, and on the embedded broker never failed). Until the cause is found — suspected: the restart's claim transaction on Tansu —
 /// run it with `cargo test -p orderflow-processors --test runtime -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "flaky on Tansu: the saga sometimes stalls after a restart (see the doc comment)"]

@@ -311,6 +311,38 @@ pub fn config_drift(spec: &TopicSpec, have: impl Fn(&str) -> Option<String>) -> 
     drift
 }
 
+/// New topics take a moment to get leaders; consumers that subscribe before would see nothing.
+async fn wait_for_leaders(
+    admin: &AdminClient<DefaultClientContext>,
+    clients: &KafkaClients,
+    created: &[String],
+) -> Result<(), ApplyError> {
+    if created.is_empty() {
+        return Ok(());
+    }
+    let waited = clients.admin_timeout();
+    let deadline = tokio::time::Instant::now() + waited;
+    loop {
+        let cluster = describe(admin, clients)?;
+        let pending = created.iter().find(|name| {
+            !cluster
+                .topics
+                .get(name.as_str())
+                .is_some_and(|t| t.partitions > 0 && t.all_have_leaders)
+        });
+        match pending {
+            None => return Ok(()),
+            Some(topic) if tokio::time::Instant::now() >= deadline => {
+                return Err(ApplyError::NotReady {
+                    topic: topic.clone(),
+                    waited,
+                })
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,37 +373,5 @@ mod tests {
             )),
             "{drift:?}"
         );
-    }
-}
-
-/// New topics take a moment to get leaders; consumers that subscribe before would see nothing.
-async fn wait_for_leaders(
-    admin: &AdminClient<DefaultClientContext>,
-    clients: &KafkaClients,
-    created: &[String],
-) -> Result<(), ApplyError> {
-    if created.is_empty() {
-        return Ok(());
-    }
-    let waited = clients.admin_timeout();
-    let deadline = tokio::time::Instant::now() + waited;
-    loop {
-        let cluster = describe(admin, clients)?;
-        let pending = created.iter().find(|name| {
-            !cluster
-                .topics
-                .get(name.as_str())
-                .is_some_and(|t| t.partitions > 0 && t.all_have_leaders)
-        });
-        match pending {
-            None => return Ok(()),
-            Some(topic) if tokio::time::Instant::now() >= deadline => {
-                return Err(ApplyError::NotReady {
-                    topic: topic.clone(),
-                    waited,
-                })
-            }
-            Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
     }
 }
