@@ -128,7 +128,8 @@ impl KafkaClients {
     }
 
     /// Idempotent producer for a processor's changelog when it runs without transactions: the
-    /// records it is given are held (a long linger) until the caller flushes, and then each
+    /// records it is given are held (a linger of 100 ms, far longer than queueing a batch's
+    /// records takes) until the caller flushes, and then each
     /// partition's records leave as one message set (counts and bytes far above a batch's), so
     /// a broker that stores a message set atomically — Tansu's SQLite engine writes each one in
     /// one SQL transaction — never holds part of a batch's state changes. That matters because
@@ -143,7 +144,7 @@ impl KafkaClients {
         let timeout = self.settings.transaction_timeout_ms.max(2_000);
         config
             .set("message.timeout.ms", timeout.to_string())
-            .set("linger.ms", (timeout / 2).min(5).to_string())
+            .set("linger.ms", (timeout / 2).min(100).to_string())
             .set("batch.num.messages", "1000000")
             .set("batch.size", "100000000")
             .set("message.max.bytes", "100000000");
