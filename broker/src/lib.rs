@@ -244,14 +244,6 @@ impl DurableBroker {
         let _ = child.kill();
         let _ = child.wait();
     }
-
-    /// Kills the broker at once (SIGKILL), as a crash would: for tests of durability.
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 impl Drop for DurableBroker {

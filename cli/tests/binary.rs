@@ -6,7 +6,7 @@
 use std::{path::Path, process::Command};
 
 use orderflow_testkit::{
-    dev::DevProcess, embedded_broker_installed, order_json, wait_final, TempDir,
+    dev::DevProcess, embedded_broker_installed, order_json, place_order, wait_final, TempDir,
 };
 use serde_json::Value;
 
@@ -40,15 +40,7 @@ async fn dev_runs_serves_stops_cleanly_and_carries_on_after_a_restart() {
 
     let client = reqwest::Client::new();
     orderflow_testkit::restock(&client, &dev.admin_url, &[("SKU-00001", 10)]).await;
-    let accepted: Value = client
-        .post(format!("{}/v1/orders", dev.ingest_url))
-        .json(&order_json("customer-1"))
-        .send()
-        .await
-        .expect("post")
-        .json()
-        .await
-        .expect("json");
+    let accepted = place_order(&client, &dev.ingest_url, &order_json("customer-1")).await;
     let status_url = accepted["status_url"]
         .as_str()
         .expect("status_url")
@@ -74,8 +66,10 @@ async fn dev_runs_serves_stops_cleanly_and_carries_on_after_a_restart() {
                 &admin,
                 "--orders",
                 "40",
+                // Within what the embedded broker acknowledges in time (BENCHMARKS.md): a
+                // faster burst can meet 503s past kafka.message_timeout_ms.
                 "--rate",
-                "200",
+                "20",
                 "--invalid-ratio",
                 "0.2",
             ])
@@ -163,15 +157,7 @@ async fn dev_runs_serves_stops_cleanly_and_carries_on_after_a_restart() {
     assert!(stdout.contains("checked 41 orders"), "{stdout}");
 
     // And the pipeline carries on: a new order confirms (the stock restocked before is kept).
-    let accepted: Value = client
-        .post(format!("{}/v1/orders", second.ingest_url))
-        .json(&order_json("customer-2"))
-        .send()
-        .await
-        .expect("post")
-        .json()
-        .await
-        .expect("json");
+    let accepted = place_order(&client, &second.ingest_url, &order_json("customer-2")).await;
     let view = wait_final(
         &client,
         accepted["status_url"].as_str().expect("status_url"),

@@ -121,14 +121,6 @@ impl Broker {
         }
     }
 
-    /// The embedded broker, to restart or kill it.
-    pub fn as_embedded_mut(&mut self) -> Option<&mut EmbeddedFixture> {
-        match self {
-            Self::Embedded(b) => Some(b),
-            Self::Mock(_) | Self::Tansu(_) => None,
-        }
-    }
-
     pub fn name(&self) -> &'static str {
         match self {
             Self::Embedded(_) => "embedded broker",
@@ -140,7 +132,7 @@ impl Broker {
 
 /// The embedded default broker on a temp directory, removed when the fixture drops.
 pub struct EmbeddedFixture {
-    broker: Option<DurableBroker>,
+    broker: DurableBroker,
     listen: String,
     // Declared after the broker: dropped after it has stopped.
     dir: TempDir,
@@ -159,7 +151,7 @@ impl EmbeddedFixture {
         match DurableBroker::start(&options, |_| {}) {
             Ok(broker) => Some(Self {
                 listen: broker.bootstrap_servers().to_owned(),
-                broker: Some(broker),
+                broker,
                 dir,
             }),
             Err(e @ BrokerError::NotInstalled { .. }) => unavailable(
@@ -180,46 +172,7 @@ impl EmbeddedFixture {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.broker.as_ref().and_then(DurableBroker::pid)
-    }
-
-    /// Kills the broker (SIGKILL, as a crash) and starts it again on the same directory and
-    /// port.
-    pub fn kill_and_restart(&mut self) {
-        if let Some(mut broker) = self.broker.take() {
-            broker.kill();
-        }
-        self.restart_on_same_log();
-    }
-
-    /// Stops the broker (SIGTERM) and starts it again on the same directory and port.
-    pub fn restart(&mut self) {
-        drop(self.broker.take());
-        self.restart_on_same_log();
-    }
-
-    fn restart_on_same_log(&mut self) {
-        let options = BrokerOptions {
-            dir: self.dir(),
-            listen: self.listen.clone(),
-            binary: None,
-            install: Install::Never,
-        };
-        // The port was just released; a moment may pass before it can be bound again.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match DurableBroker::start(&options, |_| {}) {
-                Ok(broker) => {
-                    self.broker = Some(broker);
-                    return;
-                }
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => panic!("the embedded broker does not restart: {e}"),
-            }
-        }
+        self.broker.pid()
     }
 }
 
