@@ -12,12 +12,14 @@
 //! not reported back.
 //!
 //! - [`install`] decides which binary runs, installing the pinned build on a first run.
+//! - [`schema`] adds the index Tansu's SQLite schema lacks, before the log is served.
 //! - [`DurableBroker`] owns the running child: one per data directory (a lock file refuses a
 //!   second), in a process group of its own (a terminal's Ctrl-C reaches `dev`, which drains and
 //!   then stops the broker), stopped with SIGTERM when dropped, and asked to die with its
 //!   parent thread (`setpriv --pdeathsig`) so a killed `dev` leaves no orphan holding the log.
 
 pub mod install;
+pub mod schema;
 
 use std::{
     fs::{File, OpenOptions},
@@ -68,6 +70,13 @@ pub enum BrokerError {
         log: PathBuf,
         tail: String,
     },
+    #[error("{what} the broker's log {db}: {source}")]
+    Schema {
+        db: PathBuf,
+        what: String,
+        #[source]
+        source: rusqlite::Error,
+    },
     #[error("the broker did not listen on {address} within {waited:?}; see {log}")]
     NotListening {
         address: String,
@@ -91,6 +100,9 @@ pub struct BrokerOptions {
 /// A running embedded broker; stopped when dropped.
 pub struct DurableBroker {
     child: Option<Child>,
+    binary: PathBuf,
+    /// `tcp://host:port`, listened on and advertised.
+    url: String,
     bootstrap: String,
     dir: PathBuf,
     /// Held for the broker's life: one broker per directory.
@@ -121,8 +133,35 @@ impl DurableBroker {
         }
         let binary = install::resolve(options.binary.as_deref(), options.install, before_install)?;
         let (host, port) = listen_address(&options.listen)?;
-        let url = format!("tcp://{host}:{port}");
-        let output_path = dir.join(OUTPUT_FILE);
+        let db = dir.join(LOG_FILE);
+        // The index goes in while no broker has the file open. A new log has no schema yet:
+        // Tansu creates it when it starts, so the first start is followed by a stop, the index
+        // and a second start.
+        let indexed = schema::has_schema(&db)?;
+        if indexed {
+            schema::add_indexes(&db)?;
+        }
+        let mut broker = Self {
+            child: None,
+            binary,
+            url: format!("tcp://{host}:{port}"),
+            bootstrap: format!("{host}:{port}"),
+            dir: dir.clone(),
+            _lock: lock,
+        };
+        broker.launch()?;
+        if !indexed {
+            broker.stop();
+            schema::add_indexes(&db)?;
+            broker.launch()?;
+        }
+        info!(bootstrap = %broker.bootstrap, dir = %dir.display(), binary = %broker.binary.display(), "Embedded broker started.");
+        Ok(broker)
+    }
+
+    /// Runs the broker process on the directory and waits until it listens.
+    fn launch(&mut self) -> Result<(), BrokerError> {
+        let output_path = self.dir.join(OUTPUT_FILE);
         let output = OpenOptions::new()
             .create(true)
             .append(true)
@@ -136,7 +175,7 @@ impl DurableBroker {
             what: format!("opening {}", output_path.display()),
             source,
         })?;
-        let mut command = parent_bound_command(&binary);
+        let mut command = parent_bound_command(&self.binary);
         // A process group of its own: Ctrl-C in a terminal signals the whole foreground group,
         // and the broker must outlive the pipeline's drain (which still commits to it); the
         // pipeline stops it afterwards (`Drop`).
@@ -145,31 +184,24 @@ impl DurableBroker {
             .args([
                 "broker",
                 "--listener-url",
-                &url,
+                &self.url,
                 "--advertised-listener-url",
-                &url,
+                &self.url,
             ])
             // Tansu resolves an absolute sqlite:/// path against its working directory, so the
             // log file is named relative to the directory the broker runs in.
             .args(["--storage-engine", &format!("sqlite://{LOG_FILE}")])
-            .current_dir(dir)
+            .current_dir(&self.dir)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(output)
             .stderr(stderr);
         let child = command.spawn().map_err(|source| BrokerError::Io {
-            what: format!("starting {}", binary.display()),
+            what: format!("starting {}", self.binary.display()),
             source,
         })?;
-        let mut broker = Self {
-            child: Some(child),
-            bootstrap: format!("{host}:{port}"),
-            dir: dir.clone(),
-            _lock: lock,
-        };
-        broker.wait_listening(&output_path, output_start)?;
-        info!(bootstrap = %broker.bootstrap, dir = %dir.display(), binary = %binary.display(), "Embedded broker started.");
-        Ok(broker)
+        self.child = Some(child);
+        self.wait_listening(&output_path, output_start)
     }
 
     fn wait_listening(&mut self, log: &Path, log_start: u64) -> Result<(), BrokerError> {

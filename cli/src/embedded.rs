@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use orderflow_broker::{BrokerOptions, DurableBroker, Install};
 use orderflow_platform::{
-    kafka::{KafkaClients, MockBroker},
+    kafka::{log_end, KafkaClients, MockBroker},
     Settings,
 };
 use orderflow_projections::Database;
@@ -22,7 +22,7 @@ use orderflow_topics::{
     apply::{apply, ApplyReport, Provisioner},
     Catalog,
 };
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use sqlx::Row;
 
 /// Where the pipeline's broker is.
@@ -99,7 +99,8 @@ pub async fn check_database_matches_log(settings: &Settings, bootstrap: &str) ->
         return Ok(());
     }
     let clients = KafkaClients::new(&settings.kafka, bootstrap);
-    let consumer: std::sync::Arc<BaseConsumer> = std::sync::Arc::new(clients.admin().create()?);
+    let consumer: std::sync::Arc<BaseConsumer> =
+        std::sync::Arc::new(clients.reader("dev").create()?);
     let mut past_end = Vec::new();
     for row in rows {
         let topic: String = row.try_get(0)?;
@@ -109,7 +110,12 @@ pub async fn check_database_matches_log(settings: &Settings, bootstrap: &str) ->
         let consumer = consumer.clone();
         let topic_for_call = topic.clone();
         let (_, high) = tokio::task::spawn_blocking(move || {
-            consumer.fetch_watermarks(&topic_for_call, partition, Duration::from_secs(10))
+            log_end(
+                &consumer,
+                &topic_for_call,
+                partition,
+                Duration::from_secs(10),
+            )
         })
         .await??;
         if position > high {

@@ -529,6 +529,51 @@ pub fn next_offsets(batch: &[OwnedMessage]) -> Result<TopicPartitionList, KafkaE
     Ok(tpl)
 }
 
+/// A partition's first offset and the offset after its last record: `(low, end)`.
+///
+/// The end is the high watermark on Kafka and on Tansu's SQLite engine. Tansu's memory engine
+/// reports the offset after the *first* record of the partition's last message set instead
+/// (measured: three records produced in one set at offsets 6–8 give a high watermark of 7), so
+/// whatever trusts the high watermark misses the rest of that set. This reads on from the high
+/// watermark to the end-of-partition event: nothing on the brokers that report it right, the
+/// tail on the one that does not. `reader` is a consumer of the caller's own, built with
+/// [`KafkaClients::reader`] (end-of-partition events on); it is assigned here.
+pub fn log_end(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<(i64, i64), KafkaError> {
+    let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
+    if high <= low {
+        return Ok((low, high));
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(high))?;
+    reader.assign(&tpl)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut end = high;
+    loop {
+        match reader.poll(Duration::from_millis(100)) {
+            Some(Ok(message)) if message.topic() == topic && message.partition() == partition => {
+                end = end.max(message.offset() + 1)
+            }
+            Some(Ok(_)) => {}
+            Some(Err(KafkaError::PartitionEOF(p))) if p == partition => break,
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => return Err(e),
+            None if std::time::Instant::now() >= deadline => {
+                return Err(KafkaError::OffsetFetch(
+                    rdkafka::types::RDKafkaErrorCode::OperationTimedOut,
+                ))
+            }
+            None => {}
+        }
+    }
+    reader.unassign()?;
+    Ok((low, end))
+}
+
 /// A header's value as text.
 pub fn header_value(message: &OwnedMessage, name: &str) -> Option<String> {
     message.headers().and_then(|hs| {

@@ -953,6 +953,13 @@ impl RestoreProgress {
 /// Reads changelog partition `partition` to its end into a fresh state (see
 /// [`crate::state::Restorer`] for which records count). No time limit: a large state takes as
 /// long as it takes, reporting its progress on `/readyz`; it stops when `cancel` fires.
+///
+/// The end is where the broker says the partition ends (the end-of-partition event), never the
+/// high watermark read before: Tansu's memory engine reports as high watermark the offset after
+/// the *first* record of the partition's last message set, and a restore that stopped there
+/// would miss the rest of the last batch — its position record included, so the state would
+/// fall back a batch, or to nothing when that batch was the partition's first (measured: the
+/// crash tests without transactions, docs/architecture.md).
 async fn restore<T: PartitionState>(
     clients: &KafkaClients,
     role: &'static str,
@@ -1038,9 +1045,6 @@ async fn restore<T: PartitionState>(
                     if reported.elapsed() > Duration::from_secs(1) {
                         progress.report(partition, read, total);
                         reported = Instant::now();
-                    }
-                    if message.offset() + 1 >= high {
-                        break;
                     }
                 }
             }

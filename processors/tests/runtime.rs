@@ -43,7 +43,7 @@ use orderflow_processors::{
 use orderflow_schemas::{Codec, OrderEvent};
 use orderflow_testkit::{
     apply_topics, eventually,
-    log::{now_ms, order_placed, read_dead_letters, restocked, Log, LogReader},
+    log::{envelope, now_ms, order_placed, read_dead_letters, restocked, Log, LogReader},
     test_settings, test_settings_with, Broker,
 };
 use orderflow_topics::names;
@@ -1303,4 +1303,100 @@ async fn a_partition_handed_back_brings_its_state_on_tansu() {
         return;
     };
     a_partition_handed_back_brings_its_state(broker).await;
+}
+
+/// A restarted processor restores every record of its changelog's last message set. Without a
+/// transaction a batch's state changes go out as one message set per partition, the position
+/// record last; Tansu's memory engine reports as high watermark the offset after that set's
+/// *first* record, and a restore that stopped at the high watermark lost the rest of the set —
+/// its position record included, so the whole batch, or the whole state when the batch was the
+/// partition's first (the crash tests without transactions re-scored orders from an empty
+/// state). Here the state is written as a processor writes it: SKU-L has 3 units and nothing of
+/// the input is applied yet, in one message set per partition. A reservation of 2 units must be
+/// granted from those 3; a restore that kept only the first record would know no stock and
+/// refuse it.
+async fn a_restore_reads_the_last_message_set_whole(broker: Broker) {
+    let scene = Scene::new(&broker, |_| {}).await;
+    let changelog: FutureProducer = scene
+        .clients
+        .changelog_producer("test")
+        .create()
+        .expect("producer");
+    let mut deliveries = Vec::new();
+    for partition in 0..6 {
+        for (key, value) in [
+            ("s:SKU-L", r#"{"available":3}"#),
+            ("s:SKU-OTHER", r#"{"available":7}"#),
+            (POSITION_KEY, "0"),
+        ] {
+            let record = FutureRecord::to(names::INVENTORY_CHANGELOG)
+                .partition(partition)
+                .key(key)
+                .payload(value)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: GENERATION_HEADER,
+                    value: Some("1"),
+                }));
+            deliveries.push(
+                changelog
+                    .send_result(record)
+                    .map_err(|(e, _)| e)
+                    .expect("queued"),
+            );
+        }
+    }
+    changelog.flush(Duration::from_secs(30)).expect("flushed");
+    for delivery in deliveries {
+        delivery.await.expect("delivered").expect("written");
+    }
+
+    scene.run(&["inventory"]).await;
+    let order_id = uuid::Uuid::new_v4().to_string();
+    let request = OrderEvent::InventoryReservationRequested(
+        orderflow_schemas::InventoryReservationRequested {
+            envelope: envelope(
+                uuid::Uuid::new_v4().to_string(),
+                order_id.clone(),
+                "customer-l".to_owned(),
+                now_ms(),
+            ),
+            lines: vec![orderflow_schemas::SkuQuantity {
+                sku: "SKU-L".to_owned(),
+                quantity: 2,
+            }],
+        },
+    );
+    let bytes = scene.codec.encode(&request).expect("encode");
+    write(&scene.producer, names::INVENTORY_COMMANDS, "SKU-L", &bytes).await;
+    let log = scene.wait_for("the inventory's answer", |log| {
+        log.by_order.get(&order_id).is_some_and(|e| !e.is_empty())
+    });
+    scene.root.cancel();
+    let answers: Vec<&OrderEvent> = log.by_order[&order_id].values().collect();
+    match answers.as_slice() {
+        [OrderEvent::InventoryLineReserved(reserved)] => {
+            assert_eq!(
+                (reserved.quantity, reserved.available_after),
+                (2, 1),
+                "granted from the restored 3 units"
+            );
+        }
+        other => panic!("expected the 2 units reserved from the restored 3, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_reads_the_last_message_set_whole_on_the_embedded_broker() {
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
+    a_restore_reads_the_last_message_set_whole(broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_reads_the_last_message_set_whole_on_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    a_restore_reads_the_last_message_set_whole(broker).await;
 }

@@ -55,6 +55,25 @@ pub fn require_whole<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
     Ok((low, high))
 }
 
+/// The partition's end (the offset after its last record, read past the high watermark where
+/// a broker reports that too low: [`orderflow_platform::kafka::log_end`]), or an error if its log
+/// does not start at 0. `reader` is assigned here: a consumer of the caller's own.
+pub fn require_whole_to_end(
+    reader: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<i64, LogStartError> {
+    let (low, end) = orderflow_platform::kafka::log_end(reader, topic, partition, timeout)
+        .map_err(|source| LogStartError::Kafka {
+            topic: topic.to_owned(),
+            partition,
+            source,
+        })?;
+    check(topic, partition, low)?;
+    Ok(end)
+}
+
 fn check(topic: &str, partition: i32, low: i64) -> Result<(), LogTruncated> {
     if low > 0 {
         return Err(LogTruncated {

@@ -135,11 +135,12 @@ fn read_log(
         .create()?;
     let timeout = clients.admin_timeout();
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
+    let ends_reader: BaseConsumer = clients.reader("reconcile").create()?;
     let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
-        let (_, high) = crate::log_start::require_whole(&consumer, topic, p.id(), timeout)?;
-        let end = high.min(positions.get(&p.id()).copied().unwrap_or(0));
+        let log_end = crate::log_start::require_whole_to_end(&ends_reader, topic, p.id(), timeout)?;
+        let end = log_end.min(positions.get(&p.id()).copied().unwrap_or(0));
         if end > 0 {
             ends.insert(p.id(), end);
             tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;

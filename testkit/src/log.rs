@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use orderflow_platform::{kafka::KafkaClients, Settings};
+use orderflow_platform::{
+    kafka::{log_end, KafkaClients},
+    Settings,
+};
 use orderflow_schemas::{
     Address, Codec, Envelope, InventoryRestocked, OrderEvent, OrderLine, OrderPlaced,
 };
@@ -167,8 +170,18 @@ impl Log {
         *self.copies.entry(envelope.event_id.clone()).or_default() += 1;
         match self.bytes.get(&envelope.event_id) {
             Some(first) if first != payload => {
-                self.conflicts
-                    .push(format!("{} ({})", envelope.event_id, event.kind().name()));
+                // The first few in full, both versions, to show what differs.
+                let detail = match codec.decode(first) {
+                    Ok(earlier) if self.conflicts.len() < 3 => {
+                        format!(": first {earlier:?}, then {event:?}")
+                    }
+                    _ => String::new(),
+                };
+                self.conflicts.push(format!(
+                    "{} ({}){detail}",
+                    envelope.event_id,
+                    event.kind().name()
+                ));
                 return;
             }
             Some(_) => return,
@@ -221,6 +234,8 @@ impl Log {
 /// Reads every partition of `orders.events` from the beginning (`read_committed`, no group).
 pub struct LogReader {
     consumer: BaseConsumer,
+    /// Finds where each partition ends ([`log_end`]).
+    ends: BaseConsumer,
     codec: Codec,
     pub log: Log,
 }
@@ -284,8 +299,13 @@ impl LogReader {
         consumer
             .assign(&tpl)
             .unwrap_or_else(|e| panic!("assign: {e}"));
+        let ends: BaseConsumer = clients
+            .reader("log-reader")
+            .create()
+            .unwrap_or_else(|e| panic!("log reader: {e}"));
         Self {
             consumer,
+            ends,
             codec: Codec::new().unwrap_or_else(|e| panic!("codec: {e}")),
             log: Log::default(),
         }
@@ -305,8 +325,9 @@ impl LogReader {
         }
     }
 
-    /// Per partition: the reader's position and the partition's high watermark (diagnostics:
-    /// a reader behind the end has not seen everything yet).
+    /// Per partition: the reader's position and the partition's end (diagnostics: a reader
+    /// behind the end has not seen everything yet). The end is [`log_end`]'s, not the high
+    /// watermark, which Tansu's memory engine reports short of the last message set's end.
     pub fn progress(&self) -> Vec<(i32, i64, i64)> {
         let position = self.consumer.position().ok();
         (0..6)
@@ -316,10 +337,8 @@ impl LogReader {
                     .and_then(|tpl| tpl.find_partition(names::ORDERS_EVENTS, p))
                     .and_then(|e| e.offset().to_raw())
                     .unwrap_or(-1);
-                let high = self
-                    .consumer
-                    .fetch_watermarks(names::ORDERS_EVENTS, p, Duration::from_secs(10))
-                    .map(|(_, h)| h)
+                let high = log_end(&self.ends, names::ORDERS_EVENTS, p, Duration::from_secs(10))
+                    .map(|(_, end)| end)
                     .unwrap_or(-1);
                 (p, at, high)
             })
