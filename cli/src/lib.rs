@@ -2,6 +2,7 @@
 //! start and stop together. No role logic lives here.
 //!
 //! - [`pipeline`] starts any set of roles on a shared cancellation token and drains them.
+//! - [`supervisor`] owns the tasks of those roles and what their ends mean (exit status).
 //! - [`embedded`] is what `orderflow dev` adds: the embedded broker that keeps its log in the
 //!   data directory, and the check that the database's tables describe that log.
 //! - [`admin`] holds the operator commands: inventory load, review, the stand-alone broker.
@@ -11,6 +12,7 @@ pub mod admin;
 pub mod embedded;
 pub mod loadgen;
 pub mod pipeline;
+pub mod supervisor;
 
 /// A URL with any password replaced, for printing.
 pub fn redact_url(url: &str) -> String {

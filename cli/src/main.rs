@@ -211,16 +211,35 @@ impl Cli {
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// How long the exit waits for blocking calls still running once the work is done (a
+/// librdkafka call stuck on an unreachable broker must not hold the process).
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
-        Ok(code) => code,
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            eprintln!("error: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
         }
-    }
+    };
+    let code = runtime.block_on(async {
+        match run(cli).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    });
+    // Every role has drained (or been reported as stuck) by now; what still runs is blocking
+    // work nobody waits for.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    code
 }
 
 async fn run(cli: Cli) -> Result<std::process::ExitCode> {
@@ -468,8 +487,10 @@ async fn dev(
     }
     println!("  metrics     http://{}/metrics", running.ops_addr);
     println!("Press Ctrl-C to stop.");
-    serve_until_signal(&mut running, Box::new(reload)).await?;
-    running.shutdown(DRAIN_DEADLINE).await
+    let served = serve_until_signal(&mut running, Box::new(reload)).await;
+    // The others drain either way; a role's failure is the error to exit with.
+    let drained = running.shutdown(DRAIN_DEADLINE).await;
+    served.and(drained)
 }
 
 /// `dev` on a database without API keys creates one per role and returns them, to print once
@@ -542,8 +563,10 @@ async fn role(
     if let Some(addr) = running.ingest_addr.or(running.query_addr) {
         info!(%addr, "Listening.");
     }
-    serve_until_signal(&mut running, Box::new(reload)).await?;
-    running.shutdown(DRAIN_DEADLINE).await
+    let served = serve_until_signal(&mut running, Box::new(reload)).await;
+    // The others drain either way; a role's failure is the error to exit with.
+    let drained = running.shutdown(DRAIN_DEADLINE).await;
+    served.and(drained)
 }
 
 /// Waits for SIGINT/SIGTERM (then cancels) or for a role to stop on its own; SIGHUP re-reads

@@ -1,8 +1,10 @@
 //! Starting and stopping roles together.
 //!
-//! One root [`CancellationToken`] and a [`JoinSet`]: SIGINT/SIGTERM (or a test) cancels the
-//! root; every role stops taking work, finishes and commits what it has, and returns. A role
-//! that fails on its own cancels the root too, so the process never runs half a pipeline.
+//! One root [`CancellationToken`] and a [`Supervisor`] of named tasks: SIGINT/SIGTERM (or a
+//! test) cancels the root; every role stops taking work, finishes and commits what it has, and
+//! returns. A task that fails, panics or stops on its own cancels the root too, so the process
+//! never runs half a pipeline, and the process then exits non-zero naming it (so does a drain
+//! that runs past its deadline).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -33,9 +35,10 @@ use orderflow_projections::{
 use orderflow_schemas::Codec;
 use orderflow_topics::names;
 use rdkafka::{admin::AdminClient, client::DefaultClientContext};
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+use crate::supervisor::Supervisor;
 
 /// The roles; `dev` runs them all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,7 +238,7 @@ pub struct Running {
     /// The operations listener: `/metrics`, `/healthz`, `/readyz`.
     pub ops_addr: SocketAddr,
     cancel: CancellationToken,
-    tasks: JoinSet<Result<()>>,
+    tasks: Supervisor,
     /// The ingest edge's rate limits, for reloads.
     limits: RateLimits,
     /// Publishes the saga's rules on reloads (where processors run).
@@ -245,15 +248,21 @@ pub struct Running {
     publisher: Option<Publisher>,
 }
 
+/// The `/readyz` component that holds readiness back while the roles start.
+const STARTING: &str = "startup";
+
 /// Starts `roles` against the broker at `bootstrap`.
 pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Result<Running> {
     let codec = Arc::new(Codec::new().context("compiled-in schemas")?);
     let clients = KafkaClients::new(&settings.kafka, bootstrap);
     let cancel = CancellationToken::new();
-    let mut tasks = JoinSet::new();
+    let mut tasks = Supervisor::new(cancel.clone());
     let registry = MetricsRegistry::new();
     let metrics = Metrics::register(&registry);
     let readiness = Readiness::new();
+    // `/readyz` answers from the moment the operations listener is bound; until every role
+    // below has registered what it waits for, it must not say ready.
+    readiness.set_not_ready(STARTING, "starting");
 
     // The operations listener, whatever roles run here.
     let ops = Server::bind(
@@ -272,7 +281,9 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     let ops_addr = ops.local_addr()?;
     {
         let cancel = cancel.clone();
-        tasks.spawn(async move { ops.run(cancel).await.context("metrics listener") });
+        tasks.spawn("metrics listener", async move {
+            ops.run(cancel).await.map_err(anyhow::Error::from)
+        });
     }
 
     // The ingest edge reads the orders projection to route commands on existing orders.
@@ -301,12 +312,15 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         .iter()
         .any(|r| *r != Role::Query)
         .then(|| clients.clone());
-    tasks.spawn(watch_dependencies(
-        broker_for_readiness,
-        db.clone(),
-        readiness.clone(),
-        cancel.clone(),
-    ));
+    tasks.spawn(
+        "dependency watch",
+        watch_dependencies(
+            broker_for_readiness,
+            db.clone(),
+            readiness.clone(),
+            cancel.clone(),
+        ),
+    );
 
     // Committed projection changes, announced to this process's query cache.
     let changes = ChangeFeed::new();
@@ -317,7 +331,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             Duration::from_millis(settings.query.cache_ttl_ms),
             metrics.projections.cache.clone(),
         );
-        tasks.spawn({
+        tasks.spawn("query cache", {
             let (cache, changes, cancel) = (cache.clone(), changes.clone(), cancel.clone());
             async move {
                 cache.follow(changes, cancel).await;
@@ -326,7 +340,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         });
         // Other processes' projection writers announce their changes through PostgreSQL.
         if db.backend() == Backend::Postgres {
-            tasks.spawn({
+            tasks.spawn("query cache listener", {
                 let (url, cache, cancel) = (settings.database_url(), cache.clone(), cancel.clone());
                 async move {
                     listen(url, cache, cancel).await;
@@ -344,7 +358,9 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         .with_context(|| format!("binding the query API to {}", settings.query.listen))?;
         query_addr = Some(server.local_addr()?);
         let cancel = cancel.clone();
-        tasks.spawn(async move { server.run(cancel).await.context("query API") });
+        tasks.spawn("query API", async move {
+            server.run(cancel).await.map_err(anyhow::Error::from)
+        });
     }
 
     let mut ingest_addr = None;
@@ -389,7 +405,10 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             )
         });
         if let Some(store) = idempotency.clone() {
-            tasks.spawn(purge_idempotency_keys(store, cancel.clone()));
+            tasks.spawn(
+                "idempotency purge",
+                purge_idempotency_keys(store, cancel.clone()),
+            );
         }
         let state = IngestState {
             auth: auth.clone(),
@@ -432,7 +451,9 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         admin_addr = Some(admin_server.local_addr()?);
         {
             let cancel = cancel.clone();
-            tasks.spawn(async move { admin_server.run(cancel).await.context("admin listener") });
+            tasks.spawn("admin listener", async move {
+                admin_server.run(cancel).await.map_err(anyhow::Error::from)
+            });
         }
         let server = Server::bind_tls(settings.ingest.listen, router, &settings.ingest.tls)
             .await
@@ -440,7 +461,9 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         ingest_addr = Some(server.local_addr()?);
         publisher = Some(p);
         let cancel = cancel.clone();
-        tasks.spawn(async move { server.run(cancel).await.context("ingest edge") });
+        tasks.spawn("ingest edge", async move {
+            server.run(cancel).await.map_err(anyhow::Error::from)
+        });
     }
 
     let mut rules_publisher = None;
@@ -463,7 +486,9 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             let addr = simulator.local_addr()?;
             gateway_addr = Some(addr);
             let cancel = cancel.clone();
-            tasks.spawn(async move { simulator.run(cancel).await.context("simulated gateway") });
+            tasks.spawn("simulated gateway", async move {
+                simulator.run(cancel).await.map_err(anyhow::Error::from)
+            });
             format!("http://{addr}")
         } else {
             settings.payment.gateway_url.clone()
@@ -475,8 +500,8 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             readiness: Some(readiness.clone()),
             gateway_url,
         };
-        for (_name, task) in orderflow_processors::processors(settings, &deps, &cancel) {
-            tasks.spawn(async move {
+        for (name, task) in orderflow_processors::processors(settings, &deps, &cancel) {
+            tasks.spawn(name, async move {
                 task.await;
                 Ok(())
             });
@@ -484,7 +509,10 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     }
 
     if let (true, Some(db)) = (roles.contains(&Role::Project), &db) {
-        tasks.spawn(maintain_partitions(db.clone(), cancel.clone()));
+        tasks.spawn(
+            "partition maintenance",
+            maintain_partitions(db.clone(), cancel.clone()),
+        );
         let writer = ProjectionWriter::new(
             OrdersProjection,
             db.clone(),
@@ -495,7 +523,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         )
         .with_readiness(readiness.clone())
         .with_change_feed(changes.clone());
-        tasks.spawn({
+        tasks.spawn("orders projection", {
             let cancel = cancel.clone();
             async move {
                 writer.run(cancel).await;
@@ -512,12 +540,13 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         )
         .with_readiness(readiness.clone());
         let cancel = cancel.clone();
-        tasks.spawn(async move {
+        tasks.spawn("inventory projection", async move {
             inventory.run(cancel).await;
             Ok(())
         });
     }
 
+    readiness.set_ready(STARTING);
     Ok(Running {
         admin_addr,
         limits,
@@ -636,58 +665,24 @@ impl Running {
         self.cancel.clone()
     }
 
-    /// Runs until the root is cancelled or a role ends on its own (which cancels the root).
+    /// Runs until the root is cancelled or a task ends on its own (which cancels the root);
+    /// see [`Supervisor::wait`].
     pub async fn wait(&mut self) -> Result<()> {
-        let mut first_error = None;
-        tokio::select! {
-            _ = self.cancel.cancelled() => {}
-            finished = self.tasks.join_next() => {
-                if !self.cancel.is_cancelled() {
-                    warn!("A role stopped on its own; stopping the others.");
-                    self.cancel.cancel();
-                }
-                if let Some(Ok(Err(e))) = finished {
-                    first_error = Some(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.tasks.wait().await
     }
 
-    /// Cancels and drains every role: each finishes and commits its batch. Roles still running
-    /// after `deadline` are aborted (their uncommitted work is re-done on the next start).
+    /// Cancels and drains every role, each finishing and committing its batch, then flushes
+    /// the ingest producer; see [`Supervisor::drain`].
     pub async fn shutdown(mut self, deadline: Duration) -> Result<()> {
-        self.cancel.cancel();
-        let drained = tokio::time::timeout(deadline, async {
-            let mut result = Ok(());
-            while let Some(joined) = self.tasks.join_next().await {
-                match joined {
-                    Ok(Err(e)) if result.is_ok() => result = Err(e),
-                    Err(e) if e.is_panic() && result.is_ok() => {
-                        result = Err(anyhow::anyhow!("a role panicked: {e}"))
-                    }
-                    _ => {}
-                }
-            }
-            result
-        })
-        .await;
-        if let Some(publisher) = &self.publisher {
-            publisher.flush(Duration::from_secs(2));
+        let drained = self.tasks.drain(deadline).await;
+        if let Some(publisher) = self.publisher.take() {
+            // Bounded, and off the async workers like every blocking client call.
+            let _ =
+                tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(2))).await;
         }
-        match drained {
-            Ok(result) => {
-                info!("All roles stopped.");
-                result
-            }
-            Err(_) => {
-                warn!(?deadline, "Roles did not stop in time; aborting them.");
-                self.tasks.abort_all();
-                Ok(())
-            }
+        if drained.is_ok() {
+            info!("All roles stopped.");
         }
+        drained
     }
 }

@@ -2,15 +2,10 @@
 //! whole pipeline over HTTP. Before the state stores were bounded, a SKU's changelog value held
 //! every reservation it ever saw and passed Kafka's 1 MB message limit after about 9 800 such
 //! orders; from then on every inventory batch failed and every later order was cancelled by its
-//! deadline. Here, on Tansu + PostgreSQL, 25 000 orders on two SKUs — more than twice that
-//! point — must all be confirmed, with stock exact and `reconcile` clean (about 4 minutes).
-//!
-//! On the embedded broker + SQLite, 2 000, ignored by default: Tansu 0.6's SQLite engine writes
-//! each produce request in its own SQL transaction, about 1 700 a second here, and runs the saga
-//! at about 25 orders/s on two cores; the test's bursts of 100 orders per request get 503s
-//! (`kafka.message_timeout_ms`) before the broker acknowledges them. That the embedded broker
-//! keeps every record past where the mock cluster dropped them is cli/tests/embedded.rs. The
-//! test checks the log still starts at offset 0 on every topic it reads.
+//! deadline. Here 25 000 orders on two SKUs — more than twice that point — must all be
+//! confirmed, with stock exact and `reconcile` clean: on the embedded broker + SQLite (the
+//! default), and on Tansu + PostgreSQL. The test checks the log still starts at offset 0 on
+//! every topic it reads.
 
 use std::time::Duration;
 
@@ -170,12 +165,11 @@ async fn hot_keys(broker: Broker, db: Database, orders: usize) {
 
 mod embedded_sqlite {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "the embedded broker (Tansu 0.6, SQLite engine) acknowledges too few produce requests per second: a burst of 100 orders gets 503s within kafka.message_timeout_ms (see the module docs)"]
-    async fn two_thousand_orders_on_two_skus_all_confirm() {
+    async fn twenty_five_thousand_orders_on_two_skus_all_confirm() {
         let Some(broker) = orderflow_testkit::Broker::embedded() else {
             return;
         };
-        super::hot_keys(broker, orderflow_testkit::Database::sqlite(), 2_000).await;
+        super::hot_keys(broker, orderflow_testkit::Database::sqlite(), 25_000).await;
     }
 }
 

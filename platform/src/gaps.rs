@@ -86,27 +86,36 @@ impl GapGuard {
     /// Returns the records to apply now and how many partitions were sent back. The records held
     /// back are neither applied nor counted in the positions stored after the batch, so a crash
     /// before their second read resumes before them: nothing is lost or applied twice.
-    pub fn check_and_seek<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    /// The seeks run off the async workers ([`crate::kafka::off_runtime`]).
+    pub async fn check_and_seek<C, X>(
         &mut self,
-        consumer: &C,
+        consumer: &std::sync::Arc<C>,
         batch: Vec<OwnedMessage>,
-    ) -> Result<(Vec<OwnedMessage>, usize), KafkaError> {
+    ) -> Result<(Vec<OwnedMessage>, usize), KafkaError>
+    where
+        C: Consumer<X> + Send + Sync + 'static,
+        X: rdkafka::consumer::ConsumerContext + 'static,
+    {
         let (kept, rereads) = self.check(batch);
-        for reread in &rereads {
+        let count = rereads.len();
+        for reread in rereads {
             debug!(
                 topic = %reread.topic,
                 partition = reread.partition,
                 from = reread.from,
                 "Reading a gap in the offsets again."
             );
-            consumer.seek(
-                &reread.topic,
-                reread.partition,
-                Offset::Offset(reread.from),
-                Duration::from_secs(10),
-            )?;
+            crate::kafka::off_runtime(consumer, move |c| {
+                c.seek(
+                    &reread.topic,
+                    reread.partition,
+                    Offset::Offset(reread.from),
+                    Duration::from_secs(10),
+                )
+            })
+            .await?;
         }
-        Ok((kept, rereads.len()))
+        Ok((kept, count))
     }
 
     /// Splits a batch: the records to apply now, in their order, and the partitions to seek back.

@@ -529,6 +529,22 @@ pub fn next_offsets(batch: &[OwnedMessage]) -> Result<TopicPartitionList, KafkaE
     Ok(tpl)
 }
 
+/// Runs a blocking client call — a synchronous commit, a committed-offsets lookup, a seek — on
+/// tokio's blocking pool. A broker that does not answer then stalls the calling task only,
+/// never a runtime worker: the workers keep the timers running that bound a drain, and the
+/// process can exit without the call (`orderflow`'s runtime leaves blocking work behind).
+pub async fn off_runtime<C, T, F>(client: &std::sync::Arc<C>, call: F) -> Result<T, KafkaError>
+where
+    C: Send + Sync + 'static,
+    T: Send + 'static,
+    F: FnOnce(&C) -> Result<T, KafkaError> + Send + 'static,
+{
+    let client = client.clone();
+    tokio::task::spawn_blocking(move || call(&client))
+        .await
+        .map_err(|_| KafkaError::Canceled)?
+}
+
 /// A partition's first offset and the offset after its last record: `(low, end)`.
 ///
 /// The end is the high watermark on Kafka and on Tansu's SQLite engine. Tansu's memory engine

@@ -58,7 +58,7 @@ use orderflow_platform::{
     health::Readiness,
     kafka::{
         collect_batch_within, dead_letter_headers, event_headers, header_value, next_offsets,
-        retain_assigned, BatchBounds, GroupContext, KafkaClients,
+        off_runtime, retain_assigned, BatchBounds, GroupContext, KafkaClients,
     },
     restart::Restarts,
     telemetry::{continue_trace, current_traceparent},
@@ -328,7 +328,7 @@ impl<S: Step> ProcessorRuntime<S> {
     /// the session: a failed session's half-applied batch is thrown away with it, and the next
     /// session restores from the changelog.
     async fn session(&mut self, cancel: &CancellationToken) -> Result<(), ProcessorError> {
-        let consumer: ProcessorConsumer = self
+        let consumer: Arc<ProcessorConsumer> = self
             .clients
             .consumer(self.io.name, &self.group_id)
             .create_with_context({
@@ -338,7 +338,20 @@ impl<S: Step> ProcessorRuntime<S> {
                     Some(r) => context.with_readiness(r, &format!("processor {}", self.io.name)),
                     None => context,
                 }
-            })?;
+            })
+            .map(Arc::new)?;
+        let result = self.session_on(&consumer, cancel).await;
+        // Closing leaves the group: a network round trip that a broker which stopped answering
+        // can hold for long. Off the async workers, so a drain's deadline still fires.
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        result
+    }
+
+    async fn session_on(
+        &mut self,
+        consumer: &Arc<ProcessorConsumer>,
+        cancel: &CancellationToken,
+    ) -> Result<(), ProcessorError> {
         let settings = self.clients.settings();
         self.mode = match transactions::decide(settings.transactions, self.clients.bootstrap())
             .await
@@ -381,15 +394,15 @@ impl<S: Step> ProcessorRuntime<S> {
         let mut last_tick = Instant::now();
         let mut last_committed = None;
         loop {
-            let batch = collect_batch_within(&consumer, cancel, &self.bounds(), Some(tick)).await;
+            let batch = collect_batch_within(consumer, cancel, &self.bounds(), Some(tick)).await;
             // Rebalances happen inside the consumer's poll, i.e. while collecting: no
             // transaction is open then. Partitions revoked meanwhile lose their records and
             // state here; partitions assigned get their state restored before any of their
             // records is processed.
             let seeked = self
-                .sync_assignment(&consumer, &producer, &mut slots, &mut gaps, cancel)
+                .sync_assignment(consumer, &producer, &mut slots, &mut gaps, cancel)
                 .await?;
-            let batch = retain_assigned(&consumer, batch)
+            let batch = retain_assigned(consumer, batch)
                 .into_iter()
                 .filter(|m| !seeked.contains(&m.partition()))
                 .filter(|m| match slots.get(&m.partition()) {
@@ -400,7 +413,7 @@ impl<S: Step> ProcessorRuntime<S> {
                 .collect::<Vec<_>>();
             // A partition whose offsets jump is read again from the jump before its later
             // records are applied (crate docs of `orderflow_platform::gaps`).
-            let (batch, rereads) = gaps.check_and_seek(&consumer, batch)?;
+            let (batch, rereads) = gaps.check_and_seek(consumer, batch).await?;
             if rereads > 0 {
                 self.metrics
                     .gap_rereads
@@ -418,7 +431,7 @@ impl<S: Step> ProcessorRuntime<S> {
             if !batch.is_empty() || !timers.is_empty() {
                 match self
                     .process(
-                        &consumer,
+                        consumer,
                         &producer,
                         changelog.as_ref(),
                         &batch,
@@ -447,7 +460,7 @@ impl<S: Step> ProcessorRuntime<S> {
                 // still be in flight: repeat it synchronously so the group's position is stored
                 // before dropping the consumer leaves the group.
                 if let Some(offsets) = last_committed {
-                    consumer.commit(&offsets, CommitMode::Sync)?;
+                    off_runtime(consumer, move |c| c.commit(&offsets, CommitMode::Sync)).await?;
                 }
                 return Ok(());
             }
@@ -463,7 +476,7 @@ impl<S: Step> ProcessorRuntime<S> {
     /// order.
     async fn sync_assignment(
         &mut self,
-        consumer: &ProcessorConsumer,
+        consumer: &Arc<ProcessorConsumer>,
         producer: &FutureProducer,
         slots: &mut BTreeMap<i32, Slot<S::State>>,
         gaps: &mut GapGuard,
@@ -605,13 +618,16 @@ impl<S: Step> ProcessorRuntime<S> {
     /// whether it seeked.
     async fn seek_back_if_ahead(
         &self,
-        consumer: &ProcessorConsumer,
+        consumer: &Arc<ProcessorConsumer>,
         partition: i32,
         position: i64,
     ) -> Result<bool, ProcessorError> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(self.io.input_topic, partition);
-        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+        let committed = off_runtime(consumer, move |c| {
+            c.committed_offsets(tpl, Duration::from_secs(10))
+        })
+        .await?;
         let ahead = committed
             .find_partition(self.io.input_topic, partition)
             .and_then(|e| match e.offset() {
@@ -626,12 +642,16 @@ impl<S: Step> ProcessorRuntime<S> {
                 position,
                 "The group's offset is ahead of the state; seeking back to the state's position."
             );
-            consumer.seek(
-                self.io.input_topic,
-                partition,
-                Offset::Offset(position),
-                Duration::from_secs(10),
-            )?;
+            let topic = self.io.input_topic;
+            off_runtime(consumer, move |c| {
+                c.seek(
+                    topic,
+                    partition,
+                    Offset::Offset(position),
+                    Duration::from_secs(10),
+                )
+            })
+            .await?;
         }
         Ok(ahead)
     }

@@ -410,7 +410,13 @@ pub async fn replay<P: Projection>(
             Arc::new(Codec::new()?),
             ProjectionMetrics::unregistered(),
         );
-        let mut cursor = LogCursor::open(clients, &topics)?;
+        // Metadata and watermark lookups: off the async workers.
+        let mut cursor = {
+            let (clients, topics) = (clients.clone(), topics.clone());
+            tokio::task::spawn_blocking(move || LogCursor::open(&clients, &topics))
+                .await
+                .map_err(|_| ReplayError::Kafka(KafkaError::Canceled))??
+        };
         let batch = settings.batch_max_records.max(1);
 
         // Catch up with the live writer, unlocked, until a round finds nothing new.

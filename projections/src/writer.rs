@@ -26,8 +26,8 @@ use orderflow_platform::{
     gaps::GapGuard,
     health::Readiness,
     kafka::{
-        collect_batch_within, dead_letter_headers, header_value, next_offsets, retain_assigned,
-        BatchBounds, GroupContext, KafkaClients,
+        collect_batch_within, dead_letter_headers, header_value, next_offsets, off_runtime,
+        retain_assigned, BatchBounds, GroupContext, KafkaClients,
     },
     restart::Restarts,
     telemetry::continue_trace,
@@ -180,7 +180,7 @@ impl<P: Projection> ProjectionWriter<P> {
 
     async fn session(&self, cancel: &CancellationToken) -> Result<(), WriterError> {
         let name = self.projection.name();
-        let consumer: StreamConsumer<GroupContext> = self
+        let consumer: Arc<StreamConsumer<GroupContext>> = self
             .clients
             .consumer(name, &self.group_id())
             .create_with_context({
@@ -191,7 +191,21 @@ impl<P: Projection> ProjectionWriter<P> {
                     Some(r) => context.with_readiness(r, &format!("projection {name}")),
                     None => context,
                 }
-            })?;
+            })
+            .map(Arc::new)?;
+        let result = self.session_on(&consumer, cancel).await;
+        // Closing leaves the group: a network round trip that a broker which stopped answering
+        // can hold for long. Off the async workers, so a drain's deadline still fires.
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+        result
+    }
+
+    async fn session_on(
+        &self,
+        consumer: &Arc<StreamConsumer<GroupContext>>,
+        cancel: &CancellationToken,
+    ) -> Result<(), WriterError> {
+        let name = self.projection.name();
         let dead_letters: FutureProducer = self
             .clients
             .idempotent_producer(&format!("projection-{name}-dlq"))
@@ -210,14 +224,14 @@ impl<P: Projection> ProjectionWriter<P> {
             // Bounded wait, so that newly assigned (paused) partitions are seeked and resumed
             // even while no other partition has records.
             let batch = retain_assigned(
-                &consumer,
-                collect_batch_within(&consumer, cancel, &bounds, Some(ASSIGNMENT_CHECK)).await,
+                consumer,
+                collect_batch_within(consumer, cancel, &bounds, Some(ASSIGNMENT_CHECK)).await,
             );
-            self.seek_new_partitions(&consumer, &mut known, &mut gaps)
+            self.seek_new_partitions(consumer, &mut known, &mut gaps)
                 .await?;
             // A partition whose offsets jump is read again from the jump before its later
             // records are written (`orderflow_platform::gaps`).
-            let (batch, rereads) = gaps.check_and_seek(&consumer, batch)?;
+            let (batch, rereads) = gaps.check_and_seek(consumer, batch).await?;
             if rereads > 0 {
                 self.metrics
                     .gap_rereads
@@ -234,7 +248,7 @@ impl<P: Projection> ProjectionWriter<P> {
             }
             if cancel.is_cancelled() {
                 if let Some(offsets) = last_committed {
-                    consumer.commit(&offsets, CommitMode::Sync)?;
+                    off_runtime(consumer, move |c| c.commit(&offsets, CommitMode::Sync)).await?;
                 }
                 return Ok(());
             }
@@ -248,7 +262,7 @@ impl<P: Projection> ProjectionWriter<P> {
     /// since the last call counts as new (its assignment epoch changed): it is paused again.
     async fn seek_new_partitions(
         &self,
-        consumer: &StreamConsumer<GroupContext>,
+        consumer: &Arc<StreamConsumer<GroupContext>>,
         known: &mut BTreeMap<(String, i32), Option<u64>>,
         gaps: &mut GapGuard,
     ) -> Result<(), WriterError> {
@@ -290,7 +304,11 @@ impl<P: Projection> ProjectionWriter<P> {
                         topic, partition, stored, "Starting at the stored position."
                     );
                     tpl.add_partition_offset(&topic, partition, rdkafka::Offset::Offset(stored))?;
-                    consumer.seek_partitions(tpl.clone(), Duration::from_secs(10))?;
+                    let seek = tpl.clone();
+                    off_runtime(consumer, move |c| {
+                        c.seek_partitions(seek, Duration::from_secs(10)).map(|_| ())
+                    })
+                    .await?;
                     gaps.expect(&topic, partition, stored);
                 }
                 None => {

@@ -113,6 +113,16 @@ impl Broker {
         }
     }
 
+    /// The broker's process id, for fault tests (SIGSTOP, SIGKILL); `None` for the mock
+    /// cluster, which runs inside the test.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Self::Embedded(b) => b.pid(),
+            Self::Mock(_) => None,
+            Self::Tansu(t) => Some(t.pid()),
+        }
+    }
+
     /// The mock cluster, for fault injection.
     pub fn as_mock(&self) -> Option<&MockBroker> {
         match self {
