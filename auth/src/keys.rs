@@ -186,7 +186,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("keys.sqlite").display());
         let url = format!("{url}?mode=rwc");
-        let db = Database::connect(&url, 2).await.expect("connect");
+        let db = Database::connect(url.as_str(), 2).await.expect("connect");
         db.migrate().await.expect("migrate");
         (dir, KeyStore::new(db, Duration::from_secs(60)))
     }

@@ -7,10 +7,13 @@
 //!   algorithm from the key, never from the token.
 //! - [`http`] is the axum side: [`http::authenticate`] resolves the caller of every request,
 //!   [`http::require`] answers `401`/`403` for routes the caller may not use.
+//! - [`limits`] decides how much a caller may ask: rate limits per client IP (the peer, or who
+//!   a trusted proxy names) and per principal, for every edge listener.
 
 pub mod http;
 pub mod jwt;
 pub mod keys;
+pub mod limits;
 pub mod roles;
 
 pub use http::{Authenticator, Caller};

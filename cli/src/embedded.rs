@@ -23,6 +23,7 @@ use orderflow_topics::{
     Catalog,
 };
 use rdkafka::consumer::BaseConsumer;
+use secrecy::ExposeSecret;
 use sqlx::Row;
 
 /// Where the pipeline's broker is.
@@ -87,7 +88,7 @@ impl Broker {
 /// Refuses a database whose projection positions lie past the end of the log at `bootstrap`
 /// (module docs): its tables were folded from another log.
 pub async fn check_database_matches_log(settings: &Settings, bootstrap: &str) -> Result<()> {
-    let db = Database::connect(&settings.database_url(), 1)
+    let db = Database::connect(settings.database_url(), 1)
         .await
         .context("connecting to the database (database.url)")?;
     db.migrate().await.context("applying database migrations")?;
@@ -130,7 +131,7 @@ pub async fn check_database_matches_log(settings: &Settings, bootstrap: &str) ->
              its tables were folded from another log:\n  {}\nMove the database aside (or remove \
              {} as a whole) to start afresh, or point kafka.brokers at the broker those tables \
              came from",
-            crate::redact_url(&settings.database_url()),
+            crate::redact_url(settings.database_url().expose_secret()),
             past_end.join("\n  "),
             settings.dev.data_dir.display()
         );

@@ -14,6 +14,7 @@ use orderflow_auth::{KeyStore, Role as AuthRole};
 use orderflow_platform::{config::Overrides, telemetry, Settings};
 use orderflow_projections::Database;
 use orderflow_topics::{docs::render_markdown, Catalog};
+use secrecy::ExposeSecret;
 use tracing::info;
 
 /// How long roles get to finish and commit their work on shutdown.
@@ -260,7 +261,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             command: ConfigCommand::Show,
         } => print!("{}", settings.to_toml()),
         Command::Migrate => {
-            let db = Database::connect(&settings.database_url(), 1).await?;
+            let db = Database::connect(settings.database_url(), 1).await?;
             db.migrate().await?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -273,7 +274,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             if settings.kafka.brokers.trim().is_empty() {
                 bail!("kafka.brokers is not set; reconcile reads the event log from the broker");
             }
-            let db = Database::connect(&settings.database_url(), 2).await?;
+            let db = Database::connect(settings.database_url(), 2).await?;
             let clients = orderflow_platform::kafka::KafkaClients::new(
                 &settings.kafka,
                 &settings.kafka.brokers,
@@ -299,7 +300,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             if settings.kafka.brokers.trim().is_empty() {
                 bail!("kafka.brokers is not set; replay reads the event log from the broker");
             }
-            let db = Database::connect(&settings.database_url(), 2).await?;
+            let db = Database::connect(settings.database_url(), 2).await?;
             db.migrate().await.context("applying database migrations")?;
             let clients = orderflow_platform::kafka::KafkaClients::new(
                 &settings.kafka,
@@ -455,7 +456,10 @@ async fn dev(
             String::new()
         }
     );
-    println!("  database    {}", redact_url(&settings.database_url()));
+    println!(
+        "  database    {}",
+        redact_url(settings.database_url().expose_secret())
+    );
     let scheme = |tls: &orderflow_platform::config::TlsSettings| {
         if tls.enabled() {
             "https"
@@ -510,7 +514,7 @@ async fn dev_keys(settings: &Settings) -> Result<Vec<(AuthRole, String)>> {
 }
 
 async fn key_store(settings: &Settings) -> Result<KeyStore> {
-    let db = Database::connect(&settings.database_url(), 2)
+    let db = Database::connect(settings.database_url(), 2)
         .await
         .context("connecting to the database (database.url)")?;
     db.migrate().await.context("applying database migrations")?;

@@ -84,13 +84,15 @@ impl Metrics {
 #[derive(Clone)]
 pub struct Reloader {
     limits: RateLimits,
+    query_limits: RateLimits,
     auth: Authenticator,
     rules: Option<RulesPublisher>,
 }
 
 impl Reloader {
     pub fn reload(&self, settings: &Settings) {
-        self.limits.reload(&settings.ingest);
+        self.limits.reload(&settings.ingest.limits());
+        self.query_limits.reload(&settings.query.limits());
         match self.auth.reload_jwt(&settings.auth.jwt) {
             Ok(()) => info!("Reloaded the rate limits and the JWT keys."),
             Err(e) => warn!(
@@ -239,8 +241,9 @@ pub struct Running {
     pub ops_addr: SocketAddr,
     cancel: CancellationToken,
     tasks: Supervisor,
-    /// The ingest edge's rate limits, for reloads.
+    /// The edge listeners' rate limits, for reloads.
     limits: RateLimits,
+    query_limits: RateLimits,
     /// Publishes the saga's rules on reloads (where processors run).
     rules: Option<RulesPublisher>,
     /// Credentials checks of every listener, for reloads of the JWT keys.
@@ -291,8 +294,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         || roles.contains(&Role::Query)
         || roles.contains(&Role::Ingest);
     let db = if needs_db {
-        let url = settings.database_url();
-        let db = Database::connect(&url, settings.database.max_connections)
+        let db = Database::connect(settings.database_url(), settings.database.max_connections)
             .await
             .context("connecting to the database (database.url)")?;
         db.migrate().await.context("applying database migrations")?;
@@ -321,6 +323,25 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             cancel.clone(),
         ),
     );
+
+    // Rate limits of the two edge listeners (reloaded on SIGHUP); their refilled buckets are
+    // dropped every few seconds, so the limiters hold only recent clients.
+    let limits = RateLimits::new(&settings.ingest.limits());
+    let query_limits = RateLimits::new(&settings.query.limits());
+    if roles.contains(&Role::Ingest) || roles.contains(&Role::Query) {
+        let (limits, query_limits, cancel) = (limits.clone(), query_limits.clone(), cancel.clone());
+        tasks.spawn("rate limit eviction", async move {
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(orderflow_auth::limits::EVICT_INTERVAL) => {
+                        limits.retain_recent();
+                        query_limits.retain_recent();
+                    }
+                }
+            }
+        });
+    }
 
     // Committed projection changes, announced to this process's query cache.
     let changes = ChangeFeed::new();
@@ -351,7 +372,12 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         let http = metrics.http.for_server("query");
         let server = Server::bind_tls(
             settings.query.listen,
-            edge(http.layer(query::router(db.clone(), cache, auth.clone()))),
+            edge(http.layer(query::router(
+                db.clone(),
+                cache,
+                auth.clone(),
+                query_limits.clone(),
+            ))),
             &settings.query.tls,
         )
         .await
@@ -365,7 +391,6 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
 
     let mut ingest_addr = None;
     let mut admin_addr = None;
-    let limits = RateLimits::new(&settings.ingest);
     let mut publisher = None;
     if roles.contains(&Role::Ingest) {
         let p = Publisher::new(
@@ -550,6 +575,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     Ok(Running {
         admin_addr,
         limits,
+        query_limits,
         auth,
         rules: rules_publisher,
         gateway_addr,
@@ -655,6 +681,7 @@ impl Running {
     pub fn reloader(&self) -> Reloader {
         Reloader {
             limits: self.limits.clone(),
+            query_limits: self.query_limits.clone(),
             auth: self.auth.clone(),
             rules: self.rules.clone(),
         }

@@ -61,7 +61,7 @@ impl Edge {
         let running = pipeline::start(&settings, &broker.bootstrap(), &[Role::Ingest, Role::Query])
             .await
             .expect("pipeline");
-        let database = Db::connect(&db.url, 2).await.expect("database");
+        let database = Db::connect(db.url.as_str(), 2).await.expect("database");
         Self {
             ingest: format!("http://{}", running.ingest_addr.expect("ingest")),
             query: format!("http://{}", running.query_addr.expect("query")),
@@ -757,6 +757,73 @@ async fn each_principal_has_its_own_rate_limit_and_a_reload_changes_it() {
         let (status, headers) = post(a.clone()).await;
         assert_eq!(status, 202);
         assert!(headers.get("ratelimit-limit").is_none());
+    }
+    edge.stop().await;
+}
+
+/// The query API has per-principal limits of its own (`query.rate_limit_*`): a reader past
+/// its burst gets `429` with `Retry-After`, another reader is unaffected, and the ingest edge's
+/// limits (none here) do not apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_api_limits_each_principal() {
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
+    let db = Database::sqlite();
+    let edge = Edge::start(
+        &broker,
+        &db,
+        &[
+            ("query.rate_limit_per_principal_per_second", "1"),
+            ("query.rate_limit_principal_burst", "2"),
+        ],
+    )
+    .await;
+    let a = edge.key(AuthRole::Reader).await;
+    let b = edge.key(AuthRole::Reader).await;
+    let get = |token: String| {
+        let (client, url) = (
+            edge.client.clone(),
+            format!("{}/v1/analytics/status-counts", edge.query),
+        );
+        async move {
+            let response = client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("get");
+            (response.status().as_u16(), response.headers().clone())
+        }
+    };
+    for expected in ["1", "0"] {
+        let (status, headers) = get(a.clone()).await;
+        assert_eq!(status, 200);
+        assert_eq!(headers["ratelimit-remaining"], expected);
+    }
+    let (status, headers) = get(a.clone()).await;
+    assert_eq!(status, 429);
+    assert!(headers.contains_key("retry-after"));
+    assert_eq!(
+        get(b.clone()).await.0,
+        200,
+        "another reader has its own bucket"
+    );
+    let producer = edge.key(AuthRole::Producer).await;
+    for _ in 0..4 {
+        let response = edge
+            .client
+            .post(format!("{}/v1/orders", edge.ingest))
+            .bearer_auth(&producer)
+            .json(&order_json("c-query-limits"))
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(
+            response.status().as_u16(),
+            202,
+            "the ingest edge is not limited"
+        );
     }
     edge.stop().await;
 }

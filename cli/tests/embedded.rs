@@ -202,7 +202,9 @@ async fn replay_and_reconcile_refuse_a_log_that_no_longer_starts_at_zero() {
     apply_topics(&broker, &settings).await;
     let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
     write_orders(&clients, 40).await;
-    let live = Database::connect(&db.url, 2).await.expect("database");
+    let live = Database::connect(db.url.as_str(), 2)
+        .await
+        .expect("database");
     live.migrate().await.expect("migrate");
     let reconcile = || {
         orderflow_projections::reconcile::reconcile(
@@ -281,7 +283,9 @@ async fn dev_refuses_tables_folded_from_another_log() {
     check_database_matches_log(&settings, &broker.bootstrap())
         .await
         .expect("an empty database matches any log");
-    let live = Database::connect(&db.url, 1).await.expect("connect");
+    let live = Database::connect(db.url.as_str(), 1)
+        .await
+        .expect("connect");
     sqlx::query(
         "INSERT INTO projection_offsets (projection, topic, partition_id, next_offset) \
          VALUES ('orders', 'orders.events', 0, 42)",

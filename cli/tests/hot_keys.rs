@@ -77,7 +77,7 @@ async fn hot_keys(broker: Broker, db: Database, orders: usize) {
         );
     }
 
-    let projection_db = orderflow_projections::Database::connect(&db.url, 2)
+    let projection_db = orderflow_projections::Database::connect(db.url.as_str(), 2)
         .await
         .expect("database");
     let deadline = Duration::from_secs(if matches!(broker, Broker::Tansu(_)) {

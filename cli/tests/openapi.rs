@@ -173,7 +173,7 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_response() {
     let db = Database::sqlite();
     let listeners = start(&db, &broker, true).await;
     let keys = KeyStore::new(
-        Db::connect(&db.url, 2).await.expect("database"),
+        Db::connect(db.url.as_str(), 2).await.expect("database"),
         Duration::from_secs(5),
     );
     let (_, admin) = keys

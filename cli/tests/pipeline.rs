@@ -496,7 +496,7 @@ async fn orders_flow_end_to_end(broker: Broker, db: Database) {
 
     // reconcile: the tables are the fold of the log; a tampered row is named.
     let clients = KafkaClients::new(&settings.kafka, &bootstrap);
-    let projection_db = orderflow_projections::Database::connect(&db.url, 2)
+    let projection_db = orderflow_projections::Database::connect(db.url.as_str(), 2)
         .await
         .expect("database");
     let now = std::time::SystemTime::now()

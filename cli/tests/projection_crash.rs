@@ -155,7 +155,7 @@ async fn killed_mid_batch(db: Database) {
         .create()
         .expect("producer");
     // The schema first, so that the first projection process does not race the test for it.
-    let live = orderflow_projections::Database::connect(&db.url, 2)
+    let live = orderflow_projections::Database::connect(db.url.as_str(), 2)
         .await
         .expect("database");
     live.migrate().await.expect("migrate");

@@ -110,7 +110,9 @@ async fn not_ready_while_the_database_is_down_or_unmigrated() {
     })
     .await;
 
-    let migrate = ProjectionDb::connect(&db.url, 1).await.expect("connect");
+    let migrate = ProjectionDb::connect(db.url.as_str(), 1)
+        .await
+        .expect("connect");
     migrate.migrate().await.expect("migrate");
     readyz_until(&running, 200, "ready after migrations", |_| true).await;
     running

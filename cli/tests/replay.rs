@@ -95,7 +95,7 @@ async fn replay_keeps_the_tables_and_the_queries(db: Database) {
     for (_, url) in &orders {
         wait_final(&client, url).await;
     }
-    let live = Db::connect(&db.url, 2).await.expect("connect");
+    let live = Db::connect(db.url.as_str(), 2).await.expect("connect");
     let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
     // The inventory projection is a separate group: let it finish the last answers.
     orderflow_testkit::eventually(Duration::from_secs(60), "stock projected", || async {

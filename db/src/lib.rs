@@ -5,6 +5,7 @@
 
 use std::{path::Path, str::FromStr};
 
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::{
     any::{AnyPoolOptions, AnyQueryResult},
     migrate::Migrator,
@@ -63,13 +64,17 @@ impl FromStr for Backend {
 pub struct Database {
     pool: AnyPool,
     backend: Backend,
-    /// The URL connected to (kept to open a replay's scratch space next to it; never logged).
-    url: String,
+    /// The URL connected to, kept to open a replay's scratch space next to it: a secret (it
+    /// may hold a password), so it never shows in `Debug` output or logs.
+    url: SecretString,
 }
 
 impl Database {
-    /// Connects (creating a SQLite file and its directory when needed). Does not migrate.
-    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+    /// Connects (creating a SQLite file and its directory when needed). Does not migrate. The
+    /// URL stays a secret: exposed only to open the connections.
+    pub async fn connect(url: impl Into<SecretString>, max_connections: u32) -> Result<Self> {
+        let secret: SecretString = url.into();
+        let url = secret.expose_secret();
         sqlx::any::install_default_drivers();
         let backend: Backend = url.parse()?;
         let max_connections = match backend {
@@ -105,11 +110,12 @@ impl Database {
         Ok(Self {
             pool,
             backend,
-            url: url.to_owned(),
+            url: secret,
         })
     }
 
-    pub fn url(&self) -> &str {
+    /// The URL connected to, still a secret.
+    pub fn url(&self) -> &SecretString {
         &self.url
     }
 

@@ -11,12 +11,10 @@
 //!   twice.
 //! - [`keys`] is API key management over HTTP (the admin listener).
 //! - [`replays`] starts and reports projection replays over HTTP (the admin listener).
-//! - [`limits`] rate limits per client IP and per principal.
 
 pub mod commands;
 pub mod idempotency;
 pub mod keys;
-pub mod limits;
 pub mod metrics;
 pub mod publish;
 pub mod replays;
@@ -24,7 +22,7 @@ pub mod request;
 pub mod routes;
 
 pub use commands::{OrderDirectory, OrderLocation, SharedDirectory};
-pub use limits::RateLimits;
 pub use metrics::IngestMetrics;
+pub use orderflow_auth::limits::RateLimits;
 pub use publish::{PublishError, Publisher};
 pub use routes::{admin_router, router, IngestState};

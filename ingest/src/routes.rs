@@ -26,11 +26,10 @@ use crate::request::OrderRequest;
 use tracing::{debug, debug_span, warn, Instrument};
 use uuid::Uuid;
 
-use orderflow_auth::{http::require, Authenticator, Permission};
+use orderflow_auth::{http::require, limits::RateLimits, Authenticator, Permission};
 
 use crate::{
     idempotency::{self, IdempotencyStore, Seed},
-    limits::RateLimits,
     metrics::{IngestMetrics, PublishErrorLabels, RefusedLabels},
     publish::{PublishError, Publisher},
     request::{self, RequestError},
@@ -85,7 +84,7 @@ fn guarded(
     router
         .layer(from_fn_with_state(
             state.limits.clone(),
-            crate::limits::limit,
+            orderflow_auth::limits::limit,
         ))
         .layer(from_fn_with_state(
             state.auth.clone(),

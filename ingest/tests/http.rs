@@ -49,7 +49,7 @@ async fn start_with(broker: &Broker, extra: &[(&str, &str)]) -> Edge {
         .await
         .expect("topics");
     let codec = Arc::new(Codec::new().expect("codec"));
-    let limits = orderflow_ingest::RateLimits::new(&settings.ingest);
+    let limits = orderflow_ingest::RateLimits::new(&settings.ingest.limits());
     let publisher = Publisher::new(&clients, codec, names::ORDERS_EVENTS, None).expect("publisher");
     let state = IngestState {
         replays: None,
@@ -428,7 +428,8 @@ async fn rate_limits_answer_429_with_headers_recover_and_reload() {
     edge.limits.reload(
         &Settings::from_defaults(&overrides)
             .expect("settings")
-            .ingest,
+            .ingest
+            .limits(),
     );
     for _ in 0..5 {
         let (status, headers, _) = post(&edge, "application/json", body()).await;

@@ -88,7 +88,7 @@ async fn a_replay_runs_in_the_background_once_at_a_time() {
         status_base_url: "http://query.example".into(),
         metrics: orderflow_ingest::IngestMetrics::unregistered(),
         max_batch_orders: 5,
-        limits: orderflow_ingest::RateLimits::new(&settings.ingest),
+        limits: orderflow_ingest::RateLimits::new(&settings.ingest.limits()),
         directory: None,
         orders_topic: names::ORDERS_EVENTS,
         inventory_topic: names::INVENTORY_COMMANDS,

@@ -236,6 +236,9 @@ pub struct IngestSettings {
     pub rate_limit_per_principal_per_second: u32,
     /// Burst per principal; 0 means the per-second rate.
     pub rate_limit_principal_burst: u32,
+    /// Proxies (CIDRs or addresses) whose `Forwarded`/`X-Forwarded-For` names the client;
+    /// from any other peer those headers are ignored and the peer is the client.
+    pub trusted_proxies: Vec<String>,
     /// Base URL of the query API for status URLs; empty means `http://<query.listen>`.
     pub status_base_url: String,
     /// How long an `Idempotency-Key` is remembered, seconds.
@@ -316,7 +319,66 @@ pub struct QuerySettings {
     pub listen: SocketAddr,
     pub cache_capacity: u64,
     pub cache_ttl_ms: u64,
+    /// Requests per second per client IP; 0 turns limiting off.
+    pub rate_limit_per_ip_per_second: u32,
+    /// Burst per client IP; 0 means the per-second rate.
+    pub rate_limit_burst: u32,
+    /// Requests per second each authenticated principal may make; 0 turns it off.
+    pub rate_limit_per_principal_per_second: u32,
+    /// Burst per principal; 0 means the per-second rate.
+    pub rate_limit_principal_burst: u32,
+    /// As `ingest.trusted_proxies`, for this listener.
+    pub trusted_proxies: Vec<String>,
     pub tls: TlsSettings,
+}
+
+/// One listener's rate limits: GCRA quotas per client IP and per principal, and the proxies
+/// trusted to name the client ([`IngestSettings::limits`], [`QuerySettings::limits`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateLimitSettings {
+    pub per_ip_per_second: u32,
+    pub ip_burst: u32,
+    pub per_principal_per_second: u32,
+    pub principal_burst: u32,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// A trusted proxy entry: a CIDR (`10.0.0.0/8`) or one address (`10.1.2.3`, `::1`).
+pub fn parse_proxy(entry: &str) -> std::result::Result<ipnet::IpNet, String> {
+    let entry = entry.trim();
+    entry
+        .parse::<ipnet::IpNet>()
+        .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{entry:?} is neither a CIDR nor an IP address"))
+}
+
+fn proxies(entries: &[String]) -> Vec<ipnet::IpNet> {
+    // Validated at load (`Settings::validate`): what does not parse is not there.
+    entries.iter().filter_map(|e| parse_proxy(e).ok()).collect()
+}
+
+impl IngestSettings {
+    pub fn limits(&self) -> RateLimitSettings {
+        RateLimitSettings {
+            per_ip_per_second: self.rate_limit_per_ip_per_second,
+            ip_burst: self.rate_limit_burst,
+            per_principal_per_second: self.rate_limit_per_principal_per_second,
+            principal_burst: self.rate_limit_principal_burst,
+            trusted_proxies: proxies(&self.trusted_proxies),
+        }
+    }
+}
+
+impl QuerySettings {
+    pub fn limits(&self) -> RateLimitSettings {
+        RateLimitSettings {
+            per_ip_per_second: self.rate_limit_per_ip_per_second,
+            ip_burst: self.rate_limit_burst,
+            per_principal_per_second: self.rate_limit_per_principal_per_second,
+            principal_burst: self.rate_limit_principal_burst,
+            trusted_proxies: proxies(&self.trusted_proxies),
+        }
+    }
 }
 
 /// Bounds of a processor's transaction batch, and the identity of its transactional producer.
@@ -501,6 +563,16 @@ impl Settings {
                 errors.push(message);
             }
         };
+        for (key, entries) in [
+            ("ingest.trusted_proxies", &self.ingest.trusted_proxies),
+            ("query.trusted_proxies", &self.query.trusted_proxies),
+        ] {
+            for entry in entries {
+                if let Err(why) = parse_proxy(entry) {
+                    check(false, format!("{key}: {why}"));
+                }
+            }
+        }
         let k = &self.kafka;
         check(
             (1..=10_000).contains(&k.fetch_wait_max_ms),
@@ -688,8 +760,10 @@ impl Settings {
     }
 
     /// The database URL to use: the configured one, or the SQLite file under `dev.data_dir`.
-    pub fn database_url(&self) -> String {
-        match self.database.url.expose() {
+    /// A secret (it may hold a password) until the connection opens: it never prints in
+    /// `Debug` output; show it with [`SecretString::expose_secret`] through a redaction.
+    pub fn database_url(&self) -> SecretString {
+        SecretString::from(match self.database.url.expose() {
             Some(url) => url.to_owned(),
             None => format!(
                 "sqlite://{}?mode=rwc",
@@ -698,7 +772,7 @@ impl Settings {
                     .join(crate::config::EMBEDDED_DATABASE_FILE)
                     .display()
             ),
-        }
+        })
     }
 }
 
@@ -813,7 +887,15 @@ mod tests {
             flags.set("kafka.isolation_level", "\"dirty\"");
             flags.set("admin.tls.client_ca_file", "\"ca.pem\"");
             flags.set("auth.jwt.hs256_secret", "\"short\"");
+            flags.set(
+                "ingest.trusted_proxies",
+                "[\"10.0.0.0/8\", \"10.0.0.0/33\"]",
+            );
             let err = load(&flags).expect_err("invalid").to_string();
+            assert!(
+                err.contains("ingest.trusted_proxies: \"10.0.0.0/33\" is neither a CIDR"),
+                "{err}"
+            );
             assert!(err.contains("kafka.fetch_wait_max_ms"), "{err}");
             assert!(err.contains("validation.currencies"), "{err}");
             assert!(err.contains("database.url"), "{err}");
@@ -835,7 +917,10 @@ mod tests {
             jail.set_env("ORDERFLOW_AUTH__JWT__ISSUER", "https://issuer");
             jail.set_env("ORDERFLOW_AUTH__JWT__AUDIENCE", "orderflow");
             let s = load(&Overrides::default()).expect("loads");
-            assert_eq!(s.database_url(), "postgres://app:hunter2@db/orders");
+            assert_eq!(
+                s.database_url().expose_secret(),
+                "postgres://app:hunter2@db/orders"
+            );
             assert_eq!(
                 s.auth.jwt.hs256_secret.expose(),
                 Some("an-hs256-secret-of-at-least-32-bytes!!")
@@ -845,6 +930,8 @@ mod tests {
             assert!(!shown.contains("hunter2"), "{shown}");
             assert!(shown.contains("[redacted]"), "{shown}");
             assert!(!format!("{s:?}").contains("hunter2"));
+            // The URL handed on stays a secret: its Debug output is redacted too.
+            assert!(!format!("{:?}", s.database_url()).contains("hunter2"));
             Ok(())
         });
     }

@@ -25,6 +25,7 @@ use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
 };
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -218,12 +219,12 @@ impl OrderCache {
 /// Applies the changes other processes' projection writers announce with `NOTIFY` on
 /// PostgreSQL at `url`, until cancelled. Reconnects with backoff; clears the cache on every
 /// (re)connect, since notifications sent while not listening are lost.
-pub async fn listen(url: String, cache: OrderCache, cancel: CancellationToken) {
+pub async fn listen(url: SecretString, cache: OrderCache, cancel: CancellationToken) {
     let mut restarts = Restarts::new("order cache listener");
     loop {
         restarts.session_started();
         let session = async {
-            let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+            let mut listener = sqlx::postgres::PgListener::connect(url.expose_secret()).await?;
             listener.listen(CHANNEL).await?;
             cache.clear();
             info!(channel = CHANNEL, "Listening for order changes.");

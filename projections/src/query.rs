@@ -31,6 +31,7 @@ use tracing::error;
 use axum::middleware::from_fn_with_state;
 use orderflow_auth::{
     http::{authenticate, require},
+    limits::RateLimits,
     Authenticator, Permission,
 };
 use orderflow_platform::openapi;
@@ -102,7 +103,8 @@ impl From<orders::OrderRow> for OrderView {
 /// The query API's routes.
 /// Every route needs a caller allowed to read: an order's status (`reader`, and the
 /// `producer` that placed it follows its status URL), or anything else (`reader`).
-pub fn router(db: Database, cache: OrderCache, auth: Authenticator) -> Router {
+/// Every request is authenticated, then rate limited ([`RateLimits`], `query.rate_limit_*`).
+pub fn router(db: Database, cache: OrderCache, auth: Authenticator, limits: RateLimits) -> Router {
     let status = OpenApiRouter::new()
         .routes(routes!(get_order))
         .route_layer(from_fn_with_state(Permission::ReadOrderStatus, require));
@@ -119,6 +121,7 @@ pub fn router(db: Database, cache: OrderCache, auth: Authenticator) -> Router {
         .split_for_parts();
     let api = openapi::finish(api, "orderflow query API", false);
     router
+        .layer(from_fn_with_state(limits, orderflow_auth::limits::limit))
         .layer(from_fn_with_state(auth, authenticate))
         .with_state(QueryState { db, cache })
         .merge(health_routes())

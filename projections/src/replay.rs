@@ -34,6 +34,7 @@ use rdkafka::{
     message::{Message, OwnedMessage},
     Offset, TopicPartitionList,
 };
+use secrecy::{ExposeSecret, SecretString};
 use sqlx::{Column, Connection, Row};
 use tracing::info;
 
@@ -147,22 +148,22 @@ impl Scratch {
                 sqlx::query(&format!("CREATE SCHEMA {schema}"))
                     .execute(live.pool())
                     .await?;
-                let separator = if live.url().contains('?') { '&' } else { '?' };
-                let url = format!(
-                    "{}{separator}options=-c%20search_path%3D{schema}",
-                    live.url()
-                );
-                let db = Database::connect(&url, 2).await?;
+                let live_url = live.url().expose_secret();
+                let separator = if live_url.contains('?') { '&' } else { '?' };
+                let url = SecretString::from(format!(
+                    "{live_url}{separator}options=-c%20search_path%3D{schema}"
+                ));
+                let db = Database::connect(url, 2).await?;
                 db.migrate().await?;
                 Ok(Self { db, place: schema })
             }
             Backend::Sqlite => {
-                let path = sqlite_path(live.url());
+                let path = sqlite_path(live.url().expose_secret());
                 let file = format!("{path}.replay-{projection}");
                 for suffix in ["", "-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{file}{suffix}"));
                 }
-                let db = Database::connect(&format!("sqlite://{file}?mode=rwc"), 2).await?;
+                let db = Database::connect(format!("sqlite://{file}?mode=rwc"), 2).await?;
                 db.migrate().await?;
                 Ok(Self { db, place: file })
             }
@@ -346,7 +347,10 @@ impl ReplayLock {
                 }
             }
             Backend::Sqlite => {
-                let path = format!("{}.replay-{projection}.lock", sqlite_path(live.url()));
+                let path = format!(
+                    "{}.replay-{projection}.lock",
+                    sqlite_path(live.url().expose_secret())
+                );
                 let file = std::fs::OpenOptions::new()
                     .create(true)
                     .truncate(false)

@@ -39,7 +39,12 @@ async fn start(url: &str) -> Api {
     tokio::spawn(cache.clone().follow(changes.clone(), cancel.clone()));
     let server = Server::bind(
         "127.0.0.1:0".parse().expect("addr"),
-        query::router(db.clone(), cache, orderflow_auth::Authenticator::disabled()),
+        query::router(
+            db.clone(),
+            cache,
+            orderflow_auth::Authenticator::disabled(),
+            orderflow_auth::limits::RateLimits::default(),
+        ),
     )
     .await
     .expect("bind");

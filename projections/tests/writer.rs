@@ -341,7 +341,9 @@ async fn postgres_history_partitions_and_the_analyst_role() {
     let Some(test_db) = orderflow_testkit::Database::postgres().await else {
         return;
     };
-    let db = Database::connect(&test_db.url, 2).await.expect("connect");
+    let db = Database::connect(test_db.url.as_str(), 2)
+        .await
+        .expect("connect");
     db.migrate().await.expect("migrate");
     // 2025-11-24, UTC.
     let now = 1_764_000_000_000;

@@ -118,7 +118,7 @@ async fn main() -> Result<()> {
     eprintln!("{events} events written");
 
     // 2. The fold.
-    let live = orderflow_projections::Database::connect(&db.url, 8).await?;
+    let live = orderflow_projections::Database::connect(db.url.as_str(), 8).await?;
     live.migrate().await?;
     let writer = ProjectionWriter::new(
         OrdersProjection,
@@ -162,6 +162,7 @@ async fn main() -> Result<()> {
             live.clone(),
             cache,
             orderflow_auth::Authenticator::disabled(),
+            orderflow_auth::limits::RateLimits::default(),
         ),
     )
     .await?;
