@@ -357,27 +357,46 @@ fn proxies(entries: &[String]) -> Vec<ipnet::IpNet> {
     entries.iter().filter_map(|e| parse_proxy(e).ok()).collect()
 }
 
+impl RateLimitSettings {
+    /// One listener's `rate_limit_*` keys and `trusted_proxies`.
+    fn of(
+        per_ip_per_second: u32,
+        ip_burst: u32,
+        per_principal_per_second: u32,
+        principal_burst: u32,
+        trusted_proxies: &[String],
+    ) -> Self {
+        Self {
+            per_ip_per_second,
+            ip_burst,
+            per_principal_per_second,
+            principal_burst,
+            trusted_proxies: proxies(trusted_proxies),
+        }
+    }
+}
+
 impl IngestSettings {
     pub fn limits(&self) -> RateLimitSettings {
-        RateLimitSettings {
-            per_ip_per_second: self.rate_limit_per_ip_per_second,
-            ip_burst: self.rate_limit_burst,
-            per_principal_per_second: self.rate_limit_per_principal_per_second,
-            principal_burst: self.rate_limit_principal_burst,
-            trusted_proxies: proxies(&self.trusted_proxies),
-        }
+        RateLimitSettings::of(
+            self.rate_limit_per_ip_per_second,
+            self.rate_limit_burst,
+            self.rate_limit_per_principal_per_second,
+            self.rate_limit_principal_burst,
+            &self.trusted_proxies,
+        )
     }
 }
 
 impl QuerySettings {
     pub fn limits(&self) -> RateLimitSettings {
-        RateLimitSettings {
-            per_ip_per_second: self.rate_limit_per_ip_per_second,
-            ip_burst: self.rate_limit_burst,
-            per_principal_per_second: self.rate_limit_per_principal_per_second,
-            principal_burst: self.rate_limit_principal_burst,
-            trusted_proxies: proxies(&self.trusted_proxies),
-        }
+        RateLimitSettings::of(
+            self.rate_limit_per_ip_per_second,
+            self.rate_limit_burst,
+            self.rate_limit_per_principal_per_second,
+            self.rate_limit_principal_burst,
+            &self.trusted_proxies,
+        )
     }
 }
 

@@ -46,11 +46,7 @@ pub fn require_whole<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
 ) -> Result<(i64, i64), LogStartError> {
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, timeout)
-        .map_err(|source| LogStartError::Kafka {
-            topic: topic.to_owned(),
-            partition,
-            source,
-        })?;
+        .map_err(kafka_error(topic, partition))?;
     check(topic, partition, low)?;
     Ok((low, high))
 }
@@ -65,13 +61,17 @@ pub fn require_whole_to_end(
     timeout: Duration,
 ) -> Result<i64, LogStartError> {
     let (low, end) = orderflow_platform::kafka::log_end(reader, topic, partition, timeout)
-        .map_err(|source| LogStartError::Kafka {
-            topic: topic.to_owned(),
-            partition,
-            source,
-        })?;
+        .map_err(kafka_error(topic, partition))?;
     check(topic, partition, low)?;
     Ok(end)
+}
+
+fn kafka_error(topic: &str, partition: i32) -> impl FnOnce(KafkaError) -> LogStartError + '_ {
+    move |source| LogStartError::Kafka {
+        topic: topic.to_owned(),
+        partition,
+        source,
+    }
 }
 
 fn check(topic: &str, partition: i32, low: i64) -> Result<(), LogTruncated> {
