@@ -219,7 +219,7 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
     };
     let idempotent_rate = through(Transactions::Off).await?;
     let has_transactions =
-        orderflow_platform::transactions::supports_transactions(bootstrap).await?;
+        orderflow_platform::transactions::supports_transactions(&settings.kafka, bootstrap).await?;
     let transactional_rate = if has_transactions {
         Some(through(Transactions::On).await?)
     } else {

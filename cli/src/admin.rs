@@ -5,7 +5,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{bail, Context, Result};
 use orderflow_ingest::{commands::restock_events, commands::RestockItem, Publisher};
-use orderflow_platform::{kafka::KafkaClients, Settings};
+use orderflow_platform::{config::ClientTlsSettings, kafka::KafkaClients, Settings};
 use orderflow_schemas::Codec;
 use orderflow_topics::names;
 
@@ -82,13 +82,15 @@ pub async fn load_inventory(settings: &Settings, path: &Path) -> Result<usize> {
 /// the order is held for review and publishes it.
 pub async fn review(
     url: &str,
+    tls: &ClientTlsSettings,
     api_key: Option<&str>,
     order_id: &str,
     decision: &str,
     reviewer: &str,
     note: &str,
 ) -> Result<String> {
-    let client = reqwest::Client::builder()
+    let client = orderflow_platform::tls::http_client(tls)
+        .context("the admin listener's TLS (--ca-file, --cert-file, --key-file)")?
         .timeout(Duration::from_secs(10))
         .build()?;
     let mut request = client
@@ -100,10 +102,12 @@ pub async fn review(
     if let Some(key) = api_key {
         request = request.bearer_auth(key);
     }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("reaching the admin listener at {url}"))?;
+    let response = request.send().await.map_err(|e| {
+        anyhow::anyhow!(
+            "reaching the admin listener at {url}: {}",
+            orderflow_platform::http::error_chain(&e)
+        )
+    })?;
     let status = response.status();
     let body = response.text().await.unwrap_or_default();
     if !status.is_success() {

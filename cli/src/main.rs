@@ -132,6 +132,25 @@ enum Command {
         /// An admin API key or token (sent as a bearer token).
         #[arg(long, env = "ADMIN_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// For an https URL: PEM CAs to trust instead of the Mozilla roots (a private CA).
+        #[arg(long, env = "ADMIN_CA_FILE", default_value = "")]
+        ca_file: String,
+        /// Client certificate (PEM) for an admin listener that requires mutual TLS.
+        #[arg(
+            long,
+            env = "ADMIN_CERT_FILE",
+            default_value = "",
+            requires = "key_file"
+        )]
+        cert_file: String,
+        /// The client certificate's private key (PEM).
+        #[arg(
+            long,
+            env = "ADMIN_KEY_FILE",
+            default_value = "",
+            requires = "cert_file"
+        )]
+        key_file: String,
     },
 }
 
@@ -324,10 +343,7 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             let simulator = orderflow_gateway::simulator::Simulator::bind(&settings.gateway)
                 .await
                 .with_context(|| format!("binding {}", settings.gateway.listen))?;
-            println!(
-                "simulated payment gateway: http://{}",
-                simulator.local_addr()?
-            );
+            println!("simulated payment gateway: {}", simulator.base_url()?);
             let cancel = tokio_util::sync::CancellationToken::new();
             let stop = cancel.clone();
             tokio::spawn(async move {
@@ -393,9 +409,18 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             note,
             url,
             api_key,
+            ca_file,
+            cert_file,
+            key_file,
         } => {
+            let tls = orderflow_platform::config::ClientTlsSettings {
+                ca_file,
+                cert_file,
+                key_file,
+            };
             let answer = orderflow::admin::review(
                 &url,
+                &tls,
                 api_key.as_deref(),
                 &order_id,
                 &decision,

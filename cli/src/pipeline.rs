@@ -10,7 +10,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use orderflow_auth::Authenticator;
-use orderflow_gateway::simulator::Simulator;
+use orderflow_gateway::{simulator::Simulator, GatewayClient};
 use orderflow_ingest::{
     idempotency::IdempotencyStore,
     replays::{ProjectionReplayer, ReplaySummary, Replays},
@@ -20,7 +20,7 @@ use orderflow_ingest::{
 use orderflow_platform::{
     health::{readiness_routes, Readiness},
     http::{edge, health_routes, Server},
-    kafka::KafkaClients,
+    kafka::{KafkaClients, MetadataProbe},
     metrics::{metrics_routes, ConsumerMetrics, HttpMetrics, MetricsRegistry, ProducerMetrics},
     Settings,
 };
@@ -34,7 +34,6 @@ use orderflow_projections::{
 };
 use orderflow_schemas::Codec;
 use orderflow_topics::names;
-use rdkafka::{admin::AdminClient, client::DefaultClientContext};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -509,21 +508,24 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
                 )
             })?;
             let addr = simulator.local_addr()?;
+            let url = simulator.base_url()?;
             gateway_addr = Some(addr);
             let cancel = cancel.clone();
             tasks.spawn("simulated gateway", async move {
                 simulator.run(cancel).await.map_err(anyhow::Error::from)
             });
-            format!("http://{addr}")
+            url
         } else {
             settings.payment.gateway_url.clone()
         };
+        let gateway = GatewayClient::new(&gateway_url, &settings.payment.tls)
+            .context("the payment gateway's client (payment.tls)")?;
         let deps = ProcessorDeps {
             clients: clients.clone(),
             codec: codec.clone(),
             metrics: metrics.processors.clone(),
             readiness: Some(readiness.clone()),
-            gateway_url,
+            gateway,
         };
         for (name, task) in orderflow_processors::processors(settings, &deps, &cancel) {
             tasks.spawn(name, async move {
@@ -638,27 +640,24 @@ async fn watch_dependencies(
     readiness: Readiness,
     cancel: CancellationToken,
 ) -> Result<()> {
-    let admin: Option<Arc<AdminClient<DefaultClientContext>>> = match clients {
+    let probe: Option<Arc<MetadataProbe>> = match clients {
         Some(clients) => Some(Arc::new(
-            clients
-                .admin()
-                .create()
-                .context("creating the readiness admin client")?,
+            MetadataProbe::new(&clients).context("creating the readiness metadata client")?,
         )),
         None => None,
     };
     loop {
-        if let Some(admin) = &admin {
-            let probe = admin.clone();
+        if let Some(probe) = &probe {
+            let probe = probe.clone();
             let broker = tokio::task::spawn_blocking(move || {
-                probe
-                    .inner()
-                    .fetch_metadata(None, READINESS_INTERVAL)
-                    .map(|m| m.brokers().len())
+                probe.fetch(READINESS_INTERVAL).map(|m| m.brokers().len())
             })
             .await;
             match broker {
                 Ok(Ok(n)) if n > 0 => readiness.set_ready("broker"),
+                Ok(Err(reason)) => {
+                    readiness.set_not_ready("broker", format!("broker unreachable: {reason}"))
+                }
                 _ => readiness.set_not_ready("broker", "broker unreachable"),
             }
         }

@@ -827,7 +827,8 @@ async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, se
     );
 
     // The gateway: one standing charge per confirmed order, none for the others.
-    let report = GatewayClient::new(&gateway_url)
+    let report = GatewayClient::new(&gateway_url, &Default::default())
+        .expect("gateway client")
         .report(Duration::from_secs(10))
         .await
         .expect("gateway report");

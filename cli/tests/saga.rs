@@ -7,8 +7,8 @@ use std::time::Duration;
 use orderflow::pipeline::{self, Role};
 use orderflow_gateway::{protocol::Faults, GatewayClient};
 use orderflow_testkit::{
-    apply_topics, eventually, place_order, restock, test_settings_with, wait_final, Broker,
-    Database,
+    apply_topics, eventually, place_order, restock, test_settings_with, wait_final, wait_status,
+    Broker, Database,
 };
 use serde_json::{json, Value};
 
@@ -44,14 +44,6 @@ async fn place(client: &reqwest::Client, ingest: &str, body: &Value) -> (String,
     )
 }
 
-async fn wait_status(client: &reqwest::Client, url: &str, status: &str) -> Value {
-    eventually(DEADLINE, &format!("{url} to be {status}"), || async {
-        let view: Value = client.get(url).send().await.ok()?.json().await.ok()?;
-        (view["status"] == status).then_some(view)
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn review_decisions_and_cancellations_over_http() {
     let Some(broker) = Broker::embedded() else {
@@ -65,10 +57,11 @@ async fn review_decisions_and_cancellations_over_http() {
         .expect("pipeline");
     let ingest = format!("http://{}", running.ingest_addr.expect("ingest"));
     let admin = format!("http://{}", running.admin_addr.expect("admin"));
-    let gateway = GatewayClient::new(&format!(
-        "http://{}",
-        running.gateway_addr.expect("gateway")
-    ));
+    let gateway = GatewayClient::new(
+        &format!("http://{}", running.gateway_addr.expect("gateway")),
+        &Default::default(),
+    )
+    .expect("gateway client");
     let client = reqwest::Client::new();
     restock(&client, &admin, &[("SKU-S1", 10)]).await;
 
@@ -293,10 +286,11 @@ async fn a_faulty_gateway_is_retried_and_broken_off_and_every_order_ends() {
     let ingest = format!("http://{}", running.ingest_addr.expect("ingest"));
     let admin = format!("http://{}", running.admin_addr.expect("admin"));
     let metrics_url = format!("http://{}/metrics", running.ops_addr);
-    let gateway = GatewayClient::new(&format!(
-        "http://{}",
-        running.gateway_addr.expect("gateway")
-    ));
+    let gateway = GatewayClient::new(
+        &format!("http://{}", running.gateway_addr.expect("gateway")),
+        &Default::default(),
+    )
+    .expect("gateway client");
     let client = reqwest::Client::new();
     restock(&client, &admin, &[("SKU-S1", 100)]).await;
 

@@ -2,7 +2,7 @@
 //! client certificate from the configured CA gets in, no certificate or one of another CA does
 //! not, and plain HTTP to a TLS port gets no HTTP answer.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use orderflow::pipeline::{self, Role};
 use orderflow_testkit::{apply_topics, test_settings_with, Broker, Database};
@@ -11,13 +11,7 @@ use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsConnector;
 
-fn fixture(name: &str) -> String {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tls")
-        .join(name)
-        .display()
-        .to_string()
-}
+use orderflow_testkit::secure::tls_fixture as fixture;
 
 /// `GET path` over TLS, trusting the test CA, optionally with a client certificate; the status
 /// code, or why there is none.

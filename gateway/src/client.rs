@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use orderflow_platform::{config::ClientTlsSettings, tls::TlsError};
+
 use crate::protocol::{Answer, ChargeRequest, Faults, RefundRequest, Report};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,12 +52,17 @@ pub struct GatewayClient {
 }
 
 impl GatewayClient {
-    /// `base` like `http://127.0.0.1:8090`.
-    pub fn new(base: &str) -> Self {
-        Self {
-            http: reqwest::Client::new(),
+    /// `base` like `http://127.0.0.1:8090` or `https://gateway.example`; `tls` says which CAs
+    /// an https gateway's certificate may chain to and which client certificate to present
+    /// (`payment.tls`). Fails when a file it names cannot be read or parsed.
+    pub fn new(base: &str, tls: &ClientTlsSettings) -> Result<Self, TlsError> {
+        let http = orderflow_platform::tls::http_client(tls)?
+            .build()
+            .map_err(|e| TlsError::Http(e.to_string()))?;
+        Ok(Self {
+            http,
             base: base.trim_end_matches('/').to_owned(),
-        }
+        })
     }
 
     pub fn base_url(&self) -> &str {
@@ -134,7 +141,7 @@ fn classify(e: reqwest::Error, timeout: Duration) -> GatewayError {
     if e.is_timeout() {
         GatewayError::Timeout(timeout)
     } else {
-        GatewayError::Unreachable(e.to_string())
+        GatewayError::Unreachable(orderflow_platform::http::error_chain(&e))
     }
 }
 

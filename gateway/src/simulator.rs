@@ -3,11 +3,14 @@
 //! Every call waits `latency_ms`. With probability `failure_rate` a call answers `500` and
 //! records nothing; with probability `slow_rate` it records its answer but sends it only after
 //! `slow_ms` (the caller times out and retries, and gets the recorded answer). Whether a charge
-//! is declined is decided per idempotency key (a hash below `decline_rate`, or a payment token
-//! starting with `tok_decline`), so even the first answer is repeatable. Faults can be changed
-//! while it runs (`PUT /v1/faults`), which is how tests break and heal it.
+//! is declined is decided per idempotency key (a hash below `decline_rate`), so even the first
+//! answer is repeatable. Faults can be changed while it runs (`PUT /v1/faults`), which is how
+//! tests break and heal it.
 //!
-//! Payment tokens also pick refusals, for the worker's classification of answers:
+//! Payment tokens decide outright, as payment providers' test tokens do: `tok_visa…` is always
+//! authorized and `tok_decline…` always declined, whatever `decline_rate` says (the random rate
+//! is for load tests; a walkthrough with `tok_visa` ends the same way every time). Tokens also
+//! pick refusals, for the worker's classification of answers:
 //! `tok_invalid…` charges answer `422` (a request that can never succeed); `tok_busy…` keys
 //! answer `409` to every charge and void (a call for the key forever "in progress": the order can
 //! only end by the saga's payment deadline); `tok_throttle…` keys answer `429` with `Retry-After`
@@ -33,7 +36,7 @@ use axum::{
 };
 use orderflow_platform::{
     config::GatewaySettings,
-    http::{Problem, Server},
+    http::{BindError, Problem, Server},
 };
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
@@ -210,8 +213,10 @@ async fn charge(State(sim): State<Sim>, Json(request): Json<ChargeRequest>) -> R
         match &charge.answer {
             Some(answer) => answer.clone(),
             None => {
-                let declined = request.payment_token.starts_with("tok_decline")
-                    || key_fraction(&request.idempotency_key) < faults.decline_rate;
+                let token = request.payment_token.as_str();
+                let declined = token.starts_with("tok_decline")
+                    || (!token.starts_with("tok_visa")
+                        && key_fraction(&request.idempotency_key) < faults.decline_rate);
                 let answer = if declined {
                     Answer::Declined {
                         reason: "insufficient funds".to_owned(),
@@ -356,10 +361,21 @@ pub struct Simulator {
 }
 
 impl Simulator {
-    pub async fn bind(settings: &GatewaySettings) -> std::io::Result<Self> {
+    /// Binds `settings.listen`, with HTTPS when `settings.tls` names a certificate.
+    pub async fn bind(settings: &GatewaySettings) -> Result<Self, BindError> {
         Ok(Self {
-            server: Server::bind(settings.listen, router(settings)).await?,
+            server: Server::bind_tls(settings.listen, router(settings), &settings.tls).await?,
         })
+    }
+
+    /// The base URL clients use: `https://` when the listener speaks TLS.
+    pub fn base_url(&self) -> std::io::Result<String> {
+        let scheme = if self.server.is_tls() {
+            "https"
+        } else {
+            "http"
+        };
+        Ok(format!("{scheme}://{}", self.local_addr()?))
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {

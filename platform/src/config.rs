@@ -23,6 +23,12 @@ use figment::{
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize, Serializer};
 
+mod transport;
+pub use transport::{
+    ClientTlsSettings, DatabaseTlsSettings, KafkaProperties, KafkaTlsSettings, SaslMechanism,
+    SaslSettings, SecurityProtocol, MANAGED_PROPERTIES,
+};
+
 /// The compiled-in defaults: the first layer.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
 /// The config file read when no `--config` is given, if it exists.
@@ -177,6 +183,8 @@ pub struct PaymentSettings {
     pub breaker_failures: u32,
     pub breaker_open_ms: u64,
     pub payment_timeout_ms: i64,
+    /// TLS of the gateway client (a private CA, a client certificate for mutual TLS).
+    pub tls: ClientTlsSettings,
 }
 
 /// The simulated payment gateway (`orderflow gateway`, and in-process in `dev`).
@@ -189,6 +197,8 @@ pub struct GatewaySettings {
     pub failure_rate: f64,
     pub slow_rate: f64,
     pub slow_ms: u64,
+    /// HTTPS for the simulated gateway (mutual TLS with `client_ca_file`).
+    pub tls: TlsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -211,6 +221,12 @@ pub struct KafkaSettings {
     /// projections): for brokers that can serve a record before an earlier one is readable
     /// (Tansu). See [`crate::gaps`].
     pub recheck_offset_gaps: bool,
+    /// How clients reach the brokers: plaintext, ssl, sasl_plaintext or sasl_ssl.
+    pub security_protocol: SecurityProtocol,
+    pub tls: KafkaTlsSettings,
+    pub sasl: SaslSettings,
+    /// Any other librdkafka property, for every client (not those orderflow sets itself).
+    pub properties: KafkaProperties,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -220,6 +236,8 @@ pub struct DatabaseSettings {
     /// Path of a file holding the URL; read by [`Settings::load`] into `url`.
     pub url_file: String,
     pub max_connections: u32,
+    /// PostgreSQL's TLS: added to the URL as libpq parameters.
+    pub tls: DatabaseTlsSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -447,6 +465,8 @@ pub struct TelemetrySettings {
     pub format: LogFormat,
     /// OTLP/HTTP traces endpoint; empty disables span export.
     pub otlp_endpoint: String,
+    /// TLS of the OTLP exporter, for an https endpoint with a private CA or mutual TLS.
+    pub otlp_tls: ClientTlsSettings,
     pub service_name: String,
     pub filter: String,
 }
@@ -538,28 +558,42 @@ impl Settings {
     /// Loads, resolves secret files and validates: the only way roles get settings.
     pub fn load(config_file: Option<&Path>, overrides: &Overrides) -> Result<Self> {
         let mut settings: Settings = Self::figment(config_file, overrides)?.extract()?;
-        if !settings.database.url_file.is_empty() {
-            let path = PathBuf::from(&settings.database.url_file);
-            let text =
-                std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
-                    key: "database.url_file",
-                    path,
-                    source,
-                })?;
-            settings.database.url = Secret::new(text.lines().next().unwrap_or_default().trim());
-        }
-        if !settings.auth.jwt.hs256_secret_file.is_empty() {
-            let path = PathBuf::from(&settings.auth.jwt.hs256_secret_file);
-            let text =
-                std::fs::read_to_string(&path).map_err(|source| ConfigError::SecretFile {
-                    key: "auth.jwt.hs256_secret_file",
-                    path,
-                    source,
-                })?;
-            settings.auth.jwt.hs256_secret = Secret::new(text.trim_end_matches(['\r', '\n']));
-        }
+        settings.read_secret_files()?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// Reads each secret named by a `*_file` key into its setting (the file wins).
+    fn read_secret_files(&mut self) -> Result<()> {
+        fn read(key: &'static str, path: &str) -> Result<Option<String>> {
+            if path.is_empty() {
+                return Ok(None);
+            }
+            std::fs::read_to_string(path)
+                .map(Some)
+                .map_err(|source| ConfigError::SecretFile {
+                    key,
+                    path: PathBuf::from(path),
+                    source,
+                })
+        }
+        // A URL is its file's first line, trimmed; a JWT secret is the whole file but for its
+        // trailing line break.
+        let first_line = |text: String| text.lines().next().unwrap_or_default().trim().to_owned();
+        if let Some(text) = read("database.url_file", &self.database.url_file)? {
+            self.database.url = Secret::new(first_line(text));
+        }
+        if let Some(text) = read("kafka.sasl.password_file", &self.kafka.sasl.password_file)? {
+            // Exactly the first line: a password may begin or end with a space.
+            self.kafka.sasl.password = Secret::new(text.lines().next().unwrap_or_default());
+        }
+        if let Some(text) = read(
+            "auth.jwt.hs256_secret_file",
+            &self.auth.jwt.hs256_secret_file,
+        )? {
+            self.auth.jwt.hs256_secret = Secret::new(text.trim_end_matches(['\r', '\n']));
+        }
+        Ok(())
     }
 
     /// Defaults plus `overrides` only: no file, no environment. For tests and tools that must
@@ -569,7 +603,8 @@ impl Settings {
         for (key, value) in &overrides.0 {
             figment = figment.merge(Serialized::default(key, value));
         }
-        let settings: Settings = figment.extract()?;
+        let mut settings: Settings = figment.extract()?;
+        settings.read_secret_files()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -741,10 +776,30 @@ impl Settings {
                 self.payment.payment_timeout_ms, self.saga.payment_resend_ms
             ),
         );
+        transport::check_kafka(
+            k.security_protocol,
+            &k.tls,
+            &k.sasl,
+            &k.properties,
+            &mut errors,
+        );
+        transport::check_database_tls(
+            &self.database.tls,
+            self.database.url.expose().unwrap_or("sqlite:"),
+            &mut errors,
+        );
+        transport::check_client_tls("payment.tls", &self.payment.tls, &mut errors);
+        transport::check_client_tls("telemetry.otlp_tls", &self.telemetry.otlp_tls, &mut errors);
+        let mut check = |ok: bool, message: String| {
+            if !ok {
+                errors.push(message);
+            }
+        };
         for (key, tls) in [
             ("ingest.tls", &self.ingest.tls),
             ("query.tls", &self.query.tls),
             ("admin.tls", &self.admin.tls),
+            ("gateway.tls", &self.gateway.tls),
         ] {
             check(
                 tls.cert_file.is_empty() == tls.key_file.is_empty(),
@@ -781,8 +836,14 @@ impl Settings {
     /// The database URL to use: the configured one, or the SQLite file under `dev.data_dir`.
     /// A secret (it may hold a password) until the connection opens: it never prints in
     /// `Debug` output; show it with [`SecretString::expose_secret`] through a redaction.
+    ///
+    /// `database.tls` is added to a PostgreSQL URL here, as libpq's `sslmode`, `sslrootcert`,
+    /// `sslcert` and `sslkey`, replacing any the URL names itself.
     pub fn database_url(&self) -> SecretString {
         SecretString::from(match self.database.url.expose() {
+            Some(url) if self.database.tls.is_set() && !url.starts_with("sqlite:") => {
+                with_url_parameters(url, &self.database.tls.url_parameters())
+            }
             Some(url) => url.to_owned(),
             None => format!(
                 "sqlite://{}?mode=rwc",
@@ -793,6 +854,34 @@ impl Settings {
             ),
         })
     }
+}
+
+/// `url` with each `(name, value)` set in its query string (replacing the same names); values
+/// are percent-encoded.
+fn with_url_parameters(url: &str, parameters: &[(&str, &str)]) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut pairs: Vec<String> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(name, _)| name);
+            !parameters.iter().any(|(n, _)| *n == name)
+        })
+        .map(str::to_owned)
+        .collect();
+    for (name, value) in parameters {
+        let encoded: String = value
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                    char::from(b).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect();
+        pairs.push(format!("{name}={encoded}"));
+    }
+    format!("{base}?{}", pairs.join("&"))
 }
 
 /// File name of the embedded-mode SQLite database inside `dev.data_dir`.
@@ -953,5 +1042,73 @@ mod tests {
             assert!(!format!("{:?}", s.database_url()).contains("hunter2"));
             Ok(())
         });
+    }
+
+    #[test]
+    fn kafka_security_is_checked_and_its_secrets_redacted() {
+        Jail::expect_with(|jail| {
+            jail.create_file("kafka-password", " pass word \n")?;
+            jail.set_env("ORDERFLOW_KAFKA__SECURITY_PROTOCOL", "sasl_ssl");
+            jail.set_env("ORDERFLOW_KAFKA__SASL__USERNAME", "orderflow");
+            jail.set_env("ORDERFLOW_KAFKA__SASL__PASSWORD_FILE", "kafka-password");
+            let s = load(&Overrides::default()).expect("loads");
+            // The first line exactly: a password may begin or end with a space.
+            assert_eq!(s.kafka.sasl.password.expose(), Some(" pass word "));
+            assert!(!s.to_toml().contains("pass word"));
+            assert!(!format!("{s:?}").contains("pass word"));
+
+            // SASL without a password, a property orderflow sets itself, TLS files with a
+            // plaintext protocol, database TLS on SQLite: each named.
+            jail.set_env("ORDERFLOW_KAFKA__SASL__PASSWORD_FILE", "");
+            let mut overrides = Overrides::default();
+            overrides
+                .set("kafka.properties.enable.idempotence", "false")
+                .set("kafka.properties.debug", "[\"broker\"]")
+                .set("database.url", "\"sqlite://x.db\"")
+                .set("database.tls.mode", "\"verify-full\"");
+            let err = load(&overrides).expect_err("invalid").to_string();
+            for expected in [
+                "kafka.sasl.password (or kafka.sasl.password_file): required",
+                "kafka.properties.enable.idempotence: orderflow sets this itself",
+                "kafka.properties.debug: expected a string, number or boolean",
+                "database.tls: set, but database.url is a SQLite file",
+            ] {
+                assert!(err.contains(expected), "missing {expected:?} in {err}");
+            }
+            jail.set_env("ORDERFLOW_KAFKA__SECURITY_PROTOCOL", "plaintext");
+            jail.set_env("ORDERFLOW_KAFKA__SASL__USERNAME", "");
+            jail.set_env("ORDERFLOW_KAFKA__TLS__CA_FILE", "kafka-password");
+            let err = load(&Overrides::default())
+                .expect_err("invalid")
+                .to_string();
+            assert!(
+                err.contains("kafka.tls: set, but kafka.security_protocol is \"plaintext\""),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn database_tls_goes_into_the_postgres_url() {
+        let mut overrides = Overrides::default();
+        overrides
+            .set(
+                "database.url",
+                "\"postgres://app@db/orders?sslmode=disable&application_name=of\"",
+            )
+            .set("database.tls.mode", "\"verify-full\"")
+            .set(
+                "database.tls.ca_file",
+                &format!("{:?}", concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")),
+            );
+        let s = Settings::from_defaults(&overrides).expect("valid");
+        assert_eq!(
+            s.database_url().expose_secret(),
+            format!(
+                "postgres://app@db/orders?application_name=of&sslmode=verify-full&sslrootcert={}/Cargo.toml",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        );
     }
 }

@@ -253,3 +253,16 @@ pub enum BindError {
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
 }
+
+/// An error and its sources on one line. HTTP clients hide the cause in the sources: reqwest
+/// says "error sending request", and only its sources say the TLS handshake failed, and why.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

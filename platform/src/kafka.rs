@@ -13,6 +13,7 @@ use std::{
 };
 
 use orderflow_schemas::{codec::CONTENT_TYPE, headers, EventKind};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     error::KafkaError,
@@ -89,7 +90,45 @@ impl KafkaClients {
             .set("client.id", format!("{}-{role}", self.settings.client_id))
             // Broker-side topic auto-creation would hide a missing `topics apply`.
             .set("allow.auto.create.topics", "false");
+        self.secure(&mut config);
         config
+    }
+
+    /// The connection's security (`kafka.security_protocol`, `kafka.tls`, `kafka.sasl`) and
+    /// the pass-through `kafka.properties`: every client of every role gets the same. The SASL
+    /// password leaves its secret here, into librdkafka's own copy (which rdkafka redacts in
+    /// `Debug`). Settings validation has refused properties that would override orderflow's.
+    fn secure(&self, config: &mut ClientConfig) {
+        let settings = &self.settings;
+        let protocol = settings.security_protocol;
+        config.set("security.protocol", protocol.as_librdkafka());
+        if protocol.uses_tls() {
+            let tls = &settings.tls;
+            for (key, path) in [
+                ("ssl.ca.location", &tls.ca_file),
+                ("ssl.certificate.location", &tls.cert_file),
+                ("ssl.key.location", &tls.key_file),
+            ] {
+                if !path.is_empty() {
+                    config.set(key, path);
+                }
+            }
+            config.set(
+                "ssl.endpoint.identification.algorithm",
+                if tls.verify_hostname { "https" } else { "none" },
+            );
+        }
+        if protocol.uses_sasl() {
+            let sasl = &settings.sasl;
+            config
+                .set("sasl.mechanism", sasl.mechanism.as_librdkafka())
+                .set("sasl.username", &sasl.username)
+                .set("sasl.password", sasl.password.expose().unwrap_or_default());
+        }
+        // Validation refused what does not flatten; nothing is left to fail here.
+        for (key, value) in settings.properties.flattened().unwrap_or_default() {
+            config.set(key, value);
+        }
     }
 
     /// Idempotent producer, `acks=all`: a send resolves only once every in-sync replica has it,
@@ -654,5 +693,110 @@ mod tests {
         epochs.assigned([("t", 2)]);
         assert_eq!(epochs.epoch("t", 0), kept);
         assert_ne!(epochs.epoch("t", 2), other);
+    }
+}
+
+/// A client context that remembers the last connection error librdkafka reported (and logs it
+/// as the default context does), so that an admin call that fails for a broker-wide reason can
+/// say which: `SSL handshake failed: … certificate verify failed`, `SASL authentication
+/// error`, `Connection refused`. librdkafka's own error for the call says only "broker
+/// transport failure".
+#[derive(Debug, Default)]
+pub struct BrokerErrors {
+    last: Mutex<Option<String>>,
+}
+
+impl BrokerErrors {
+    /// The last error librdkafka reported on any connection, if any.
+    pub fn last(&self) -> Option<String> {
+        match self.last.lock() {
+            Ok(last) => last.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// `error`, with the last connection error when there is one.
+    pub fn explain(&self, error: &KafkaError) -> String {
+        match self.last() {
+            Some(reason) => format!("{error} (last connection error: {reason})"),
+            None => error.to_string(),
+        }
+    }
+}
+
+impl BrokerErrors {
+    fn remember(&self, reason: &str) {
+        match self.last.lock() {
+            Ok(mut last) => *last = Some(reason.to_owned()),
+            Err(poisoned) => *poisoned.into_inner() = Some(reason.to_owned()),
+        }
+    }
+}
+
+impl ClientContext for BrokerErrors {
+    /// Logs as rdkafka's default context does, and remembers connection failures (`FAIL`):
+    /// librdkafka logs them from its broker threads as they happen, where an error callback
+    /// would wait for a poll of the main queue that an admin client never makes.
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        use RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", "librdkafka: {fac} {log_message}"),
+            L::Notice | L::Info => {
+                tracing::info!(target: "librdkafka", "librdkafka: {fac} {log_message}")
+            }
+            L::Debug => tracing::debug!(target: "librdkafka", "librdkafka: {fac} {log_message}"),
+        }
+        if fac == "FAIL" {
+            self.remember(log_message);
+        }
+    }
+
+    /// Remembered only when no connection failure was: "all brokers are down" follows the
+    /// failure that says why.
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(target: "librdkafka", "librdkafka: {error}: {reason}");
+        if self.last().is_none() {
+            self.remember(reason);
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for BrokerErrors {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// Reads cluster metadata, and when the broker cannot be reached says why: librdkafka's error
+/// for the call is only "broker transport failure", while the reason (a TLS handshake, SASL, a
+/// refused connection) is in its logs, which this client reads back. A producer only because
+/// librdkafka's producer handle lets its main queue, where those logs wait, be polled; it
+/// produces nothing.
+pub struct MetadataProbe {
+    client: rdkafka::producer::BaseProducer<BrokerErrors>,
+}
+
+impl MetadataProbe {
+    pub fn new(clients: &KafkaClients) -> Result<Self, KafkaError> {
+        Ok(Self {
+            client: clients
+                .admin()
+                .create_with_context(BrokerErrors::default())?,
+        })
+    }
+
+    /// The whole cluster's metadata, or why it could not be read.
+    pub fn fetch(&self, timeout: Duration) -> Result<rdkafka::metadata::Metadata, String> {
+        use rdkafka::producer::Producer as _;
+        self.client
+            .client()
+            .fetch_metadata(None, timeout)
+            .map_err(|error| {
+                // Serve the queued logs, so the context has seen the connection failures.
+                self.client.poll(Duration::from_millis(100));
+                self.client.context().explain(&error)
+            })
     }
 }

@@ -16,7 +16,7 @@ use opentelemetry::{
     propagation::TextMapPropagator,
     trace::{TraceContextExt, TracerProvider as _},
 };
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider, Resource};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
@@ -47,6 +47,8 @@ pub enum TelemetryError {
         #[source]
         source: opentelemetry_otlp::ExporterBuildError,
     },
+    #[error("telemetry.otlp_tls: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// Keeps span export alive; dropping it flushes what is buffered.
@@ -74,6 +76,7 @@ pub fn init(settings: &TelemetrySettings) -> Result<TelemetryGuard, TelemetryErr
     }
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
+        .with_http_client(otlp_client(settings)?)
         .with_endpoint(settings.otlp_endpoint.clone())
         .build()
         .map_err(|source| TelemetryError::Exporter {
@@ -92,6 +95,22 @@ pub fn init(settings: &TelemetrySettings) -> Result<TelemetryGuard, TelemetryErr
     Ok(TelemetryGuard {
         provider: Some(provider),
     })
+}
+
+/// The exporter's blocking HTTP client, built on a thread of its own: reqwest's blocking client
+/// refuses to start inside a Tokio runtime, where `init` runs.
+fn otlp_client(
+    settings: &TelemetrySettings,
+) -> Result<reqwest_otlp::blocking::Client, TelemetryError> {
+    let tls = settings.otlp_tls.clone();
+    std::thread::spawn(move || crate::tls::otlp_http_client(&tls))
+        .join()
+        .map_err(|_| {
+            TelemetryError::Tls(crate::tls::TlsError::Http(
+                "the OTLP client's setup thread panicked".to_owned(),
+            ))
+        })?
+        .map_err(TelemetryError::Tls)
 }
 
 /// Installs logging with spans going to `provider` (tests pass an in-memory exporter).

@@ -5,17 +5,19 @@
 //! has transactions. Tansu with SQLite or PostgreSQL storage lists InitProducerId but not
 //! EndTxn, so `init_transactions` would succeed there and the first `commit_transaction` fail.
 //! librdkafka keeps the broker's ApiVersions to itself, so the probe sends the request itself:
-//! ApiVersions v0, which every Kafka-protocol broker answers, on a plain connection to the first
-//! bootstrap server.
+//! ApiVersions v0, which every Kafka-protocol broker answers (before SASL authentication too),
+//! to the first bootstrap server, over TLS when `kafka.security_protocol` says so, with the
+//! same CA, client certificate and host-name check as librdkafka's connections.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
+use rustls_pki_types::ServerName;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::TcpStream,
 };
 
-use crate::config::Transactions;
+use crate::config::{ClientTlsSettings, KafkaSettings, Transactions};
 
 const API_VERSIONS: i16 = 18;
 const END_TXN: i16 = 26;
@@ -39,38 +41,84 @@ pub enum ProbeError {
     Malformed { server: String, problem: String },
     #[error("{server} refused ApiVersions (error code {code})")]
     Refused { server: String, code: i16 },
+    #[error("asking {server} for its API versions over TLS: {reason}")]
+    Tls { server: String, reason: String },
 }
 
-/// Whether processors use transactions against `bootstrap`, per `mode`.
-pub async fn decide(mode: Transactions, bootstrap: &str) -> Result<bool, ProbeError> {
-    match mode {
+/// Whether processors use transactions against `bootstrap`, per `settings.transactions`.
+pub async fn decide(settings: &KafkaSettings, bootstrap: &str) -> Result<bool, ProbeError> {
+    match settings.transactions {
         Transactions::On => Ok(true),
         Transactions::Off => Ok(false),
-        Transactions::Auto => supports_transactions(bootstrap).await,
+        Transactions::Auto => supports_transactions(settings, bootstrap).await,
     }
 }
 
 /// Whether the first server in `bootstrap` lists EndTxn among its APIs.
-pub async fn supports_transactions(bootstrap: &str) -> Result<bool, ProbeError> {
+pub async fn supports_transactions(
+    settings: &KafkaSettings,
+    bootstrap: &str,
+) -> Result<bool, ProbeError> {
     let server = bootstrap
         .split(',')
         .map(str::trim)
         .find(|s| !s.is_empty())
-        .ok_or(ProbeError::NoBootstrap)?
-        .trim_start_matches("PLAINTEXT://")
+        .ok_or(ProbeError::NoBootstrap)?;
+    let server = server
+        .split_once("://")
+        .map_or(server, |(_, address)| address)
         .to_owned();
-    let keys = tokio::time::timeout(PROBE_TIMEOUT, api_keys(&server))
+    let keys = tokio::time::timeout(PROBE_TIMEOUT, api_keys(settings, &server))
         .await
         .map_err(|_| ProbeError::Timeout(server.clone()))??;
     Ok(keys.contains(&END_TXN))
 }
 
-async fn api_keys(server: &str) -> Result<Vec<i16>, ProbeError> {
+async fn api_keys(settings: &KafkaSettings, server: &str) -> Result<Vec<i16>, ProbeError> {
     let io = |source| ProbeError::Io {
         server: server.to_owned(),
         source,
     };
-    let mut stream = TcpStream::connect(server).await.map_err(io)?;
+    let tcp = TcpStream::connect(server).await.map_err(io)?;
+    if !settings.security_protocol.uses_tls() {
+        return exchange(tcp, server).await;
+    }
+    let tls_error = |reason: String| ProbeError::Tls {
+        server: server.to_owned(),
+        reason,
+    };
+    let tls = &settings.tls;
+    let config = crate::tls::kafka_probe_config(
+        &ClientTlsSettings {
+            ca_file: tls.ca_file.clone(),
+            cert_file: tls.cert_file.clone(),
+            key_file: tls.key_file.clone(),
+        },
+        tls.verify_hostname,
+    )
+    .map_err(|e| tls_error(e.to_string()))?;
+    let host = server
+        .rsplit_once(':')
+        .map_or(server, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| tls_error(e.to_string()))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| tls_error(e.to_string()))?;
+    exchange(stream, server).await
+}
+
+/// Sends ApiVersions v0 on `stream` and reads the API keys of the answer.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    server: &str,
+) -> Result<Vec<i16>, ProbeError> {
+    let io = |source| ProbeError::Io {
+        server: server.to_owned(),
+        source,
+    };
     stream.write_all(&request(1)).await.map_err(io)?;
     let size = stream.read_i32().await.map_err(io)?;
     let size = usize::try_from(size)
@@ -201,10 +249,16 @@ mod tests {
 
     #[tokio::test]
     async fn modes_on_and_off_do_not_ask_the_broker() {
-        assert!(decide(Transactions::On, "").await.unwrap_or(false));
-        assert!(!decide(Transactions::Off, "").await.unwrap_or(true));
+        let mut settings = crate::Settings::from_defaults(&Default::default())
+            .expect("defaults")
+            .kafka;
+        settings.transactions = Transactions::On;
+        assert!(decide(&settings, "").await.unwrap_or(false));
+        settings.transactions = Transactions::Off;
+        assert!(!decide(&settings, "").await.unwrap_or(true));
+        settings.transactions = Transactions::Auto;
         assert!(matches!(
-            decide(Transactions::Auto, " ").await,
+            decide(&settings, " ").await,
             Err(ProbeError::NoBootstrap)
         ));
     }

@@ -36,8 +36,8 @@ pub struct ProcessorDeps {
     pub codec: Arc<Codec>,
     pub metrics: ProcessorMetrics,
     pub readiness: Option<Readiness>,
-    /// Base URL of the payment gateway.
-    pub gateway_url: String,
+    /// The payment gateway's client (its URL and TLS, from `payment.*`).
+    pub gateway: orderflow_gateway::GatewayClient,
 }
 
 /// The saga processor's inputs and outputs.
@@ -117,7 +117,7 @@ pub fn processors(
         task(
             PAYMENTS,
             payments::PaymentWorker::new(
-                &deps.gateway_url,
+                deps.gateway.clone(),
                 &settings.payment,
                 deps.metrics.gateway.clone(),
                 names::ORDERS_EVENTS,

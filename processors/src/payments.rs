@@ -252,7 +252,7 @@ pub struct PaymentWorker {
 
 impl PaymentWorker {
     pub fn new(
-        gateway_url: &str,
+        client: GatewayClient,
         settings: &PaymentSettings,
         metrics: GatewayMetrics,
         replies: &'static str,
@@ -267,7 +267,7 @@ impl PaymentWorker {
             .build();
         Self {
             caller: Caller {
-                client: GatewayClient::new(gateway_url),
+                client,
                 settings: settings.clone(),
                 breaker,
                 metrics,

@@ -353,7 +353,7 @@ impl<S: Step> ProcessorRuntime<S> {
         cancel: &CancellationToken,
     ) -> Result<(), ProcessorError> {
         let settings = self.clients.settings();
-        self.mode = match transactions::decide(settings.transactions, self.clients.bootstrap())
+        self.mode = match transactions::decide(settings, self.clients.bootstrap())
             .await
             .map_err(|e| ProcessorError::Probe(e.to_string()))?
         {

@@ -344,7 +344,8 @@ async fn run_some_processors(
         codec: Arc::new(Codec::new().expect("codec")),
         metrics: ProcessorMetrics::unregistered(),
         readiness: None,
-        gateway_url: settings.payment.gateway_url.clone(),
+        gateway: GatewayClient::new(&settings.payment.gateway_url, &settings.payment.tls)
+            .expect("gateway client"),
     };
     processors(settings, &deps, cancel)
         .into_iter()
@@ -527,7 +528,8 @@ async fn aborted_and_duplicate_delivery(broker: Broker) {
     assert_eq!(left, vec![1, 3], "one reservation per confirmed order");
 
     // One charge per confirmed order at the gateway.
-    let report = GatewayClient::new(&settings.payment.gateway_url)
+    let report = GatewayClient::new(&settings.payment.gateway_url, &settings.payment.tls)
+        .expect("gateway client")
         .report(Duration::from_secs(10))
         .await
         .expect("gateway report");
@@ -1030,10 +1032,14 @@ async fn every_order_ends_whatever_the_gateway_answers(broker: Broker) {
             .iter()
             .all(|o| log.outcome(&o.envelope.order_id).is_some())
     });
-    let report = GatewayClient::new(&scene.settings.payment.gateway_url)
-        .report(Duration::from_secs(10))
-        .await
-        .expect("gateway report");
+    let report = GatewayClient::new(
+        &scene.settings.payment.gateway_url,
+        &scene.settings.payment.tls,
+    )
+    .expect("gateway client")
+    .report(Duration::from_secs(10))
+    .await
+    .expect("gateway report");
     scene.root.cancel();
     let log = &scene.wait_for("the log", |_| true);
     assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);

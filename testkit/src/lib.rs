@@ -11,6 +11,8 @@
 //!   librdkafka's mock cluster, only for tests that inject broker faults: when it drops, it
 //!   checks that the test stayed under the mock's limits (no partition lost a record).
 //! - The binary: [`dev::DevProcess`] runs `orderflow dev` as a child process.
+//! - Secured servers: [`secure`] (a TLS and SASL broker behind stunnel, a TLS PostgreSQL, the
+//!   test certificates).
 //! - The log: [`log::LogReader`] reads `orders.events` independently of the projections;
 //!   [`log`] also builds the events tests write themselves.
 //! - Databases: [`Database::sqlite`] (a file in a temp dir) and [`Database::postgres`], a fresh
@@ -19,6 +21,7 @@
 
 pub mod dev;
 pub mod log;
+pub mod secure;
 
 use std::{
     future::Future,
@@ -408,7 +411,11 @@ impl Database {
         }
         let base = server.rsplit_once('/').map_or(server.as_str(), |(b, _)| b);
         Some(Self {
-            url: format!("{base}/{name}"),
+            // Without TLS: the local server has `ssl = on`, and libpq's (and sqlx's) default,
+            // `prefer`, would encrypt every query on loopback — CPU the timing-bound tests and
+            // the benchmark share with everything else. TLS to PostgreSQL has its own test
+            // (cli/tests/transport.rs).
+            url: format!("{base}/{name}?sslmode=disable"),
             _dir: None,
         })
     }
@@ -625,6 +632,19 @@ pub async fn place_order(
     let accepted: serde_json::Value = response.json().await.unwrap_or_default();
     assert_eq!(status, 202, "placing an order: {accepted}");
     accepted
+}
+
+/// Polls an order's status URL until the order has `status` (within 60 s); returns its view.
+pub async fn wait_status(client: &reqwest::Client, url: &str, status: &str) -> serde_json::Value {
+    eventually(
+        Duration::from_secs(60),
+        &format!("{url} to be {status}"),
+        || async {
+            let view: serde_json::Value = client.get(url).send().await.ok()?.json().await.ok()?;
+            (view["status"] == status).then_some(view)
+        },
+    )
+    .await
 }
 
 /// Polls an order's status URL until the order is final; returns its view.

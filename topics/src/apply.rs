@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use orderflow_platform::kafka::{KafkaClients, MockBroker};
+use orderflow_platform::kafka::{KafkaClients, MetadataProbe, MockBroker};
 use rdkafka::{
     admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication},
     client::DefaultClientContext,
@@ -32,12 +32,10 @@ pub enum Provisioner<'a> {
 pub enum ApplyError {
     #[error("cannot create a Kafka admin client: {0}")]
     Client(#[source] KafkaError),
-    #[error("cannot read cluster metadata from {bootstrap}: {source}")]
-    Metadata {
-        bootstrap: String,
-        #[source]
-        source: KafkaError,
-    },
+    /// `reason` is librdkafka's error with the last connection error, which says why (a TLS
+    /// handshake, SASL, a refused connection).
+    #[error("cannot read cluster metadata from {bootstrap}: {reason}")]
+    Metadata { bootstrap: String, reason: String },
     #[error("cannot create topic {topic}: {source}")]
     Create {
         topic: String,
@@ -104,16 +102,12 @@ struct Cluster {
     topics: BTreeMap<String, Existing>,
 }
 
-fn describe(
-    admin: &AdminClient<DefaultClientContext>,
-    clients: &KafkaClients,
-) -> Result<Cluster, ApplyError> {
-    let metadata = admin
-        .inner()
-        .fetch_metadata(None, clients.admin_timeout())
-        .map_err(|source| ApplyError::Metadata {
+fn describe(probe: &MetadataProbe, clients: &KafkaClients) -> Result<Cluster, ApplyError> {
+    let metadata = probe
+        .fetch(clients.admin_timeout())
+        .map_err(|reason| ApplyError::Metadata {
             bootstrap: clients.bootstrap().to_owned(),
-            source,
+            reason,
         })?;
     let topics = metadata
         .topics()
@@ -147,7 +141,8 @@ pub async fn apply(
 ) -> Result<ApplyReport, ApplyError> {
     let admin: AdminClient<DefaultClientContext> =
         clients.admin().create().map_err(ApplyError::Client)?;
-    let cluster = describe(&admin, clients)?;
+    let probe = MetadataProbe::new(clients).map_err(ApplyError::Client)?;
+    let cluster = describe(&probe, clients)?;
     let mut report = ApplyReport::default();
 
     for spec in &catalog.topics {
@@ -203,7 +198,7 @@ pub async fn apply(
             .notes
             .push("mock cluster: topic configs are not kept, so not checked".to_owned());
     }
-    wait_for_leaders(&admin, clients, &report.created).await?;
+    wait_for_leaders(&probe, clients, &report.created).await?;
     Ok(report)
 }
 
@@ -313,7 +308,7 @@ pub fn config_drift(spec: &TopicSpec, have: impl Fn(&str) -> Option<String>) -> 
 
 /// New topics take a moment to get leaders; consumers that subscribe before would see nothing.
 async fn wait_for_leaders(
-    admin: &AdminClient<DefaultClientContext>,
+    probe: &MetadataProbe,
     clients: &KafkaClients,
     created: &[String],
 ) -> Result<(), ApplyError> {
@@ -323,7 +318,7 @@ async fn wait_for_leaders(
     let waited = clients.admin_timeout();
     let deadline = tokio::time::Instant::now() + waited;
     loop {
-        let cluster = describe(admin, clients)?;
+        let cluster = describe(probe, clients)?;
         let pending = created.iter().find(|name| {
             !cluster
                 .topics
