@@ -790,13 +790,14 @@ impl MetadataProbe {
     /// The whole cluster's metadata, or why it could not be read.
     pub fn fetch(&self, timeout: Duration) -> Result<rdkafka::metadata::Metadata, String> {
         use rdkafka::producer::Producer as _;
-        self.client
-            .client()
-            .fetch_metadata(None, timeout)
-            .map_err(|error| {
-                // Serve the queued logs, so the context has seen the connection failures.
-                self.client.poll(Duration::from_millis(100));
-                self.client.context().explain(&error)
-            })
+        let metadata = self.client.client().fetch_metadata(None, timeout);
+        // Serve the queued logs on every call, so the context has seen the connection failures
+        // and the queue never grows between calls (a probe that keeps succeeding would
+        // otherwise collect librdkafka's notices for as long as the process runs).
+        self.client.poll(Duration::ZERO);
+        metadata.map_err(|error| {
+            self.client.poll(Duration::from_millis(100));
+            self.client.context().explain(&error)
+        })
     }
 }
