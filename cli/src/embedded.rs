@@ -91,7 +91,6 @@ pub async fn check_database_matches_log(settings: &Settings, bootstrap: &str) ->
     let db = Database::connect(settings.database_url(), 1)
         .await
         .context("connecting to the database (database.url)")?;
-    db.migrate().await.context("applying database migrations")?;
     let rows = sqlx::query("SELECT topic, partition_id, next_offset FROM projection_offsets")
         .fetch_all(db.pool())
         .await?;

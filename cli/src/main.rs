@@ -8,7 +8,7 @@ use orderflow::{
     embedded::{check_database_matches_log, Broker},
     loadgen::{self, LoadgenArgs},
     pipeline::{self, Role},
-    redact_url,
+    redact_url, requirements,
 };
 use orderflow_auth::{KeyStore, Role as AuthRole};
 use orderflow_platform::{config::Overrides, telemetry, Settings};
@@ -190,7 +190,12 @@ enum InventoryCommand {
 #[derive(Subcommand)]
 enum TopicsCommand {
     /// Create missing topics; report drift (exit code 3) without changing existing topics.
-    Apply,
+    Apply {
+        /// Report drift but exit 0: for deployment Jobs, where drift is a finding for an
+        /// operator (docs/runbooks/deploy.md) and a retry cannot resolve it.
+        #[arg(long)]
+        drift_ok: bool,
+    },
     /// Render the topic documentation from the catalog.
     Docs {
         /// Write here instead of standard output.
@@ -206,6 +211,32 @@ enum TopicsCommand {
 enum ConfigCommand {
     /// Print the effective configuration, secrets redacted.
     Show,
+    /// Validate the effective configuration (file, environment, --set, secret files); with
+    /// --role, also that it has everything that role needs, naming every key it lacks.
+    Check {
+        #[arg(long, value_enum)]
+        role: Option<RoleName>,
+    },
+}
+
+/// A role, as `config check --role` names it.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum RoleName {
+    Ingest,
+    Process,
+    Project,
+    Query,
+}
+
+impl From<RoleName> for Role {
+    fn from(name: RoleName) -> Self {
+        match name {
+            RoleName::Ingest => Role::Ingest,
+            RoleName::Process => Role::Process,
+            RoleName::Project => Role::Project,
+            RoleName::Query => Role::Query,
+        }
+    }
 }
 
 impl Cli {
@@ -267,7 +298,25 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     let settings = Settings::load(cli.config.as_deref(), &overrides)?;
     // SIGHUP reloads with the same layers: the file and environment as they are then.
     let config_file = cli.config.clone();
-    let reload = move || Settings::load(config_file.as_deref(), &overrides);
+    // An edit of these files is a reload too (a ConfigMap mounted as a file changes under a
+    // running pod; nothing sends it a signal).
+    let mut watched: Vec<PathBuf> = cli
+        .config
+        .clone()
+        .or_else(|| {
+            std::path::Path::new(orderflow_platform::config::DEFAULT_CONFIG_FILE)
+                .exists()
+                .then(|| PathBuf::from(orderflow_platform::config::DEFAULT_CONFIG_FILE))
+        })
+        .into_iter()
+        .collect();
+    if !settings.auth.jwt.jwks_file.is_empty() {
+        watched.push(PathBuf::from(&settings.auth.jwt.jwks_file));
+    }
+    let reload = Reload {
+        load: Box::new(move || Settings::load(config_file.as_deref(), &overrides)),
+        watched,
+    };
     let _telemetry = telemetry::init(&settings.telemetry)?;
     match cli.command {
         Command::Dev => dev(&settings, reload).await?,
@@ -279,15 +328,21 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         Command::Config {
             command: ConfigCommand::Show,
         } => print!("{}", settings.to_toml()),
+        Command::Config {
+            command: ConfigCommand::Check { role },
+        } => match role.map(Role::from) {
+            // Loading validated everything every command needs.
+            None => println!("configuration is valid"),
+            Some(role) => {
+                requirements::check(&settings, role)?;
+                println!("configuration is valid and complete for the {role} role");
+            }
+        },
         Command::Migrate => {
-            let db = Database::connect(settings.database_url(), 1).await?;
-            db.migrate().await?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or_default();
-            let created = db.ensure_event_partitions(now).await?;
-            println!("migrations applied; history partitions created: {created:?}");
+            let (applied, created) = migrate(&settings).await?;
+            println!(
+                "migrations applied: {applied} in all; history partitions created: {created:?}"
+            );
         }
         Command::Reconcile { slo_secs } => {
             if settings.kafka.brokers.trim().is_empty() {
@@ -320,7 +375,9 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 bail!("kafka.brokers is not set; replay reads the event log from the broker");
             }
             let db = Database::connect(settings.database_url(), 2).await?;
-            db.migrate().await.context("applying database migrations")?;
+            db.require_schema()
+                .await
+                .context("checking the database schema")?;
             let clients = orderflow_platform::kafka::KafkaClients::new(
                 &settings.kafka,
                 &settings.kafka.brokers,
@@ -453,13 +510,21 @@ fn format_ms(ms: i64) -> String {
 }
 
 /// Re-reads the configuration (SIGHUP).
-type Reload = Box<dyn Fn() -> Result<Settings, orderflow_platform::ConfigError> + Send + Sync>;
+/// How a running role re-reads its configuration: on SIGHUP, and when a watched file changes.
+struct Reload {
+    load: Box<dyn Fn() -> Result<Settings, orderflow_platform::ConfigError> + Send + Sync>,
+    /// The config file and the JWKS file, polled every [`WATCH_INTERVAL`].
+    watched: Vec<PathBuf>,
+}
 
-async fn dev(
-    settings: &Settings,
-    reload: impl Fn() -> Result<Settings, orderflow_platform::ConfigError> + Send + Sync + 'static,
-) -> Result<()> {
+/// How often watched configuration files are read for changes. A ConfigMap edit reaches a pod
+/// within the kubelet's sync period (about a minute); this adds at most two seconds.
+const WATCH_INTERVAL: Duration = Duration::from_secs(2);
+
+async fn dev(settings: &Settings, reload: Reload) -> Result<()> {
     let broker = Broker::from_settings(settings)?;
+    // `dev` is its own operator: it migrates before its roles start (they only check).
+    migrate(settings).await?;
     if broker.is_embedded() {
         check_database_matches_log(settings, &broker.bootstrap()).await?;
     }
@@ -516,7 +581,7 @@ async fn dev(
     }
     println!("  metrics     http://{}/metrics", running.ops_addr);
     println!("Press Ctrl-C to stop.");
-    let served = serve_until_signal(&mut running, Box::new(reload)).await;
+    let served = serve_until_signal(&mut running, reload).await;
     // The others drain either way; a role's failure is the error to exit with.
     let drained = running.shutdown(DRAIN_DEADLINE).await;
     served.and(drained)
@@ -538,11 +603,39 @@ async fn dev_keys(settings: &Settings) -> Result<Vec<(AuthRole, String)>> {
     Ok(created)
 }
 
+/// `orderflow migrate` (and the first step of `dev`): applies this release's migrations and
+/// creates the history partitions of the coming months. Returns how many migrations the
+/// database has and the partitions created.
+async fn migrate(settings: &Settings) -> Result<(usize, Vec<String>)> {
+    let db = Database::connect(settings.database_url(), 1)
+        .await
+        .context("connecting to the database (database.url)")?;
+    db.migrate()
+        .await
+        .context("applying the database migrations")?;
+    let compatible = db
+        .require_schema()
+        .await
+        .context("checking the database schema")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    let created = db.ensure_event_partitions(now).await?;
+    db.pool().close().await;
+    Ok((
+        db.known_migrations().len() + compatible.newer.len(),
+        created,
+    ))
+}
+
 async fn key_store(settings: &Settings) -> Result<KeyStore> {
     let db = Database::connect(settings.database_url(), 2)
         .await
         .context("connecting to the database (database.url)")?;
-    db.migrate().await.context("applying database migrations")?;
+    db.require_schema()
+        .await
+        .context("checking the database schema")?;
     Ok(KeyStore::new(
         db,
         Duration::from_millis(settings.auth.key_cache_ttl_ms),
@@ -577,58 +670,73 @@ async fn broker(settings: &Settings, data: Option<PathBuf>, install_only: bool) 
     Ok(())
 }
 
-async fn role(
-    settings: &Settings,
-    role: Role,
-    reload: impl Fn() -> Result<Settings, orderflow_platform::ConfigError> + Send + Sync + 'static,
-) -> Result<()> {
-    if settings.kafka.brokers.trim().is_empty() {
-        bail!("kafka.brokers is not set; set it (or ORDERFLOW_KAFKA__BROKERS), or use `orderflow dev` for the embedded broker");
-    }
-    if role == Role::Process && settings.payment.gateway_url.trim().is_empty() {
-        bail!("payment.gateway_url is not set; point it at the payment gateway (or run `orderflow gateway` for the simulated one)");
-    }
+async fn role(settings: &Settings, role: Role, reload: Reload) -> Result<()> {
+    requirements::check(settings, role)?;
     let mut running = pipeline::start(settings, &settings.kafka.brokers, &[role]).await?;
     if let Some(addr) = running.ingest_addr.or(running.query_addr) {
         info!(%addr, "Listening.");
     }
-    let served = serve_until_signal(&mut running, Box::new(reload)).await;
+    let served = serve_until_signal(&mut running, reload).await;
     // The others drain either way; a role's failure is the error to exit with.
     let drained = running.shutdown(DRAIN_DEADLINE).await;
     served.and(drained)
 }
 
-/// Waits for SIGINT/SIGTERM (then cancels) or for a role to stop on its own; SIGHUP re-reads
-/// the configuration and applies what can change without a restart.
+/// Waits for SIGINT/SIGTERM (then cancels) or for a role to stop on its own; SIGHUP, or an
+/// edit of a watched file, re-reads the configuration and applies what can change without a
+/// restart (an invalid one is logged and the running one kept).
 async fn serve_until_signal(running: &mut pipeline::Running, reload: Reload) -> Result<()> {
-    #[cfg(unix)]
-    {
-        let reloader = running.reloader();
-        let cancel = running.cancel_token();
-        tokio::spawn(async move {
-            let Ok(mut hangups) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            else {
-                return;
+    let reloader = running.reloader();
+    let cancel = running.cancel_token();
+    let Reload { load, watched } = reload;
+    let apply = move |why: &str| match load() {
+        Ok(settings) => {
+            info!(trigger = why, "Configuration re-read.");
+            reloader.reload(&settings);
+        }
+        Err(e) => {
+            tracing::warn!(trigger = why, error = %e, "Configuration not reloaded: it is invalid; the running one stays.")
+        }
+    };
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut hangups =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let read = |paths: &[PathBuf]| -> Vec<Option<Vec<u8>>> {
+            paths.iter().map(|p| std::fs::read(p).ok()).collect()
+        };
+        let mut seen = read(&watched);
+        let mut poll = tokio::time::interval(WATCH_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            #[cfg(unix)]
+            let hangup = async {
+                match hangups.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
             };
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    received = hangups.recv() => {
-                        if received.is_none() {
-                            return;
-                        }
-                        match reload() {
-                            Ok(settings) => reloader.reload(&settings),
-                            Err(e) => tracing::warn!(error = %e, "Configuration not reloaded: it is invalid."),
-                        }
+            #[cfg(not(unix))]
+            let hangup = std::future::pending::<Option<()>>();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                received = hangup => {
+                    if received.is_none() {
+                        hangups = None;
+                        continue;
+                    }
+                    apply("SIGHUP");
+                }
+                _ = poll.tick(), if !watched.is_empty() => {
+                    let now = read(&watched);
+                    if now != seen {
+                        seen = now;
+                        apply("a configuration file changed");
                     }
                 }
             }
-        });
-    }
-    #[cfg(not(unix))]
-    drop(reload);
+        }
+    });
     let cancel = running.cancel_token();
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -661,14 +769,14 @@ async fn shutdown_signal() {
 
 async fn topics(settings: &Settings, command: TopicsCommand) -> Result<std::process::ExitCode> {
     match command {
-        TopicsCommand::Apply => {
+        TopicsCommand::Apply { drift_ok } => {
             if settings.kafka.brokers.trim().is_empty() {
                 bail!("kafka.brokers is not set; `topics apply` needs a broker to apply to (`orderflow dev` and `orderflow broker` apply the catalog to the embedded broker themselves)");
             }
             let broker = Broker::External(settings.kafka.brokers.clone());
             let report = broker.apply_topics(settings).await?;
             print!("{report}");
-            Ok(if report.has_drift() {
+            Ok(if report.has_drift() && !drift_ok {
                 std::process::ExitCode::from(3)
             } else {
                 std::process::ExitCode::SUCCESS

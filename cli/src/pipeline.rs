@@ -22,6 +22,7 @@ use orderflow_platform::{
     http::{edge, health_routes, Server},
     kafka::{KafkaClients, MetadataProbe},
     metrics::{metrics_routes, ConsumerMetrics, HttpMetrics, MetricsRegistry, ProducerMetrics},
+    switches::Switches,
     Settings,
 };
 use orderflow_processors::{saga::rules, ProcessorDeps, ProcessorMetrics, SagaRules};
@@ -82,6 +83,7 @@ impl Metrics {
 /// Everything else needs a restart.
 #[derive(Clone)]
 pub struct Reloader {
+    switches: Switches,
     limits: RateLimits,
     query_limits: RateLimits,
     auth: Authenticator,
@@ -90,6 +92,7 @@ pub struct Reloader {
 
 impl Reloader {
     pub fn reload(&self, settings: &Settings) {
+        self.switches.set(settings);
         self.limits.reload(&settings.ingest.limits());
         self.query_limits.reload(&settings.query.limits());
         match self.auth.reload_jwt(&settings.auth.jwt) {
@@ -240,7 +243,8 @@ pub struct Running {
     pub ops_addr: SocketAddr,
     cancel: CancellationToken,
     tasks: Supervisor,
-    /// The edge listeners' rate limits, for reloads.
+    /// The operational switches and the edge listeners' rate limits, for reloads.
+    switches: Switches,
     limits: RateLimits,
     query_limits: RateLimits,
     /// Publishes the saga's rules on reloads (where processors run).
@@ -261,6 +265,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     let mut tasks = Supervisor::new(cancel.clone());
     let registry = MetricsRegistry::new();
     let metrics = Metrics::register(&registry);
+    let switches = Switches::new(settings, &registry);
     let readiness = Readiness::new();
     // `/readyz` answers from the moment the operations listener is bound; until every role
     // below has registered what it waits for, it must not say ready.
@@ -296,7 +301,11 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
         let db = Database::connect(settings.database_url(), settings.database.max_connections)
             .await
             .context("connecting to the database (database.url)")?;
-        db.migrate().await.context("applying database migrations")?;
+        // Roles never migrate (`orderflow migrate` does, as a step of its own): they run on a
+        // schema that has every migration they know, and on one migration ahead.
+        db.require_schema()
+            .await
+            .context("checking the database schema")?;
         Some(db)
     } else {
         None
@@ -435,6 +444,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             );
         }
         let state = IngestState {
+            switches: switches.clone(),
             auth: auth.clone(),
             idempotency,
             publisher: p.clone(),
@@ -526,6 +536,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
             metrics: metrics.processors.clone(),
             readiness: Some(readiness.clone()),
             gateway,
+            switches: Some(switches.clone()),
         };
         for (name, task) in orderflow_processors::processors(settings, &deps, &cancel) {
             tasks.spawn(name, async move {
@@ -576,6 +587,7 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
     readiness.set_ready(STARTING);
     Ok(Running {
         admin_addr,
+        switches,
         limits,
         query_limits,
         auth,
@@ -679,6 +691,7 @@ impl Running {
     /// A handle that applies new settings' reloadable parts while the roles run.
     pub fn reloader(&self) -> Reloader {
         Reloader {
+            switches: self.switches.clone(),
             limits: self.limits.clone(),
             query_limits: self.query_limits.clone(),
             auth: self.auth.clone(),

@@ -8,12 +8,11 @@ use std::{path::Path, str::FromStr};
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::{
     any::{AnyPoolOptions, AnyQueryResult},
-    migrate::Migrator,
     AnyPool,
 };
 
-static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+pub mod schema;
+pub use schema::{Compatible, MigrationId, SchemaError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -21,6 +20,8 @@ pub enum DbError {
     Sqlx(#[from] sqlx::Error),
     #[error("migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database schema: {0}")]
+    Schema(#[from] SchemaError),
     #[error("unsupported database URL (expected sqlite:// or postgres://)")]
     UnsupportedUrl,
     #[error("cannot create the database directory {path}: {source}")]
@@ -119,15 +120,6 @@ impl Database {
         &self.url
     }
 
-    /// Applies every pending migration of this backend.
-    pub async fn migrate(&self) -> Result<()> {
-        match self.backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&self.pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&self.pool).await?,
-        }
-        Ok(())
-    }
-
     pub fn pool(&self) -> &AnyPool {
         &self.pool
     }
@@ -193,28 +185,13 @@ impl Database {
         Ok(sqlx::query("SELECT 1").execute(&self.pool).await?)
     }
 
-    /// Readiness: the database answers and every migration this binary knows is applied.
-    /// The reason, when not ready, names no credentials.
+    /// Readiness: the database answers and its schema is one this binary runs on
+    /// ([`schema`]). The reason, when not ready, names no credentials.
     pub async fn check_ready(&self) -> std::result::Result<(), String> {
-        let migrator = match self.backend {
-            Backend::Sqlite => &SQLITE_MIGRATIONS,
-            Backend::Postgres => &POSTGRES_MIGRATIONS,
-        };
-        let latest = migrator.iter().map(|m| m.version).max().unwrap_or(0);
-        let applied: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
-                .fetch_one(&self.pool)
-                .await
-                .map_err(|e| match e {
-                    sqlx::Error::Database(_) => "migrations not applied".to_owned(),
-                    _ => "database unreachable".to_owned(),
-                })?;
-        match applied {
-            Some(v) if v >= latest => Ok(()),
-            _ => Err(format!(
-                "migrations not applied (at {}, this binary needs {latest})",
-                applied.unwrap_or(0)
-            )),
+        match self.check_schema().await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("database unreachable".to_owned()),
         }
     }
 }

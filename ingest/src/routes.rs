@@ -37,6 +37,8 @@ use crate::{
 
 #[derive(Clone)]
 pub struct IngestState {
+    /// The operational switches: `switches.accept_orders = false` refuses new orders (503).
+    pub switches: orderflow_platform::switches::Switches,
     pub publisher: Publisher,
     /// Base URL of the query API, for the status URL in responses (e.g. `http://host:8081`).
     pub status_base_url: String,
@@ -256,6 +258,7 @@ async fn post_order(
     let seed = seed.map(|s| (s.0.order_id, s.0.occurred_at));
     let incoming = incoming_traceparent(&headers);
     let (span, passed_on) = order_span(&headers, incoming.as_deref());
+    state.switches.orders_accepted()?;
     let answer = async {
         if !content_type_is(&headers, "application/json") {
             return Err(Problem::new(
@@ -394,6 +397,7 @@ async fn post_batch(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
+    state.switches.orders_accepted()?;
     let ndjson = content_type_is(&headers, "application/x-ndjson");
     if !ndjson && !content_type_is(&headers, "application/json") {
         return Err(Problem::new(

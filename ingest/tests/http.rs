@@ -52,6 +52,10 @@ async fn start_with(broker: &Broker, extra: &[(&str, &str)]) -> Edge {
     let limits = orderflow_ingest::RateLimits::new(&settings.ingest.limits());
     let publisher = Publisher::new(&clients, codec, names::ORDERS_EVENTS, None).expect("publisher");
     let state = IngestState {
+        switches: orderflow_platform::switches::Switches::new(
+            &settings,
+            &orderflow_platform::metrics::MetricsRegistry::new(),
+        ),
         replays: None,
         publisher,
         status_base_url: "http://query.example".into(),

@@ -83,6 +83,10 @@ async fn a_replay_runs_in_the_background_once_at_a_time() {
         ]),
     };
     let state = IngestState {
+        switches: orderflow_platform::switches::Switches::new(
+            &settings,
+            &orderflow_platform::metrics::MetricsRegistry::new(),
+        ),
         replays: Some(Replays::new(Arc::new(replayer))),
         publisher: Publisher::new(&clients, codec, names::ORDERS_EVENTS, None).expect("publisher"),
         status_base_url: "http://query.example".into(),

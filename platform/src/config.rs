@@ -11,6 +11,7 @@
 //! `[redacted]`, including in `orderflow config show`.
 
 use std::{
+    collections::BTreeMap,
     fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -123,6 +124,27 @@ pub struct Settings {
     pub gateway: GatewaySettings,
     pub telemetry: TelemetrySettings,
     pub dev: DevSettings,
+    pub switches: SwitchSettings,
+}
+
+/// The processors' names (`processors/src/lib.rs`): what `switches.paused_processors` may name.
+pub const PROCESSOR_NAMES: [&str; 3] = ["saga", "inventory", "payments"];
+
+/// Operational switches: applied without a restart (SIGHUP, or an edit of the watched config
+/// file), logged when they change and exported as `orderflow_switch_on`. The switches that
+/// change outcomes (holding every order, the fraud model in force) are `[fraud]` keys instead:
+/// they travel through the log with the saga's rules.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchSettings {
+    /// false: the edge refuses new orders (maintenance) with 503 and `Retry-After`; status,
+    /// cancellation and every other endpoint keep working.
+    pub accept_orders: bool,
+    /// The `Retry-After` of those refusals, seconds.
+    pub retry_after_secs: u64,
+    /// Processors (of PROCESSOR_NAMES) that stop consuming; their partitions stay assigned and
+    /// their state kept, and they resume where they stopped.
+    pub paused_processors: Vec<String>,
 }
 
 /// Processor state stores: how long what is kept only to recognise duplicates is kept.
@@ -167,6 +189,63 @@ pub struct FraudSettings {
     pub reject_threshold: f64,
     pub max_orders_per_window: u32,
     pub review_amount_minor: i64,
+    /// Hold every order for a reviewer's decision, whatever its score (an operational switch
+    /// that changes outcomes, hence in the saga's rules and through the log).
+    #[serde(default)]
+    pub hold_all_for_review: bool,
+    /// The model version in force: "baseline" (the weights above) or a key of `models`.
+    #[serde(default = "baseline_model")]
+    pub model: String,
+    /// Other model versions: each replaces what it sets of the weights and thresholds above.
+    #[serde(default)]
+    pub models: BTreeMap<String, FraudModel>,
+}
+
+fn baseline_model() -> String {
+    BASELINE_FRAUD_MODEL.to_owned()
+}
+
+/// The fraud model made of `[fraud]`'s own weights.
+pub const BASELINE_FRAUD_MODEL: &str = "baseline";
+
+/// A fraud model version: the weights and thresholds it changes from `[fraud]`'s.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FraudModel {
+    pub bias: Option<f64>,
+    pub weight_amount: Option<f64>,
+    pub weight_velocity: Option<f64>,
+    pub weight_first_order: Option<f64>,
+    pub weight_items: Option<f64>,
+    pub weight_country_change: Option<f64>,
+    pub review_threshold: Option<f64>,
+    pub reject_threshold: Option<f64>,
+}
+
+impl FraudSettings {
+    /// The model in force: `[fraud]` with the selected version's changes applied, and no other
+    /// versions (what the saga's rules carry through the log). Unknown versions are refused
+    /// by [`Settings::validate`].
+    pub fn in_force(&self) -> FraudSettings {
+        let mut model = self.clone();
+        model.models = BTreeMap::new();
+        if let Some(v) = self.models.get(&self.model) {
+            let set = |field: &mut f64, value: Option<f64>| {
+                if let Some(value) = value {
+                    *field = value;
+                }
+            };
+            set(&mut model.bias, v.bias);
+            set(&mut model.weight_amount, v.weight_amount);
+            set(&mut model.weight_velocity, v.weight_velocity);
+            set(&mut model.weight_first_order, v.weight_first_order);
+            set(&mut model.weight_items, v.weight_items);
+            set(&mut model.weight_country_change, v.weight_country_change);
+            set(&mut model.review_threshold, v.review_threshold);
+            set(&mut model.reject_threshold, v.reject_threshold);
+        }
+        model
+    }
 }
 
 /// The payment worker and its gateway client.
@@ -710,7 +789,24 @@ impl Settings {
             self.validation.max_lines >= 1,
             "validation.max_lines: expected at least 1, found 0".to_owned(),
         );
-        let f = &self.fraud;
+        check(
+            self.fraud.model == BASELINE_FRAUD_MODEL
+                || self.fraud.models.contains_key(&self.fraud.model),
+            format!(
+                "fraud.model: {:?} is neither {BASELINE_FRAUD_MODEL:?} nor a version of [fraud.models] ({:?})",
+                self.fraud.model,
+                self.fraud.models.keys().collect::<Vec<_>>()
+            ),
+        );
+        for name in &self.switches.paused_processors {
+            check(
+                PROCESSOR_NAMES.contains(&name.as_str()),
+                format!(
+                    "switches.paused_processors: {name:?} is not a processor (expected one of {PROCESSOR_NAMES:?})"
+                ),
+            );
+        }
+        let f = &self.fraud.in_force();
         check(
             0.0 < f.review_threshold && f.review_threshold <= f.reject_threshold && f.reject_threshold <= 1.0,
             format!(

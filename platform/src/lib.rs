@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod restart;
 pub mod shape;
+pub mod switches;
 pub mod telemetry;
 pub mod tls;
 pub mod transactions;

@@ -38,6 +38,8 @@ pub struct ProcessorDeps {
     pub readiness: Option<Readiness>,
     /// The payment gateway's client (its URL and TLS, from `payment.*`).
     pub gateway: orderflow_gateway::GatewayClient,
+    /// The operational switches (a processor named in `switches.paused_processors` pauses).
+    pub switches: Option<orderflow_platform::switches::Switches>,
 }
 
 /// The saga processor's inputs and outputs.
@@ -101,6 +103,9 @@ pub fn processors(
         );
         if let Some(readiness) = &deps.readiness {
             runtime = runtime.with_readiness(readiness.clone());
+        }
+        if let Some(switches) = &deps.switches {
+            runtime = runtime.with_switches(switches.clone());
         }
         let cancel = cancel.clone();
         (io.name, Box::pin(runtime.run(cancel)))

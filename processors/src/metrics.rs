@@ -135,7 +135,7 @@ impl ProcessorMetrics {
         );
         registry.register(
             "processor_paused_partitions",
-            "Input partitions paused because a batch's step work ran past processor.pause_after_ms",
+            "Input partitions paused: by a batch whose step work ran past processor.pause_after_ms, or by the pause switch (switches.paused_processors)",
             m.paused_partitions.clone(),
         );
         registry.register(

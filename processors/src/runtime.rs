@@ -61,6 +61,7 @@ use orderflow_platform::{
         off_runtime, retain_assigned, BatchBounds, GroupContext, KafkaClients,
     },
     restart::Restarts,
+    switches::Switches,
     telemetry::{continue_trace, current_traceparent},
     transactions,
 };
@@ -253,6 +254,8 @@ pub struct ProcessorRuntime<S: Step> {
     /// This processor's label value, built once.
     labels: ProcessorLabels,
     readiness: Option<Readiness>,
+    /// The operational switches (`switches.paused_processors` pauses this processor).
+    switches: Option<Switches>,
     /// This session's commit mode, decided when it starts.
     mode: Mode,
 }
@@ -284,8 +287,15 @@ impl<S: Step> ProcessorRuntime<S> {
             },
             metrics,
             readiness: None,
+            switches: None,
             mode: Mode::Transactional,
         }
+    }
+
+    /// Obeys `switches.paused_processors` ([`Self::hold_while_paused`]).
+    pub fn with_switches(mut self, switches: Switches) -> Self {
+        self.switches = Some(switches);
+        self
     }
 
     /// Reports `processor <name>` (group joined) and `processor <name> state` (every assigned
@@ -394,6 +404,17 @@ impl<S: Step> ProcessorRuntime<S> {
         let mut last_tick = Instant::now();
         let mut last_committed = None;
         loop {
+            if self
+                .switches
+                .as_ref()
+                .is_some_and(|s| s.paused(self.io.name))
+            {
+                self.hold_while_paused(consumer, &producer, &mut slots, &mut gaps, cancel)
+                    .await?;
+                if cancel.is_cancelled() {
+                    return Ok(());
+                }
+            }
             let batch = collect_batch_within(consumer, cancel, &self.bounds(), Some(tick)).await;
             // Rebalances happen inside the consumer's poll, i.e. while collecting: no
             // transaction is open then. Partitions revoked meanwhile lose their records and
@@ -465,6 +486,83 @@ impl<S: Step> ProcessorRuntime<S> {
                 return Ok(());
             }
         }
+    }
+
+    /// The pause switch (`switches.paused_processors`): every assigned partition is paused and
+    /// nothing is processed — no input, no timer — until the switch is off again, then resumed
+    /// where it stopped. The consumer keeps polling meanwhile, so the member stays in its group
+    /// and follows rebalances (newly assigned partitions get their state restored, then are
+    /// paused too). A record that arrives anyway (from a partition assigned since the last
+    /// pause) is not processed: its partition is seeked back to it, so it comes again after
+    /// the pause, in order. Outputs of earlier batches are all committed before a pause begins
+    /// (batches finish before the loop gets here), so a pause never holds a transaction open.
+    async fn hold_while_paused(
+        &mut self,
+        consumer: &Arc<ProcessorConsumer>,
+        producer: &FutureProducer,
+        slots: &mut BTreeMap<i32, Slot<S::State>>,
+        gaps: &mut GapGuard,
+        cancel: &CancellationToken,
+    ) -> Result<(), ProcessorError> {
+        let Some(switches) = self.switches.clone() else {
+            return Ok(());
+        };
+        let mut changes = switches.subscribe();
+        info!(
+            processor = self.io.name,
+            "Paused by switch: not consuming until switches.paused_processors no longer names it."
+        );
+        let bounds = BatchBounds {
+            max_records: self.batch.batch_max_records,
+            max_wait: Duration::from_millis(100),
+            idle: Duration::from_millis(100),
+        };
+        while switches.paused(self.io.name) && !cancel.is_cancelled() {
+            let assignment = consumer.assignment()?;
+            if assignment.count() > 0 {
+                consumer.pause(&assignment)?;
+            }
+            self.metrics
+                .paused_partitions
+                .get_or_create(&self.labels)
+                .set(assignment.count() as i64);
+            let arrived = tokio::select! {
+                batch = collect_batch_within(consumer, cancel, &bounds, Some(Duration::from_millis(500))) => batch,
+                _ = changes.changed() => Vec::new(),
+            };
+            let mut first: BTreeMap<i32, i64> = BTreeMap::new();
+            for m in &arrived {
+                let at = first.entry(m.partition()).or_insert(m.offset());
+                *at = (*at).min(m.offset());
+            }
+            for (partition, offset) in first {
+                let topic = self.io.input_topic;
+                off_runtime(consumer, move |c| {
+                    c.seek(
+                        topic,
+                        partition,
+                        Offset::Offset(offset),
+                        Duration::from_secs(10),
+                    )
+                })
+                .await?;
+            }
+            self.sync_assignment(consumer, producer, slots, gaps, cancel)
+                .await?;
+        }
+        let assignment = consumer.assignment()?;
+        if assignment.count() > 0 {
+            consumer.resume(&assignment)?;
+        }
+        self.metrics
+            .paused_partitions
+            .get_or_create(&self.labels)
+            .set(0);
+        info!(
+            processor = self.io.name,
+            "Resumed: the pause switch is off."
+        );
+        Ok(())
     }
 
     /// Drops the state of revoked partitions and restores the state of newly assigned ones —

@@ -346,6 +346,7 @@ async fn run_some_processors(
         readiness: None,
         gateway: GatewayClient::new(&settings.payment.gateway_url, &settings.payment.tls)
             .expect("gateway client"),
+        switches: None,
     };
     processors(settings, &deps, cancel)
         .into_iter()

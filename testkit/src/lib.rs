@@ -385,7 +385,26 @@ impl Drop for TempDir {
 }
 
 impl Database {
+    /// A fresh SQLite database with this build's migrations applied, as `orderflow migrate`
+    /// leaves it (roles never migrate by themselves).
     pub fn sqlite() -> Self {
+        let db = Self::sqlite_unmigrated();
+        let url = db.url.clone();
+        // Called from sync and async tests alike: migrate on a runtime of its own.
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(migrate(&url));
+        })
+        .join()
+        .expect("migrations applied");
+        db
+    }
+
+    /// A fresh SQLite file with nothing in it.
+    pub fn sqlite_unmigrated() -> Self {
         let dir = TempDir::new();
         let url = format!("sqlite://{}?mode=rwc", dir.0.join("test.sqlite").display());
         Self {
@@ -394,8 +413,16 @@ impl Database {
         }
     }
 
-    /// A fresh, empty PostgreSQL database, or `None` (skip) when no server answers outside CI.
+    /// A fresh PostgreSQL database with this build's migrations applied, or `None` (skip) when
+    /// no server answers outside CI.
     pub async fn postgres() -> Option<Self> {
+        let db = Self::postgres_unmigrated().await?;
+        migrate(&db.url).await;
+        Some(db)
+    }
+
+    /// A fresh, empty PostgreSQL database, or `None` (skip) when no server answers outside CI.
+    pub async fn postgres_unmigrated() -> Option<Self> {
         let server = std::env::var("TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
         let mut admin = match sqlx::PgConnection::connect(&server).await {
@@ -419,6 +446,16 @@ impl Database {
             _dir: None,
         })
     }
+}
+
+async fn migrate(url: &str) {
+    let db = orderflow_db::Database::connect(url, 1)
+        .await
+        .unwrap_or_else(|e| panic!("cannot open the test database: {e}"));
+    db.migrate()
+        .await
+        .unwrap_or_else(|e| panic!("cannot migrate the test database: {e}"));
+    db.pool().close().await;
 }
 
 /// `orderflow broker --data DIR` (the embedded broker on its own) as a separate OS process,

@@ -335,7 +335,12 @@ async fn main() -> Result<()> {
         }
     };
 
-    // A producer key, made as an operator would.
+    // The schema, then a producer key, made as an operator would.
+    let migrated = orderflow_command(&binary, &bootstrap, &database_url)
+        .arg("migrate")
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(migrated.success(), "migrate failed");
     let out = orderflow_command(&binary, &bootstrap, &database_url)
         .args(["keys", "create", "--name", "bench", "--role", "producer"])
         .stderr(Stdio::null())

@@ -174,7 +174,12 @@ pub fn assess(model: &FraudSettings, placed: &OrderPlaced, customer: &CustomerSt
             placed.total_minor, model.review_amount_minor
         ));
     }
-    reasons.insert(0, format!("score {score:.4}"));
+    if model.hold_all_for_review && decision == FraudDecision::Approve {
+        decision = FraudDecision::Review;
+        reasons
+            .push("switch: every order is held for review (fraud.hold_all_for_review)".to_owned());
+    }
+    reasons.insert(0, format!("score {score:.4} (model {})", model.model));
     Assessment {
         score,
         decision,

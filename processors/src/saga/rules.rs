@@ -49,7 +49,8 @@ impl SagaRules {
     pub fn from_settings(settings: &Settings) -> Self {
         Self {
             validation: settings.validation.clone(),
-            fraud: settings.fraud.clone(),
+            // Only the model version in force travels (and decides), with its name.
+            fraud: settings.fraud.in_force(),
             deadlines: settings.saga.clone(),
         }
     }
