@@ -6,6 +6,7 @@
 //! - [`embedded`] is what `orderflow dev` adds: the embedded broker that keeps its log in the
 //!   data directory, and the check that the database's tables describe that log.
 //! - [`admin`] holds the operator commands: inventory load, review, the stand-alone broker.
+//! - [`shadow`] creates a shadow saga's topics and compares its outputs with the live ones.
 //! - [`requirements`] decides what each role needs from its configuration.
 //! - [`loadgen`] posts realistic random orders to a running instance and reads back the result.
 
@@ -14,6 +15,7 @@ pub mod embedded;
 pub mod loadgen;
 pub mod pipeline;
 pub mod requirements;
+pub mod shadow;
 pub mod supervisor;
 
 /// A URL with any password replaced, for printing.

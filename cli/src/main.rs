@@ -8,7 +8,7 @@ use orderflow::{
     embedded::{check_database_matches_log, Broker},
     loadgen::{self, LoadgenArgs},
     pipeline::{self, Role},
-    redact_url, requirements,
+    redact_url, requirements, shadow,
 };
 use orderflow_auth::{KeyStore, Role as AuthRole};
 use orderflow_platform::{config::Overrides, telemetry, Settings};
@@ -60,7 +60,18 @@ enum Command {
     /// Run the ingest edge (HTTP → orders.events).
     Ingest,
     /// Run the processors (the order saga).
-    Process,
+    Process {
+        /// Run only a shadow of the saga named NAME: the live input under its own consumer
+        /// group, outputs to NAME.-prefixed topics (created if missing), no payment calls;
+        /// compare with `orderflow shadow diff NAME` (docs/runbooks/deploy.md, "Canaries").
+        #[arg(long, value_name = "NAME")]
+        shadow: Option<String>,
+    },
+    /// Shadow runs of the saga.
+    Shadow {
+        #[command(subcommand)]
+        command: ShadowCommand,
+    },
     /// Run the projection writers.
     Project,
     /// Run the query API.
@@ -185,6 +196,14 @@ enum ProjectionName {
 enum InventoryCommand {
     /// Publish restocks from a CSV (sku,quantity) or JSON ([{"sku","quantity"}]) file.
     Load { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ShadowCommand {
+    /// Compare the shadow's timeline with the live saga's by event id, for every order the
+    /// shadow has consumed whole: the same id with other bytes, missing, or extra. Exit 1 when
+    /// anything differs.
+    Diff { name: String },
 }
 
 #[derive(Subcommand)]
@@ -321,7 +340,24 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
     match cli.command {
         Command::Dev => dev(&settings, reload).await?,
         Command::Ingest => role(&settings, Role::Ingest, reload).await?,
-        Command::Process => role(&settings, Role::Process, reload).await?,
+        Command::Process { shadow: None } => role(&settings, Role::Process, reload).await?,
+        Command::Process { shadow: Some(name) } => shadow_role(&settings, &name, reload).await?,
+        Command::Shadow {
+            command: ShadowCommand::Diff { name },
+        } => {
+            if settings.kafka.brokers.trim().is_empty() {
+                bail!(
+                    "kafka.brokers is not set; shadow diff reads the live and the shadow's topics"
+                );
+            }
+            let report = tokio::task::spawn_blocking(move || shadow::diff(&settings, &name))
+                .await
+                .context("shadow diff")??;
+            print!("{report}");
+            if !report.is_clean() {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
         Command::Project => role(&settings, Role::Project, reload).await?,
         Command::Query => role(&settings, Role::Query, reload).await?,
         Command::Topics { command } => return topics(&settings, command).await,
@@ -678,6 +714,30 @@ async fn role(settings: &Settings, role: Role, reload: Reload) -> Result<()> {
     }
     let served = serve_until_signal(&mut running, reload).await;
     // The others drain either way; a role's failure is the error to exit with.
+    let drained = running.shutdown(DRAIN_DEADLINE).await;
+    served.and(drained)
+}
+
+/// `orderflow process --shadow NAME`: the shadow saga alone (crate docs of [`shadow`]).
+async fn shadow_role(settings: &Settings, name: &str, reload: Reload) -> Result<()> {
+    // What the process role needs but the payment gateway: a shadow calls no one.
+    let missing: Vec<_> = requirements::missing(settings, Role::Process)
+        .into_iter()
+        .filter(|m| m.key != "payment.gateway_url")
+        .collect();
+    if let Some(first) = missing.first() {
+        bail!("the shadow's configuration is incomplete: {first}");
+    }
+    shadow::create_topics(settings, name).await?;
+    let mut running = pipeline::start_with(
+        settings,
+        &settings.kafka.brokers,
+        &[Role::Process],
+        Some(name),
+    )
+    .await?;
+    info!(shadow = name, "Shadow saga running.");
+    let served = serve_until_signal(&mut running, reload).await;
     let drained = running.shutdown(DRAIN_DEADLINE).await;
     served.and(drained)
 }

@@ -259,6 +259,17 @@ const STARTING: &str = "startup";
 
 /// Starts `roles` against the broker at `bootstrap`.
 pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Result<Running> {
+    start_with(settings, bootstrap, roles, None).await
+}
+
+/// [`start`]; with `shadow`, the process role runs only the shadow of that name of the saga
+/// (`orderflow process --shadow NAME`; its topics must exist: [`crate::shadow`]).
+pub async fn start_with(
+    settings: &Settings,
+    bootstrap: &str,
+    roles: &[Role],
+    shadow: Option<&str>,
+) -> Result<Running> {
     let codec = Arc::new(Codec::new().context("compiled-in schemas")?);
     let clients = KafkaClients::new(&settings.kafka, bootstrap);
     let cancel = CancellationToken::new();
@@ -502,7 +513,19 @@ pub async fn start(settings: &Settings, bootstrap: &str, roles: &[Role]) -> Resu
 
     let mut rules_publisher = None;
     let mut gateway_addr = None;
-    if roles.contains(&Role::Process) {
+    if let (true, Some(name)) = (roles.contains(&Role::Process), shadow) {
+        let deps = orderflow_processors::ShadowDeps {
+            clients: clients.clone(),
+            codec: codec.clone(),
+            metrics: metrics.processors.clone(),
+            readiness: Some(readiness.clone()),
+        };
+        let (task_name, task) = orderflow_processors::shadow_saga(settings, &deps, &cancel, name);
+        tasks.spawn(task_name, async move {
+            task.await;
+            Ok(())
+        });
+    } else if roles.contains(&Role::Process) {
         // A start is a reload: the configured rules go into the log, where every partition
         // takes them up at this position (a partition without rules adopts them anyway).
         let publisher = RulesPublisher::new(clients.clone(), codec.clone());

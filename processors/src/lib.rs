@@ -80,6 +80,60 @@ pub fn saga_step(settings: &Settings) -> saga::Saga {
     )
 }
 
+/// What a shadow saga needs: no gateway, no switches (it is started and stopped on its own).
+pub struct ShadowDeps {
+    pub clients: KafkaClients,
+    pub codec: Arc<Codec>,
+    pub metrics: ProcessorMetrics,
+    pub readiness: Option<Readiness>,
+}
+
+/// The shadow `name` of the saga (`orderflow process --shadow NAME`) as a task: it consumes
+/// the live `orders.events` under its own consumer group (`orderflow-shadow-NAME-saga`), keeps
+/// its own changelog, and writes every output to the shadow's topics
+/// ([`names::shadow_topic`]), where `orderflow shadow diff NAME` compares them with the live
+/// saga's. It calls nothing outside: no inventory or payment processor acts on its commands, and
+/// it reads the live inventory's and gateway's answers (to the same request ids wherever it
+/// decided as the live saga did). Names are built once per process, for the process's life.
+pub fn shadow_saga(
+    settings: &Settings,
+    deps: &ShadowDeps,
+    cancel: &CancellationToken,
+    name: &str,
+) -> (&'static str, ProcessorTask) {
+    let leak = |topic: &str| -> &'static str { names::shadow_topic(name, topic).leak() };
+    let io = ProcessorIo {
+        name: format!("shadow-{name}-saga").leak(),
+        input_topic: names::ORDERS_EVENTS,
+        dead_letter_topic: leak(names::SAGA_DLQ),
+        changelog_topic: Some(leak(names::SAGA_CHANGELOG)),
+    };
+    let topics = saga::SagaTopics {
+        orders: leak(names::ORDERS_EVENTS),
+        inventory_commands: leak(names::INVENTORY_COMMANDS),
+        payment_requests: leak(names::PAYMENTS_REQUESTS),
+    };
+    let step = saga::Saga::new(
+        SagaRules::from_settings(settings),
+        topics,
+        settings.state.retention_ms,
+    )
+    .shadow();
+    let mut runtime = ProcessorRuntime::new(
+        io,
+        step,
+        deps.clients.clone(),
+        &settings.processor,
+        deps.codec.clone(),
+        deps.metrics.clone(),
+    );
+    if let Some(readiness) = &deps.readiness {
+        runtime = runtime.with_readiness(readiness.clone());
+    }
+    let cancel = cancel.clone();
+    (io.name, Box::pin(runtime.run(cancel)))
+}
+
 /// Every processor, each as a task that runs until `cancel` fires.
 pub fn processors(
     settings: &Settings,

@@ -24,6 +24,38 @@ pub mod names {
     pub const INVENTORY_DLQ: &str = "orderflow.inventory.dlq";
     pub const PAYMENTS_REQUESTS: &str = "payments.requests";
     pub const PAYMENTS_DLQ: &str = "orderflow.payments.dlq";
+
+    /// What a shadow saga (`orderflow process --shadow NAME`) writes, each as
+    /// [`shadow_topic`]`(NAME, topic)`: its timeline, its commands, its state.
+    pub const SHADOW_OUTPUTS: [&str; 5] = [
+        ORDERS_EVENTS,
+        INVENTORY_COMMANDS,
+        PAYMENTS_REQUESTS,
+        SAGA_CHANGELOG,
+        SAGA_DLQ,
+    ];
+
+    /// The shadow `name`'s copy of `topic`: `NAME.topic`.
+    pub fn shadow_topic(name: &str, topic: &str) -> String {
+        format!("{name}.{topic}")
+    }
+
+    /// Whether `name` can name a shadow: 1–32 of `a-z`, `0-9`, `-`, starting with a letter
+    /// (it becomes part of topic names and consumer group ids).
+    pub fn check_shadow_name(name: &str) -> Result<(), String> {
+        let ok = (1..=32).contains(&name.len())
+            && name.starts_with(|c: char| c.is_ascii_lowercase())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "shadow name {name:?}: expected 1-32 of a-z, 0-9 and -, starting with a letter"
+            ))
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +143,23 @@ impl Catalog {
 
     pub fn get(&self, name: &str) -> Option<&TopicSpec> {
         self.topics.iter().find(|t| t.name == name)
+    }
+
+    /// The topics of the shadow `name` ([`names::SHADOW_OUTPUTS`]), each declared like the
+    /// topic it shadows (partitions, cleanup, retention).
+    pub fn for_shadow(&self, name: &str) -> Catalog {
+        let topics = names::SHADOW_OUTPUTS
+            .iter()
+            .filter_map(|topic| self.get(topic))
+            .map(|spec| TopicSpec {
+                name: names::shadow_topic(name, &spec.name),
+                description: format!("Shadow {name}'s copy of {}", spec.name),
+                producers: vec![format!("orderflow process --shadow {name}")],
+                consumers: vec![format!("orderflow shadow diff {name}")],
+                ..spec.clone()
+            })
+            .collect();
+        Catalog { topics }
     }
 
     fn validate(&self) -> Result<(), CatalogError> {

@@ -37,7 +37,7 @@ use std::{
     sync::Arc,
 };
 
-use orderflow_schemas::{Envelope, OrderEvent};
+use orderflow_schemas::{Envelope, EventKind, OrderEvent};
 use uuid::Uuid;
 
 pub use self::rules::{ActiveRules, SagaRules};
@@ -97,6 +97,8 @@ pub struct Saga {
     /// When this process last sent a still unanswered payment request again (wall clock, by
     /// request id).
     resent: HashMap<i32, HashMap<String, i64>>,
+    /// A shadow ([`Saga::shadow`]): its configured rules only, no timers of its own.
+    shadow: bool,
 }
 
 impl Saga {
@@ -108,9 +110,35 @@ impl Saga {
             timers_sent: HashMap::new(),
             first_seen: HashMap::new(),
             resent: HashMap::new(),
+            shadow: false,
         }
     }
+
+    /// A shadow of the live saga (`orderflow process --shadow`): it reads the live log, answers
+    /// included, and writes to its own topics. Its configured rules decide throughout (the live
+    /// log's rules records are the live saga's, not its own), and it writes no timers: the live
+    /// saga's timeouts are in the log it reads, with the ids its own would have had.
+    pub fn shadow(mut self) -> Self {
+        self.shadow = true;
+        self
+    }
 }
+
+/// The kinds of event the saga writes to the orders topic (its timeline): what a shadow's
+/// output is compared on (`orderflow shadow diff`).
+pub const TIMELINE_KINDS: [EventKind; 11] = [
+    EventKind::OrderValidated,
+    EventKind::FraudScored,
+    EventKind::InventoryReservationRequested,
+    EventKind::InventoryReserved,
+    EventKind::InventoryRejected,
+    EventKind::InventoryReleased,
+    EventKind::PaymentRequested,
+    EventKind::PaymentRefundRequested,
+    EventKind::OrderConfirmed,
+    EventKind::OrderRejected,
+    EventKind::OrderCancelled,
+];
 
 fn cause_of(envelope: &Envelope) -> Result<Uuid, StepError> {
     Uuid::parse_str(&envelope.event_id).map_err(|_| {
@@ -134,6 +162,8 @@ impl Step for Saga {
         state.advance(envelope.occurred_at, self.retention_ms);
         let rules = state.rules_or_adopt(&self.configured);
         let handled = match event {
+            // A shadow keeps its own rules (see `shadow`).
+            OrderEvent::SagaRulesChanged(_) if self.shadow => return Ok(()),
             OrderEvent::SagaRulesChanged(changed) => {
                 let rules = SagaRules::from_json(&changed.rules).map_err(StepError::Poison)?;
                 if state.set_rules(ActiveRules::new(rules)) {
@@ -172,7 +202,9 @@ impl Step for Saga {
     }
 
     fn tick(&mut self, partition: i32, state: &SagaState, now_ms: i64, out: &mut Outputs) {
-        self.run_timers(partition, state, now_ms, out);
+        if !self.shadow {
+            self.run_timers(partition, state, now_ms, out);
+        }
     }
 
     fn on_assigned(&mut self, partition: i32) {
