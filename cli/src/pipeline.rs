@@ -514,7 +514,7 @@ pub async fn start_with(
     let mut rules_publisher = None;
     let mut gateway_addr = None;
     if let (true, Some(name)) = (roles.contains(&Role::Process), shadow) {
-        let deps = orderflow_processors::ShadowDeps {
+        let deps = orderflow_processors::RuntimeDeps {
             clients: clients.clone(),
             codec: codec.clone(),
             metrics: metrics.processors.clone(),
@@ -554,10 +554,12 @@ pub async fn start_with(
         let gateway = GatewayClient::new(&gateway_url, &settings.payment.tls)
             .context("the payment gateway's client (payment.tls)")?;
         let deps = ProcessorDeps {
-            clients: clients.clone(),
-            codec: codec.clone(),
-            metrics: metrics.processors.clone(),
-            readiness: Some(readiness.clone()),
+            runtime: orderflow_processors::RuntimeDeps {
+                clients: clients.clone(),
+                codec: codec.clone(),
+                metrics: metrics.processors.clone(),
+                readiness: Some(readiness.clone()),
+            },
             gateway,
             switches: Some(switches.clone()),
         };

@@ -158,7 +158,7 @@ mod tests {
     fn settings(pairs: &[(&str, &str)]) -> Settings {
         let mut overrides = Overrides::default();
         for (k, v) in pairs {
-            overrides.set(*k, *v);
+            overrides.set(*k, v);
         }
         Settings::from_defaults(&overrides).expect("settings")
     }

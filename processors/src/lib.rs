@@ -29,13 +29,19 @@ pub use saga::rules::SagaRules;
 /// A processor's run loop, ready to be spawned.
 pub type ProcessorTask = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// What every processor needs from the process.
+/// What every processor runtime needs from the process.
 #[derive(Clone)]
-pub struct ProcessorDeps {
+pub struct RuntimeDeps {
     pub clients: KafkaClients,
     pub codec: Arc<Codec>,
     pub metrics: ProcessorMetrics,
     pub readiness: Option<Readiness>,
+}
+
+/// What the processors of the process role need: their runtimes', the gateway, the switches.
+#[derive(Clone)]
+pub struct ProcessorDeps {
+    pub runtime: RuntimeDeps,
     /// The payment gateway's client (its URL and TLS, from `payment.*`).
     pub gateway: orderflow_gateway::GatewayClient,
     /// The operational switches (a processor named in `switches.paused_processors` pauses).
@@ -80,12 +86,31 @@ pub fn saga_step(settings: &Settings) -> saga::Saga {
     )
 }
 
-/// What a shadow saga needs: no gateway, no switches (it is started and stopped on its own).
-pub struct ShadowDeps {
-    pub clients: KafkaClients,
-    pub codec: Arc<Codec>,
-    pub metrics: ProcessorMetrics,
-    pub readiness: Option<Readiness>,
+/// One processor's runtime, ready to spawn.
+fn runtime_task<S: Step>(
+    io: ProcessorIo,
+    step: S,
+    settings: &Settings,
+    deps: &RuntimeDeps,
+    switches: Option<&orderflow_platform::switches::Switches>,
+    cancel: &CancellationToken,
+) -> (&'static str, ProcessorTask) {
+    let mut runtime = ProcessorRuntime::new(
+        io,
+        step,
+        deps.clients.clone(),
+        &settings.processor,
+        deps.codec.clone(),
+        deps.metrics.clone(),
+    );
+    if let Some(readiness) = &deps.readiness {
+        runtime = runtime.with_readiness(readiness.clone());
+    }
+    if let Some(switches) = switches {
+        runtime = runtime.with_switches(switches.clone());
+    }
+    let cancel = cancel.clone();
+    (io.name, Box::pin(runtime.run(cancel)))
 }
 
 /// The shadow `name` of the saga (`orderflow process --shadow NAME`) as a task: it consumes
@@ -97,7 +122,7 @@ pub struct ShadowDeps {
 /// decided as the live saga did). Names are built once per process, for the process's life.
 pub fn shadow_saga(
     settings: &Settings,
-    deps: &ShadowDeps,
+    deps: &RuntimeDeps,
     cancel: &CancellationToken,
     name: &str,
 ) -> (&'static str, ProcessorTask) {
@@ -119,19 +144,8 @@ pub fn shadow_saga(
         settings.state.retention_ms,
     )
     .shadow();
-    let mut runtime = ProcessorRuntime::new(
-        io,
-        step,
-        deps.clients.clone(),
-        &settings.processor,
-        deps.codec.clone(),
-        deps.metrics.clone(),
-    );
-    if let Some(readiness) = &deps.readiness {
-        runtime = runtime.with_readiness(readiness.clone());
-    }
-    let cancel = cancel.clone();
-    (io.name, Box::pin(runtime.run(cancel)))
+    // No switches: a shadow is started and stopped on its own.
+    runtime_task(io, step, settings, deps, None, cancel)
 }
 
 /// Every processor, each as a task that runs until `cancel` fires.
@@ -147,22 +161,14 @@ pub fn processors(
         deps: &ProcessorDeps,
         cancel: &CancellationToken,
     ) -> (&'static str, ProcessorTask) {
-        let mut runtime = ProcessorRuntime::new(
+        runtime_task(
             io,
             step,
-            deps.clients.clone(),
-            &settings.processor,
-            deps.codec.clone(),
-            deps.metrics.clone(),
-        );
-        if let Some(readiness) = &deps.readiness {
-            runtime = runtime.with_readiness(readiness.clone());
-        }
-        if let Some(switches) = &deps.switches {
-            runtime = runtime.with_switches(switches.clone());
-        }
-        let cancel = cancel.clone();
-        (io.name, Box::pin(runtime.run(cancel)))
+            settings,
+            &deps.runtime,
+            deps.switches.as_ref(),
+            cancel,
+        )
     }
     vec![
         task(SAGA, saga_step(settings), settings, deps, cancel),
@@ -178,7 +184,7 @@ pub fn processors(
             payments::PaymentWorker::new(
                 deps.gateway.clone(),
                 &settings.payment,
-                deps.metrics.gateway.clone(),
+                deps.runtime.metrics.gateway.clone(),
                 names::ORDERS_EVENTS,
             ),
             settings,

@@ -409,11 +409,10 @@ impl<S: Step> ProcessorRuntime<S> {
                 .as_ref()
                 .is_some_and(|s| s.paused(self.io.name))
             {
+                // Cancelled while paused: on to the shutdown below (it commits the last
+                // batch's offsets synchronously).
                 self.hold_while_paused(consumer, &producer, &mut slots, &mut gaps, cancel)
                     .await?;
-                if cancel.is_cancelled() {
-                    return Ok(());
-                }
             }
             let batch = collect_batch_within(consumer, cancel, &self.bounds(), Some(tick)).await;
             // Rebalances happen inside the consumer's poll, i.e. while collecting: no
@@ -536,16 +535,7 @@ impl<S: Step> ProcessorRuntime<S> {
                 *at = (*at).min(m.offset());
             }
             for (partition, offset) in first {
-                let topic = self.io.input_topic;
-                off_runtime(consumer, move |c| {
-                    c.seek(
-                        topic,
-                        partition,
-                        Offset::Offset(offset),
-                        Duration::from_secs(10),
-                    )
-                })
-                .await?;
+                self.seek_input(consumer, partition, offset).await?;
             }
             self.sync_assignment(consumer, producer, slots, gaps, cancel)
                 .await?;
@@ -740,18 +730,29 @@ impl<S: Step> ProcessorRuntime<S> {
                 position,
                 "The group's offset is ahead of the state; seeking back to the state's position."
             );
-            let topic = self.io.input_topic;
-            off_runtime(consumer, move |c| {
-                c.seek(
-                    topic,
-                    partition,
-                    Offset::Offset(position),
-                    Duration::from_secs(10),
-                )
-            })
-            .await?;
+            self.seek_input(consumer, partition, position).await?;
         }
         Ok(ahead)
+    }
+
+    /// Seeks an input partition to `offset`: its next record is read from there.
+    async fn seek_input(
+        &self,
+        consumer: &Arc<ProcessorConsumer>,
+        partition: i32,
+        offset: i64,
+    ) -> Result<(), ProcessorError> {
+        let topic = self.io.input_topic;
+        off_runtime(consumer, move |c| {
+            c.seek(
+                topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            )
+        })
+        .await?;
+        Ok(())
     }
 
     fn bounds(&self) -> BatchBounds {

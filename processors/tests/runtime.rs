@@ -340,10 +340,12 @@ async fn run_some_processors(
     names: &[&str],
 ) -> Vec<tokio::task::JoinHandle<()>> {
     let deps = ProcessorDeps {
-        clients: KafkaClients::new(&settings.kafka, bootstrap),
-        codec: Arc::new(Codec::new().expect("codec")),
-        metrics: ProcessorMetrics::unregistered(),
-        readiness: None,
+        runtime: orderflow_processors::RuntimeDeps {
+            clients: KafkaClients::new(&settings.kafka, bootstrap),
+            codec: Arc::new(Codec::new().expect("codec")),
+            metrics: ProcessorMetrics::unregistered(),
+            readiness: None,
+        },
         gateway: GatewayClient::new(&settings.payment.gateway_url, &settings.payment.tls)
             .expect("gateway client"),
         switches: None,
