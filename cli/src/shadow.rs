@@ -4,15 +4,22 @@
 //! `orderflow shadow diff NAME` compares its timeline with the live saga's, event id by event
 //! id. Every output id is derived from its input and role, so the same decision has the same id
 //! and the same bytes; a difference is a decision the candidate would make differently.
+//!
+//! Bound: `shadow diff` holds the saga's timeline events of both topics in memory (id, order id
+//! and payload, a few hundred bytes each): about 2 × 8 events per order of the retained log. A
+//! shadow is a canary run over days, not the whole history: delete its topics after each run.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
-use orderflow_platform::{kafka::KafkaClients, Settings};
+use orderflow_platform::{
+    kafka::{read_to_ends, KafkaClients},
+    Settings,
+};
 use orderflow_processors::saga::TIMELINE_KINDS;
 use orderflow_schemas::Codec;
 use orderflow_topics::{
@@ -140,41 +147,13 @@ fn read_to_end(
         return Ok(());
     }
     consumer.assign(&tpl)?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        // Transaction markers take offsets but are never delivered: judge by position.
-        let position = consumer.position()?;
-        let behind = ends.iter().any(|(p, end)| {
-            position
-                .find_partition(topic, *p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                })
-                .unwrap_or(0)
-                < *end
-        });
-        if !behind {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("reading {topic} to its end took more than 300 s");
-        }
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let message = message?;
-        if ends
-            .get(&message.partition())
-            .is_some_and(|end| message.offset() < *end)
-        {
-            f(
-                message.partition(),
-                message.offset(),
-                message.payload().unwrap_or_default(),
-            );
-        }
+    let reached = read_to_ends(&consumer, topic, &ends, Duration::from_secs(300), |m| {
+        f(m.partition(), m.offset(), m.payload().unwrap_or_default())
+    })?;
+    if !reached {
+        bail!("reading {topic} to its end took more than 300 s");
     }
+    Ok(())
 }
 
 /// The saga's timeline events of `topic` by event id, and (for the live topic) each order's

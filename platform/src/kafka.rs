@@ -17,7 +17,7 @@ use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer},
     error::KafkaError,
-    message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
+    message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage},
     mocking::MockCluster,
     producer::DefaultProducerContext,
     ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList,
@@ -247,6 +247,49 @@ impl KafkaClients {
     /// How long admin and metadata calls may take.
     pub fn admin_timeout(&self) -> Duration {
         Duration::from_secs(10)
+    }
+}
+
+/// Polls `consumer`, assigned to `topic` where reading starts, until its position on every
+/// partition of `ends` has reached that partition's end offset, calling `f` with each record
+/// below its partition's end. Judged by position, not by the last record seen: transaction
+/// markers take offsets but are never delivered. `Ok(false)` when `within` passed first.
+pub fn read_to_ends(
+    consumer: &BaseConsumer,
+    topic: &str,
+    ends: &HashMap<i32, i64>,
+    within: Duration,
+    mut f: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<bool, KafkaError> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let position = consumer.position()?;
+        let behind = ends.iter().any(|(p, end)| {
+            let at = position
+                .find_partition(topic, *p)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            at < *end
+        });
+        if !behind {
+            return Ok(true);
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(false);
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
+        let message = message?;
+        if ends
+            .get(&message.partition())
+            .is_some_and(|end| message.offset() < *end)
+        {
+            f(&message);
+        }
     }
 }
 

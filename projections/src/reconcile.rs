@@ -153,43 +153,18 @@ fn read_log(
     }
     consumer.assign(&tpl)?;
     let waited = Duration::from_secs(120);
-    let deadline = std::time::Instant::now() + waited;
-    let mut done: HashMap<i32, bool> = ends.keys().map(|p| (*p, false)).collect();
-    while done.values().any(|d| !d) {
-        if std::time::Instant::now() > deadline {
-            return Err(ReconcileError::Timeout {
-                topic: topic.to_owned(),
-                waited,
-            });
-        }
-        // Transaction markers take offsets but are never delivered: judge by position.
-        let position = consumer.position()?;
-        for (p, end) in &ends {
-            let at = position
-                .find_partition(topic, *p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                })
-                .unwrap_or(0);
-            if at >= *end {
-                done.insert(*p, true);
-            }
-        }
-        let Some(message) = consumer.poll(Duration::from_millis(100)) else {
-            continue;
-        };
-        let message = message?;
-        if ends
-            .get(&message.partition())
-            .is_some_and(|end| message.offset() >= *end)
+    let reached =
+        orderflow_platform::kafka::read_to_ends(&consumer, topic, &ends, waited, |m| match codec
+            .decode(m.payload().unwrap_or_default())
         {
-            continue;
-        }
-        match codec.decode(message.payload().unwrap_or_default()) {
             Ok(event) => events.push(event),
             Err(_) => undecodable += 1,
-        }
+        })?;
+    if !reached {
+        return Err(ReconcileError::Timeout {
+            topic: topic.to_owned(),
+            waited,
+        });
     }
     Ok((events, undecodable))
 }
