@@ -276,6 +276,7 @@ pub async fn run_step(config: &StepConfig, db: &AnyPool) -> Result<StepResult> {
         end_to_end: summarize(&end_to_end),
         pipeline_cpu_s: 0.0,
         pipeline_peak_rss_mib: 0.0,
+        timeline: Vec::new(),
     })
 }
 

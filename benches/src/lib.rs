@@ -5,7 +5,8 @@
 //! - `orderflow-bench` (`src/main.rs`) is the end-to-end harness: an open-loop driver
 //!   ([`driver`]) at rising rates against a pipeline it starts ([`setup`]) or a running one, the
 //!   broker's own ceiling on the same broker ([`ceiling`]), the pipeline's CPU and memory
-//!   ([`procstat`]), and the report ([`stats`], [`report`]). BENCHMARKS.md has the figures.
+//!   ([`procstat`]) and over time ([`timeline`]), and the report ([`stats`], [`report`]).
+//!   BENCHMARKS.md has the figures.
 //! - `ingest-bench` (`src/bin/ingest-bench.rs`) measures the ingest edge alone against the raw
 //!   produce ceiling of the same broker; `projection-bench` the projection and query API.
 //!
@@ -17,6 +18,7 @@ pub mod procstat;
 pub mod report;
 pub mod setup;
 pub mod stats;
+pub mod timeline;
 
 use orderflow_schemas::{Address, Envelope, OrderLine, OrderPlaced};
 

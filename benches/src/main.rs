@@ -16,6 +16,7 @@ use orderflow_benches::{
     report::{BenchReport, Machine},
     setup::{Pipeline, SetupKind},
     stats::sustainable_rate,
+    timeline::Timeline,
 };
 
 #[derive(Parser, Debug)]
@@ -63,6 +64,10 @@ struct Args {
     /// The end-to-end p99 a rate must stay under to count as sustained.
     #[arg(long, default_value_t = 250.0)]
     p99_threshold_ms: f64,
+    /// Seconds between the samples of each step's timeline (memory, final orders/s, CPU);
+    /// 0 picks a tenth of --duration (at least 1 s).
+    #[arg(long, default_value_t = 0)]
+    sample_every: u64,
     /// Records for the broker ceiling (0 skips it).
     #[arg(long, default_value_t = 20_000)]
     ceiling_messages: u64,
@@ -144,8 +149,19 @@ async fn main() -> Result<()> {
             seed: 100 + i as u64,
             ..warm.clone()
         };
+        // scripts/profile starts recording on this line.
+        progress(&format!("Sending {rate} orders/s for {} s.", args.duration));
         let (cpu_before, _) = sample_all(&pipeline);
-        let mut step = run_step(&config, &db).await?;
+        let every = Duration::from_secs(if args.sample_every > 0 {
+            args.sample_every
+        } else {
+            (args.duration / 10).max(1)
+        });
+        let sampler = Timeline::start(&pipeline, db.clone(), every, ticks);
+        let step = run_step(&config, &db).await;
+        let timeline = sampler.stop().await;
+        let mut step = step?;
+        step.timeline = timeline;
         let (cpu_after, peak) = sample_all(&pipeline);
         step.pipeline_cpu_s = cpu_after - cpu_before;
         step.pipeline_peak_rss_mib = peak;

@@ -9,6 +9,8 @@ pub struct ProcSample {
     pub cpu_s: f64,
     /// Peak resident set size (VmHWM), MiB.
     pub peak_rss_mib: f64,
+    /// Resident set size now (VmRSS), MiB.
+    pub rss_mib: f64,
 }
 
 /// Clock ticks per second for `/proc/<pid>/stat` times.
@@ -28,6 +30,7 @@ pub fn sample(pid: u32, ticks: f64) -> Option<ProcSample> {
     Some(ProcSample {
         cpu_s: parse_cpu_ticks(&stat)? as f64 / ticks,
         peak_rss_mib: parse_vm_hwm_kib(&status)? as f64 / 1024.0,
+        rss_mib: parse_status_kib(&status, "VmRSS:")? as f64 / 1024.0,
     })
 }
 
@@ -44,9 +47,14 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
 
 /// `VmHWM` of a `/proc/<pid>/status`, KiB.
 pub fn parse_vm_hwm_kib(status: &str) -> Option<u64> {
+    parse_status_kib(status, "VmHWM:")
+}
+
+/// The KiB figure of `field` (e.g. `VmRSS:`) in a `/proc/<pid>/status`.
+pub fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
 }
@@ -66,6 +74,7 @@ mod tests {
         let status =
             "Name:\torderflow\nVmPeak:\t  900000 kB\nVmHWM:\t   51200 kB\nVmRSS:\t 40000 kB\n";
         assert_eq!(parse_vm_hwm_kib(status), Some(51_200));
+        assert_eq!(parse_status_kib(status, "VmRSS:"), Some(40_000));
     }
 
     #[test]

@@ -4,7 +4,11 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use crate::{ceiling::Ceiling, setup::SetupKind, stats::StepResult};
+use crate::{
+    ceiling::Ceiling,
+    setup::SetupKind,
+    stats::{downsample, timeline_drift, StepResult, TimelinePoint},
+};
 
 /// Records a confirmed order of k SKUs writes through the full saga: on `orders.events` placed,
 /// validated, fraud-scored, reservation requested, k line reservations, reserved, payment
@@ -130,6 +134,9 @@ impl BenchReport {
                 s.pipeline_peak_rss_mib
             );
         }
+        for s in self.steps.iter().filter(|s| !s.timeline.is_empty()) {
+            out.push_str(&timeline_markdown(s));
+        }
         let _ = writeln!(
             out,
             "\n**Sustainable throughput** (p99 end to end ≤ {} ms, no errors): {}",
@@ -163,6 +170,39 @@ impl BenchReport {
         }
         out
     }
+}
+
+/// Columns of a timeline table at most (longer timelines are merged: [`downsample`]).
+const TIMELINE_COLUMNS: usize = 15;
+
+/// A step's timeline as one table (time across, what was sampled down), and the drift of its
+/// memory and throughput from the first samples to the last.
+fn timeline_markdown(step: &StepResult) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nOver time at {:.0} orders/s (sampled while sending and draining):\n",
+        step.target_rate
+    );
+    let points = downsample(&step.timeline, TIMELINE_COLUMNS);
+    let row = |name: &str, cell: &dyn Fn(&TimelinePoint) -> String| {
+        let cells: Vec<String> = points.iter().map(cell).collect();
+        format!("| {name} | {} |\n", cells.join(" | "))
+    };
+    out.push_str(&row("s", &|p| format!("{:.0}", p.at_s)));
+    out.push_str(&format!("|---|{}\n", "---|".repeat(points.len())));
+    out.push_str(&row("RSS MiB", &|p| format!("{:.0}", p.rss_mib)));
+    out.push_str(&row("final/s", &|p| format!("{:.1}", p.final_per_s)));
+    out.push_str(&row("CPU cores", &|p| format!("{:.2}", p.cpu_cores)));
+    if let Some((rss, ratio)) = timeline_drift(&step.timeline) {
+        let _ = writeln!(
+            out,
+            "\nMemory moved {rss:+.0} MiB from the first sample to the last; the second half's \
+             final orders/s were {:.0}% of the first half's.",
+            ratio * 100.0
+        );
+    }
+    out
 }
 
 #[cfg(test)]

@@ -66,6 +66,60 @@ pub struct StepResult {
     pub pipeline_cpu_s: f64,
     /// The pipeline's peak resident memory so far, MiB.
     pub pipeline_peak_rss_mib: f64,
+    /// The pipeline sampled at a fixed interval while the step ran (its drain included): what
+    /// a long run needs to show flat memory and throughput.
+    pub timeline: Vec<TimelinePoint>,
+}
+
+/// One sample of a step's timeline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct TimelinePoint {
+    /// Seconds since the step began.
+    pub at_s: f64,
+    /// The pipeline processes' resident memory now, MiB.
+    pub rss_mib: f64,
+    /// Orders that became final per second since the previous sample.
+    pub final_per_s: f64,
+    /// The pipeline's CPU use since the previous sample, in cores (1.0 = one core busy).
+    pub cpu_cores: f64,
+}
+
+/// At most `columns` points for a report: consecutive points merged, each merged point
+/// carrying its group's last time and memory and its mean final orders/s and CPU (every
+/// sample counts the same span, so means of rates are rates).
+pub fn downsample(points: &[TimelinePoint], columns: usize) -> Vec<TimelinePoint> {
+    if columns == 0 || points.len() <= columns {
+        return points.to_vec();
+    }
+    let per = points.len().div_ceil(columns);
+    points
+        .chunks(per)
+        .filter_map(|group| {
+            let last = group.last()?;
+            let n = group.len() as f64;
+            Some(TimelinePoint {
+                at_s: last.at_s,
+                rss_mib: last.rss_mib,
+                final_per_s: group.iter().map(|p| p.final_per_s).sum::<f64>() / n,
+                cpu_cores: group.iter().map(|p| p.cpu_cores).sum::<f64>() / n,
+            })
+        })
+        .collect()
+}
+
+/// How memory moved over a timeline: the last sample's RSS against the first's, in MiB, and
+/// the final-orders rate of the second half against the first (1.0 = no decay). `None` below
+/// four samples.
+pub fn timeline_drift(points: &[TimelinePoint]) -> Option<(f64, f64)> {
+    if points.len() < 4 {
+        return None;
+    }
+    let (first, last) = (points.first()?, points.last()?);
+    let half = points.len() / 2;
+    let mean = |p: &[TimelinePoint]| p.iter().map(|x| x.final_per_s).sum::<f64>() / p.len() as f64;
+    let (early, late) = (mean(&points[..half]), mean(&points[half..]));
+    let ratio = if early > 0.0 { late / early } else { 1.0 };
+    Some((last.rss_mib - first.rss_mib, ratio))
 }
 
 impl StepResult {
@@ -140,6 +194,46 @@ mod tests {
         record(&mut h, 0);
         record(&mut h, u64::MAX);
         assert_eq!(h.len(), 2);
+    }
+
+    #[test]
+    fn timeline_drift_compares_the_ends_and_the_halves() {
+        let point = |at_s: f64, rss_mib: f64, final_per_s: f64| TimelinePoint {
+            at_s,
+            rss_mib,
+            final_per_s,
+            cpu_cores: 0.5,
+        };
+        let flat: Vec<_> = (0..6).map(|i| point(f64::from(i), 100.0, 50.0)).collect();
+        assert_eq!(timeline_drift(&flat), Some((0.0, 1.0)));
+        let decaying = vec![
+            point(0.0, 100.0, 50.0),
+            point(1.0, 110.0, 50.0),
+            point(2.0, 120.0, 25.0),
+            point(3.0, 130.0, 25.0),
+        ];
+        assert_eq!(timeline_drift(&decaying), Some((30.0, 0.5)));
+        assert_eq!(timeline_drift(&flat[..3]), None);
+    }
+
+    #[test]
+    fn downsampling_keeps_the_last_memory_and_the_mean_rates() {
+        let points: Vec<TimelinePoint> = (1..=10)
+            .map(|i| TimelinePoint {
+                at_s: f64::from(i),
+                rss_mib: f64::from(100 + i),
+                final_per_s: f64::from(i),
+                cpu_cores: 1.0,
+            })
+            .collect();
+        let merged = downsample(&points, 4);
+        assert_eq!(merged.len(), 4, "{merged:?}");
+        assert_eq!(merged[0].at_s, 3.0);
+        assert_eq!(merged[0].rss_mib, 103.0);
+        assert_eq!(merged[0].final_per_s, 2.0);
+        assert_eq!(merged[3].at_s, 10.0);
+        assert_eq!(merged[3].final_per_s, 10.0);
+        assert_eq!(downsample(&points, 20), points);
     }
 
     #[test]

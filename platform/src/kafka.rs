@@ -19,7 +19,7 @@ use rdkafka::{
     error::KafkaError,
     message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders, OwnedMessage},
     mocking::MockCluster,
-    producer::DefaultProducerContext,
+    producer::{DefaultProducerContext, FutureProducer, Producer},
     ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList,
 };
 use tokio_util::sync::CancellationToken;
@@ -247,6 +247,31 @@ impl KafkaClients {
     /// How long admin and metadata calls may take.
     pub fn admin_timeout(&self) -> Duration {
         Duration::from_secs(10)
+    }
+}
+
+/// Sends every record `producer` holds now, without waiting out its linger, and blocks until
+/// each is acknowledged or `timeout` has passed: the end of a batch's changelog write without
+/// transactions (`KafkaClients::changelog_producer` holds a batch's records until this call).
+///
+/// librdkafka sends a partition's queue at once only while a flush call runs. rdkafka's
+/// `flush` calls `rd_kafka_flush` with a zero timeout and then polls in steps of up to 100 ms,
+/// so the records mostly waited out their linger (100 ms) and the flush its poll step: about
+/// 0.2 s per stateful hop, most of an order's end-to-end time on the embedded broker. One call
+/// with the whole timeout keeps the flush on for the whole wait, and the records leave at once.
+/// Blocking: call it off the async workers.
+#[allow(unsafe_code)]
+pub fn flush_now(producer: &FutureProducer, timeout: Duration) -> Result<(), KafkaError> {
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `native_ptr` is the handle `producer` owns, alive while it is borrowed here;
+    // librdkafka's producer calls, `rd_kafka_flush` included, may be made from any thread
+    // while its own threads (and rdkafka's polling thread, which serves the delivery reports
+    // the flush waits for) run.
+    let code =
+        unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), timeout_ms) };
+    match code {
+        rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => Ok(()),
+        code => Err(KafkaError::Flush(code.into())),
     }
 }
 
@@ -832,7 +857,6 @@ impl MetadataProbe {
 
     /// The whole cluster's metadata, or why it could not be read.
     pub fn fetch(&self, timeout: Duration) -> Result<rdkafka::metadata::Metadata, String> {
-        use rdkafka::producer::Producer as _;
         let metadata = self.client.client().fetch_metadata(None, timeout);
         // Serve the queued logs on every call, so the context has seen the connection failures
         // and the queue never grows between calls (a probe that keeps succeeding would

@@ -57,8 +57,8 @@ use orderflow_platform::{
     gaps::GapGuard,
     health::Readiness,
     kafka::{
-        collect_batch_within, dead_letter_headers, event_headers, header_value, next_offsets,
-        off_runtime, retain_assigned, BatchBounds, GroupContext, KafkaClients,
+        collect_batch_within, dead_letter_headers, event_headers, flush_now, header_value,
+        next_offsets, off_runtime, retain_assigned, BatchBounds, GroupContext, KafkaClients,
     },
     restart::Restarts,
     switches::Switches,
@@ -924,7 +924,7 @@ impl<S: Step> ProcessorRuntime<S> {
                 // Everything is queued: send it now, one message set per partition.
                 let timeout =
                     Duration::from_millis(u64::from(self.clients.settings().message_timeout_ms));
-                blocking(to, move |p| p.flush(timeout)).await?;
+                blocking(to, move |p| flush_now(p, timeout)).await?;
             }
             await_all(changelog).await?;
         }

@@ -676,6 +676,64 @@ impl Step for Stateful {
     }
 }
 
+/// The changelog producer holds a batch's records (its linger) until the runtime flushes; the
+/// flush must send them at once rather than let them wait out the linger. With the linger at
+/// librdkafka's maximum (15 minutes) only a flush that keeps librdkafka flushing while it waits
+/// (`flush_now`) sees every record acknowledged within its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_changelog_flush_sends_at_once_whatever_the_linger() {
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
+    let settings = test_settings(None);
+    apply_topics(&broker, &settings).await;
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let producer: FutureProducer = clients
+        .changelog_producer("test")
+        .set("linger.ms", "900000")
+        .set("message.timeout.ms", "1000000")
+        .create()
+        .expect("changelog producer");
+    let mut deliveries = Vec::new();
+    for i in 0..200 {
+        let key = format!("key-{i}");
+        let record = FutureRecord::to(names::SAGA_CHANGELOG)
+            .partition(i % 2)
+            .key(&key)
+            .payload("{}");
+        deliveries.push(
+            producer
+                .send_result(record)
+                .map_err(|(e, _)| e)
+                .expect("enqueue"),
+        );
+    }
+    let flushing = producer.clone();
+    tokio::task::spawn_blocking(move || {
+        orderflow_platform::kafka::flush_now(&flushing, Duration::from_secs(60))
+    })
+    .await
+    .expect("flush task")
+    .expect("every record acknowledged within the flush's timeout, not after the linger");
+    let mut per_partition = [Vec::new(), Vec::new()];
+    for delivery in deliveries {
+        let delivered = delivery
+            .await
+            .expect("delivery report")
+            .unwrap_or_else(|(e, _)| panic!("delivery failed: {e}"));
+        per_partition[usize::try_from(delivered.partition).expect("partition")]
+            .push(delivered.offset);
+    }
+    for (partition, offsets) in per_partition.iter().enumerate() {
+        let first = offsets[0];
+        let expected: Vec<i64> = (first..first + 100).collect();
+        assert_eq!(
+            offsets, &expected,
+            "partition {partition}: in order, none missing"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_while_the_state_restores_and_ready_after() {
     let Some(broker) = Broker::embedded() else {
