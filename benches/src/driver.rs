@@ -46,58 +46,84 @@ fn now_ms() -> i64 {
         .unwrap_or_default()
 }
 
-/// Accepted orders waiting to be seen final, and final rows seen before their `202` arrived.
+/// How an order's automated path ended, as the projection shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// Confirmed, rejected or cancelled.
+    Final,
+    /// Held for a fraud reviewer (`fraud_review`): a legitimate outcome that only a person
+    /// ends, counted apart rather than as "not final in time".
+    Held,
+}
+
+/// Accepted orders waiting to be seen ended, and ended rows seen before their `202` arrived.
 #[derive(Default)]
 struct Completion {
     /// order id → scheduled send time (wall clock, ms).
     pending: HashMap<String, i64>,
-    /// order id → projected_at, for orders final before the driver learned their id.
-    early: HashMap<String, i64>,
+    /// order id → (projected_at, how), for orders ended before the driver learned their id.
+    early: HashMap<String, (i64, Ending)>,
     end_to_end: Option<Histogram<u64>>,
     completed: u64,
+    held: u64,
     last_completed_ms: i64,
 }
 
 impl Completion {
-    fn complete(&mut self, scheduled_ms: i64, projected_at: i64) {
+    fn complete(&mut self, scheduled_ms: i64, projected_at: i64, ending: Ending) {
+        // Either way the pipeline has done its part: the order counts toward the rate.
+        self.last_completed_ms = self.last_completed_ms.max(projected_at);
+        if ending == Ending::Held {
+            self.held += 1;
+            return;
+        }
         if let Some(h) = self.end_to_end.as_mut() {
             record(h, ((projected_at - scheduled_ms).max(0) as u64) * 1000);
         }
         self.completed += 1;
-        self.last_completed_ms = self.last_completed_ms.max(projected_at);
     }
 
     fn accepted(&mut self, order_id: String, scheduled_ms: i64) {
         match self.early.remove(&order_id) {
-            Some(projected_at) => self.complete(scheduled_ms, projected_at),
+            Some((projected_at, ending)) => self.complete(scheduled_ms, projected_at, ending),
             None => {
                 self.pending.insert(order_id, scheduled_ms);
             }
         }
     }
 
-    fn seen_final(&mut self, order_id: &str, projected_at: i64) {
+    fn seen_ended(&mut self, order_id: &str, projected_at: i64, ending: Ending) {
         match self.pending.remove(order_id) {
-            Some(scheduled_ms) => self.complete(scheduled_ms, projected_at),
+            Some(scheduled_ms) => self.complete(scheduled_ms, projected_at, ending),
             None => {
-                self.early.insert(order_id.to_owned(), projected_at);
+                self.early
+                    .insert(order_id.to_owned(), (projected_at, ending));
             }
         }
     }
 }
 
-/// Polls the projection for orders that became final since `since` (with a margin: a batch's
-/// `projected_at` is taken before its commit, so rows can appear with slightly older times).
-async fn poll_final(db: &AnyPool, since: i64) -> Result<Vec<(String, i64)>> {
+/// Polls the projection for orders that ended (final, or held for review) since `since` (with
+/// a margin: a batch's `projected_at` is taken before its commit, so rows can appear with
+/// slightly older times).
+async fn poll_ended(db: &AnyPool, since: i64) -> Result<Vec<(String, i64, Ending)>> {
     let rows = sqlx::query(
-        "SELECT order_id, projected_at FROM orders WHERE projected_at >= $1 \
-         AND status IN ('confirmed', 'rejected', 'cancelled')",
+        "SELECT order_id, projected_at, status FROM orders WHERE projected_at >= $1 \
+         AND status IN ('confirmed', 'rejected', 'cancelled', 'fraud_review')",
     )
     .bind(since)
     .fetch_all(db)
     .await?;
     rows.into_iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .map(|r| {
+            let status: String = r.try_get(2)?;
+            let ending = if status == "fraud_review" {
+                Ending::Held
+            } else {
+                Ending::Final
+            };
+            Ok((r.try_get(0)?, r.try_get(1)?, ending))
+        })
         .collect()
 }
 
@@ -166,11 +192,11 @@ pub async fn run_step(config: &StepConfig, db: &AnyPool) -> Result<StepResult> {
         let mut since = now_ms() - 1_000;
         tokio::spawn(async move {
             loop {
-                if let Ok(rows) = poll_final(&db, since).await {
-                    let newest = rows.iter().map(|(_, at)| *at).max();
+                if let Ok(rows) = poll_ended(&db, since).await {
+                    let newest = rows.iter().map(|(_, at, _)| *at).max();
                     if let Ok(mut c) = completion.lock() {
-                        for (order_id, projected_at) in rows {
-                            c.seen_final(&order_id, projected_at);
+                        for (order_id, projected_at, ending) in rows {
+                            c.seen_ended(&order_id, projected_at, ending);
                         }
                     }
                     if let Some(newest) = newest {
@@ -259,7 +285,7 @@ pub async fn run_step(config: &StepConfig, db: &AnyPool) -> Result<StepResult> {
     if not_final > 0 {
         errors.insert("not final in time".to_owned(), not_final);
     }
-    let accepted = c.completed + not_final;
+    let accepted = c.completed + c.held + not_final;
     let end_to_end = c.end_to_end.take().unwrap_or_else(latency_histogram);
     let accept = accept
         .lock()
@@ -270,7 +296,8 @@ pub async fn run_step(config: &StepConfig, db: &AnyPool) -> Result<StepResult> {
         sent: total,
         accepted,
         completed: c.completed,
-        achieved_rate: achieved_rate(c.completed, start_ms, c.last_completed_ms),
+        held_for_review: c.held,
+        achieved_rate: achieved_rate(c.completed + c.held, start_ms, c.last_completed_ms),
         errors,
         accept: summarize(&accept),
         end_to_end: summarize(&end_to_end),
@@ -292,12 +319,12 @@ mod tests {
         };
         // Accepted, then final 40 ms after its scheduled send.
         c.accepted("a".into(), 1_000);
-        c.seen_final("a", 1_040);
+        c.seen_ended("a", 1_040, Ending::Final);
         // Final before the driver saw its 202.
-        c.seen_final("b", 2_100);
+        c.seen_ended("b", 2_100, Ending::Final);
         c.accepted("b".into(), 2_000);
         // Seen final twice (the watcher's overlap): counted once.
-        c.seen_final("a", 1_040);
+        c.seen_ended("a", 1_040, Ending::Final);
         assert_eq!(c.completed, 2);
         assert!(c.pending.is_empty());
         assert_eq!(c.last_completed_ms, 2_100);
@@ -305,5 +332,20 @@ mod tests {
         assert_eq!(s.count, 2);
         assert!((s.max_ms - 100.0).abs() < 0.2, "{s:?}");
         assert!((s.p50_ms - 40.0).abs() < 0.1, "{s:?}");
+    }
+
+    #[test]
+    fn an_order_held_for_review_ends_apart_from_the_final_ones() {
+        let mut c = Completion {
+            end_to_end: Some(latency_histogram()),
+            ..Completion::default()
+        };
+        c.accepted("held".into(), 1_000);
+        c.seen_ended("held", 1_030, Ending::Held);
+        c.seen_ended("early-held", 2_030, Ending::Held);
+        c.accepted("early-held".into(), 2_000);
+        assert_eq!((c.completed, c.held), (0, 2));
+        assert!(c.pending.is_empty(), "a held order is not waited for");
+        assert!(c.end_to_end.as_ref().is_some_and(|h| h.is_empty()));
     }
 }

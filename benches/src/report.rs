@@ -101,8 +101,8 @@ impl BenchReport {
             self.command
         );
         out.push_str(
-            "| target/s | achieved/s | sent | final | errors | accept p50 / p99 ms | end-to-end p50 / p90 / p99 / p99.9 / max ms | CPU s | peak RSS MiB |\n\
-             |---|---|---|---|---|---|---|---|---|\n",
+            "| target/s | achieved/s | sent | final | held for review | errors | accept p50 / p99 ms | end-to-end p50 / p90 / p99 / p99.9 / max ms | CPU s | peak RSS MiB |\n\
+             |---|---|---|---|---|---|---|---|---|---|\n",
         );
         for s in &self.steps {
             let errors = if s.errors.is_empty() {
@@ -117,11 +117,12 @@ impl BenchReport {
             let e = &s.end_to_end;
             let _ = writeln!(
                 out,
-                "| {:.0} | {:.1} | {} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} / {:.1} / {:.1} / {:.1} | {:.1} | {:.0} |",
+                "| {:.0} | {:.1} | {} | {} | {} | {} | {:.1} / {:.1} | {:.1} / {:.1} / {:.1} / {:.1} / {:.1} | {:.1} | {:.0} |",
                 s.target_rate,
                 s.achieved_rate,
                 s.sent,
                 s.completed,
+                s.held_for_review,
                 errors,
                 s.accept.p50_ms,
                 s.accept.p99_ms,
