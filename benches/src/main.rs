@@ -188,10 +188,14 @@ async fn main() -> Result<()> {
     } else {
         None
     };
-    if args.target.is_none() {
+    // A pipeline that fails to stop cleanly fails the run, but only after the report of what
+    // it did is written: a long run's figures are not thrown away with it.
+    let stopped = if args.target.is_none() {
         progress("Stopping the pipeline.");
-        pipeline.stop()?;
-    }
+        pipeline.stop()
+    } else {
+        Ok(())
+    };
 
     let report = BenchReport {
         setup: args.target.is_none().then_some(args.setup),
@@ -219,5 +223,5 @@ async fn main() -> Result<()> {
     )?;
     std::fs::write(args.out.join(format!("{stem}.md")), markdown)?;
     eprintln!("Wrote {}/{stem}.json and .md", args.out.display());
-    Ok(())
+    stopped.context("stopping the pipeline after the report")
 }
