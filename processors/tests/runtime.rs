@@ -676,10 +676,13 @@ impl Step for Stateful {
     }
 }
 
-/// The changelog producer holds a batch's records (its linger) until the runtime flushes; the
-/// flush must send them at once rather than let them wait out the linger. With the linger at
-/// librdkafka's maximum (15 minutes) only a flush that keeps librdkafka flushing while it waits
-/// (`flush_now`) sees every record acknowledged within its timeout.
+/// The changelog producer holds a batch's records (its linger) until the runtime flushes. With
+/// the linger at librdkafka's maximum (15 minutes), `flush_now` must return only once every
+/// record is acknowledged, each partition's records in order and none missing, well before the
+/// linger. What this cannot show is the speed-up over rdkafka's own `flush`, which also gets the
+/// records out in most runs here, only sometimes after seconds (its brief flush windows race the
+/// broker threads): that is measured, not asserted (BENCHMARKS.md, "After the changelog flush":
+/// a stateful batch from ~210 ms to 8–9 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_changelog_flush_sends_at_once_whatever_the_linger() {
     let Some(broker) = Broker::embedded() else {
