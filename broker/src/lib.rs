@@ -15,11 +15,15 @@
 //! - [`schema`] adds the index Tansu's SQLite schema lacks, before the log is served.
 //! - [`DurableBroker`] owns the running child: one per data directory (a lock file refuses a
 //!   second), in a process group of its own (a terminal's Ctrl-C reaches `dev`, which drains and
-//!   then stops the broker), stopped with SIGTERM when dropped, and asked to die with its
-//!   parent thread (`setpriv --pdeathsig`) so a killed `dev` leaves no orphan holding the log.
+//!   then stops the broker), stopped with SIGTERM when dropped, and asked to die with the
+//!   thread that started it (`setpriv --pdeathsig`) so a killed `dev` leaves no orphan holding
+//!   the log.
+//! - [`supervisor`] is that thread: it restarts the broker on its log when the process exits
+//!   or reports a panic, which this build of Tansu can do and then serve no produce again.
 
 pub mod install;
 pub mod schema;
+pub mod supervisor;
 
 use std::{
     fs::{File, OpenOptions},
@@ -27,6 +31,8 @@ use std::{
     net::{TcpListener, TcpStream, ToSocketAddrs},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Arc,
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -98,11 +104,13 @@ pub struct BrokerOptions {
 }
 
 /// A running embedded broker; stopped when dropped.
+///
+/// A supervisor thread owns the broker process: it restarts it on the same directory and
+/// address when it exits or reports a panic (see [`supervisor`]), and stops it when this value
+/// drops.
 pub struct DurableBroker {
-    child: Option<Child>,
-    binary: PathBuf,
-    /// `tcp://host:port`, listened on and advertised.
-    url: String,
+    shared: Arc<supervisor::Shared>,
+    supervisor: Option<JoinHandle<()>>,
     bootstrap: String,
     dir: PathBuf,
     /// Held for the broker's life: one broker per directory.
@@ -111,9 +119,7 @@ pub struct DurableBroker {
 
 impl DurableBroker {
     /// Starts the broker on `options.dir` and waits until it accepts connections. The log of
-    /// an earlier run in that directory is kept and served. Must be called from a thread that
-    /// outlives the broker (the main thread, a test's thread): the child is told to stop when
-    /// that thread ends.
+    /// an earlier run in that directory is kept and served.
     pub fn start(
         options: &BrokerOptions,
         before_install: impl FnOnce(&str),
@@ -133,34 +139,104 @@ impl DurableBroker {
         }
         let binary = install::resolve(options.binary.as_deref(), options.install, before_install)?;
         let (host, port) = listen_address(&options.listen)?;
-        let db = dir.join(LOG_FILE);
-        // The index goes in while no broker has the file open. A new log has no schema yet:
-        // Tansu creates it when it starts, so the first start is followed by a stop, the index
-        // and a second start.
-        let indexed = schema::has_schema(&db)?;
-        if indexed {
-            schema::add_indexes(&db)?;
-        }
-        let mut broker = Self {
-            child: None,
+        let launcher = Launcher {
             binary,
             url: format!("tcp://{host}:{port}"),
             bootstrap: format!("{host}:{port}"),
             dir: dir.clone(),
-            _lock: lock,
         };
-        broker.launch()?;
-        if !indexed {
-            broker.stop();
-            schema::add_indexes(&db)?;
-            broker.launch()?;
+        // The index goes in while no broker has the file open. A new log has no schema yet:
+        // Tansu creates it when it starts, so a first start runs the broker once, stops it and
+        // adds the index before the supervised broker starts.
+        let db = dir.join(LOG_FILE);
+        if !schema::has_schema(&db)? {
+            launcher.launch()?.stop(&launcher.dir);
         }
-        info!(bootstrap = %broker.bootstrap, dir = %dir.display(), binary = %broker.binary.display(), "Embedded broker started.");
-        Ok(broker)
+        schema::add_indexes(&db)?;
+        let bootstrap = launcher.bootstrap.clone();
+        let binary = launcher.binary.display().to_string();
+        let (shared, supervisor) = supervisor::spawn(launcher)?;
+        info!(%bootstrap, dir = %dir.display(), %binary, "Embedded broker started.");
+        Ok(Self {
+            shared,
+            supervisor: Some(supervisor),
+            bootstrap,
+            dir: dir.clone(),
+            _lock: lock,
+        })
     }
 
+    /// `host:port` for clients.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// The directory holding the log.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The broker's current process id (for CPU and memory readings, and for fault tests); a
+    /// restart changes it. `None` while it is down.
+    pub fn pid(&self) -> Option<u32> {
+        self.shared.pid()
+    }
+
+    /// How many times the supervisor has restarted the broker since [`DurableBroker::start`].
+    pub fn restarts(&self) -> u64 {
+        self.shared.restarts()
+    }
+
+    /// Why the broker is down, while it is being restarted; `None` while it serves.
+    pub fn down_reason(&self) -> Option<String> {
+        self.shared.down_reason()
+    }
+
+    /// Calls `listener` now and whenever the broker goes down (with the reason) or serves
+    /// again (`None`); `dev` puts it on `/readyz`. It runs on the supervisor's thread: it must
+    /// not block.
+    pub fn on_status_change(&self, listener: impl Fn(Option<&str>) + Send + Sync + 'static) {
+        self.shared.set_listener(Box::new(listener));
+    }
+
+    /// Stops the broker: SIGTERM, then SIGKILL if it has not exited within 10 s. Every
+    /// acknowledged record is in the log file either way (SQLite commits before the ack).
+    pub fn stop(&mut self) {
+        let Some(supervisor) = self.supervisor.take() else {
+            return;
+        };
+        self.shared.request_stop();
+        if supervisor.join().is_err() {
+            warn!(dir = %self.dir.display(), "The embedded broker's supervisor panicked.");
+        }
+    }
+}
+
+impl Drop for DurableBroker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// How the broker process is run: the same binary, address and directory on every (re)start.
+#[derive(Debug)]
+struct Launcher {
+    binary: PathBuf,
+    /// `tcp://host:port`, listened on and advertised.
+    url: String,
+    bootstrap: String,
+    dir: PathBuf,
+}
+
+/// One broker process, and where its output of this run starts in [`OUTPUT_FILE`].
+struct Process {
+    child: Child,
+    output_from: u64,
+}
+
+impl Launcher {
     /// Runs the broker process on the directory and waits until it listens.
-    fn launch(&mut self) -> Result<(), BrokerError> {
+    fn launch(&self) -> Result<Process, BrokerError> {
         let output_path = self.dir.join(OUTPUT_FILE);
         let output = OpenOptions::new()
             .create(true)
@@ -170,7 +246,7 @@ impl DurableBroker {
                 what: format!("opening {}", output_path.display()),
                 source,
             })?;
-        let output_start = output.metadata().map(|m| m.len()).unwrap_or(0);
+        let output_from = output.metadata().map(|m| m.len()).unwrap_or(0);
         let stderr = output.try_clone().map_err(|source| BrokerError::Io {
             what: format!("opening {}", output_path.display()),
             source,
@@ -200,23 +276,26 @@ impl DurableBroker {
             what: format!("starting {}", self.binary.display()),
             source,
         })?;
-        self.child = Some(child);
-        self.wait_listening(&output_path, output_start)
+        let mut process = Process { child, output_from };
+        match self.wait_listening(&mut process, &output_path) {
+            Ok(()) => Ok(process),
+            Err(e) => {
+                process.stop(&self.dir);
+                Err(e)
+            }
+        }
     }
 
-    fn wait_listening(&mut self, log: &Path, log_start: u64) -> Result<(), BrokerError> {
+    fn wait_listening(&self, process: &mut Process, log: &Path) -> Result<(), BrokerError> {
         let started = Instant::now();
-        let address = self.bootstrap.clone();
+        let address = &self.bootstrap;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    self.child = None;
-                    return Err(BrokerError::Exited {
-                        status: status.to_string(),
-                        log: log.to_owned(),
-                        tail: tail(log, log_start),
-                    });
-                }
+            if let Ok(Some(status)) = process.child.try_wait() {
+                return Err(BrokerError::Exited {
+                    status: status.to_string(),
+                    log: log.to_owned(),
+                    tail: tail(log, process.output_from),
+                });
             }
             let connected = address
                 .to_socket_addrs()
@@ -228,7 +307,7 @@ impl DurableBroker {
             }
             if started.elapsed() > START_TIMEOUT {
                 return Err(BrokerError::NotListening {
-                    address,
+                    address: address.clone(),
                     waited: START_TIMEOUT,
                     log: log.to_owned(),
                 });
@@ -236,35 +315,23 @@ impl DurableBroker {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
 
-    /// `host:port` for clients.
-    pub fn bootstrap_servers(&self) -> &str {
-        &self.bootstrap
+impl Process {
+    fn pid(&self) -> u32 {
+        self.child.id()
     }
 
-    /// The directory holding the log.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
-    /// The broker's process id (for CPU and memory readings, and for fault tests).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// Stops the broker: SIGTERM, then SIGKILL if it has not exited within 10 s. Every
-    /// acknowledged record is in the log file either way (SQLite commits before the ack).
-    pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+    /// SIGTERM to the broker's process group, then SIGKILL if it has not exited within
+    /// [`STOP_TIMEOUT`].
+    fn stop(mut self, dir: &Path) {
+        if let Ok(Some(_)) = self.child.try_wait() {
             return;
-        };
-        let pid = rustix::process::Pid::from_raw(child.id() as i32);
-        if let Some(pid) = pid {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
         }
+        signal_group(self.pid(), rustix::process::Signal::TERM);
         let deadline = Instant::now() + STOP_TIMEOUT;
         loop {
-            match child.try_wait() {
+            match self.child.try_wait() {
                 Ok(Some(_)) => return,
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
@@ -272,15 +339,25 @@ impl DurableBroker {
                 _ => break,
             }
         }
-        warn!(dir = %self.dir.display(), "The embedded broker did not stop on SIGTERM; killing it.");
-        let _ = child.kill();
-        let _ = child.wait();
+        warn!(dir = %dir.display(), "The embedded broker did not stop on SIGTERM; killing it.");
+        self.kill();
+    }
+
+    /// SIGKILL to the broker's process group, and reaps it.
+    fn kill(mut self) {
+        signal_group(self.pid(), rustix::process::Signal::KILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-impl Drop for DurableBroker {
-    fn drop(&mut self) {
-        self.stop();
+/// Signals the process group led by `pid` (the broker runs in a group of its own).
+fn signal_group(pid: u32, signal: rustix::process::Signal) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process_group(pid, signal);
     }
 }
 

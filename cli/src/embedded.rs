@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use orderflow_broker::{BrokerOptions, DurableBroker, Install};
 use orderflow_platform::{
+    health::Readiness,
     kafka::{log_end, KafkaClients, MockBroker},
     Settings,
 };
@@ -25,6 +26,9 @@ use orderflow_topics::{
 use rdkafka::consumer::BaseConsumer;
 use secrecy::ExposeSecret;
 use sqlx::Row;
+
+/// The `/readyz` component of the embedded broker's supervisor.
+const EMBEDDED_COMPONENT: &str = "embedded broker";
 
 /// Where the pipeline's broker is.
 pub enum Broker {
@@ -66,6 +70,21 @@ impl Broker {
             Self::Embedded(b) => b.bootstrap_servers().to_owned(),
             Self::Mock(b) => b.bootstrap_servers().to_owned(),
             Self::External(s) => s.clone(),
+        }
+    }
+
+    /// Puts the embedded broker's state on `/readyz` (component `embedded broker`): not ready,
+    /// with the reason, from the moment it fails until its supervisor has it serving again.
+    pub fn report_on(&self, readiness: &Readiness) {
+        if let Self::Embedded(broker) = self {
+            let readiness = readiness.clone();
+            broker.on_status_change(move |down| match down {
+                Some(reason) => readiness.set_not_ready(
+                    EMBEDDED_COMPONENT,
+                    format!("the embedded broker is restarting: {reason}"),
+                ),
+                None => readiness.set_ready(EMBEDDED_COMPONENT),
+            });
         }
     }
 

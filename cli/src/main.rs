@@ -569,6 +569,7 @@ async fn dev(settings: &Settings, reload: Reload) -> Result<()> {
         eprint!("warning: topics differ from the catalog:\n{report}");
     }
     let mut running = pipeline::start(settings, &broker.bootstrap(), &Role::ALL).await?;
+    broker.report_on(&running.readiness());
     println!("orderflow dev is running");
     println!(
         "  broker      {}{}",

@@ -252,6 +252,7 @@ pub struct Running {
     /// Credentials checks of every listener, for reloads of the JWT keys.
     auth: Authenticator,
     publisher: Option<Publisher>,
+    readiness: Readiness,
 }
 
 /// The `/readyz` component that holds readiness back while the roles start.
@@ -624,6 +625,7 @@ pub async fn start_with(
         cancel,
         tasks,
         publisher,
+        readiness,
     })
 }
 
@@ -722,6 +724,12 @@ impl Running {
             auth: self.auth.clone(),
             rules: self.rules.clone(),
         }
+    }
+
+    /// The process's `/readyz` components, for what runs beside the roles (`dev`'s embedded
+    /// broker).
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
     }
 
     /// The root token: cancel it to stop everything.

@@ -5,8 +5,22 @@
 //! names a durable event. Any failure or timeout answers `503` — the order may or may not have
 //! been written (an ack lost in flight); the producer retries a `503` with a new order id, so a
 //! client that must not double an order uses `Idempotency-Key` (see the ingest issue).
+//!
+//! **A timed-out producer is replaced.** When librdkafka times a record out, an idempotent
+//! producer bumps its epoch by itself and carries on with the next one (KIP-360). The embedded
+//! broker (Tansu 0.6) has no record of an epoch it did not hand out: the first produce with it
+//! panics its storage ("more or less than one row"), so every later order would fail, and the
+//! broker would need a restart. So the first `MessageTimedOut` retires the producer: a new one
+//! (a new producer id, epoch 0) takes the next record, and the old one's queued and in-flight
+//! records are purged before it can send with the bumped epoch, each answering `503` like any
+//! timeout. On a broker that takes epoch bumps this costs one reconnect per timeout burst. (The
+//! edge's own bound, a little over `message.timeout.ms`, retires the producer too: librdkafka
+//! is about to time the record out.)
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, PoisonError, RwLock},
+    time::Duration,
+};
 
 use orderflow_platform::{
     kafka::{event_headers, KafkaClients, ProducerStatsContext},
@@ -15,9 +29,10 @@ use orderflow_platform::{
 use orderflow_schemas::{Codec, OrderEvent, OrderPlaced};
 use rdkafka::{
     error::{KafkaError, RDKafkaErrorCode},
-    producer::{FutureProducer, FutureRecord},
+    producer::{FutureProducer, FutureRecord, Producer as _, PurgeConfig},
     util::Timeout,
 };
+use tracing::warn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -33,11 +48,19 @@ pub enum PublishError {
 
 #[derive(Clone)]
 pub struct Publisher {
-    producer: FutureProducer<ProducerStatsContext>,
+    current: Arc<RwLock<Current>>,
+    clients: KafkaClients,
+    queue_metrics: Option<ProducerMetrics>,
     codec: Arc<Codec>,
     topic: &'static str,
     /// Hard bound on the wait for an ack, a little over `message.timeout.ms`.
     ack_timeout: Duration,
+}
+
+/// The producer in use, and how many have been retired before it.
+struct Current {
+    producer: Arc<FutureProducer<ProducerStatsContext>>,
+    generation: u64,
 }
 
 impl Publisher {
@@ -48,17 +71,66 @@ impl Publisher {
         topic: &'static str,
         queue_metrics: Option<ProducerMetrics>,
     ) -> Result<Self, PublishError> {
-        let producer: FutureProducer<ProducerStatsContext> = clients
-            .idempotent_producer("ingest")
-            .create_with_context(ProducerStatsContext::new("ingest", queue_metrics))?;
+        let producer = Self::create_producer(clients, queue_metrics.clone())?;
         let message_timeout =
             Duration::from_millis(u64::from(clients.settings().message_timeout_ms));
         Ok(Self {
-            producer,
+            current: Arc::new(RwLock::new(Current {
+                producer: Arc::new(producer),
+                generation: 0,
+            })),
+            clients: clients.clone(),
+            queue_metrics,
             codec,
             topic,
             ack_timeout: message_timeout + Duration::from_millis(500),
         })
+    }
+
+    fn create_producer(
+        clients: &KafkaClients,
+        queue_metrics: Option<ProducerMetrics>,
+    ) -> Result<FutureProducer<ProducerStatsContext>, PublishError> {
+        Ok(clients
+            .idempotent_producer("ingest")
+            .create_with_context(ProducerStatsContext::new("ingest", queue_metrics))?)
+    }
+
+    fn producer(&self) -> (Arc<FutureProducer<ProducerStatsContext>>, u64) {
+        let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+        (current.producer.clone(), current.generation)
+    }
+
+    /// How many producers have been retired after a timeout (module docs).
+    pub fn retired_producers(&self) -> u64 {
+        self.producer().1
+    }
+
+    /// Replaces the producer of `generation` after one of its records timed out (module
+    /// docs); a later generation means another request already did.
+    fn retire(&self, generation: u64) {
+        let fresh = match Self::create_producer(&self.clients, self.queue_metrics.clone()) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                warn!(error = %e, "Creating a producer to replace a timed-out one failed; keeping the old one.");
+                return;
+            }
+        };
+        let old = {
+            let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+            if current.generation != generation {
+                return;
+            }
+            current.generation += 1;
+            std::mem::replace(&mut current.producer, Arc::new(fresh))
+        };
+        warn!(
+            retired = generation + 1,
+            "A record timed out: the producer is replaced, so that it never sends with an epoch it bumped itself."
+        );
+        // Purging does not wait for the broker; dropping the client joins its threads.
+        old.purge(PurgeConfig::default().queue().inflight());
+        tokio::task::spawn_blocking(move || drop(old));
     }
 
     /// Writes the order and waits for the broker's ack. Keyed by customer: per-customer order.
@@ -90,19 +162,27 @@ impl Publisher {
             .key(key.as_bytes())
             .payload(payload.as_slice())
             .headers(event_headers(event.kind(), traceparent));
-        let delivery = self
-            .producer
-            .send_result(record)
-            .map_err(|(e, _)| match e {
-                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
-                    PublishError::QueueFull
-                }
-                other => PublishError::Kafka(other),
-            })?;
+        let (producer, generation) = self.producer();
+        let delivery = producer.send_result(record).map_err(|(e, _)| match e {
+            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => PublishError::QueueFull,
+            other => PublishError::Kafka(other),
+        })?;
         match tokio::time::timeout(self.ack_timeout, delivery).await {
-            Err(_) => Err(PublishError::Timeout(self.ack_timeout)),
+            Err(_) => {
+                // librdkafka has not timed the record out yet, but will, and bump.
+                self.retire(generation);
+                Err(PublishError::Timeout(self.ack_timeout))
+            }
             Ok(Err(_canceled)) => Err(PublishError::Kafka(KafkaError::Canceled)),
-            Ok(Ok(Err((e, _)))) => Err(PublishError::Kafka(e)),
+            Ok(Ok(Err((e, _)))) => {
+                if matches!(
+                    e,
+                    KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)
+                ) {
+                    self.retire(generation);
+                }
+                Err(PublishError::Kafka(e))
+            }
             Ok(Ok(Ok(_))) => Ok(()),
         }
     }
@@ -110,8 +190,8 @@ impl Publisher {
     /// Connects to the cluster and learns the topic's partitions, so the first order does not
     /// pay for it inside its ack deadline. Blocking; call it off the async workers.
     pub fn warm_up(&self, timeout: Duration) -> Result<(), PublishError> {
-        use rdkafka::producer::Producer;
-        self.producer
+        self.producer()
+            .0
             .client()
             .fetch_metadata(Some(self.topic), timeout)
             .map(|_| ())
@@ -120,7 +200,6 @@ impl Publisher {
 
     /// Waits for every queued record to be acknowledged (graceful shutdown).
     pub fn flush(&self, timeout: Duration) {
-        use rdkafka::producer::Producer;
-        let _ = self.producer.flush(Timeout::After(timeout));
+        let _ = self.producer().0.flush(Timeout::After(timeout));
     }
 }

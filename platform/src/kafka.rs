@@ -60,6 +60,11 @@ impl MockBroker {
     }
 }
 
+/// The shortest message timeout of a processor's output producer without transactions
+/// ([`KafkaClients::output_producer`]): a minute, longer than a broker restart or a frozen
+/// process takes in the fault tests.
+pub const OUTPUT_MESSAGE_TIMEOUT_FLOOR_MS: u32 = 60_000;
+
 /// Builds client configs from [`KafkaSettings`] for a given bootstrap list.
 #[derive(Debug, Clone)]
 pub struct KafkaClients {
@@ -149,6 +154,24 @@ impl KafkaClients {
         config
     }
 
+    /// A processor's output producer when it runs without transactions: idempotent, with a
+    /// message timeout of at least [`OUTPUT_MESSAGE_TIMEOUT_FLOOR_MS`] (or the transaction
+    /// timeout, if longer). No client waits on it the way one waits on the edge, and a record
+    /// timed out by librdkafka makes an idempotent producer bump its own epoch, which the
+    /// embedded broker cannot take (its storage panics; docs/architecture.md, "Embedded mode"):
+    /// a broker restart, or a processor frozen past its session, must pass without one.
+    pub fn output_producer(&self, role: &str) -> ClientConfig {
+        let mut config = self.idempotent_producer(role);
+        config.set(
+            "message.timeout.ms",
+            self.settings
+                .transaction_timeout_ms
+                .max(OUTPUT_MESSAGE_TIMEOUT_FLOOR_MS)
+                .to_string(),
+        );
+        config
+    }
+
     /// Transactional producer for a processor; `transactional_id` must be stable per instance.
     pub fn transactional_producer(&self, role: &str, transactional_id: &str) -> ClientConfig {
         let mut config = self.idempotent_producer(role);
@@ -178,9 +201,11 @@ impl KafkaClients {
     pub fn changelog_producer(&self, role: &str) -> ClientConfig {
         let mut config = self.idempotent_producer(role);
         // The caller enqueues a batch's records in one go and flushes at once: the linger only
-        // has to outlast the enqueueing, and the deadline is a transaction's, as in the
-        // transactional mode.
-        let timeout = self.settings.transaction_timeout_ms.max(2_000);
+        // has to outlast the enqueueing; the deadline is an output producer's (no epoch bump).
+        let timeout = self
+            .settings
+            .transaction_timeout_ms
+            .max(OUTPUT_MESSAGE_TIMEOUT_FLOOR_MS);
         config
             .set("message.timeout.ms", timeout.to_string())
             .set("linger.ms", (timeout / 2).min(100).to_string())

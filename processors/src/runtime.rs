@@ -384,7 +384,7 @@ impl<S: Step> ProcessorRuntime<S> {
             }
             // No fencing here: a zombie's late changelog writes carry an older generation and
             // lose on restore (crate::state), its late outputs are byte-identical duplicates.
-            Mode::Idempotent => self.clients.idempotent_producer(self.io.name).create()?,
+            Mode::Idempotent => self.clients.output_producer(self.io.name).create()?,
         };
         // Without a transaction a batch's changelog writes must reach each partition whole (see
         // `KafkaClients::changelog_producer`); with one, they ride in the transaction.
@@ -921,9 +921,9 @@ impl<S: Step> ProcessorRuntime<S> {
                 }
             }
             if let Some(to) = changelog_producer {
-                // Everything is queued: send it now, one message set per partition.
-                let timeout =
-                    Duration::from_millis(u64::from(self.clients.settings().message_timeout_ms));
+                // Everything is queued: send it now, one message set per partition, waiting
+                // as long as the records may take (the changelog producer's message timeout).
+                let timeout = self.transaction_timeout().max(Duration::from_secs(2));
                 blocking(to, move |p| flush_now(p, timeout)).await?;
             }
             await_all(changelog).await?;

@@ -9,6 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Where [`DevProcess::start`] puts dev's log, in the directory it runs in.
+pub const STDERR_FILE: &str = "dev.stderr.log";
+
 /// A running `orderflow dev`; killed on drop if still running.
 pub struct DevProcess {
     child: Option<Child>,
@@ -59,7 +62,11 @@ impl DevProcess {
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.join(STDERR_FILE))
+                    .map(Stdio::from)
+                    .unwrap_or_else(|_| Stdio::null()),
+            )
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
@@ -120,6 +127,13 @@ impl DevProcess {
             bootstrap,
             database_url,
         })
+    }
+
+    /// The last `lines` lines dev logged (for a failing test's message).
+    pub fn log_tail(dir: &Path, lines: usize) -> String {
+        let text = std::fs::read_to_string(dir.join(STDERR_FILE)).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
     }
 
     pub fn pid(&self) -> Option<u32> {

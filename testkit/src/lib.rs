@@ -126,6 +126,14 @@ impl Broker {
         }
     }
 
+    /// The embedded broker's fixture: its supervisor's restarts, its output.
+    pub fn as_embedded(&self) -> Option<&EmbeddedFixture> {
+        match self {
+            Self::Embedded(b) => Some(b),
+            Self::Mock(_) | Self::Tansu(_) => None,
+        }
+    }
+
     /// The mock cluster, for fault injection.
     pub fn as_mock(&self) -> Option<&MockBroker> {
         match self {
@@ -186,6 +194,21 @@ impl EmbeddedFixture {
 
     pub fn pid(&self) -> Option<u32> {
         self.broker.pid()
+    }
+
+    /// How many times its supervisor has restarted it.
+    pub fn restarts(&self) -> u64 {
+        self.broker.restarts()
+    }
+
+    /// Why it is down while its supervisor restarts it.
+    pub fn down_reason(&self) -> Option<String> {
+        self.broker.down_reason()
+    }
+
+    /// The broker's output file, which its supervisor reads for panics.
+    pub fn output_file(&self) -> PathBuf {
+        self.dir().join(orderflow_broker::OUTPUT_FILE)
     }
 }
 

@@ -1,0 +1,206 @@
+//! Infrastructure faults under load, on `orderflow dev` as a user runs it (the embedded broker
+//! and a SQLite file).
+//!
+//! - **The embedded broker killed** (SIGKILL) while `loadgen` sends orders: its supervisor
+//!   restarts it on its log; meanwhile `/readyz` answers 503 naming the embedded broker and why,
+//!   and ready again once it serves. Every accepted order ends, and `orderflow reconcile` finds
+//!   the tables equal to the log (no order lost or doubled, stock equal to the fold).
+
+use std::{path::Path, process::Command, time::Duration};
+
+use orderflow_testkit::{dev::DevProcess, embedded_broker_installed, eventually, TempDir};
+
+const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
+
+/// The broker process `dev` runs: its child named `tansu`.
+fn broker_pid(dev_pid: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // pid (comm) state ppid ...
+        let (comm, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+        let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == dev_pid && comm == "tansu").then_some(pid)
+    })
+}
+
+/// Records in `orders.events`, over its partitions.
+fn events_in_log(bootstrap: &str) -> i64 {
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("consumer");
+    (0..6)
+        .map(|partition| {
+            rdkafka::consumer::Consumer::fetch_watermarks(
+                &consumer,
+                "orders.events",
+                partition,
+                Duration::from_secs(5),
+            )
+            .map_or(0, |(_, high)| high)
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_killed_under_load_is_restarted_shown_on_readyz_and_loses_nothing() {
+    let Some(()) = embedded_broker_installed() else {
+        return;
+    };
+    let dir = TempDir::new();
+    let mut dev = DevProcess::start(Path::new(BIN), &dir.0, &[])
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    let dev_pid = dev.pid().expect("running");
+    let readyz = dev.metrics_url.replace("/metrics", "/readyz");
+    let client = reqwest::Client::new();
+    eventually(Duration::from_secs(60), "dev to be ready", || {
+        let (client, readyz) = (client.clone(), readyz.clone());
+        async move {
+            let response = client.get(&readyz).send().await.ok()?;
+            response.status().is_success().then_some(())
+        }
+    })
+    .await;
+    let first_broker = broker_pid(dev_pid).expect("dev runs the embedded broker as its child");
+
+    let (ingest, admin) = (dev.ingest_url.clone(), dev.admin_url.clone());
+    let loadgen = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["loadgen", "--url", &ingest, "--admin-url", &admin])
+            .args(["--orders", "300", "--rate", "20", "--invalid-ratio", "0"])
+            .output()
+            .expect("loadgen runs")
+    });
+
+    // Once orders flow, watch /readyz closely and kill the broker.
+    let bootstrap = dev.bootstrap.clone();
+    eventually(Duration::from_secs(60), "orders to flow", || {
+        let bootstrap = bootstrap.clone();
+        async move {
+            tokio::task::spawn_blocking(move || (events_in_log(&bootstrap) >= 200).then_some(()))
+                .await
+                .expect("join")
+        }
+    })
+    .await;
+    let watcher = tokio::spawn({
+        let (client, readyz) = (client.clone(), readyz.clone());
+        async move {
+            // (not-ready bodies seen, ready again after them)
+            let mut not_ready = Vec::new();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < deadline {
+                if let Ok(response) = client.get(&readyz).send().await {
+                    let ok = response.status().is_success();
+                    let body = response.text().await.unwrap_or_default();
+                    if !ok {
+                        not_ready.push(body);
+                    } else if !not_ready.is_empty() {
+                        return (not_ready, true);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (not_ready, false)
+        }
+    });
+    let status = Command::new("kill")
+        .args(["-KILL", &first_broker.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let second_broker = eventually(Duration::from_secs(30), "a new broker process", || async {
+        broker_pid(dev_pid).filter(|pid| *pid != first_broker)
+    })
+    .await;
+    assert_ne!(second_broker, first_broker);
+
+    let (not_ready, ready_again) = watcher.await.expect("join");
+    assert!(
+        not_ready
+            .iter()
+            .any(|body| body.contains("embedded broker") && body.contains("exited")),
+        "/readyz named the embedded broker and why while it was down: {not_ready:?}"
+    );
+    assert!(
+        ready_again,
+        "/readyz was ready again once the broker served"
+    );
+
+    let output = loadgen.await.expect("join");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let broker_output =
+        std::fs::read_to_string(dir.0.join("data/broker/tansu.log")).unwrap_or_default();
+    let context = || {
+        format!(
+            "dev's log ends:\n{}\nbroker panics: {}",
+            DevProcess::log_tail(&dir.0, 40),
+            broker_output.matches("panicked at").count()
+        )
+    };
+    assert!(
+        output.status.success(),
+        "loadgen failed:\n{report}\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        context()
+    );
+    // An order the edge could not write in time was answered 503 (outcome unknown, the
+    // client retries): counted as refused, never as accepted.
+    assert!(
+        report.contains("not final in time: 0"),
+        "{report}\n{}",
+        context()
+    );
+    let accepted: u32 = report
+        .lines()
+        .find_map(|l| l.strip_prefix("accepted"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no accepted line in {report}"));
+    assert!(
+        accepted >= 250,
+        "most orders were accepted across a one-second outage: {report}"
+    );
+
+    let url = format!("sqlite://{}", dir.0.join("data/orderflow.sqlite").display());
+    let stdout = eventually(
+        Duration::from_secs(60),
+        "orderflow reconcile to find the tables equal to the log",
+        || {
+            let (bootstrap, url) = (bootstrap.clone(), url.clone());
+            async move {
+                let output = tokio::task::spawn_blocking(move || {
+                    Command::new(BIN)
+                        .args(["--kafka-brokers", &bootstrap, "--database-url", &url])
+                        .args(["reconcile", "--slo-secs", "3600"])
+                        .env("RUST_LOG", "error")
+                        .output()
+                        .expect("orderflow reconcile runs")
+                })
+                .await
+                .expect("join");
+                output
+                    .status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+            }
+        },
+    )
+    .await;
+    // An order answered 503 may still have been written (its ack lost): at least every
+    // accepted one is checked.
+    let checked: u32 = stdout
+        .split("checked ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no order count in {stdout}"));
+    assert!(
+        checked >= accepted,
+        "reconcile checked every accepted order ({accepted}): {stdout}"
+    );
+
+    let status = dev
+        .interrupt()
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    assert!(status.success(), "dev exited with {status}");
+}
