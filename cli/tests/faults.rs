@@ -5,10 +5,16 @@
 //!   restarts it on its log; meanwhile `/readyz` answers 503 naming the embedded broker and why,
 //!   and ready again once it serves. Every accepted order ends, and `orderflow reconcile` finds
 //!   the tables equal to the log (no order lost or doubled, stock equal to the fold).
+//! - **PostgreSQL stopped** (`pg_ctl stop -m fast`, every session cut) for a few seconds while
+//!   orders flow, then started again: `/readyz` answers 503 naming the database meanwhile; the
+//!   projections and the edge reconnect; every accepted order ends and `reconcile` is clean. The
+//!   cluster is one of the test's own (the machine's serves other tests meanwhile).
 
 use std::{path::Path, process::Command, time::Duration};
 
-use orderflow_testkit::{dev::DevProcess, embedded_broker_installed, eventually, TempDir};
+use orderflow_testkit::{
+    dev::DevProcess, embedded_broker_installed, eventually, secure::TlsPostgres, TempDir,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
 
@@ -54,14 +60,7 @@ async fn the_embedded_broker_killed_under_load_is_restarted_shown_on_readyz_and_
     let dev_pid = dev.pid().expect("running");
     let readyz = dev.metrics_url.replace("/metrics", "/readyz");
     let client = reqwest::Client::new();
-    eventually(Duration::from_secs(60), "dev to be ready", || {
-        let (client, readyz) = (client.clone(), readyz.clone());
-        async move {
-            let response = client.get(&readyz).send().await.ok()?;
-            response.status().is_success().then_some(())
-        }
-    })
-    .await;
+    wait_ready(&client, &readyz).await;
     let first_broker = broker_pid(dev_pid).expect("dev runs the embedded broker as its child");
 
     let (ingest, admin) = (dev.ingest_url.clone(), dev.admin_url.clone());
@@ -75,36 +74,8 @@ async fn the_embedded_broker_killed_under_load_is_restarted_shown_on_readyz_and_
 
     // Once orders flow, watch /readyz closely and kill the broker.
     let bootstrap = dev.bootstrap.clone();
-    eventually(Duration::from_secs(60), "orders to flow", || {
-        let bootstrap = bootstrap.clone();
-        async move {
-            tokio::task::spawn_blocking(move || (events_in_log(&bootstrap) >= 200).then_some(()))
-                .await
-                .expect("join")
-        }
-    })
-    .await;
-    let watcher = tokio::spawn({
-        let (client, readyz) = (client.clone(), readyz.clone());
-        async move {
-            // (not-ready bodies seen, ready again after them)
-            let mut not_ready = Vec::new();
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            while std::time::Instant::now() < deadline {
-                if let Ok(response) = client.get(&readyz).send().await {
-                    let ok = response.status().is_success();
-                    let body = response.text().await.unwrap_or_default();
-                    if !ok {
-                        not_ready.push(body);
-                    } else if !not_ready.is_empty() {
-                        return (not_ready, true);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            (not_ready, false)
-        }
-    });
+    wait_events(&bootstrap, 200).await;
+    let watcher = tokio::spawn(watch_readiness(client.clone(), readyz.clone()));
     let status = Command::new("kill")
         .args(["-KILL", &first_broker.to_string()])
         .status()
@@ -152,22 +123,187 @@ async fn the_embedded_broker_killed_under_load_is_restarted_shown_on_readyz_and_
         "{report}\n{}",
         context()
     );
-    let accepted: u32 = report
-        .lines()
-        .find_map(|l| l.strip_prefix("accepted"))
-        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no accepted line in {report}"));
+    let accepted = accepted_orders(&report);
     assert!(
         accepted >= 250,
         "most orders were accepted across a one-second outage: {report}"
     );
-
     let url = format!("sqlite://{}", dir.0.join("data/orderflow.sqlite").display());
+    let checked = reconcile_checked(&bootstrap, &url).await;
+    assert!(
+        checked >= accepted,
+        "reconcile checked every accepted order ({accepted}), found {checked}"
+    );
+
+    let status = dev
+        .interrupt()
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    assert!(status.success(), "dev exited with {status}");
+}
+
+/// Waits until dev's `/readyz` answers 200.
+async fn wait_ready(client: &reqwest::Client, readyz: &str) {
+    eventually(Duration::from_secs(60), "dev to be ready", || {
+        let (client, readyz) = (client.clone(), readyz.to_owned());
+        async move {
+            let response = client.get(&readyz).send().await.ok()?;
+            response.status().is_success().then_some(())
+        }
+    })
+    .await;
+}
+
+/// Waits until `orders.events` holds at least `events` records.
+async fn wait_events(bootstrap: &str, events: i64) {
+    eventually(Duration::from_secs(60), "orders to flow", || {
+        let bootstrap = bootstrap.to_owned();
+        async move {
+            tokio::task::spawn_blocking(move || (events_in_log(&bootstrap) >= events).then_some(()))
+                .await
+                .expect("join")
+        }
+    })
+    .await;
+}
+
+/// Polls `/readyz` every 20 ms for up to a minute; returns the bodies of the not-ready answers
+/// and whether it was ready again after them.
+async fn watch_readiness(client: reqwest::Client, readyz: String) -> (Vec<String>, bool) {
+    let mut not_ready = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
+        if let Ok(response) = client.get(&readyz).send().await {
+            let ok = response.status().is_success();
+            let body = response.text().await.unwrap_or_default();
+            if !ok {
+                not_ready.push(body);
+            } else if !not_ready.is_empty() {
+                return (not_ready, true);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (not_ready, false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_under_load_is_shown_on_readyz_and_every_accepted_order_ends() {
+    let Some(()) = embedded_broker_installed() else {
+        return;
+    };
+    let Some(postgres) = TlsPostgres::start() else {
+        return;
+    };
+    let dir = TempDir::new();
+    let database_url = postgres.url();
+    let mut dev = DevProcess::start(
+        Path::new(BIN),
+        &dir.0,
+        &["--database-url".to_owned(), database_url.clone()],
+    )
+    .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    let readyz = dev.metrics_url.replace("/metrics", "/readyz");
+    let client = reqwest::Client::new();
+    wait_ready(&client, &readyz).await;
+
+    let (ingest, admin) = (dev.ingest_url.clone(), dev.admin_url.clone());
+    let loadgen = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["loadgen", "--url", &ingest, "--admin-url", &admin])
+            .args(["--orders", "300", "--rate", "20", "--invalid-ratio", "0"])
+            .output()
+            .expect("loadgen runs")
+    });
+    let bootstrap = dev.bootstrap.clone();
+    wait_events(&bootstrap, 200).await;
+
+    let watcher = tokio::spawn(watch_readiness(client.clone(), readyz.clone()));
+    let stopped = tokio::task::spawn_blocking(move || {
+        postgres.stop();
+        postgres
+    })
+    .await
+    .expect("join");
+    // Down until /readyz has said so (it checks the database every second).
+    eventually(
+        Duration::from_secs(30),
+        "/readyz to name the database",
+        || {
+            let (client, readyz) = (client.clone(), readyz.clone());
+            async move {
+                let response = client.get(&readyz).send().await.ok()?;
+                (!response.status().is_success()
+                    && response.text().await.ok()?.contains("database"))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    let postgres = tokio::task::spawn_blocking(move || {
+        stopped.start_again();
+        stopped
+    })
+    .await
+    .expect("join");
+
+    let (not_ready, ready_again) = watcher.await.expect("join");
+    assert!(
+        not_ready.iter().any(|body| body.contains("database")),
+        "/readyz named the database while it was down: {not_ready:?}"
+    );
+    assert!(
+        ready_again,
+        "/readyz was ready again once the database was back"
+    );
+
+    let output = loadgen.await.expect("join");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let context = || format!("dev's log ends:\n{}", DevProcess::log_tail(&dir.0, 40));
+    assert!(
+        output.status.success(),
+        "loadgen failed:\n{report}\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        context()
+    );
+    assert!(
+        report.contains("not final in time: 0"),
+        "{report}\n{}",
+        context()
+    );
+    let accepted = accepted_orders(&report);
+    assert!(
+        accepted >= 200,
+        "most orders were accepted across the outage: {report}"
+    );
+    let checked = reconcile_checked(&bootstrap, &database_url).await;
+    assert!(
+        checked >= accepted,
+        "reconcile checked every accepted order ({accepted}), found {checked}"
+    );
+    let status = dev
+        .interrupt()
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    assert!(status.success(), "dev exited with {status}");
+    drop(postgres);
+}
+
+/// The `accepted N (202)` count of a loadgen report.
+fn accepted_orders(report: &str) -> u32 {
+    report
+        .lines()
+        .find_map(|l| l.strip_prefix("accepted"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no accepted line in {report}"))
+}
+
+/// Runs `orderflow reconcile` until it is clean (the projections catch up), within a minute;
+/// returns how many orders it checked.
+async fn reconcile_checked(bootstrap: &str, database_url: &str) -> u32 {
     let stdout = eventually(
         Duration::from_secs(60),
         "orderflow reconcile to find the tables equal to the log",
         || {
-            let (bootstrap, url) = (bootstrap.clone(), url.clone());
+            let (bootstrap, url) = (bootstrap.to_owned(), database_url.to_owned());
             async move {
                 let output = tokio::task::spawn_blocking(move || {
                     Command::new(BIN)
@@ -189,18 +325,9 @@ async fn the_embedded_broker_killed_under_load_is_restarted_shown_on_readyz_and_
     .await;
     // An order answered 503 may still have been written (its ack lost): at least every
     // accepted one is checked.
-    let checked: u32 = stdout
+    stdout
         .split("checked ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no order count in {stdout}"));
-    assert!(
-        checked >= accepted,
-        "reconcile checked every accepted order ({accepted}): {stdout}"
-    );
-
-    let status = dev
-        .interrupt()
-        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
-    assert!(status.success(), "dev exited with {status}");
+        .unwrap_or_else(|| panic!("no order count in {stdout}"))
 }

@@ -213,7 +213,9 @@ impl Drop for SecureBroker {
     }
 }
 
-/// A PostgreSQL cluster of its own with `ssl = on`, stopped and removed on drop.
+/// A PostgreSQL cluster of its own with `ssl = on`, stopped and removed on drop. The TLS tests
+/// use it, and the fault tests, which stop and start it under load (the machine's shared
+/// cluster serves other tests meanwhile).
 pub struct TlsPostgres {
     bin: PathBuf,
     data: PathBuf,
@@ -326,6 +328,45 @@ impl TlsPostgres {
             port,
             _dir: dir,
         })
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: open sessions are ended) and waits until it has
+    /// stopped; for fault tests. [`TlsPostgres::start_again`] brings it back.
+    pub fn stop(&self) {
+        let mut pg_ctl = as_postgres(&self.bin.join("pg_ctl"));
+        pg_ctl
+            .args(["-w", "-t", "60", "-m", "fast", "-D"])
+            .arg(&self.data)
+            .arg("stop");
+        run(pg_ctl, "pg_ctl stop");
+    }
+
+    /// Starts the stopped server again with the options it first ran with (pg_ctl keeps them
+    /// in `postmaster.opts`), and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let options = std::fs::read_to_string(self.data.join("postmaster.opts"))
+            .expect("postmaster.opts of the first start");
+        // `<postgres binary> "-D" "<data>" "-c" "port=…" …`: the options after the data dir.
+        let options: Vec<String> = options
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .map(str::to_owned)
+            .collect();
+        let after_data: Vec<String> = options
+            .iter()
+            .skip_while(|o| o.as_str() != "-D")
+            .skip(2)
+            .cloned()
+            .collect();
+        let mut pg_ctl = as_postgres(&self.bin.join("pg_ctl"));
+        pg_ctl
+            .args(["-w", "-t", "60", "-D"])
+            .arg(&self.data)
+            .args(["-l"])
+            .arg(self.data.with_file_name("server.log"))
+            .args(["-o", &after_data.join(" "), "start"]);
+        run(pg_ctl, "pg_ctl start");
     }
 
     /// A URL for the `postgres` database, without any TLS parameter.
