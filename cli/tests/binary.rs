@@ -130,30 +130,7 @@ async fn dev_runs_serves_stops_cleanly_and_carries_on_after_a_restart() {
     // processors re-read (reconcile folds the inventory up to the orders projection's positions,
     // so a lagging inventory projection shows as a breach until it catches up).
     let url = format!("sqlite://{}", dir.0.join("data/orderflow.sqlite").display());
-    let stdout = orderflow_testkit::eventually(
-        std::time::Duration::from_secs(60),
-        "orderflow reconcile to find the tables equal to the log",
-        || {
-            let (bootstrap, url) = (bootstrap.clone(), url.clone());
-            async move {
-                let output = tokio::task::spawn_blocking(move || {
-                    Command::new(BIN)
-                        .args(["--kafka-brokers", &bootstrap, "--database-url", &url])
-                        .args(["reconcile", "--slo-secs", "3600"])
-                        .env("RUST_LOG", "error")
-                        .output()
-                        .expect("orderflow reconcile runs")
-                })
-                .await
-                .expect("join");
-                output
-                    .status
-                    .success()
-                    .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
-            }
-        },
-    )
-    .await;
+    let stdout = orderflow_testkit::reconcile_until_clean(Path::new(BIN), &bootstrap, &url).await;
     assert!(stdout.contains("checked 41 orders"), "{stdout}");
 
     // And the pipeline carries on: a new order confirms (the stock restocked before is kept).

@@ -13,7 +13,8 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use orderflow_testkit::{
-    dev::DevProcess, embedded_broker_installed, eventually, secure::TlsPostgres, TempDir,
+    dev::DevProcess, embedded_broker_installed, eventually, reconcile_until_clean,
+    secure::TlsPostgres, TempDir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
@@ -63,14 +64,7 @@ async fn the_embedded_broker_killed_under_load_is_restarted_shown_on_readyz_and_
     wait_ready(&client, &readyz).await;
     let first_broker = broker_pid(dev_pid).expect("dev runs the embedded broker as its child");
 
-    let (ingest, admin) = (dev.ingest_url.clone(), dev.admin_url.clone());
-    let loadgen = tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
-            .args(["loadgen", "--url", &ingest, "--admin-url", &admin])
-            .args(["--orders", "300", "--rate", "20", "--invalid-ratio", "0"])
-            .output()
-            .expect("loadgen runs")
-    });
+    let loadgen = spawn_loadgen(&dev);
 
     // Once orders flow, watch /readyz closely and kill the broker.
     let bootstrap = dev.bootstrap.clone();
@@ -99,31 +93,15 @@ async fn the_embedded_broker_killed_under_load_is_restarted_shown_on_readyz_and_
         "/readyz was ready again once the broker served"
     );
 
-    let output = loadgen.await.expect("join");
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
     let broker_output =
         std::fs::read_to_string(dir.0.join("data/broker/tansu.log")).unwrap_or_default();
-    let context = || {
+    let (accepted, report) = every_accepted_order_ended(loadgen, &dir, || {
         format!(
-            "dev's log ends:\n{}\nbroker panics: {}",
-            DevProcess::log_tail(&dir.0, 40),
+            "broker panics: {}",
             broker_output.matches("panicked at").count()
         )
-    };
-    assert!(
-        output.status.success(),
-        "loadgen failed:\n{report}\n{}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        context()
-    );
-    // An order the edge could not write in time was answered 503 (outcome unknown, the
-    // client retries): counted as refused, never as accepted.
-    assert!(
-        report.contains("not final in time: 0"),
-        "{report}\n{}",
-        context()
-    );
-    let accepted = accepted_orders(&report);
+    })
+    .await;
     assert!(
         accepted >= 250,
         "most orders were accepted across a one-second outage: {report}"
@@ -206,14 +184,7 @@ async fn postgres_stopped_under_load_is_shown_on_readyz_and_every_accepted_order
     let client = reqwest::Client::new();
     wait_ready(&client, &readyz).await;
 
-    let (ingest, admin) = (dev.ingest_url.clone(), dev.admin_url.clone());
-    let loadgen = tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
-            .args(["loadgen", "--url", &ingest, "--admin-url", &admin])
-            .args(["--orders", "300", "--rate", "20", "--invalid-ratio", "0"])
-            .output()
-            .expect("loadgen runs")
-    });
+    let loadgen = spawn_loadgen(&dev);
     let bootstrap = dev.bootstrap.clone();
     wait_events(&bootstrap, 200).await;
 
@@ -256,21 +227,7 @@ async fn postgres_stopped_under_load_is_shown_on_readyz_and_every_accepted_order
         "/readyz was ready again once the database was back"
     );
 
-    let output = loadgen.await.expect("join");
-    let report = String::from_utf8_lossy(&output.stdout).into_owned();
-    let context = || format!("dev's log ends:\n{}", DevProcess::log_tail(&dir.0, 40));
-    assert!(
-        output.status.success(),
-        "loadgen failed:\n{report}\n{}\n{}",
-        String::from_utf8_lossy(&output.stderr),
-        context()
-    );
-    assert!(
-        report.contains("not final in time: 0"),
-        "{report}\n{}",
-        context()
-    );
-    let accepted = accepted_orders(&report);
+    let (accepted, report) = every_accepted_order_ended(loadgen, &dir, String::new).await;
     assert!(
         accepted >= 200,
         "most orders were accepted across the outage: {report}"
@@ -296,38 +253,58 @@ fn accepted_orders(report: &str) -> u32 {
         .unwrap_or_else(|| panic!("no accepted line in {report}"))
 }
 
-/// Runs `orderflow reconcile` until it is clean (the projections catch up), within a minute;
-/// returns how many orders it checked.
+/// How many orders `orderflow reconcile` checked once clean (within a minute). An order
+/// answered 503 may still have been written (its ack lost), so it is at least every accepted
+/// one.
 async fn reconcile_checked(bootstrap: &str, database_url: &str) -> u32 {
-    let stdout = eventually(
-        Duration::from_secs(60),
-        "orderflow reconcile to find the tables equal to the log",
-        || {
-            let (bootstrap, url) = (bootstrap.to_owned(), database_url.to_owned());
-            async move {
-                let output = tokio::task::spawn_blocking(move || {
-                    Command::new(BIN)
-                        .args(["--kafka-brokers", &bootstrap, "--database-url", &url])
-                        .args(["reconcile", "--slo-secs", "3600"])
-                        .env("RUST_LOG", "error")
-                        .output()
-                        .expect("orderflow reconcile runs")
-                })
-                .await
-                .expect("join");
-                output
-                    .status
-                    .success()
-                    .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
-            }
-        },
-    )
-    .await;
-    // An order answered 503 may still have been written (its ack lost): at least every
-    // accepted one is checked.
+    let stdout = reconcile_until_clean(Path::new(BIN), bootstrap, database_url).await;
     stdout
         .split("checked ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no order count in {stdout}"))
+}
+
+/// `loadgen` against `dev`: 300 orders at 20/s, every one valid.
+fn spawn_loadgen(dev: &DevProcess) -> tokio::task::JoinHandle<std::process::Output> {
+    let (ingest, admin) = (dev.ingest_url.clone(), dev.admin_url.clone());
+    tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["loadgen", "--url", &ingest, "--admin-url", &admin])
+            .args(["--orders", "300", "--rate", "20", "--invalid-ratio", "0"])
+            .output()
+            .expect("loadgen runs")
+    })
+}
+
+/// Waits for `loadgen` and checks that it succeeded and that every order it had accepted
+/// ended; returns the accepted count and the report. A failure shows dev's log and `more`.
+/// An order the edge could not write in time was answered 503 (outcome unknown, the client
+/// retries): counted as refused, never as accepted.
+async fn every_accepted_order_ended(
+    loadgen: tokio::task::JoinHandle<std::process::Output>,
+    dir: &TempDir,
+    more: impl Fn() -> String,
+) -> (u32, String) {
+    let output = loadgen.await.expect("join");
+    let report = String::from_utf8_lossy(&output.stdout).into_owned();
+    let context = || {
+        format!(
+            "dev's log ends:\n{}\n{}",
+            DevProcess::log_tail(&dir.0, 40),
+            more()
+        )
+    };
+    assert!(
+        output.status.success(),
+        "loadgen failed:\n{report}\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        context()
+    );
+    assert!(
+        report.contains("not final in time: 0"),
+        "{report}\n{}",
+        context()
+    );
+    (accepted_orders(&report), report)
 }

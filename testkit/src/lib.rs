@@ -568,6 +568,45 @@ impl Drop for BrokerProcess {
 }
 
 /// Polls `check` until it yields `Some`, failing the test with `what` after `timeout`.
+/// Runs `<binary> reconcile` against `bootstrap` and `database_url` until it exits 0 (the
+/// projections caught up with the log), within a minute; returns its report. Reconcile folds
+/// the inventory up to the orders projection's positions, so a lagging projection shows as a
+/// breach until it catches up.
+pub async fn reconcile_until_clean(
+    binary: &std::path::Path,
+    bootstrap: &str,
+    database_url: &str,
+) -> String {
+    eventually(
+        Duration::from_secs(60),
+        "orderflow reconcile to find the tables equal to the log",
+        || {
+            let (binary, bootstrap, url) = (
+                binary.to_owned(),
+                bootstrap.to_owned(),
+                database_url.to_owned(),
+            );
+            async move {
+                let output = tokio::task::spawn_blocking(move || {
+                    std::process::Command::new(binary)
+                        .args(["--kafka-brokers", &bootstrap, "--database-url", &url])
+                        .args(["reconcile", "--slo-secs", "3600"])
+                        .env("RUST_LOG", "error")
+                        .output()
+                        .expect("orderflow reconcile runs")
+                })
+                .await
+                .expect("join");
+                output
+                    .status
+                    .success()
+                    .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+            }
+        },
+    )
+    .await
+}
+
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
