@@ -109,6 +109,16 @@ impl Publisher {
     /// Replaces the producer of `generation` after one of its records timed out (module
     /// docs); a later generation means another request already did.
     fn retire(&self, generation: u64) {
+        if self.producer().1 != generation {
+            return;
+        }
+        // Logged before the new client exists: creating one emits librdkafka's own log records
+        // on this thread, and under the default `telemetry.filter` (`librdkafka=warn`) the
+        // next event on the thread was then dropped (seen under `dev`, not under RUST_LOG=info).
+        warn!(
+            retired = generation + 1,
+            "A record timed out: the producer is replaced, so that it never sends with an epoch it bumped itself."
+        );
         let fresh = match Self::create_producer(&self.clients, self.queue_metrics.clone()) {
             Ok(fresh) => fresh,
             Err(e) => {
@@ -119,15 +129,12 @@ impl Publisher {
         let old = {
             let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
             if current.generation != generation {
+                // Another request replaced it meanwhile.
                 return;
             }
             current.generation += 1;
             std::mem::replace(&mut current.producer, Arc::new(fresh))
         };
-        warn!(
-            retired = generation + 1,
-            "A record timed out: the producer is replaced, so that it never sends with an epoch it bumped itself."
-        );
         // Purging does not wait for the broker; dropping the client joins its threads.
         old.purge(PurgeConfig::default().queue().inflight());
         tokio::task::spawn_blocking(move || drop(old));
