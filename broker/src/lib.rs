@@ -145,9 +145,9 @@ impl DurableBroker {
             bootstrap: format!("{host}:{port}"),
             dir: dir.clone(),
         };
-        // The index goes in while no broker has the file open. A new log has no schema yet:
+        // The indexes go in while no broker has the file open. A new log has no schema yet:
         // Tansu creates it when it starts, so a first start runs the broker once, stops it and
-        // adds the index before the supervised broker starts.
+        // adds the indexes before the supervised broker starts.
         let db = dir.join(LOG_FILE);
         if !schema::has_schema(&db)? {
             launcher.launch()?.stop(&launcher.dir);

@@ -5,7 +5,9 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use orderflow::{
+    dlq,
     embedded::{check_database_matches_log, Broker},
+    format_ms,
     loadgen::{self, LoadgenArgs},
     pipeline::{self, Role},
     redact_url, requirements, shadow,
@@ -121,6 +123,12 @@ enum Command {
         #[command(subcommand)]
         command: InventoryCommand,
     },
+    /// Dead letters: list them, show one, redrive one onto its source topic (as it was or
+    /// corrected) or discard it. docs/runbooks/dead-letters.md.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// API keys: create (the key is printed once), list, revoke.
     Keys {
         #[command(subcommand)]
@@ -162,6 +170,54 @@ enum Command {
             requires = "cert_file"
         )]
         key_file: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// With no TOPIC, each dead-letter topic's pending and resolved counts; with one, its
+    /// pending letters (--all: the resolved ones too).
+    List {
+        topic: Option<String>,
+        #[arg(long)]
+        all: bool,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One letter in full: reason, consumer, source, key, headers, the event decoded.
+    Show {
+        topic: String,
+        /// PARTITION/OFFSET, as `list` shows it.
+        letter: String,
+        /// JSON: the document `redrive --from` takes back, once its `event` is corrected.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a letter back on its source topic with a new event id derived from the original
+    /// and a `redriven.from` header naming the letter.
+    Redrive {
+        topic: String,
+        /// PARTITION/OFFSET.
+        letter: String,
+        /// The corrected event: JSON with `event_type` and `event` (what `show --json`
+        /// writes). Needed when the letter's value does not decode.
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// Who is resolving (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
+    },
+    /// Park a letter for good, saying why.
+    Discard {
+        topic: String,
+        /// PARTITION/OFFSET.
+        letter: String,
+        #[arg(long)]
+        note: String,
+        /// Who is resolving (default: $USER).
+        #[arg(long)]
+        by: Option<String>,
     },
 }
 
@@ -451,6 +507,40 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             let n = orderflow::admin::load_inventory(&settings, &file).await?;
             println!("{n} restocks published from {}", file.display());
         }
+        Command::Dlq { command } => {
+            let dead_letters = dlq::connect(&settings)?;
+            match command {
+                DlqCommand::List { topic, all, json } => {
+                    dlq::list(&dead_letters, topic.as_deref(), all, json).await?
+                }
+                DlqCommand::Show {
+                    topic,
+                    letter,
+                    json,
+                } => dlq::show(&dead_letters, &topic, &letter, json).await?,
+                DlqCommand::Redrive {
+                    topic,
+                    letter,
+                    from,
+                    by,
+                } => {
+                    dlq::redrive(
+                        &dead_letters,
+                        &topic,
+                        &letter,
+                        from.as_deref(),
+                        &dlq::who(by),
+                    )
+                    .await?
+                }
+                DlqCommand::Discard {
+                    topic,
+                    letter,
+                    note,
+                    by,
+                } => dlq::discard(&dead_letters, &topic, &letter, &note, &dlq::who(by)).await?,
+            }
+        }
         Command::Keys { command } => {
             let keys = key_store(&settings).await?;
             match command {
@@ -532,17 +622,6 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
-}
-
-/// A time in ms since the epoch as RFC 3339 (UTC).
-fn format_ms(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
 }
 
 /// Re-reads the configuration (SIGHUP).

@@ -455,6 +455,11 @@ pub async fn start_with(
                 purge_idempotency_keys(store, cancel.clone()),
             );
         }
+        let dead_letters = orderflow_deadletters::DeadLetters::new(
+            clients.clone(),
+            codec.clone(),
+            Duration::from_secs(10),
+        );
         let state = IngestState {
             switches: switches.clone(),
             auth: auth.clone(),
@@ -476,7 +481,21 @@ pub async fn start_with(
                     settings: settings.projection.clone(),
                 }))
             }),
+            dead_letters: Some(dead_letters.clone()),
         };
+        tasks.spawn("dead-letter census", {
+            let (metrics, cancel) = (metrics.ingest.clone(), cancel.clone());
+            async move {
+                orderflow_ingest::deadletters::census(
+                    dead_letters,
+                    metrics,
+                    orderflow_ingest::deadletters::CENSUS_INTERVAL,
+                    cancel,
+                )
+                .await;
+                Ok(())
+            }
+        });
         let http = metrics.http.for_server("ingest");
         let admin = edge(
             metrics

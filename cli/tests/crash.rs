@@ -927,7 +927,7 @@ async fn instances_join_and_leave_mid_stream_on_tansu() {
 /// frozen, librdkafka bumped its epoch, and the first produce with that epoch panicked Tansu's
 /// storage task, after which the broker answered nothing (docs/architecture.md, "Embedded
 /// mode"). Output and changelog producers now outwait a freeze
-/// (`OUTPUT_MESSAGE_TIMEOUT_FLOOR_MS`), and the broker's supervisor restarts a broker that
+/// (`MESSAGE_TIMEOUT_FLOOR_MS`), and the broker's supervisor restarts a broker that
 /// panics. Passed beside the kill scenario afterwards, as the full suite runs it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_and_thawed_processor_changes_nothing_its_successor_decided_on_the_embedded_broker(

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use orderflow::pipeline::{self, Role};
 use orderflow_platform::{kafka::KafkaClients, Settings};
-use orderflow_testkit::{apply_topics, eventually, restock, test_settings_with, Broker, Database};
+use orderflow_testkit::{
+    apply_topics, eventually, restock, show_warnings, test_settings_with, Broker, Database,
+};
 use orderflow_topics::names;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde_json::{json, Value};
@@ -49,6 +51,9 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 async fn hot_keys(broker: Broker, db: Database, orders: usize) {
     let _turn = ONE_AT_A_TIME.lock().await;
+    // A failure shows the pipeline's warnings, the progress below and (embedded) the broker's
+    // restarts and output.
+    show_warnings();
     // The orders go in as fast as the edge takes them, 25 000 in a few seconds, while the
     // processors work through them on the same two cores. The edge's
     // 2 s acknowledgement deadline is a latency choice for production traffic, not what this
@@ -99,10 +104,21 @@ async fn hot_keys(broker: Broker, db: Database, orders: usize) {
     } else {
         600
     });
+    let started = std::time::Instant::now();
+    let reported = std::sync::Mutex::new(started);
     eventually(deadline, "every order final", || async {
-        let done = count(&projection_db, "confirmed").await
+        let confirmed = count(&projection_db, "confirmed").await;
+        let done = confirmed
             + count(&projection_db, "cancelled").await
             + count(&projection_db, "rejected").await;
+        let mut last = reported.lock().unwrap_or_else(|e| e.into_inner());
+        if last.elapsed() >= Duration::from_secs(30) {
+            *last = std::time::Instant::now();
+            eprintln!(
+                "{:>4} s: {done} of {orders} orders final ({confirmed} confirmed)",
+                started.elapsed().as_secs()
+            );
+        }
         (done == orders as i64).then_some(())
     })
     .await;

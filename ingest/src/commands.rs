@@ -84,7 +84,7 @@ pub struct RestockAccepted {
     pub event_ids: Vec<String>,
 }
 
-fn invalid(field: &str, message: impl Into<String>) -> Problem {
+pub(crate) fn invalid(field: &str, message: impl Into<String>) -> Problem {
     Problem::new(
         StatusCode::UNPROCESSABLE_ENTITY,
         "invalid-command",
@@ -96,7 +96,7 @@ fn invalid(field: &str, message: impl Into<String>) -> Problem {
     }])
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();

@@ -11,8 +11,11 @@
 //!   twice.
 //! - [`keys`] is API key management over HTTP (the admin listener).
 //! - [`replays`] starts and reports projection replays over HTTP (the admin listener).
+//! - [`deadletters`] lists, shows, redrives and discards dead letters over HTTP (the admin
+//!   listener).
 
 pub mod commands;
+pub mod deadletters;
 pub mod idempotency;
 pub mod keys;
 pub mod metrics;

@@ -6,16 +6,21 @@
 //! been written (an ack lost in flight); the producer retries a `503` with a new order id, so a
 //! client that must not double an order uses `Idempotency-Key` (see the ingest issue).
 //!
-//! **A timed-out producer is replaced.** When librdkafka times a record out, an idempotent
-//! producer bumps its epoch by itself and carries on with the next one (KIP-360). The embedded
-//! broker (Tansu 0.6) has no record of an epoch it did not hand out: the first produce with it
-//! panics its storage ("more or less than one row"), so every later order would fail, and the
-//! broker would need a restart. So the first `MessageTimedOut` retires the producer: a new one
-//! (a new producer id, epoch 0) takes the next record, and the old one's queued and in-flight
-//! records are purged before it can send with the bumped epoch, each answering `503` like any
-//! timeout. On a broker that takes epoch bumps this costs one reconnect per timeout burst. (The
-//! edge's own bound, a little over `message.timeout.ms`, retires the producer too: librdkafka
-//! is about to time the record out.)
+//! **A timed-out producer is replaced, before librdkafka times anything out.** When librdkafka
+//! times a record out, an idempotent producer bumps its epoch by itself and carries on with the
+//! next one (KIP-360). The embedded broker (Tansu 0.6) has no record of an epoch it did not hand
+//! out: the first produce with it panics its storage ("more or less than one row"), and its
+//! supervisor has to restart it. Retiring the producer when the timeout is reported is too
+//! late: librdkafka bumps as it times the records out and sends the records queued behind them
+//! with the new epoch before the report reaches this code (seen at the embedded broker's
+//! ten-minute maintenance, under 40 orders/s). So librdkafka's own timeout is far away
+//! (`KafkaClients::message_timeout_ms`, at least a minute) and the edge keeps its deadline
+//! itself: when a record is not acknowledged within `kafka.message_timeout_ms` the request
+//! answers `503` and the producer is retired — a new one (a new producer id, epoch 0) takes the
+//! next record, and the old one's queued and in-flight records are purged, each answering `503`.
+//! A purged record may still have reached the broker: like a lost ack, the `503` says the order
+//! may have been written. On a broker that takes epoch bumps this costs one reconnect per
+//! timeout burst.
 
 use std::{
     sync::{Arc, PoisonError, RwLock},
@@ -53,7 +58,7 @@ pub struct Publisher {
     queue_metrics: Option<ProducerMetrics>,
     codec: Arc<Codec>,
     topic: &'static str,
-    /// Hard bound on the wait for an ack, a little over `message.timeout.ms`.
+    /// The edge's deadline for an ack, `kafka.message_timeout_ms` (module docs).
     ack_timeout: Duration,
 }
 
@@ -72,8 +77,7 @@ impl Publisher {
         queue_metrics: Option<ProducerMetrics>,
     ) -> Result<Self, PublishError> {
         let producer = Self::create_producer(clients, queue_metrics.clone())?;
-        let message_timeout =
-            Duration::from_millis(u64::from(clients.settings().message_timeout_ms));
+        let ack_timeout = Duration::from_millis(u64::from(clients.settings().message_timeout_ms));
         Ok(Self {
             current: Arc::new(RwLock::new(Current {
                 producer: Arc::new(producer),
@@ -83,7 +87,7 @@ impl Publisher {
             queue_metrics,
             codec,
             topic,
-            ack_timeout: message_timeout + Duration::from_millis(500),
+            ack_timeout,
         })
     }
 
@@ -106,8 +110,8 @@ impl Publisher {
         self.producer().1
     }
 
-    /// Replaces the producer of `generation` after one of its records timed out (module
-    /// docs); a later generation means another request already did.
+    /// Replaces the producer of `generation` after one of its records missed the edge's
+    /// deadline (module docs); a later generation means another request already did.
     fn retire(&self, generation: u64) {
         if self.producer().1 != generation {
             return;
@@ -117,7 +121,7 @@ impl Publisher {
         // next event on the thread was then dropped (seen under `dev`, not under RUST_LOG=info).
         warn!(
             retired = generation + 1,
-            "A record timed out: the producer is replaced, so that it never sends with an epoch it bumped itself."
+            "A record was not acknowledged in time: the producer is replaced, so that it never sends with an epoch librdkafka bumped."
         );
         let fresh = match Self::create_producer(&self.clients, self.queue_metrics.clone()) {
             Ok(fresh) => fresh,
@@ -135,7 +139,9 @@ impl Publisher {
             current.generation += 1;
             std::mem::replace(&mut current.producer, Arc::new(fresh))
         };
-        // Purging does not wait for the broker; dropping the client joins its threads.
+        // Purging does not wait for the broker; dropping the client joins its threads. The
+        // purge of in-flight records bumps the old producer's epoch (a sequence gap), but no
+        // record is enqueued into it any more (`publish_to` enqueues under the read lock).
         old.purge(PurgeConfig::default().queue().inflight());
         tokio::task::spawn_blocking(move || drop(old));
     }
@@ -169,14 +175,25 @@ impl Publisher {
             .key(key.as_bytes())
             .payload(payload.as_slice())
             .headers(event_headers(event.kind(), traceparent));
-        let (producer, generation) = self.producer();
-        let delivery = producer.send_result(record).map_err(|(e, _)| match e {
-            KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => PublishError::QueueFull,
-            other => PublishError::Kafka(other),
-        })?;
+        // Enqueued under the read lock: once `retire` has swapped the producer (under the write
+        // lock), nothing more reaches the old one. Its purge of in-flight records makes
+        // librdkafka bump its epoch, and a record enqueued after that would carry it.
+        let (delivery, generation) = {
+            let current = self.current.read().unwrap_or_else(PoisonError::into_inner);
+            let delivery = current
+                .producer
+                .send_result(record)
+                .map_err(|(e, _)| match e {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => {
+                        PublishError::QueueFull
+                    }
+                    other => PublishError::Kafka(other),
+                })?;
+            (delivery, current.generation)
+        };
         match tokio::time::timeout(self.ack_timeout, delivery).await {
             Err(_) => {
-                // librdkafka has not timed the record out yet, but will, and bump.
+                // The edge's deadline, long before librdkafka's own (module docs).
                 self.retire(generation);
                 Err(PublishError::Timeout(self.ack_timeout))
             }

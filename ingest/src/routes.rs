@@ -55,6 +55,8 @@ pub struct IngestState {
     pub idempotency: Option<IdempotencyStore>,
     /// Projection replays started over the admin API; `None` without a database.
     pub replays: Option<crate::replays::Replays>,
+    /// The dead-letter topics, for the admin API; `None` serves `503` there.
+    pub dead_letters: Option<orderflow_deadletters::DeadLetters>,
 }
 
 /// The answer to an accepted order.
@@ -119,6 +121,11 @@ pub fn admin_router(state: IngestState, max_body_bytes: usize) -> Router {
         .routes(routes!(crate::keys::list, crate::keys::create))
         .routes(routes!(crate::keys::revoke))
         .routes(routes!(crate::replays::start, crate::replays::status))
+        .routes(routes!(crate::deadletters::overview))
+        .routes(routes!(crate::deadletters::list))
+        .routes(routes!(crate::deadletters::show))
+        .routes(routes!(crate::deadletters::redrive))
+        .routes(routes!(crate::deadletters::discard))
         .route_layer(from_fn_with_state(Permission::Administer, require));
     guarded(routes, state, max_body_bytes, "orderflow admin")
 }

@@ -68,6 +68,7 @@ async fn start_with(broker: &Broker, extra: &[(&str, &str)]) -> Edge {
         // Authentication, idempotency and per-principal limits: cli/tests/edge.rs.
         auth: orderflow_auth::Authenticator::disabled(),
         idempotency: None,
+        dead_letters: None,
     };
     let router = orderflow_ingest::router(state, settings.ingest.max_body_bytes);
     let server = Server::bind("127.0.0.1:0".parse().expect("addr"), router)

@@ -1,10 +1,11 @@
-//! The publisher after a record times out, on the embedded broker (Tansu 0.6).
+//! The publisher after a record misses its deadline, on the embedded broker (Tansu 0.6).
 //!
-//! librdkafka bumps an idempotent producer's epoch by itself after a timeout; Tansu 0.6 panics
-//! on the first produce with an epoch it did not hand out and takes no produce from that
-//! producer again. The publisher replaces a timed-out producer instead (module docs of
-//! `publish`): orders published after the timeout go through, each exactly once, and the broker
-//! never panics.
+//! librdkafka bumps an idempotent producer's epoch by itself after a timeout or a purge of
+//! in-flight records; Tansu 0.6 panics on the first produce with an epoch it did not hand out.
+//! The publisher keeps the edge's deadline itself and replaces a producer that missed it, and
+//! nothing is enqueued into the old one after that (module docs of `publish`): orders published
+//! after the stall go through, each exactly once, and the broker never panics — with one
+//! order at a time, and with many in flight while the broker stalls.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -178,5 +179,107 @@ async fn after_a_timeout_the_next_orders_are_published_once_and_the_broker_never
     assert!(
         in_log.values().all(|n| *n == 1),
         "an order was written twice: {in_log:?}"
+    );
+}
+
+/// The long run's failure, reduced: orders keep arriving from many requests at once while the
+/// broker stalls past the edge's deadline (there, the embedded broker's ten-minute
+/// maintenance). When the producer was replaced only once librdkafka reported the timeout,
+/// librdkafka had already bumped the epoch and sent records queued behind the timed-out ones
+/// with it, and the broker panicked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stall_under_concurrent_orders_never_makes_the_broker_panic() {
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
+    let fixture = broker.as_embedded().expect("the embedded broker");
+    let mut overrides = Overrides::default();
+    overrides.set("kafka.message_timeout_ms", "1500");
+    let settings = Settings::from_defaults(&overrides).expect("settings");
+    apply_topics(&broker, &settings).await;
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let codec = Arc::new(Codec::new().expect("codec"));
+    let publisher =
+        Publisher::new(&clients, codec.clone(), names::ORDERS_EVENTS, None).expect("publisher");
+    let mut warm = Vec::new();
+    let order = |n: usize| {
+        order_placed(
+            &format!("c-stall-{}", n % 50),
+            &[("sku-1", 1)],
+            "tok_ok",
+            1_700_000_000_000,
+        )
+    };
+    publish_within_30s(&publisher, || order(0), &mut warm, fixture).await;
+
+    // Twelve requests at a time, each publishing an order every 10 ms, until told to stop.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut senders = Vec::new();
+    for sender in 0..12 {
+        let (publisher, stop) = (publisher.clone(), stop.clone());
+        senders.push(tokio::spawn(async move {
+            let mut acknowledged = Vec::new();
+            let mut n = sender;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let next = order(n);
+                n += 12;
+                if publisher.publish(&next, None).await.is_ok() {
+                    acknowledged.push(next.envelope.order_id.clone());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            acknowledged
+        }));
+    }
+    // Orders flow; then the broker stalls for 4 s, past the 1.5 s deadline, twice.
+    let pid = broker.pid().expect("the embedded broker is a process");
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        signal(pid, "STOP");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        signal(pid, "CONT");
+    }
+    let retired = publisher.retired_producers();
+    // After the stalls, orders go through again.
+    let mut after = Vec::new();
+    publish_within_30s(&publisher, || order(1_000_000), &mut after, fixture).await;
+    for n in 0..20 {
+        let next = order(2_000_000 + n);
+        publisher
+            .publish(&next, None)
+            .await
+            .expect("every order after the stalls is published");
+        after.push(next.envelope.order_id.clone());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged: Vec<String> = warm.into_iter().chain(after).collect();
+    for sender in senders {
+        acknowledged.extend(sender.await.expect("join"));
+    }
+
+    let output = std::fs::read_to_string(fixture.output_file()).unwrap_or_default();
+    assert!(
+        !output.contains("panicked at"),
+        "the broker panicked:\n{output}"
+    );
+    assert_eq!(fixture.restarts(), 0, "the broker was never restarted");
+    assert!(
+        retired >= 2,
+        "each stall retired the producer that missed the deadline ({retired})"
+    );
+    let bootstrap = broker.bootstrap();
+    let in_log = tokio::task::spawn_blocking(move || order_ids_in_log(&bootstrap, &codec))
+        .await
+        .expect("join");
+    for id in &acknowledged {
+        assert_eq!(
+            in_log.get(id).copied(),
+            Some(1),
+            "acknowledged order {id} is in the log exactly once"
+        );
+    }
+    assert!(
+        in_log.values().all(|n| *n == 1),
+        "an order was written twice"
     );
 }

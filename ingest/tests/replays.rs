@@ -99,6 +99,7 @@ async fn a_replay_runs_in_the_background_once_at_a_time() {
         // Who may call the admin listener: cli/tests/edge.rs.
         auth: orderflow_auth::Authenticator::disabled(),
         idempotency: None,
+        dead_letters: None,
     };
     let router = orderflow_ingest::admin_router(state, settings.ingest.max_body_bytes);
     let server = Server::bind("127.0.0.1:0".parse().expect("addr"), router)

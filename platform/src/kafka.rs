@@ -60,10 +60,16 @@ impl MockBroker {
     }
 }
 
-/// The shortest message timeout of a processor's output producer without transactions
-/// ([`KafkaClients::output_producer`]): a minute, longer than a broker restart or a frozen
-/// process takes in the fault tests.
-pub const OUTPUT_MESSAGE_TIMEOUT_FLOOR_MS: u32 = 60_000;
+/// The shortest `message.timeout.ms` of any idempotent producer: a minute, longer than a broker
+/// restart, a frozen process or the embedded broker's maintenance takes.
+///
+/// When librdkafka times a record out, an idempotent producer bumps its own epoch and goes on
+/// sending with it (KIP-360); the embedded broker (Tansu 0.6) panics on an epoch it did not
+/// hand out (docs/architecture.md, "Embedded mode"). No producer may reach that timeout while
+/// the broker is merely slow. A caller with a tighter deadline — the ingest edge answers within
+/// `kafka.message_timeout_ms` — enforces it itself and retires the producer
+/// (`orderflow_ingest::publish`): a purge, never a timeout inside librdkafka.
+pub const MESSAGE_TIMEOUT_FLOOR_MS: u32 = 60_000;
 
 /// Builds client configs from [`KafkaSettings`] for a given bootstrap list.
 #[derive(Debug, Clone)]
@@ -137,7 +143,9 @@ impl KafkaClients {
     }
 
     /// Idempotent producer, `acks=all`: a send resolves only once every in-sync replica has it,
-    /// and librdkafka's retries never duplicate or reorder a record.
+    /// and librdkafka's retries never duplicate or reorder a record. Its message timeout is
+    /// [`KafkaClients::message_timeout_ms`]: never short enough for librdkafka to time a record
+    /// out (and bump the epoch) while the broker is only slow.
     pub fn idempotent_producer(&self, role: &str) -> ClientConfig {
         let mut config = self.base(role);
         config
@@ -146,30 +154,19 @@ impl KafkaClients {
             .set("linger.ms", "1")
             // Feeds the queue-depth gauge where a ProducerStatsContext is used.
             .set("statistics.interval.ms", "5000")
-            .set(
-                "message.timeout.ms",
-                self.settings.message_timeout_ms.to_string(),
-            );
+            .set("message.timeout.ms", self.message_timeout_ms().to_string());
         config.remove("allow.auto.create.topics");
         config
     }
 
-    /// A processor's output producer when it runs without transactions: idempotent, with a
-    /// message timeout of at least [`OUTPUT_MESSAGE_TIMEOUT_FLOOR_MS`] (or the transaction
-    /// timeout, if longer). No client waits on it the way one waits on the edge, and a record
-    /// timed out by librdkafka makes an idempotent producer bump its own epoch, which the
-    /// embedded broker cannot take (its storage panics; docs/architecture.md, "Embedded mode"):
-    /// a broker restart, or a processor frozen past its session, must pass without one.
-    pub fn output_producer(&self, role: &str) -> ClientConfig {
-        let mut config = self.idempotent_producer(role);
-        config.set(
-            "message.timeout.ms",
-            self.settings
-                .transaction_timeout_ms
-                .max(OUTPUT_MESSAGE_TIMEOUT_FLOOR_MS)
-                .to_string(),
-        );
-        config
+    /// The `message.timeout.ms` of every producer without a transaction: the configured
+    /// `kafka.message_timeout_ms`, the transaction timeout or [`MESSAGE_TIMEOUT_FLOOR_MS`],
+    /// whichever is longest.
+    pub fn message_timeout_ms(&self) -> u32 {
+        self.settings
+            .message_timeout_ms
+            .max(self.settings.transaction_timeout_ms)
+            .max(MESSAGE_TIMEOUT_FLOOR_MS)
     }
 
     /// Transactional producer for a processor; `transactional_id` must be stable per instance.
@@ -201,11 +198,8 @@ impl KafkaClients {
     pub fn changelog_producer(&self, role: &str) -> ClientConfig {
         let mut config = self.idempotent_producer(role);
         // The caller enqueues a batch's records in one go and flushes at once: the linger only
-        // has to outlast the enqueueing; the deadline is an output producer's (no epoch bump).
-        let timeout = self
-            .settings
-            .transaction_timeout_ms
-            .max(OUTPUT_MESSAGE_TIMEOUT_FLOOR_MS);
+        // has to outlast the enqueueing; the deadline is any producer's (no epoch bump).
+        let timeout = self.message_timeout_ms();
         config
             .set("message.timeout.ms", timeout.to_string())
             .set("linger.ms", (timeout / 2).min(100).to_string())

@@ -384,7 +384,7 @@ impl<S: Step> ProcessorRuntime<S> {
             }
             // No fencing here: a zombie's late changelog writes carry an older generation and
             // lose on restore (crate::state), its late outputs are byte-identical duplicates.
-            Mode::Idempotent => self.clients.output_producer(self.io.name).create()?,
+            Mode::Idempotent => self.clients.idempotent_producer(self.io.name).create()?,
         };
         // Without a transaction a batch's changelog writes must reach each partition whole (see
         // `KafkaClients::changelog_producer`); with one, they ride in the transaction.

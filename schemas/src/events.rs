@@ -354,3 +354,64 @@ impl OrderEvent {
         }
     }
 }
+
+/// What is written the same way for every variant (each variant is named after its
+/// [`crate::EventKind`]): the envelope to change, and the event as JSON for people (the
+/// dead-letter tool shows an event as JSON and takes a corrected one back).
+macro_rules! every_variant {
+    ($($variant:ident),* $(,)?) => {
+        impl OrderEvent {
+            /// The envelope, to change (a redriven event gets a new id).
+            pub fn envelope_mut(&mut self) -> &mut Envelope {
+                match self {
+                    $(Self::$variant(e) => &mut e.envelope,)*
+                }
+            }
+
+            /// The event's fields as JSON (its kind is [`OrderEvent::kind`]).
+            pub fn to_json(&self) -> Result<serde_json::Value, serde_json::Error> {
+                match self {
+                    $(Self::$variant(e) => serde_json::to_value(e),)*
+                }
+            }
+
+            /// An event of `kind` from its fields as JSON, as [`OrderEvent::to_json`] writes
+            /// them; the error names the first field that is missing or of the wrong type.
+            pub fn from_json(
+                kind: crate::EventKind,
+                value: serde_json::Value,
+            ) -> Result<Self, serde_json::Error> {
+                match kind {
+                    $(crate::EventKind::$variant => serde_json::from_value(value).map(Self::$variant),)*
+                }
+            }
+        }
+    };
+}
+
+every_variant!(
+    OrderPlaced,
+    OrderValidated,
+    OrderRejected,
+    FraudScored,
+    InventoryReservationRequested,
+    InventoryReserved,
+    InventoryRejected,
+    InventoryReleased,
+    PaymentRequested,
+    PaymentAuthorized,
+    PaymentDeclined,
+    PaymentRefunded,
+    OrderConfirmed,
+    OrderCancelled,
+    OrderCancellationRequested,
+    FraudReviewDecided,
+    OrderStepTimedOut,
+    InventoryRestocked,
+    InventoryLineReserved,
+    InventoryLineRejected,
+    InventoryLineReleased,
+    InventoryReleaseRequested,
+    PaymentRefundRequested,
+    SagaRulesChanged,
+);

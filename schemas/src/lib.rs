@@ -51,4 +51,7 @@ pub mod headers {
     pub const DLQ_SOURCE_OFFSET: &str = "dlq.source.offset";
     /// Dead letters: the consumer (processor or projection) that gave up on the record.
     pub const DLQ_CONSUMER: &str = "dlq.consumer";
+    /// A redriven record: the dead letter it was redriven from, `TOPIC/PARTITION/OFFSET`. Not
+    /// `dlq.`-prefixed: a dead letter keeps it (it drops the `dlq.` headers of its source).
+    pub const REDRIVEN_FROM: &str = "redriven.from";
 }

@@ -212,6 +212,28 @@ impl EmbeddedFixture {
     }
 }
 
+impl Drop for EmbeddedFixture {
+    /// A test that fails on the embedded broker shows what the broker went through: its
+    /// supervisor's restarts and the end of its output, where a panic or a stall shows.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let tail = std::fs::read_to_string(self.output_file())
+            .map(|text| {
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            })
+            .unwrap_or_else(|e| format!("(unreadable: {e})"));
+        eprintln!(
+            "embedded broker at {}: {} restart(s), down: {:?}; the end of its output:\n{tail}",
+            self.listen,
+            self.restarts(),
+            self.down_reason()
+        );
+    }
+}
+
 /// librdkafka's mock cluster; on drop it checks that no partition lost a record (the mock
 /// drops the oldest past 5 MiB or 100,000 message sets per partition, silently).
 pub struct MockFixture {
@@ -605,6 +627,15 @@ pub async fn reconcile_until_clean(
         },
     )
     .await
+}
+
+/// Sends the process's warnings and errors (the in-process pipeline's rebalances, timeouts,
+/// retries) to the test's output, which libtest shows when the test fails. Once per process.
+pub fn show_warnings() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_test_writer()
+        .try_init();
 }
 
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T

@@ -24,6 +24,18 @@ pub mod names {
     pub const INVENTORY_DLQ: &str = "orderflow.inventory.dlq";
     pub const PAYMENTS_REQUESTS: &str = "payments.requests";
     pub const PAYMENTS_DLQ: &str = "orderflow.payments.dlq";
+    /// What operators decided about each dead letter (redriven or discarded), keyed by the
+    /// letter (`orderflow dlq`).
+    pub const DLQ_RESOLUTIONS: &str = "orderflow.dlq.resolutions";
+
+    /// Every dead-letter topic, where `orderflow dlq` looks.
+    pub const DEAD_LETTER_TOPICS: [&str; 5] = [
+        SAGA_DLQ,
+        INVENTORY_DLQ,
+        PAYMENTS_DLQ,
+        PROJECTION_ORDERS_DLQ,
+        PROJECTION_INVENTORY_DLQ,
+    ];
 
     /// What a shadow saga (`orderflow process --shadow NAME`) writes, each as
     /// [`shadow_topic`]`(NAME, topic)`: its timeline, its commands, its state.
@@ -233,6 +245,7 @@ mod tests {
             names::INVENTORY_DLQ,
             names::PAYMENTS_REQUESTS,
             names::PAYMENTS_DLQ,
+            names::DLQ_RESOLUTIONS,
         ] {
             assert!(
                 catalog.get(name).is_some(),

@@ -1,0 +1,791 @@
+//! Dead letters: what the dead-letter topics hold, and what operators decide about it.
+//!
+//! A consumer that can never process a record (it does not decode, or a step calls it poison)
+//! writes it unchanged to its dead-letter topic with the reason, the consumer and the source
+//! topic, partition and offset in headers (`orderflow_platform::kafka::dead_letter_headers`),
+//! and carries on. This module reads those topics and resolves their letters:
+//!
+//! - **redrive** puts the record back on its source topic, as it was or corrected (an event
+//!   given as JSON, the way [`DeadLetter::event`] shows it), with the original key and headers,
+//!   a new event id derived from the original (below) and a [`headers::REDRIVEN_FROM`] header
+//!   naming the letter;
+//! - **discard** parks it for good, with a note.
+//!
+//! Each decision is a record on [`names::DLQ_RESOLUTIONS`], keyed by the letter
+//! (`TOPIC/PARTITION/OFFSET`); a letter without one is pending. A resolved letter is not
+//! resolved again.
+//!
+//! **Nothing lost, nothing doubled.** A redrive writes the event, waits for its
+//! acknowledgement, then writes the resolution. A crash between the two leaves the letter
+//! pending and the event on its topic; redriving the letter again writes an event with the
+//! same id, because the id depends only on the source record: the original event's id where it
+//! decodes (`derived_event_id(original, "dlq/redrive")`), else the source topic, partition and
+//! offset. Every orderflow consumer drops a repeat of an id it has seen (docs/architecture.md,
+//! rule 1), so the second copy changes nothing. The same holds when one poisoned record was
+//! dead-lettered by several consumers (the saga and the orders projection both read
+//! `orders.events`) and each letter is redriven: one event id, applied once. A corrected
+//! redrive of a letter that crashed half-way should carry the same correction; if it does not,
+//! the first copy written is the one consumers keep. A discard writes only its resolution.
+//!
+//! **Bounds.** A listing reads one dead-letter topic and the resolutions whole: both keep 30
+//! days (topics/catalog.toml), and a listing holds at most [`MAX_LISTED`] letters, newest last,
+//! saying how many it left out.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    str::FromStr,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use orderflow_platform::kafka::{log_end, read_to_ends, KafkaClients};
+use orderflow_schemas::{headers, ids::derived_event_id, Codec, EventKind, OrderEvent};
+use orderflow_topics::names;
+use rdkafka::{
+    consumer::{BaseConsumer, Consumer},
+    error::KafkaError,
+    message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders},
+    producer::{FutureProducer, FutureRecord},
+    Offset, TopicPartitionList,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The most letters one listing returns (the newest).
+pub const MAX_LISTED: usize = 10_000;
+
+/// The role a redriven event's id is derived with.
+const REDRIVE_ROLE: &str = "dlq/redrive";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error(
+        "{topic:?} is not a dead-letter topic; the dead-letter topics are: {}",
+        names::DEAD_LETTER_TOPICS.join(", ")
+    )]
+    NotADeadLetterTopic { topic: String },
+    #[error("{0:?} does not name a dead letter: expected PARTITION/OFFSET, e.g. 0/17")]
+    BadLetter(String),
+    #[error("{0} holds no record (its partition ends before that offset, or it expired)")]
+    NoSuchLetter(LetterId),
+    #[error("{letter} is already {}: {}", .resolution.action(), .resolution.summary())]
+    AlreadyResolved {
+        letter: LetterId,
+        resolution: Box<Resolution>,
+    },
+    #[error("{letter} does not say where it came from (header {header} is missing or invalid)")]
+    NoSource {
+        letter: LetterId,
+        header: &'static str,
+    },
+    #[error(
+        "{letter}'s value does not decode ({reason}); redrive it with the corrected event: \
+         `orderflow dlq show --json` writes the document to start from, with `event_type` and \
+         `event` to fill in"
+    )]
+    NeedsCorrection { letter: LetterId, reason: String },
+    #[error("the corrected event: {0}")]
+    BadCorrection(String),
+    #[error("encoding the event: {0}")]
+    Encode(#[from] orderflow_schemas::CodecError),
+    #[error("{what}: {source}")]
+    Kafka {
+        what: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("{what} did not finish within {within:?}")]
+    Timeout { what: String, within: Duration },
+    #[error("a resolution does not serialise: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("a blocking read was cancelled: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+type Result<T, E = DeadLetterError> = std::result::Result<T, E>;
+
+fn kafka(what: impl Into<String>) -> impl FnOnce(KafkaError) -> DeadLetterError {
+    let what = what.into();
+    move |source| DeadLetterError::Kafka { what, source }
+}
+
+/// Checks that `topic` is one of the dead-letter topics.
+pub fn dead_letter_topic(topic: &str) -> Result<&'static str> {
+    names::DEAD_LETTER_TOPICS
+        .iter()
+        .find(|t| **t == topic)
+        .copied()
+        .ok_or_else(|| DeadLetterError::NotADeadLetterTopic {
+            topic: topic.to_owned(),
+        })
+}
+
+/// One dead letter: a record of a dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LetterId {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+impl LetterId {
+    /// `PARTITION/OFFSET` of a dead-letter topic.
+    pub fn parse(topic: &str, letter: &str) -> Result<Self> {
+        let topic = dead_letter_topic(topic)?;
+        let bad = || DeadLetterError::BadLetter(letter.to_owned());
+        let (partition, offset) = letter.trim().split_once('/').ok_or_else(bad)?;
+        let partition = i32::from_str(partition).map_err(|_| bad())?;
+        let offset = i64::from_str(offset).map_err(|_| bad())?;
+        if partition < 0 || offset < 0 {
+            return Err(bad());
+        }
+        Ok(Self {
+            topic: topic.to_owned(),
+            partition,
+            offset,
+        })
+    }
+}
+
+impl fmt::Display for LetterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.topic, self.partition, self.offset)
+    }
+}
+
+impl Serialize for LetterId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Where a dead letter was read from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Source {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// What an operator decided about a letter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Resolution {
+    /// Put back on its source topic as the event `event_id`, at `topic`/`partition`/`offset`.
+    Redriven {
+        event_id: String,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        corrected: bool,
+        by: String,
+        at_ms: i64,
+    },
+    /// Parked for good.
+    Discarded {
+        note: String,
+        by: String,
+        at_ms: i64,
+    },
+}
+
+impl Resolution {
+    pub fn action(&self) -> &'static str {
+        match self {
+            Self::Redriven { .. } => "redriven",
+            Self::Discarded { .. } => "discarded",
+        }
+    }
+
+    /// One line for people.
+    pub fn summary(&self) -> String {
+        match self {
+            Self::Redriven {
+                event_id,
+                topic,
+                partition,
+                offset,
+                corrected,
+                by,
+                ..
+            } => format!(
+                "by {by}{} as event {event_id} at {topic}/{partition}/{offset}",
+                if *corrected { ", corrected," } else { "" }
+            ),
+            Self::Discarded { note, by, .. } => format!("by {by}: {note}"),
+        }
+    }
+}
+
+/// A dead letter as read from its topic, with its resolution if it has one.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetter {
+    pub letter: LetterId,
+    /// When the consumer gave up on it (the dead letter's timestamp), ms since the epoch.
+    pub timestamp_ms: Option<i64>,
+    pub reason: Option<String>,
+    /// The processor or projection that gave up on it.
+    pub consumer: Option<String>,
+    pub source: Option<Source>,
+    /// The key, as text (lossy where it is not UTF-8).
+    pub key: Option<String>,
+    /// Every header but the `dlq.` ones above, as text.
+    pub headers: BTreeMap<String, String>,
+    /// The event's kind and fields where the value decodes, else why it does not.
+    pub event_type: Option<String>,
+    pub event: Option<serde_json::Value>,
+    pub undecodable: Option<String>,
+    pub value_len: usize,
+    /// The first 64 bytes of a value that does not decode, in hex.
+    pub value_prefix_hex: Option<String>,
+    pub resolution: Option<Resolution>,
+    #[serde(skip)]
+    raw: Raw,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Raw {
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+    decoded: Option<OrderEvent>,
+}
+
+impl DeadLetter {
+    pub fn is_pending(&self) -> bool {
+        self.resolution.is_none()
+    }
+
+    fn from_message(message: &BorrowedMessage<'_>, codec: &Codec) -> Self {
+        let letter = LetterId {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+        };
+        let mut raw = Raw {
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+            ..Raw::default()
+        };
+        let mut text = BTreeMap::new();
+        if let Some(hs) = message.headers() {
+            for h in hs.iter() {
+                raw.headers
+                    .push((h.key.to_owned(), h.value.map(<[u8]>::to_vec)));
+                text.insert(
+                    h.key.to_owned(),
+                    h.value
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        let mut take = |name: &str| text.remove(name);
+        let reason = take(headers::DLQ_REASON);
+        let consumer = take(headers::DLQ_CONSUMER);
+        let source_topic = take(headers::DLQ_SOURCE_TOPIC);
+        let source_partition = take(headers::DLQ_SOURCE_PARTITION).and_then(|p| p.parse().ok());
+        let source_offset = take(headers::DLQ_SOURCE_OFFSET).and_then(|o| o.parse().ok());
+        let source = match (source_topic, source_partition, source_offset) {
+            (Some(topic), Some(partition), Some(offset)) => Some(Source {
+                topic,
+                partition,
+                offset,
+            }),
+            _ => None,
+        };
+        let value = raw.value.as_deref().unwrap_or_default();
+        let (event_type, event, undecodable) = match codec.decode(value) {
+            Ok(decoded) => {
+                let json = decoded.to_json().ok();
+                let kind = decoded.kind().name().to_owned();
+                raw.decoded = Some(decoded);
+                (Some(kind), json, None)
+            }
+            Err(e) => (None, None, Some(e.to_string())),
+        };
+        let value_prefix_hex = undecodable.as_ref().map(|_| {
+            value
+                .iter()
+                .take(64)
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        });
+        Self {
+            letter,
+            timestamp_ms: message.timestamp().to_millis(),
+            reason,
+            consumer,
+            source,
+            key: raw
+                .key
+                .as_deref()
+                .map(|k| String::from_utf8_lossy(k).into_owned()),
+            headers: text,
+            event_type,
+            event,
+            undecodable,
+            value_len: value.len(),
+            value_prefix_hex,
+            resolution: None,
+            raw,
+        }
+    }
+}
+
+/// A corrected event for a redrive: its kind and its fields, as [`DeadLetter::event_type`] and
+/// [`DeadLetter::event`] show them.
+#[derive(Debug, Clone)]
+pub struct Correction {
+    event: OrderEvent,
+}
+
+impl Correction {
+    /// From a JSON document with `event_type` and `event` (e.g. `orderflow dlq show --json`,
+    /// edited); other fields are ignored. The error names what is missing or wrong.
+    pub fn from_json(document: &serde_json::Value) -> Result<Self> {
+        let bad = |m: String| DeadLetterError::BadCorrection(m);
+        let kind_name = document
+            .get("event_type")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| bad("field `event_type` is missing or not a string".into()))?;
+        let kind = EventKind::ALL
+            .iter()
+            .copied()
+            .find(|k| k.name() == kind_name)
+            .ok_or_else(|| {
+                bad(format!(
+                    "event_type {kind_name:?} is not an orderflow event"
+                ))
+            })?;
+        let fields = document
+            .get("event")
+            .filter(|e| e.is_object())
+            .ok_or_else(|| bad("field `event` is missing or not an object".into()))?;
+        let event = OrderEvent::from_json(kind, fields.clone())
+            .map_err(|e| bad(format!("`event` is not a valid {kind_name}: {e}")))?;
+        Ok(Self { event })
+    }
+}
+
+/// Reads and resolves dead letters on one cluster.
+#[derive(Clone)]
+pub struct DeadLetters {
+    clients: KafkaClients,
+    codec: Arc<Codec>,
+    timeout: Duration,
+}
+
+impl DeadLetters {
+    /// `timeout` bounds each read of a topic and each acknowledgement.
+    pub fn new(clients: KafkaClients, codec: Arc<Codec>, timeout: Duration) -> Self {
+        Self {
+            clients,
+            codec,
+            timeout,
+        }
+    }
+
+    /// Every letter of `topic` (at most [`MAX_LISTED`]: on a one-partition topic the newest),
+    /// each with its resolution, in partition and offset order; and how many were left out.
+    pub async fn list(&self, topic: &str) -> Result<(Vec<DeadLetter>, usize)> {
+        let topic = dead_letter_topic(topic)?;
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.list_blocking(topic)).await?
+    }
+
+    /// Pending letters per dead-letter topic.
+    pub async fn pending_counts(&self) -> Result<Vec<(&'static str, usize)>> {
+        let mut out = Vec::new();
+        for topic in names::DEAD_LETTER_TOPICS {
+            let (letters, _) = self.list(topic).await?;
+            out.push((topic, letters.iter().filter(|l| l.is_pending()).count()));
+        }
+        Ok(out)
+    }
+
+    /// One letter, with its resolution.
+    pub async fn get(&self, letter: &LetterId) -> Result<DeadLetter> {
+        let this = self.clone();
+        let letter = letter.clone();
+        tokio::task::spawn_blocking(move || this.get_blocking(&letter)).await?
+    }
+
+    /// Puts `letter` back on its source topic (see the module's documentation), as it was or
+    /// as `correction`; returns the resolution recorded.
+    pub async fn redrive(
+        &self,
+        letter: &LetterId,
+        correction: Option<Correction>,
+        by: &str,
+    ) -> Result<Resolution> {
+        let dead = self.unresolved(letter).await?;
+        let source = dead
+            .source
+            .clone()
+            .ok_or_else(|| DeadLetterError::NoSource {
+                letter: letter.clone(),
+                header: headers::DLQ_SOURCE_TOPIC,
+            })?;
+        let corrected = correction.is_some();
+        let mut event = match (correction, &dead.raw.decoded) {
+            (Some(c), _) => c.event,
+            (None, Some(decoded)) => decoded.clone(),
+            (None, None) => {
+                return Err(DeadLetterError::NeedsCorrection {
+                    letter: letter.clone(),
+                    reason: dead.undecodable.clone().unwrap_or_default(),
+                })
+            }
+        };
+        let original_id = dead
+            .raw
+            .decoded
+            .as_ref()
+            .map(|e| e.envelope().event_id.clone());
+        let event_id = redrive_event_id(original_id.as_deref(), &source);
+        event.envelope_mut().event_id = event_id.to_string();
+        let value = self.codec.encode(&event)?;
+
+        // The source's headers, minus the dead letter's own, with the event's kind (a
+        // correction may change it) and the letter it came from.
+        let kind = event.kind().name();
+        let from = letter.to_string();
+        let mut out = OwnedHeaders::new();
+        for (key, value) in &dead.raw.headers {
+            if key.starts_with("dlq.")
+                || key == headers::EVENT_TYPE
+                || key == headers::REDRIVEN_FROM
+            {
+                continue;
+            }
+            out = out.insert(Header {
+                key,
+                value: value.as_deref(),
+            });
+        }
+        out = out
+            .insert(Header {
+                key: headers::EVENT_TYPE,
+                value: Some(kind),
+            })
+            .insert(Header {
+                key: headers::REDRIVEN_FROM,
+                value: Some(&from),
+            });
+
+        let producer: FutureProducer = self
+            .clients
+            .idempotent_producer("dlq")
+            .set("message.timeout.ms", self.timeout.as_millis().to_string())
+            .create()
+            .map_err(kafka("creating the redrive's producer"))?;
+        let mut record = FutureRecord::to(&source.topic).payload(&value).headers(out);
+        if let Some(key) = dead.raw.key.as_deref() {
+            record = record.key(key);
+        }
+        let delivery = producer
+            .send(record, self.timeout)
+            .await
+            .map_err(|(e, _)| e)
+            .map_err(kafka(format!(
+                "writing the redriven event to {}",
+                source.topic
+            )))?;
+        let resolution = Resolution::Redriven {
+            event_id: event_id.to_string(),
+            topic: source.topic.clone(),
+            partition: delivery.partition,
+            offset: delivery.offset,
+            corrected,
+            by: by.to_owned(),
+            at_ms: now_ms(),
+        };
+        self.record(&producer, letter, &resolution).await?;
+        Ok(resolution)
+    }
+
+    /// Parks `letter` for good with `note`; returns the resolution recorded.
+    pub async fn discard(&self, letter: &LetterId, note: &str, by: &str) -> Result<Resolution> {
+        self.unresolved(letter).await?;
+        let producer: FutureProducer = self
+            .clients
+            .idempotent_producer("dlq")
+            .set("message.timeout.ms", self.timeout.as_millis().to_string())
+            .create()
+            .map_err(kafka("creating the discard's producer"))?;
+        let resolution = Resolution::Discarded {
+            note: note.to_owned(),
+            by: by.to_owned(),
+            at_ms: now_ms(),
+        };
+        self.record(&producer, letter, &resolution).await?;
+        Ok(resolution)
+    }
+
+    async fn unresolved(&self, letter: &LetterId) -> Result<DeadLetter> {
+        let dead = self.get(letter).await?;
+        if let Some(resolution) = dead.resolution.clone() {
+            return Err(DeadLetterError::AlreadyResolved {
+                letter: letter.clone(),
+                resolution: Box::new(resolution),
+            });
+        }
+        Ok(dead)
+    }
+
+    async fn record(
+        &self,
+        producer: &FutureProducer,
+        letter: &LetterId,
+        resolution: &Resolution,
+    ) -> Result<()> {
+        let key = letter.to_string();
+        let value = serde_json::to_vec(resolution)?;
+        producer
+            .send(
+                FutureRecord::to(names::DLQ_RESOLUTIONS)
+                    .key(&key)
+                    .payload(&value),
+                self.timeout,
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .map_err(kafka(format!(
+                "recording the resolution of {letter} on {}",
+                names::DLQ_RESOLUTIONS
+            )))?;
+        Ok(())
+    }
+
+    fn reader(&self) -> Result<BaseConsumer> {
+        self.clients
+            .reader("dlq")
+            .create()
+            .map_err(kafka("creating a reader"))
+    }
+
+    /// The partitions of `topic` with where reading starts and ends.
+    fn bounds(&self, reader: &BaseConsumer, topic: &str) -> Result<Vec<(i32, i64, i64)>> {
+        let metadata = reader
+            .fetch_metadata(Some(topic), self.timeout)
+            .map_err(kafka(format!("reading the metadata of {topic}")))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let mut out = Vec::new();
+        for partition in partitions {
+            let (low, end) = log_end(reader, topic, partition, self.timeout)
+                .map_err(kafka(format!("reading the end of {topic}/{partition}")))?;
+            out.push((partition, low, end));
+        }
+        Ok(out)
+    }
+
+    /// Reads `topic` from `starts` to the partitions' ends, calling `f` with each record.
+    fn read(
+        &self,
+        reader: &BaseConsumer,
+        topic: &str,
+        bounds: &[(i32, i64, i64)],
+        mut f: impl FnMut(&BorrowedMessage<'_>),
+    ) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = HashMap::new();
+        for (partition, start, end) in bounds {
+            if start < end {
+                tpl.add_partition_offset(topic, *partition, Offset::Offset(*start))
+                    .map_err(kafka(format!("assigning {topic}/{partition}")))?;
+                ends.insert(*partition, *end);
+            }
+        }
+        if ends.is_empty() {
+            return Ok(());
+        }
+        reader
+            .assign(&tpl)
+            .map_err(kafka(format!("assigning {topic}")))?;
+        let done = read_to_ends(reader, topic, &ends, self.timeout, &mut f)
+            .map_err(kafka(format!("reading {topic}")))?;
+        reader
+            .unassign()
+            .map_err(kafka(format!("unassigning {topic}")))?;
+        if done {
+            Ok(())
+        } else {
+            Err(DeadLetterError::Timeout {
+                what: format!("reading {topic} to its end"),
+                within: self.timeout,
+            })
+        }
+    }
+
+    /// Every resolution recorded, the first per letter (a letter is resolved once; a second
+    /// record can only come from a race of two operators, and the first one is what happened
+    /// first).
+    fn resolutions(&self, reader: &BaseConsumer) -> Result<HashMap<String, Resolution>> {
+        let bounds = self.bounds(reader, names::DLQ_RESOLUTIONS)?;
+        let mut out = HashMap::new();
+        self.read(reader, names::DLQ_RESOLUTIONS, &bounds, |message| {
+            let key = message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned());
+            let value = message
+                .payload()
+                .and_then(|v| serde_json::from_slice::<Resolution>(v).ok());
+            if let (Some(key), Some(value)) = (key, value) {
+                out.entry(key).or_insert(value);
+            }
+        })?;
+        Ok(out)
+    }
+
+    fn list_blocking(&self, topic: &str) -> Result<(Vec<DeadLetter>, usize)> {
+        let reader = self.reader()?;
+        let mut bounds = self.bounds(&reader, topic)?;
+        // At most MAX_LISTED: the rest are left out from the start of the lowest partitions
+        // (the dead-letter topics have one partition, where those are the oldest).
+        let total: i64 = bounds.iter().map(|(_, low, end)| end - low).sum();
+        let mut skip = (total - MAX_LISTED as i64).max(0);
+        let left_out = skip as usize;
+        for (_, low, end) in &mut bounds {
+            let here = skip.min(*end - *low);
+            *low += here;
+            skip -= here;
+        }
+        let mut letters = Vec::new();
+        self.read(&reader, topic, &bounds, |message| {
+            letters.push(DeadLetter::from_message(message, &self.codec));
+        })?;
+        let resolutions = self.resolutions(&reader)?;
+        for letter in &mut letters {
+            letter.resolution = resolutions.get(&letter.letter.to_string()).cloned();
+        }
+        letters.sort_by(|a, b| a.letter.cmp(&b.letter));
+        Ok((letters, left_out))
+    }
+
+    fn get_blocking(&self, letter: &LetterId) -> Result<DeadLetter> {
+        let reader = self.reader()?;
+        // A partition the topic does not have holds no letter (not a broker error).
+        let bounds = self.bounds(&reader, &letter.topic)?;
+        let holds = bounds.iter().any(|(partition, low, end)| {
+            *partition == letter.partition && (*low..*end).contains(&letter.offset)
+        });
+        if !holds {
+            return Err(DeadLetterError::NoSuchLetter(letter.clone()));
+        }
+        let mut found = None;
+        self.read(
+            &reader,
+            &letter.topic,
+            &[(letter.partition, letter.offset, letter.offset + 1)],
+            |message| {
+                if message.offset() == letter.offset {
+                    found = Some(DeadLetter::from_message(message, &self.codec));
+                }
+            },
+        )?;
+        let mut dead = found.ok_or_else(|| DeadLetterError::NoSuchLetter(letter.clone()))?;
+        dead.resolution = self.resolutions(&reader)?.remove(&letter.to_string());
+        Ok(dead)
+    }
+}
+
+/// The id of the event a redrive of the record at `source` writes: derived from the original
+/// event's id where it has one, else from the source record's position. Either way it is the
+/// same for every redrive of that record, from any of its letters.
+pub fn redrive_event_id(original: Option<&str>, source: &Source) -> Uuid {
+    let cause = original
+        .and_then(|id| Uuid::parse_str(id).ok())
+        .unwrap_or_else(|| {
+            derived_event_id(
+                Uuid::nil(),
+                &format!(
+                    "record/{}/{}/{}",
+                    source.topic, source.partition, source.offset
+                ),
+            )
+        });
+    derived_event_id(cause, REDRIVE_ROLE)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn letters_parse_and_name_what_is_wrong() {
+        let letter = LetterId::parse(names::SAGA_DLQ, "2/17").expect("parses");
+        assert_eq!(letter.to_string(), "orderflow.saga.dlq/2/17");
+        let err = LetterId::parse("orders.events", "0/1").expect_err("not a dlq");
+        assert!(err.to_string().contains("orderflow.saga.dlq"), "{err}");
+        for bad in ["17", "a/1", "0/-1", "0/1/2", ""] {
+            let err = LetterId::parse(names::SAGA_DLQ, bad).expect_err(bad);
+            assert!(err.to_string().contains("PARTITION/OFFSET"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_redrive_id_is_the_same_for_every_letter_of_one_record_and_differs_from_the_original() {
+        let source = Source {
+            topic: "orders.events".into(),
+            partition: 3,
+            offset: 40,
+        };
+        let original = Uuid::from_u128(7).to_string();
+        let id = redrive_event_id(Some(&original), &source);
+        assert_eq!(id, redrive_event_id(Some(&original), &source));
+        assert_ne!(id.to_string(), original);
+        // Without a decodable original: the record's position decides.
+        let by_position = redrive_event_id(None, &source);
+        assert_eq!(by_position, redrive_event_id(Some("not-a-uuid"), &source));
+        let elsewhere = Source {
+            offset: 41,
+            ..source.clone()
+        };
+        assert_ne!(by_position, redrive_event_id(None, &elsewhere));
+    }
+
+    #[test]
+    fn corrections_name_what_is_missing() {
+        let err = Correction::from_json(&serde_json::json!({"event": {}})).expect_err("no kind");
+        assert!(err.to_string().contains("event_type"), "{err}");
+        let err = Correction::from_json(&serde_json::json!({"event_type": "Nope", "event": {}}))
+            .expect_err("unknown kind");
+        assert!(err.to_string().contains("\"Nope\""), "{err}");
+        let err =
+            Correction::from_json(&serde_json::json!({"event_type": "OrderPlaced", "event": {}}))
+                .expect_err("no fields");
+        assert!(
+            err.to_string().contains("missing field `envelope`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn resolutions_round_trip_as_tagged_json() {
+        let resolution = Resolution::Discarded {
+            note: "test order".into(),
+            by: "ops".into(),
+            at_ms: 1,
+        };
+        let json = serde_json::to_value(&resolution).expect("json");
+        assert_eq!(json["action"], "discarded");
+        assert_eq!(
+            serde_json::from_value::<Resolution>(json).expect("back"),
+            resolution
+        );
+    }
+}
