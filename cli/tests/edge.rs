@@ -272,6 +272,39 @@ fn endpoints() -> Vec<Endpoint> {
             &[Admin],
             404,
         ),
+        e("admin", "GET", "/v1/dead-letters", None, &[Admin], 200),
+        e(
+            "admin",
+            "GET",
+            "/v1/dead-letters/orders.events",
+            None,
+            &[Admin],
+            404,
+        ),
+        e(
+            "admin",
+            "GET",
+            "/v1/dead-letters/orderflow.saga.dlq/0/999999",
+            None,
+            &[Admin],
+            404,
+        ),
+        e(
+            "admin",
+            "POST",
+            "/v1/dead-letters/orders.events/0/0/redrive",
+            None,
+            &[Admin],
+            404,
+        ),
+        e(
+            "admin",
+            "POST",
+            "/v1/dead-letters/orders.events/0/0/discard",
+            Some(json!({"note": "not a letter"})),
+            &[Admin],
+            404,
+        ),
     ]
 }
 
