@@ -45,6 +45,13 @@ pub const STABLE_RUN: Duration = Duration::from_secs(30);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// What a Rust panic writes to stderr (the default panic hook; Tansu installs none).
 const PANIC_MARK: &str = "panicked at";
+/// What Tansu logs for every request once its storage task is gone: the task that serves all
+/// storage stopped (a panic), and no request will succeed again. Watched for as well as the
+/// panic because the panic's own lines can be lost: on a full disk, the output file (in the
+/// same data directory) cannot take them.
+const STORAGE_GONE_MARK: &str = "UnableToSend";
+/// How [`OutputWatch`] reports [`STORAGE_GONE_MARK`].
+const STORAGE_GONE: &str = "the broker's storage stopped serving";
 
 /// What the supervisor and the [`DurableBroker`](crate::DurableBroker) share.
 pub struct Shared {
@@ -177,9 +184,13 @@ fn supervise(launcher: &Launcher, shared: &Shared, mut process: Process) {
         }
         let failure = match process.child.try_wait() {
             Ok(Some(status)) => Some(format!("the broker process exited ({status})")),
-            Ok(None) | Err(_) => watch
-                .panic_since_last(&output)
-                .map(|panic| format!("the broker reported a panic: {panic}")),
+            Ok(None) | Err(_) => watch.panic_since_last(&output).map(|failure| {
+                if failure.starts_with(STORAGE_GONE) {
+                    failure
+                } else {
+                    format!("the broker reported a panic: {failure}")
+                }
+            }),
         };
         let Some(failure) = failure else { continue };
         let ran = started.elapsed();
@@ -256,7 +267,8 @@ impl OutputWatch {
     }
 
     /// The first panic written since the last call, with its message: the panic line and the
-    /// line after it (the default hook writes the location, then the message).
+    /// line after it (the default hook writes the location, then the message); or a sign that
+    /// the storage task is gone ([`STORAGE_GONE_MARK`]).
     fn panic_since_last(&mut self, output: &Path) -> Option<String> {
         let mut text = String::new();
         let mut file = File::open(output).ok()?;
@@ -269,6 +281,13 @@ impl OutputWatch {
             return Some(join_panic(&panic, lines.next()));
         }
         while let Some(line) = lines.next() {
+            if line.contains(STORAGE_GONE_MARK) {
+                return Some(format!(
+                    "{STORAGE_GONE}: every request fails with {STORAGE_GONE_MARK}; \
+                     the panic that stopped it may not have reached its output, e.g. on a full \
+                     disk"
+                ));
+            }
             if line.contains(PANIC_MARK) {
                 return match lines.next() {
                     Some(message) => Some(join_panic(line, Some(message))),
@@ -357,6 +376,15 @@ mod tests {
             )
         );
         assert_eq!(watch.panic_since_last(&path), None, "reported once");
+        // A full disk cut the panic's lines off; what follows shows the storage task is gone.
+        writeln!(
+            file,
+            "2026-11-28T17:43:05Z ERROR tansu_storage::service::produce: 174: otherwise=UnableToSend"
+        )
+        .expect("write");
+        assert!(watch
+            .panic_since_last(&path)
+            .is_some_and(|failure| failure.starts_with(STORAGE_GONE)));
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

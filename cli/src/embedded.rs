@@ -2,6 +2,9 @@
 //! with SQLite storage, its log in `<dev.data_dir>/broker`, crate `orderflow-broker`), and the
 //! check that the tables in the database describe that log.
 //!
+//! [`watch_free_space`] puts the data directory's free space on `/readyz`: the broker's log and
+//! the SQLite file both stop taking writes when it is full.
+//!
 //! The embedded broker keeps its log across restarts, and the SQLite file beside it keeps the
 //! tables and the positions they reflect, so a restarted `dev` carries on where it stopped.
 //! The one way the two can disagree is by hand: a broker directory removed or replaced while
@@ -29,6 +32,63 @@ use sqlx::Row;
 
 /// The `/readyz` component of the embedded broker's supervisor.
 const EMBEDDED_COMPONENT: &str = "embedded broker";
+/// The `/readyz` component of the data directory's free space.
+const DATA_DIR_COMPONENT: &str = "data directory";
+/// Below this much free space the data directory is reported not ready: a produce the broker
+/// cannot write fails (the edge answers `503`), and the projections' writes fail and retry.
+pub const MIN_FREE_BYTES: u64 = 16 * 1024 * 1024;
+/// How often the free space is read.
+const FREE_SPACE_EVERY: Duration = Duration::from_secs(1);
+
+/// The bytes an unprivileged process can still write under `dir`.
+pub fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    let stat = rustix::fs::statvfs(dir)?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
+
+/// Reports the free space of `dir` on `/readyz` (component `data directory`) every second until
+/// `cancel`: not ready, saying how much is left, below [`MIN_FREE_BYTES`]. Each change is
+/// logged: an error when space runs low, then when it is back.
+pub async fn watch_free_space(
+    dir: std::path::PathBuf,
+    readiness: Readiness,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut low = false;
+    loop {
+        match free_bytes(&dir) {
+            Ok(free) if free < MIN_FREE_BYTES => {
+                let reason = format!(
+                    "{} has {} KiB free (below {} MiB): the broker's log and the database \
+                     cannot grow; free space there",
+                    dir.display(),
+                    free / 1024,
+                    MIN_FREE_BYTES / (1024 * 1024)
+                );
+                if !low {
+                    tracing::error!(dir = %dir.display(), free, "The data directory is running out of space.");
+                }
+                low = true;
+                readiness.set_not_ready(DATA_DIR_COMPONENT, reason);
+            }
+            Ok(_) => {
+                if low {
+                    tracing::info!(dir = %dir.display(), "The data directory has space again.");
+                }
+                low = false;
+                readiness.set_ready(DATA_DIR_COMPONENT);
+            }
+            Err(e) => readiness.set_not_ready(
+                DATA_DIR_COMPONENT,
+                format!("reading the free space of {}: {e}", dir.display()),
+            ),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(FREE_SPACE_EVERY) => {}
+        }
+    }
+}
 
 /// Where the pipeline's broker is.
 pub enum Broker {

@@ -649,6 +649,13 @@ async fn dev(settings: &Settings, reload: Reload) -> Result<()> {
     }
     let mut running = pipeline::start(settings, &broker.bootstrap(), &Role::ALL).await?;
     broker.report_on(&running.readiness());
+    if broker.is_embedded() {
+        tokio::spawn(orderflow::embedded::watch_free_space(
+            settings.dev.data_dir.clone(),
+            running.readiness(),
+            running.cancel_token(),
+        ));
+    }
     println!("orderflow dev is running");
     println!(
         "  broker      {}{}",

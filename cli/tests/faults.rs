@@ -9,6 +9,10 @@
 //!   orders flow, then started again: `/readyz` answers 503 naming the database meanwhile; the
 //!   projections and the edge reconnect; every accepted order ends and `reconcile` is clean. The
 //!   cluster is one of the test's own (the machine's serves other tests meanwhile).
+//! - **The data directory full** (a 128 MiB tmpfs, filled with one file) while orders flow, then
+//!   freed: `/readyz` names the data directory and how much is left; the edge answers `503` for
+//!   what the broker cannot write; once the file is removed the pipeline carries on by itself,
+//!   every accepted order ends and `reconcile` is clean.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -242,6 +246,134 @@ async fn postgres_stopped_under_load_is_shown_on_readyz_and_every_accepted_order
         .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
     assert!(status.success(), "dev exited with {status}");
     drop(postgres);
+}
+
+/// A tmpfs mounted for one test; unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `None` (skip, or fail under CI) where this process may not mount.
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).expect("mount point");
+        let output = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output();
+        match output {
+            Ok(o) if o.status.success() => Some(Self(at.to_owned())),
+            Ok(o) => orderflow_testkit::unavailable(
+                "a tmpfs mount (root with CAP_SYS_ADMIN)",
+                String::from_utf8_lossy(&o.stderr).trim(),
+            ),
+            Err(e) => orderflow_testkit::unavailable("mount", &e.to_string()),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A Prometheus counter's value summed over its label sets, from `/metrics`.
+async fn counter_sum(client: &reqwest::Client, metrics: &str, name: &str) -> f64 {
+    let Ok(response) = client.get(metrics).send().await else {
+        return 0.0;
+    };
+    let text = response.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_directory_is_shown_on_readyz_and_every_accepted_order_ends_once_freed() {
+    let Some(()) = embedded_broker_installed() else {
+        return;
+    };
+    let dir = TempDir::new();
+    let data = dir.0.join("data");
+    let Some(_tmpfs) = Tmpfs::mount(&data, "128m") else {
+        return;
+    };
+    let mut dev = DevProcess::start(Path::new(BIN), &dir.0, &[])
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    let readyz = dev.metrics_url.replace("/metrics", "/readyz");
+    let client = reqwest::Client::new();
+    wait_ready(&client, &readyz).await;
+    let loadgen = spawn_loadgen(&dev);
+    let bootstrap = dev.bootstrap.clone();
+    wait_events(&bootstrap, 100).await;
+
+    // Fill the data directory, leaving 256 KiB (the broker and the database grow meanwhile:
+    // retried on what is free then).
+    let filler = data.join("filler");
+    eventually(Duration::from_secs(10), "the data directory filled", || {
+        let filler = filler.clone();
+        let free = orderflow::embedded::free_bytes(&data).expect("statvfs");
+        async move {
+            Command::new("fallocate")
+                .args(["-l", &free.saturating_sub(256 * 1024).to_string()])
+                .arg(&filler)
+                .status()
+                .expect("fallocate runs")
+                .success()
+                .then_some(())
+        }
+    })
+    .await;
+    let refused_before = counter_sum(
+        &client,
+        &dev.metrics_url,
+        "orderflow_ingest_orders_refused_total",
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "/readyz to name the data directory, and an order refused",
+        || {
+            let (client, readyz, metrics) =
+                (client.clone(), readyz.clone(), dev.metrics_url.clone());
+            async move {
+                let response = client.get(&readyz).send().await.ok()?;
+                let named = !response.status().is_success()
+                    && response.text().await.ok()?.contains("data directory");
+                let refused =
+                    counter_sum(&client, &metrics, "orderflow_ingest_orders_refused_total").await
+                        > refused_before;
+                (named && refused).then_some(())
+            }
+        },
+    )
+    .await;
+
+    // Freed: the pipeline carries on by itself.
+    std::fs::remove_file(&filler).expect("free the space");
+    wait_ready(&client, &readyz).await;
+    let broker_output = std::fs::read_to_string(data.join("broker/tansu.log")).unwrap_or_default();
+    let (accepted, report) = every_accepted_order_ended(loadgen, &dir, || {
+        format!(
+            "broker panics: {}",
+            broker_output.matches("panicked at").count()
+        )
+    })
+    .await;
+    assert!(
+        (50..300).contains(&accepted),
+        "orders were accepted, and some refused while the disk was full: {report}"
+    );
+    let url = format!("sqlite://{}", data.join("orderflow.sqlite").display());
+    let checked = reconcile_checked(&bootstrap, &url).await;
+    assert!(
+        checked >= accepted,
+        "reconcile checked every accepted order ({accepted}), found {checked}"
+    );
+    let status = dev
+        .interrupt()
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    assert!(status.success(), "dev exited with {status}");
 }
 
 /// The `accepted N (202)` count of a loadgen report.

@@ -88,6 +88,14 @@ impl Database {
         };
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
+            // A connection still inside a transaction is not handed out again: it is closed and
+            // replaced. A COMMIT that failed (SQLite's "database or disk is full") leaves it so,
+            // and every later `begin_write` on it failed ("begin_with at non-zero transaction
+            // depth") until the process restarted, long after the disk had space again
+            // (cli/tests/faults.rs, the full data directory).
+            .before_acquire(|conn, _meta| {
+                Box::pin(async move { Ok(!sqlx::Connection::is_in_transaction(conn)) })
+            })
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {

@@ -19,8 +19,9 @@
 //! answers `503` and the producer is retired — a new one (a new producer id, epoch 0) takes the
 //! next record, and the old one's queued and in-flight records are purged, each answering `503`.
 //! A purged record may still have reached the broker: like a lost ack, the `503` says the order
-//! may have been written. On a broker that takes epoch bumps this costs one reconnect per
-//! timeout burst.
+//! may have been written. A record the broker refuses for good (an error answer, e.g. from a
+//! full disk) bumps the epoch too, so any delivery error retires the producer the same way. On a
+//! broker that takes epoch bumps this costs one reconnect per burst of failures.
 
 use std::{
     sync::{Arc, PoisonError, RwLock},
@@ -121,7 +122,7 @@ impl Publisher {
         // next event on the thread was then dropped (seen under `dev`, not under RUST_LOG=info).
         warn!(
             retired = generation + 1,
-            "A record was not acknowledged in time: the producer is replaced, so that it never sends with an epoch librdkafka bumped."
+            "A record was not acknowledged (in time, or at all): the producer is replaced, so that it never sends with an epoch librdkafka bumped."
         );
         let fresh = match Self::create_producer(&self.clients, self.queue_metrics.clone()) {
             Ok(fresh) => fresh,
@@ -199,12 +200,9 @@ impl Publisher {
             }
             Ok(Err(_canceled)) => Err(PublishError::Kafka(KafkaError::Canceled)),
             Ok(Ok(Err((e, _)))) => {
-                if matches!(
-                    e,
-                    KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut)
-                ) {
-                    self.retire(generation);
-                }
+                // A record that failed for good (the broker's error, e.g. a full disk, or a
+                // timeout) has made librdkafka bump the epoch: retire, as after a deadline.
+                self.retire(generation);
                 Err(PublishError::Kafka(e))
             }
             Ok(Ok(Ok(_))) => Ok(()),
