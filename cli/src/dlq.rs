@@ -7,7 +7,6 @@ use anyhow::{bail, Context, Result};
 use orderflow_deadletters::{Correction, DeadLetter, DeadLetters, LetterId, Resolution};
 use orderflow_platform::{kafka::KafkaClients, Settings};
 use orderflow_schemas::Codec;
-use orderflow_topics::names;
 
 use crate::format_ms;
 
@@ -34,27 +33,18 @@ pub fn who(by: Option<String>) -> String {
 /// with one, its letters (pending only, unless `all`).
 pub async fn list(dlq: &DeadLetters, topic: Option<&str>, all: bool, json: bool) -> Result<()> {
     let Some(topic) = topic else {
-        let mut rows = Vec::new();
-        for topic in names::DEAD_LETTER_TOPICS {
-            let (letters, left_out) = dlq.list(topic).await?;
-            let pending = letters.iter().filter(|l| l.is_pending()).count();
-            rows.push((topic, pending, letters.len() - pending, left_out));
-        }
+        let summaries = dlq.summaries().await?;
         if json {
-            let out: Vec<_> = rows
-                .iter()
-                .map(|(t, p, r, l)| serde_json::json!({"topic": t, "pending": p, "resolved": r, "older_not_read": l}))
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            println!("{}", serde_json::to_string_pretty(&summaries)?);
         } else {
             println!("{:<36}  {:>8}  {:>8}", "topic", "pending", "resolved");
-            for (topic, pending, resolved, left_out) in rows {
-                let more = if left_out > 0 {
-                    format!("  (and {left_out} older, not read)")
+            for s in summaries {
+                let more = if s.older_not_read > 0 {
+                    format!("  (and {} older, not read)", s.older_not_read)
                 } else {
                     String::new()
                 };
-                println!("{topic:<36}  {pending:>8}  {resolved:>8}{more}");
+                println!("{:<36}  {:>8}  {:>8}{more}", s.topic, s.pending, s.resolved);
             }
         }
         return Ok(());

@@ -218,6 +218,19 @@ impl Resolution {
     }
 }
 
+/// One dead-letter topic at a glance ([`DeadLetters::summaries`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TopicSummary {
+    pub topic: &'static str,
+    pub pending: usize,
+    pub resolved: usize,
+    /// Letters past [`MAX_LISTED`], not read.
+    pub older_not_read: usize,
+    /// When the oldest pending letter was parked, ms since the epoch.
+    #[serde(skip)]
+    pub oldest_pending_ms: Option<i64>,
+}
+
 /// A dead letter as read from its topic, with its resolution if it has one.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {
@@ -395,14 +408,32 @@ impl DeadLetters {
         tokio::task::spawn_blocking(move || this.list_blocking(topic)).await?
     }
 
-    /// Pending letters per dead-letter topic.
-    pub async fn pending_counts(&self) -> Result<Vec<(&'static str, usize)>> {
-        let mut out = Vec::new();
-        for topic in names::DEAD_LETTER_TOPICS {
-            let (letters, _) = self.list(topic).await?;
-            out.push((topic, letters.iter().filter(|l| l.is_pending()).count()));
-        }
-        Ok(out)
+    /// Each dead-letter topic's pending and resolved letters and its oldest pending one, reading
+    /// the resolutions once: what `orderflow dlq list`, `GET /v1/dead-letters` and the census
+    /// behind the gauges show.
+    pub async fn summaries(&self) -> Result<Vec<TopicSummary>> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let reader = this.reader()?;
+            let resolutions = this.resolutions(&reader)?;
+            names::DEAD_LETTER_TOPICS
+                .iter()
+                .map(|topic| {
+                    let (letters, older_not_read) =
+                        this.letters_blocking(&reader, topic, &resolutions)?;
+                    let pending: Vec<&DeadLetter> =
+                        letters.iter().filter(|l| l.is_pending()).collect();
+                    Ok(TopicSummary {
+                        topic,
+                        pending: pending.len(),
+                        resolved: letters.len() - pending.len(),
+                        older_not_read,
+                        oldest_pending_ms: pending.iter().filter_map(|l| l.timestamp_ms).min(),
+                    })
+                })
+                .collect()
+        })
+        .await?
     }
 
     /// One letter, with its resolution.
@@ -646,7 +677,18 @@ impl DeadLetters {
 
     fn list_blocking(&self, topic: &str) -> Result<(Vec<DeadLetter>, usize)> {
         let reader = self.reader()?;
-        let mut bounds = self.bounds(&reader, topic)?;
+        let resolutions = self.resolutions(&reader)?;
+        self.letters_blocking(&reader, topic, &resolutions)
+    }
+
+    /// The letters of `topic` with their resolutions (see [`DeadLetters::list`]).
+    fn letters_blocking(
+        &self,
+        reader: &BaseConsumer,
+        topic: &str,
+        resolutions: &HashMap<String, Resolution>,
+    ) -> Result<(Vec<DeadLetter>, usize)> {
+        let mut bounds = self.bounds(reader, topic)?;
         // At most MAX_LISTED: the rest are left out from the start of the lowest partitions
         // (the dead-letter topics have one partition, where those are the oldest).
         let total: i64 = bounds.iter().map(|(_, low, end)| end - low).sum();
@@ -658,10 +700,9 @@ impl DeadLetters {
             skip -= here;
         }
         let mut letters = Vec::new();
-        self.read(&reader, topic, &bounds, |message| {
+        self.read(reader, topic, &bounds, |message| {
             letters.push(DeadLetter::from_message(message, &self.codec));
         })?;
-        let resolutions = self.resolutions(&reader)?;
         for letter in &mut letters {
             letter.resolution = resolutions.get(&letter.letter.to_string()).cloned();
         }

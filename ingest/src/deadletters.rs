@@ -25,7 +25,6 @@ use axum::{
 use orderflow_auth::Caller;
 use orderflow_deadletters::{Correction, DeadLetterError, DeadLetters, LetterId};
 use orderflow_platform::http::Problem;
-use orderflow_topics::names;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -39,8 +38,8 @@ pub const CENSUS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 
 /// Counts each dead-letter topic's pending letters and the age of its oldest, into `metrics`,
 /// every `every` (the first count after one interval: the pipeline has just started, and its
-/// topics may be being created), until `cancel`. A topic that cannot be read keeps its last
-/// figures and is logged.
+/// topics may be being created), until `cancel`. A count that fails keeps the last figures and
+/// is logged.
 pub async fn census(
     dead_letters: DeadLetters,
     metrics: IngestMetrics,
@@ -52,32 +51,30 @@ pub async fn census(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        for topic in names::DEAD_LETTER_TOPICS {
-            match dead_letters.list(topic).await {
-                Ok((letters, _)) => {
-                    let now = crate::routes::now_ms();
-                    let pending: Vec<_> = letters.iter().filter(|l| l.is_pending()).collect();
-                    let oldest = pending
-                        .iter()
-                        .filter_map(|l| l.timestamp_ms)
-                        .min()
-                        .map_or(0, |at| (now - at).max(0) / 1000);
-                    let labels = TopicLabels {
-                        topic: topic.to_owned(),
-                    };
-                    metrics
-                        .dead_letters_pending
-                        .get_or_create(&labels)
-                        .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
-                    metrics
-                        .dead_letters_oldest_pending_age
-                        .get_or_create(&labels)
-                        .set(oldest);
-                }
-                Err(e) => {
-                    tracing::warn!(topic, error = %e, "Counting the dead letters failed; retrying later.")
-                }
+        let summaries = match dead_letters.summaries().await {
+            Ok(summaries) => summaries,
+            Err(e) => {
+                tracing::warn!(error = %e, "Counting the dead letters failed; retrying later.");
+                continue;
             }
+        };
+        let now = crate::routes::now_ms();
+        for summary in summaries {
+            let labels = TopicLabels {
+                topic: summary.topic.to_owned(),
+            };
+            metrics
+                .dead_letters_pending
+                .get_or_create(&labels)
+                .set(i64::try_from(summary.pending).unwrap_or(i64::MAX));
+            metrics
+                .dead_letters_oldest_pending_age
+                .get_or_create(&labels)
+                .set(
+                    summary
+                        .oldest_pending_ms
+                        .map_or(0, |at| (now - at).max(0) / 1000),
+                );
         }
     }
 }
@@ -167,18 +164,7 @@ fn letter(topic: &str, partition: &str, offset: &str) -> Result<LetterId, Proble
     )
 )]
 pub async fn overview(State(state): State<IngestState>) -> Result<Json<Value>, Problem> {
-    let dlq = dead_letters(&state)?;
-    let mut topics = Vec::new();
-    for topic in names::DEAD_LETTER_TOPICS {
-        let (letters, left_out) = dlq.list(topic).await.map_err(problem)?;
-        let pending = letters.iter().filter(|l| l.is_pending()).count();
-        topics.push(json!({
-            "topic": topic,
-            "pending": pending,
-            "resolved": letters.len() - pending,
-            "older_not_read": left_out,
-        }));
-    }
+    let topics = dead_letters(&state)?.summaries().await.map_err(problem)?;
     Ok(Json(json!({ "topics": topics })))
 }
 
