@@ -12,6 +12,7 @@
 //! - [`loadgen`] posts realistic random orders to a running instance and reads back the result.
 
 pub mod admin;
+pub mod backup;
 pub mod dlq;
 pub mod embedded;
 pub mod loadgen;

@@ -104,6 +104,25 @@ enum Command {
         #[arg(value_enum)]
         projection: ProjectionName,
     },
+    /// Back up the event log, the changelogs, the consumer groups' offsets and the database
+    /// into DIR, consistently while the pipeline runs. A directory holding earlier backups gets
+    /// an incremental set (from their ends). docs/runbooks/backup-restore.md.
+    Backup {
+        dir: PathBuf,
+        /// A full set even when DIR holds earlier ones (starts a new chain).
+        #[arg(long)]
+        full: bool,
+    },
+    /// Restore the backup in DIR into an empty cluster and database, offsets and positions
+    /// mapped; with no broker configured, into the embedded broker's data directory. The
+    /// pipeline must not run meanwhile.
+    Restore {
+        dir: PathBuf,
+        /// Restore even though topics hold records (appended after them) or the database is
+        /// not empty (replaced).
+        #[arg(long)]
+        force: bool,
+    },
     /// Run the embedded broker on its own (Tansu with SQLite storage, its log on disk), with
     /// the topic catalog applied, and print its address first.
     Broker {
@@ -486,6 +505,14 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 }
             };
             print!("{report}");
+        }
+        Command::Backup { dir, full } => {
+            orderflow::backup::backup(&settings, &dir, orderflow_backup::BackupOptions { full })
+                .await?
+        }
+        Command::Restore { dir, force } => {
+            orderflow::backup::restore(&settings, &dir, orderflow_backup::RestoreOptions { force })
+                .await?
         }
         Command::Broker { data, install_only } => broker(&settings, data, install_only).await?,
         Command::Gateway => {

@@ -3,7 +3,7 @@
 //! each backend (`migrations/{postgres,sqlite}`): the projections' read models, and the edge's
 //! API keys and idempotency records.
 
-use std::{path::Path, str::FromStr};
+use std::str::FromStr;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::{
@@ -219,20 +219,20 @@ fn month_start_ms(year: i32, month: u8) -> i64 {
         .unwrap_or(0)
 }
 
+/// The file a `sqlite:` URL names (`None` for an in-memory database or another backend).
+pub fn sqlite_path(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| path.into())
+}
+
 fn create_sqlite_dir(url: &str) -> Result<()> {
-    let path = url
-        .trim_start_matches("sqlite://")
-        .trim_start_matches("sqlite:")
-        .split('?')
-        .next()
-        .unwrap_or_default();
-    if path.is_empty() || path == ":memory:" {
+    let Some(path) = sqlite_path(url) else {
         return Ok(());
-    }
-    if let Some(dir) = Path::new(path)
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-    {
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| DbError::Directory {
             path: dir.display().to_string(),
             source,

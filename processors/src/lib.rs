@@ -70,6 +70,9 @@ pub const PAYMENTS: ProcessorIo = ProcessorIo {
     changelog_topic: None,
 };
 
+/// Every processor of the process role.
+pub const PROCESSORS: [ProcessorIo; 3] = [SAGA, INVENTORY, PAYMENTS];
+
 /// Where the saga writes.
 pub const SAGA_TOPICS: saga::SagaTopics = saga::SagaTopics {
     orders: names::ORDERS_EVENTS,

@@ -220,6 +220,13 @@ pub struct ProcessorIo {
     pub changelog_topic: Option<&'static str>,
 }
 
+impl ProcessorIo {
+    /// The processor's consumer group: `orderflow-<name>`.
+    pub fn group_id(&self) -> String {
+        format!("orderflow-{}", self.name)
+    }
+}
+
 /// One input partition's state and the input position it reflects.
 struct Slot<T> {
     state: T,
@@ -275,7 +282,7 @@ impl<S: Step> ProcessorRuntime<S> {
             batch.instance_id.clone()
         };
         Self {
-            group_id: format!("orderflow-{}", io.name),
+            group_id: io.group_id(),
             transactional_id: format!("{}-{}-{instance}", batch.transactional_id_prefix, io.name),
             io,
             step,

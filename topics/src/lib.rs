@@ -28,6 +28,10 @@ pub mod names {
     /// letter (`orderflow dlq`).
     pub const DLQ_RESOLUTIONS: &str = "orderflow.dlq.resolutions";
 
+    /// The topics whose records are orderflow events, each with its own id and its cause's
+    /// (the dead-letter topics hold copies of them).
+    pub const EVENT_TOPICS: [&str; 3] = [ORDERS_EVENTS, INVENTORY_COMMANDS, PAYMENTS_REQUESTS];
+
     /// Every dead-letter topic, where `orderflow dlq` looks.
     pub const DEAD_LETTER_TOPICS: [&str; 5] = [
         SAGA_DLQ,
