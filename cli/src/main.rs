@@ -103,6 +103,17 @@ enum Command {
     Replay {
         #[arg(value_enum)]
         projection: ProjectionName,
+        /// Fold the whole log, not the latest snapshot plus the records after it (after a
+        /// change to the projection's fold: a snapshot holds the old fold's rows).
+        #[arg(long)]
+        from_beginning: bool,
+    },
+    /// Take a snapshot of a projection (its tables and positions, copied consistently while it
+    /// runs): later replays fold only the log after it, and still work once the log before it
+    /// is deleted. Keeps the latest one.
+    Snapshot {
+        #[arg(value_enum)]
+        projection: ProjectionName,
     },
     /// Back up the event log, the changelogs, the consumer groups' offsets and the database
     /// into DIR, consistently while the pipeline runs. A directory holding earlier backups gets
@@ -481,7 +492,29 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                 return Ok(std::process::ExitCode::FAILURE);
             }
         }
-        Command::Replay { projection } => {
+        Command::Snapshot { projection } => {
+            let db = Database::connect(settings.database_url(), 2).await?;
+            db.require_schema()
+                .await
+                .context("checking the database schema")?;
+            use orderflow_projections::{
+                inventory::InventoryProjection, orders::OrdersProjection, replay::take_snapshot,
+            };
+            let snapshot = match projection {
+                ProjectionName::Orders => take_snapshot(&OrdersProjection, &db).await?,
+                ProjectionName::Inventory => take_snapshot(&InventoryProjection, &db).await?,
+            };
+            print!("{snapshot}");
+        }
+        Command::Replay {
+            projection,
+            from_beginning,
+        } => {
+            let from = if from_beginning {
+                orderflow_projections::replay::ReplayFrom::Beginning
+            } else {
+                orderflow_projections::replay::ReplayFrom::LatestSnapshot
+            };
             if settings.kafka.brokers.trim().is_empty() {
                 bail!("kafka.brokers is not set; replay reads the event log from the broker");
             }
@@ -498,10 +531,17 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
             };
             let report = match projection {
                 ProjectionName::Orders => {
-                    replay(OrdersProjection, &db, &clients, &settings.projection).await?
+                    replay(OrdersProjection, &db, &clients, &settings.projection, from).await?
                 }
                 ProjectionName::Inventory => {
-                    replay(InventoryProjection, &db, &clients, &settings.projection).await?
+                    replay(
+                        InventoryProjection,
+                        &db,
+                        &clients,
+                        &settings.projection,
+                        from,
+                    )
+                    .await?
                 }
             };
             print!("{report}");

@@ -213,12 +213,30 @@ impl ProjectionReplayer for Replayer {
         let projection = projection.to_owned();
         Box::pin(async move {
             use orderflow_projections::{
-                inventory::InventoryProjection, orders::OrdersProjection, replay::replay,
+                inventory::InventoryProjection,
+                orders::OrdersProjection,
+                replay::{replay, ReplayFrom},
             };
             let report = match projection.as_str() {
-                "orders" => replay(OrdersProjection, &self.db, &self.clients, &self.settings).await,
+                "orders" => {
+                    replay(
+                        OrdersProjection,
+                        &self.db,
+                        &self.clients,
+                        &self.settings,
+                        ReplayFrom::default(),
+                    )
+                    .await
+                }
                 "inventory" => {
-                    replay(InventoryProjection, &self.db, &self.clients, &self.settings).await
+                    replay(
+                        InventoryProjection,
+                        &self.db,
+                        &self.clients,
+                        &self.settings,
+                        ReplayFrom::default(),
+                    )
+                    .await
                 }
                 other => return Err(format!("no projection {other}")),
             }

@@ -22,7 +22,7 @@ use orderflow_platform::kafka::KafkaClients;
 use orderflow_projections::{
     inventory::InventoryProjection,
     orders::OrdersProjection,
-    replay::{checksum, replay, ReplayLock},
+    replay::{checksum, latest_snapshot, replay, take_snapshot, ReplayFrom, ReplayLock},
     Database as Db, Projection,
 };
 use orderflow_testkit::{
@@ -157,9 +157,15 @@ async fn replay_keeps_the_tables_and_the_queries(db: Database) {
             failures
         }
     });
-    let report = replay(OrdersProjection, &live, &clients, &settings.projection)
-        .await
-        .expect("replay orders");
+    let report = replay(
+        OrdersProjection,
+        &live,
+        &clients,
+        &settings.projection,
+        ReplayFrom::Beginning,
+    )
+    .await
+    .expect("replay orders");
     assert_eq!(report.rows["orders"], 20, "{report}");
     // The inventory over the admin API, as an operator would, first while someone else holds
     // the replay lock (another instance, the CLI): that run is refused and changes nothing.
@@ -204,12 +210,24 @@ async fn replay_keeps_the_tables_and_the_queries(db: Database) {
             placed
         }
     });
-    replay(OrdersProjection, &live, &clients, &settings.projection)
-        .await
-        .expect("replay while busy");
-    replay(InventoryProjection, &live, &clients, &settings.projection)
-        .await
-        .expect("inventory replay while busy");
+    replay(
+        OrdersProjection,
+        &live,
+        &clients,
+        &settings.projection,
+        ReplayFrom::Beginning,
+    )
+    .await
+    .expect("replay while busy");
+    replay(
+        InventoryProjection,
+        &live,
+        &clients,
+        &settings.projection,
+        ReplayFrom::Beginning,
+    )
+    .await
+    .expect("inventory replay while busy");
     for (_, url) in placing.await.expect("placing") {
         wait_final(&client, &url).await;
     }
@@ -228,6 +246,79 @@ async fn replay_keeps_the_tables_and_the_queries(db: Database) {
     .expect("reconcile");
     assert!(report.is_clean(), "{report}");
     assert_eq!(report.orders_checked, 50, "{report}");
+
+    // Snapshots: a replay folds only the log after the latest one.
+    assert_eq!(latest_snapshot(&live, "orders").await.expect("read"), None);
+    let snapshot = take_snapshot(&OrdersProjection, &live)
+        .await
+        .expect("snapshot");
+    assert_eq!(snapshot.rows["orders"], 50, "{snapshot}");
+    assert_eq!(
+        latest_snapshot(&live, "orders").await.expect("read"),
+        Some(snapshot.clone())
+    );
+    let at_snapshot: i64 = snapshot.positions.values().sum();
+    let mut tail = Vec::new();
+    for i in 0..10 {
+        tail.push(place(&client, &ingest, &format!("tail-{}", i % 3)).await);
+    }
+    for (_, url) in &tail {
+        wait_final(&client, url).await;
+    }
+    let orders_tables = |sums: BTreeMap<&'static str, (usize, u64)>| {
+        sums.into_iter()
+            .filter(|(table, _)| OrdersProjection.tables().contains(table))
+            .collect::<BTreeMap<_, _>>()
+    };
+    let before = orders_tables(checksums(&live).await);
+    assert_eq!(before["orders"].0, 60);
+    for statement in [
+        "UPDATE orders SET status = 'tampered' WHERE customer_id = 'tail-1'",
+        "DELETE FROM customer_stats",
+    ] {
+        sqlx::query(statement)
+            .execute(live.pool())
+            .await
+            .expect("tamper");
+    }
+    let now_at: i64 = sqlx::query_scalar(
+        "SELECT CAST(SUM(next_offset) AS BIGINT) FROM projection_offsets WHERE projection = 'orders'",
+    )
+    .fetch_one(live.pool())
+    .await
+    .expect("positions");
+    let from_snapshot = replay(
+        OrdersProjection,
+        &live,
+        &clients,
+        &settings.projection,
+        ReplayFrom::LatestSnapshot,
+    )
+    .await
+    .expect("replay from the snapshot");
+    assert_eq!(
+        from_snapshot.from_snapshot,
+        Some(snapshot.taken_at_ms),
+        "{from_snapshot}"
+    );
+    assert_eq!(
+        from_snapshot.records as i64,
+        now_at - at_snapshot,
+        "only the records after the snapshot are folded: {from_snapshot}"
+    );
+    assert_eq!(orders_tables(checksums(&live).await), before);
+    let whole = replay(
+        OrdersProjection,
+        &live,
+        &clients,
+        &settings.projection,
+        ReplayFrom::Beginning,
+    )
+    .await
+    .expect("replay from the beginning");
+    assert_eq!(whole.from_snapshot, None);
+    assert_eq!(whole.records as i64, now_at, "{whole}");
+    assert_eq!(orders_tables(checksums(&live).await), before);
 
     running
         .shutdown(Duration::from_secs(30))

@@ -28,6 +28,17 @@ pub struct LogTruncated {
 pub enum LogStartError {
     #[error(transparent)]
     Truncated(#[from] LogTruncated),
+    #[error(
+        "{topic} partition {partition} starts at offset {low}, past the snapshot's position \
+         {from}: records the snapshot does not hold were deleted; take snapshots more often than \
+         the topic's retention deletes records"
+    )]
+    GoneSinceSnapshot {
+        topic: String,
+        partition: i32,
+        low: i64,
+        from: i64,
+    },
     #[error("reading the watermarks of {topic} partition {partition}: {source}")]
     Kafka {
         topic: String,
@@ -48,6 +59,29 @@ pub fn require_whole<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
         .fetch_watermarks(topic, partition, timeout)
         .map_err(kafka_error(topic, partition))?;
     check(topic, partition, low)?;
+    Ok((low, high))
+}
+
+/// The partition's watermarks, or an error if its log no longer holds offset `from` on (a
+/// snapshot's position: what came before it is in the snapshot).
+pub fn require_from<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    timeout: Duration,
+) -> Result<(i64, i64), LogStartError> {
+    let (low, high) = consumer
+        .fetch_watermarks(topic, partition, timeout)
+        .map_err(kafka_error(topic, partition))?;
+    if low > from {
+        return Err(LogStartError::GoneSinceSnapshot {
+            topic: topic.to_owned(),
+            partition,
+            low,
+            from,
+        });
+    }
     Ok((low, high))
 }
 

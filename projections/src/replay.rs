@@ -68,6 +68,11 @@ pub enum ReplayError {
     Codec(#[from] orderflow_schemas::CodecError),
     #[error("a replay of projection {0} is already running")]
     AlreadyRunning(String),
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the replay lock {path}: {source}")]
     LockFile {
         path: String,
@@ -81,10 +86,24 @@ impl From<sqlx::Error> for ReplayError {
     }
 }
 
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReplayFrom {
+    /// From the latest snapshot ([`take_snapshot`]) when there is one, else from the beginning.
+    #[default]
+    LatestSnapshot,
+    /// From the beginning of the log, whatever snapshot there is (after a change to the
+    /// projection's fold: a snapshot holds the old fold's rows).
+    Beginning,
+}
+
 /// What a replay did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayReport {
     pub projection: String,
+    /// When the snapshot it started from was taken (ms since the epoch), if it used one.
+    pub from_snapshot: Option<i64>,
+    /// Records folded: from the snapshot's positions, or from the beginning.
     pub records: usize,
     /// Rows per table swapped in.
     pub rows: BTreeMap<String, i64>,
@@ -92,11 +111,19 @@ pub struct ReplayReport {
 
 impl std::fmt::Display for ReplayReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "replayed projection {} from {} records; swapped in:",
-            self.projection, self.records
-        )?;
+        match self.from_snapshot {
+            Some(taken_at) => writeln!(
+                f,
+                "replayed projection {} from its snapshot taken at {taken_at} (ms since the \
+                 epoch) and the {} records after it; swapped in:",
+                self.projection, self.records
+            )?,
+            None => writeln!(
+                f,
+                "replayed projection {} from {} records; swapped in:",
+                self.projection, self.records
+            )?,
+        }
         for (table, rows) in &self.rows {
             writeln!(f, "  {table}: {rows} rows")?;
         }
@@ -111,9 +138,23 @@ async fn live_positions<'c, E>(executor: E, projection: &str) -> Result<Position
 where
     E: sqlx::Executor<'c, Database = sqlx::Any>,
 {
-    let rows = sqlx::query(
-        "SELECT topic, partition_id, next_offset FROM projection_offsets WHERE projection = $1",
-    )
+    live_positions_in(executor, "", projection).await
+}
+
+/// The stored positions of `projection` in the `projection_offsets` table named with `prefix`
+/// (a snapshot's schema, or nothing).
+async fn live_positions_in<'c, E>(
+    executor: E,
+    prefix: &str,
+    projection: &str,
+) -> Result<Positions, ReplayError>
+where
+    E: sqlx::Executor<'c, Database = sqlx::Any>,
+{
+    let rows = sqlx::query(&format!(
+        "SELECT topic, partition_id, next_offset FROM {prefix}projection_offsets \
+         WHERE projection = $1"
+    ))
     .bind(projection)
     .fetch_all(executor)
     .await?;
@@ -128,20 +169,42 @@ where
         .map_err(Into::into)
 }
 
-/// Where the scratch tables live, as seen from a live connection.
+/// A space next to the live tables with the full schema: a replay's scratch tables, a snapshot
+/// being taken, the latest snapshot. On PostgreSQL the schema `orderflow_<space>_<projection>`,
+/// on SQLite the file `<database>.<space>-<projection>` (attached under the space's name).
 struct Scratch {
     db: Database,
-    /// PostgreSQL: the schema; SQLite: the file (attached as `replay` for the swap).
+    /// PostgreSQL: the schema; SQLite: the file.
     place: String,
+    /// SQLite: the name it is attached under to a live connection.
+    alias: String,
 }
 
-const SQLITE_ALIAS: &str = "replay";
+/// The spaces ([`Scratch`]).
+const REPLAY_SPACE: &str = "replay";
+const SNAPSHOT_SPACE: &str = "snapshot";
+const NEXT_SNAPSHOT_SPACE: &str = "snapshot-next";
+/// The table of a snapshot saying when it was taken.
+const SNAPSHOT_TAKEN: &str = "snapshot_taken";
+
+fn place_of(live: &Database, space: &str, projection: &str) -> String {
+    match live.backend() {
+        Backend::Postgres => format!("orderflow_{}_{projection}", space.replace('-', "_")),
+        Backend::Sqlite => format!(
+            "{}.{space}-{projection}",
+            sqlite_path(live.url().expose_secret())
+        ),
+    }
+}
 
 impl Scratch {
-    async fn create(live: &Database, projection: &str) -> Result<Self, ReplayError> {
+    /// A new, empty space with the full schema (what was there is dropped).
+    async fn create(live: &Database, space: &str, projection: &str) -> Result<Self, ReplayError> {
+        let place = place_of(live, space, projection);
+        let alias = space.replace('-', "_");
         match live.backend() {
             Backend::Postgres => {
-                let schema = format!("orderflow_replay_{projection}");
+                let schema = place;
                 sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
                     .execute(live.pool())
                     .await?;
@@ -155,27 +218,59 @@ impl Scratch {
                 ));
                 let db = Database::connect(url, 2).await?;
                 db.migrate().await?;
-                Ok(Self { db, place: schema })
+                Ok(Self {
+                    db,
+                    place: schema,
+                    alias,
+                })
             }
             Backend::Sqlite => {
-                let path = sqlite_path(live.url().expose_secret());
-                let file = format!("{path}.replay-{projection}");
+                let file = place;
                 for suffix in ["", "-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{file}{suffix}"));
                 }
                 let db = Database::connect(format!("sqlite://{file}?mode=rwc"), 2).await?;
                 db.migrate().await?;
-                Ok(Self { db, place: file })
+                Ok(Self {
+                    db,
+                    place: file,
+                    alias,
+                })
             }
         }
     }
 
-    /// How a live connection names `table` of the scratch space.
+    /// How a live connection names `table` of the space.
     fn table(&self, backend: Backend, table: &str) -> String {
         match backend {
             Backend::Postgres => format!("{}.{table}", self.place),
-            Backend::Sqlite => format!("{SQLITE_ALIAS}.{table}"),
+            Backend::Sqlite => format!("{}.{table}", self.alias),
         }
+    }
+
+    /// Attaches the space to a live SQLite connection (nothing on PostgreSQL).
+    async fn attach(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        backend: Backend,
+    ) -> Result<(), ReplayError> {
+        if backend == Backend::Sqlite {
+            sqlx::query(&format!("ATTACH DATABASE $1 AS {}", self.alias))
+                .bind(&self.place)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Detaches it again; `false` when that failed (the connection must not go back to the
+    /// pool with the space attached).
+    async fn detach(&self, conn: &mut sqlx::AnyConnection, backend: Backend) -> bool {
+        backend != Backend::Sqlite
+            || sqlx::query(&format!("DETACH DATABASE {}", self.alias))
+                .execute(&mut *conn)
+                .await
+                .is_ok()
     }
 
     async fn drop(self, live: &Database) {
@@ -210,17 +305,46 @@ struct LogCursor {
     /// A record read past the current target, kept for the next one.
     held: Vec<OwnedMessage>,
     records: usize,
+    /// Where reading started, per partition (absent: at its beginning): a target there is
+    /// reached without a record (the consumer reports no position before its first).
+    starts: Positions,
 }
 
 impl LogCursor {
-    fn open(clients: &KafkaClients, topics: &[&'static str]) -> Result<Self, ReplayError> {
+    /// Reads `topics` from `start` (a snapshot's positions), or from their beginning; a
+    /// partition must still hold every record from where reading starts.
+    fn open(
+        clients: &KafkaClients,
+        topics: &[&'static str],
+        start: Option<&Positions>,
+    ) -> Result<Self, ReplayError> {
         let consumer: StreamConsumer = clients.reader("replay").create()?;
         let mut tpl = TopicPartitionList::new();
         for topic in topics {
             let metadata = consumer.fetch_metadata(Some(topic), clients.admin_timeout())?;
             for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
-                crate::log_start::require_whole(&consumer, topic, p.id(), clients.admin_timeout())?;
-                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+                let from = start.and_then(|s| s.get(&((*topic).to_owned(), p.id())).copied());
+                match from {
+                    Some(from) => {
+                        crate::log_start::require_from(
+                            &consumer,
+                            topic,
+                            p.id(),
+                            from,
+                            clients.admin_timeout(),
+                        )?;
+                        tpl.add_partition_offset(topic, p.id(), Offset::Offset(from))?;
+                    }
+                    None => {
+                        crate::log_start::require_whole(
+                            &consumer,
+                            topic,
+                            p.id(),
+                            clients.admin_timeout(),
+                        )?;
+                        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+                    }
+                }
             }
         }
         consumer.assign(&tpl)?;
@@ -228,6 +352,7 @@ impl LogCursor {
             consumer,
             held: Vec::new(),
             records: 0,
+            starts: start.cloned().unwrap_or_default(),
         })
     }
 
@@ -241,7 +366,12 @@ impl LogCursor {
         }
         let position = self.consumer.position()?;
         Ok(targets.iter().all(|((topic, partition), target)| {
-            *target <= 0
+            *target
+                <= self
+                    .starts
+                    .get(&(topic.clone(), *partition))
+                    .copied()
+                    .unwrap_or(0)
                 || position
                     .find_partition(topic, *partition)
                     .and_then(|e| match e.offset() {
@@ -399,13 +529,28 @@ pub async fn replay<P: Projection>(
     live: &Database,
     clients: &KafkaClients,
     settings: &ProjectionSettings,
+    from: ReplayFrom,
 ) -> Result<ReplayReport, ReplayError> {
     let name = projection.name();
     let tables = projection.tables();
     let topics = projection.topics();
     let lock = ReplayLock::acquire(live, name).await?;
-    let scratch = Scratch::create(live, name).await?;
+    let scratch = Scratch::create(live, REPLAY_SPACE, name).await?;
     let result = async {
+        // From a snapshot: its rows and positions are the scratch space's start.
+        let snapshot = match from {
+            ReplayFrom::LatestSnapshot => latest_snapshot(live, name).await?,
+            ReplayFrom::Beginning => None,
+        };
+        if let Some(snapshot) = &snapshot {
+            seed(live, &scratch, name, tables).await?;
+            info!(
+                projection = name,
+                taken_at = snapshot.taken_at_ms,
+                "Replaying from the latest snapshot."
+            );
+        }
+        let start = snapshot.as_ref().map(|s| s.positions.clone());
         let writer = ProjectionWriter::new(
             projection,
             scratch.db.clone(),
@@ -417,7 +562,7 @@ pub async fn replay<P: Projection>(
         // Metadata and watermark lookups: off the async workers.
         let mut cursor = {
             let (clients, topics) = (clients.clone(), topics.clone());
-            tokio::task::spawn_blocking(move || LogCursor::open(&clients, &topics))
+            tokio::task::spawn_blocking(move || LogCursor::open(&clients, &topics, start.as_ref()))
                 .await
                 .map_err(|_| ReplayError::Kafka(KafkaError::Canceled))??
         };
@@ -449,12 +594,7 @@ pub async fn replay<P: Projection>(
         // The swap: the live writer waits on its lock meanwhile; readers do not.
         let backend = live.backend();
         let mut conn = live.pool().acquire().await?;
-        if backend == Backend::Sqlite {
-            sqlx::query(&format!("ATTACH DATABASE $1 AS {SQLITE_ALIAS}"))
-                .bind(&scratch.place)
-                .execute(&mut *conn)
-                .await?;
-        }
+        scratch.attach(&mut conn, backend).await?;
         let swapped = async {
             let mut tx = conn.begin().await?;
             match backend {
@@ -504,17 +644,13 @@ pub async fn replay<P: Projection>(
             Ok::<_, ReplayError>(rows)
         }
         .await;
-        if backend == Backend::Sqlite {
-            let detached = sqlx::query(&format!("DETACH DATABASE {SQLITE_ALIAS}"))
-                .execute(&mut *conn)
-                .await;
-            if detached.is_err() {
-                // Never hand a connection with the scratch file attached back to the pool.
-                conn.detach();
-            }
+        if !scratch.detach(&mut conn, backend).await {
+            // Never hand a connection with the scratch file attached back to the pool.
+            conn.detach();
         }
         Ok::<_, ReplayError>(ReplayReport {
             projection: name.to_owned(),
+            from_snapshot: snapshot.map(|s| s.taken_at_ms),
             records: cursor.records,
             rows: swapped?,
         })
@@ -526,6 +662,241 @@ pub async fn replay<P: Projection>(
         tracing::debug!(error = %e, "Releasing the replay lock failed.");
     }
     result
+}
+
+/// A projection's snapshot: when it was taken, and the positions its rows reflect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub projection: String,
+    pub taken_at_ms: i64,
+    pub positions: BTreeMap<(String, i32), i64>,
+    /// Rows per table.
+    pub rows: BTreeMap<String, i64>,
+}
+
+impl std::fmt::Display for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "snapshot of projection {} taken at {} (ms since the epoch), at {} records of the log:",
+            self.projection,
+            self.taken_at_ms,
+            self.positions.values().sum::<i64>()
+        )?;
+        for (table, rows) in &self.rows {
+            writeln!(f, "  {table}: {rows} rows")?;
+        }
+        Ok(())
+    }
+}
+
+/// Takes a snapshot of `projection`: its tables and positions, copied in one consistent read
+/// of the live database (a repeatable-read transaction on PostgreSQL, one read transaction on
+/// SQLite) while the live writer goes on, into a new space that then replaces the previous
+/// snapshot in one step (PostgreSQL: a schema renamed in a transaction; SQLite: a file renamed
+/// over the old one). Replays start from it ([`ReplayFrom::LatestSnapshot`]); a crash leaves
+/// the previous snapshot in place. Holds the replay lock, so a replay never reads a snapshot
+/// being replaced.
+pub async fn take_snapshot<P: Projection>(
+    projection: &P,
+    live: &Database,
+) -> Result<Snapshot, ReplayError> {
+    let name = projection.name();
+    let tables = projection.tables();
+    let lock = ReplayLock::acquire(live, name).await?;
+    let result = async {
+        let next = Scratch::create(live, NEXT_SNAPSHOT_SPACE, name).await?;
+        let backend = live.backend();
+        let taken_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or_default();
+        let mut conn = live.pool().acquire().await?;
+        next.attach(&mut conn, backend).await?;
+        let copied = async {
+            let mut tx = conn.begin().await?;
+            if backend == Backend::Postgres {
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            for table in tables {
+                sqlx::query(&format!(
+                    "INSERT INTO {} SELECT * FROM {table}",
+                    next.table(backend, table)
+                ))
+                .execute(&mut *tx)
+                .await?;
+            }
+            sqlx::query(&format!(
+                "INSERT INTO {} SELECT * FROM projection_offsets WHERE projection = $1",
+                next.table(backend, "projection_offsets")
+            ))
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "CREATE TABLE {} (projection TEXT NOT NULL, taken_at BIGINT NOT NULL)",
+                next.table(backend, SNAPSHOT_TAKEN)
+            ))
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "INSERT INTO {} (projection, taken_at) VALUES ($1, $2)",
+                next.table(backend, SNAPSHOT_TAKEN)
+            ))
+            .bind(name)
+            .bind(taken_at_ms)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok::<_, ReplayError>(())
+        }
+        .await;
+        if !next.detach(&mut conn, backend).await {
+            conn.detach();
+        }
+        copied?;
+        // Replace the previous snapshot in one step.
+        next.db.pool().close().await;
+        let current = place_of(live, SNAPSHOT_SPACE, name);
+        match backend {
+            Backend::Postgres => {
+                let mut tx = live.pool().begin().await?;
+                sqlx::query(&format!("DROP SCHEMA IF EXISTS {current} CASCADE"))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(&format!("ALTER SCHEMA {} RENAME TO {current}", next.place))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+            Backend::Sqlite => {
+                for suffix in ["-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{current}{suffix}"));
+                }
+                std::fs::rename(&next.place, &current).map_err(|source| ReplayError::File {
+                    path: current.clone(),
+                    source,
+                })?;
+            }
+        }
+        latest_snapshot(live, name)
+            .await?
+            .ok_or_else(|| ReplayError::Db(DbError::Sqlx(sqlx::Error::RowNotFound)))
+    }
+    .await;
+    if let Err(e) = lock.release().await {
+        tracing::debug!(error = %e, "Releasing the replay lock failed.");
+    }
+    result
+}
+
+/// The latest snapshot of `projection`, if one was taken.
+pub async fn latest_snapshot(
+    live: &Database,
+    projection: &str,
+) -> Result<Option<Snapshot>, ReplayError> {
+    let place = place_of(live, SNAPSHOT_SPACE, projection);
+    let (db, prefix) = match live.backend() {
+        Backend::Postgres => {
+            let exists: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.tables \
+                 WHERE table_schema = $1 AND table_name = $2",
+            )
+            .bind(&place)
+            .bind(SNAPSHOT_TAKEN)
+            .fetch_one(live.pool())
+            .await?;
+            if exists == 0 {
+                return Ok(None);
+            }
+            (live.clone(), format!("{place}."))
+        }
+        Backend::Sqlite => {
+            if !std::path::Path::new(&place).exists() {
+                return Ok(None);
+            }
+            (
+                Database::connect(format!("sqlite://{place}"), 1).await?,
+                String::new(),
+            )
+        }
+    };
+    let read = async {
+        let taken_at_ms: i64 = sqlx::query_scalar(&format!(
+            "SELECT taken_at FROM {prefix}{SNAPSHOT_TAKEN} WHERE projection = $1"
+        ))
+        .bind(projection)
+        .fetch_one(db.pool())
+        .await?;
+        let positions = live_positions_in(db.pool(), &prefix, projection).await?;
+        let tables: &[&str] = match projection {
+            "orders" => crate::orders::OrdersProjection.tables(),
+            _ => crate::inventory::InventoryProjection.tables(),
+        };
+        let mut rows = BTreeMap::new();
+        for table in tables {
+            let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {prefix}{table}"))
+                .fetch_one(db.pool())
+                .await?;
+            rows.insert((*table).to_owned(), n);
+        }
+        Ok::<_, ReplayError>(Snapshot {
+            projection: projection.to_owned(),
+            taken_at_ms,
+            positions,
+            rows,
+        })
+    }
+    .await;
+    if live.backend() == Backend::Sqlite {
+        db.pool().close().await;
+    }
+    read.map(Some)
+}
+
+/// Fills the scratch space with the latest snapshot's rows and positions.
+async fn seed(
+    live: &Database,
+    scratch: &Scratch,
+    projection: &str,
+    tables: &[&str],
+) -> Result<(), ReplayError> {
+    let snapshot = place_of(live, SNAPSHOT_SPACE, projection);
+    let mut conn = scratch.db.pool().acquire().await?;
+    let prefix = match live.backend() {
+        Backend::Postgres => format!("{snapshot}."),
+        Backend::Sqlite => {
+            sqlx::query("ATTACH DATABASE $1 AS snapshot")
+                .bind(&snapshot)
+                .execute(&mut *conn)
+                .await?;
+            "snapshot.".to_owned()
+        }
+    };
+    let copied = async {
+        let mut tx = conn.begin().await?;
+        for table in tables.iter().chain(&["projection_offsets"]) {
+            sqlx::query(&format!(
+                "INSERT INTO {table} SELECT * FROM {prefix}{table}"
+            ))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok::<_, ReplayError>(())
+    }
+    .await;
+    if live.backend() == Backend::Sqlite
+        && sqlx::query("DETACH DATABASE snapshot")
+            .execute(&mut *conn)
+            .await
+            .is_err()
+    {
+        conn.detach();
+    }
+    copied
 }
 
 /// Columns that record when a row was written, not what the log says: left out of checksums.
