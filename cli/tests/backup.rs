@@ -24,8 +24,8 @@ use std::{
 
 use orderflow_gateway::simulator::Simulator;
 use orderflow_testkit::{
-    dev::DevProcess, embedded_broker_installed, eventually, test_settings_with, Database as TestDb,
-    TempDir,
+    dev::{wait_events, DevProcess},
+    embedded_broker_installed, eventually, test_settings_with, Database as TestDb, TempDir,
 };
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
@@ -330,31 +330,6 @@ fn consumer(bootstrap: &str) -> BaseConsumer {
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer")
-}
-
-/// Records in `orders.events`, over its partitions.
-fn events_in_log(bootstrap: &str) -> i64 {
-    let consumer = consumer(bootstrap);
-    (0..6)
-        .map(|partition| {
-            consumer
-                .fetch_watermarks("orders.events", partition, Duration::from_secs(5))
-                .map_or(0, |(_, high)| high)
-        })
-        .sum()
-}
-
-/// Waits until `orders.events` holds at least `events` records.
-async fn wait_events(bootstrap: &str, events: i64) {
-    eventually(Duration::from_secs(120), "orders to flow", || {
-        let bootstrap = bootstrap.to_owned();
-        async move {
-            tokio::task::spawn_blocking(move || (events_in_log(&bootstrap) >= events).then_some(()))
-                .await
-                .expect("join")
-        }
-    })
-    .await;
 }
 
 /// The order ids of `orders.events`' events, read to the end. (Its records are keyed by

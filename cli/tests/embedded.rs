@@ -25,7 +25,11 @@ use std::{
 
 use orderflow::embedded::check_database_matches_log;
 use orderflow_platform::kafka::KafkaClients;
-use orderflow_projections::{orders::OrdersProjection, replay::replay, Database};
+use orderflow_projections::{
+    orders::OrdersProjection,
+    replay::{replay, take_snapshot, ReplayFrom},
+    Database,
+};
 use orderflow_schemas::Codec;
 use orderflow_testkit::{
     apply_topics, free_port,
@@ -226,6 +230,36 @@ async fn replay_and_reconcile_refuse_a_log_that_no_longer_starts_at_zero() {
     };
     let report = reconcile().await.expect("reconcile on a whole log");
     assert!(report.is_clean(), "{report}");
+    // The tables folded to the log's end (a replay up to positions set there), and a snapshot.
+    let probe: BaseConsumer = clients.admin().create().expect("consumer");
+    for partition in 0..6 {
+        let (_, high) = probe
+            .fetch_watermarks(names::ORDERS_EVENTS, partition, Duration::from_secs(10))
+            .expect("watermarks");
+        sqlx::query(
+            "INSERT INTO projection_offsets (projection, topic, partition_id, next_offset) \
+             VALUES ('orders', $1, $2, $3)",
+        )
+        .bind(names::ORDERS_EVENTS)
+        .bind(i64::from(partition))
+        .bind(high)
+        .execute(live.pool())
+        .await
+        .expect("positions");
+    }
+    replay(
+        OrdersProjection,
+        &live,
+        &clients,
+        &settings.projection,
+        ReplayFrom::Beginning,
+    )
+    .await
+    .expect("replay of the whole log");
+    let snapshot = take_snapshot(&OrdersProjection, &live)
+        .await
+        .expect("snapshot");
+    assert_eq!(snapshot.rows["orders"], 40, "{snapshot}");
 
     // 6 MiB more into partition 2: the mock drops that partition's oldest records.
     let producer: FutureProducer = clients
@@ -254,10 +288,33 @@ async fn replay_and_reconcile_refuse_a_log_that_no_longer_starts_at_zero() {
     let expected = format!("orders.events partition 2 starts at offset {low}");
     let err = reconcile().await.expect_err("reconcile refuses");
     assert!(err.to_string().contains(&expected), "reconcile: {err}");
-    let err = replay(OrdersProjection, &live, &clients, &settings.projection)
-        .await
-        .expect_err("replay refuses");
+    let err = replay(
+        OrdersProjection,
+        &live,
+        &clients,
+        &settings.projection,
+        ReplayFrom::Beginning,
+    )
+    .await
+    .expect_err("replay refuses");
     assert!(err.to_string().contains(&expected), "replay: {err}");
+    // From the snapshot too: the cut deleted records after its position.
+    let err = replay(
+        OrdersProjection,
+        &live,
+        &clients,
+        &settings.projection,
+        ReplayFrom::LatestSnapshot,
+    )
+    .await
+    .expect_err("a replay from the snapshot refuses");
+    assert!(
+        err.to_string().contains(&format!(
+            "{expected}, past the snapshot's position {}",
+            snapshot.positions[&(names::ORDERS_EVENTS.to_owned(), 2)]
+        )),
+        "replay from the snapshot: {err}"
+    );
 
     // The operator's commands say the same and exit non-zero.
     for command in [&["reconcile"][..], &["replay", "orders"][..]] {

@@ -17,8 +17,10 @@
 use std::{path::Path, process::Command, time::Duration};
 
 use orderflow_testkit::{
-    dev::DevProcess, embedded_broker_installed, eventually, reconcile_until_clean,
-    secure::TlsPostgres, TempDir,
+    dev::{wait_events, DevProcess},
+    embedded_broker_installed, eventually, reconcile_until_clean,
+    secure::TlsPostgres,
+    TempDir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_orderflow");
@@ -33,25 +35,6 @@ fn broker_pid(dev_pid: u32) -> Option<u32> {
         let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
         (ppid == dev_pid && comm == "tansu").then_some(pid)
     })
-}
-
-/// Records in `orders.events`, over its partitions.
-fn events_in_log(bootstrap: &str) -> i64 {
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("consumer");
-    (0..6)
-        .map(|partition| {
-            rdkafka::consumer::Consumer::fetch_watermarks(
-                &consumer,
-                "orders.events",
-                partition,
-                Duration::from_secs(5),
-            )
-            .map_or(0, |(_, high)| high)
-        })
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,19 +113,6 @@ async fn wait_ready(client: &reqwest::Client, readyz: &str) {
         async move {
             let response = client.get(&readyz).send().await.ok()?;
             response.status().is_success().then_some(())
-        }
-    })
-    .await;
-}
-
-/// Waits until `orders.events` holds at least `events` records.
-async fn wait_events(bootstrap: &str, events: i64) {
-    eventually(Duration::from_secs(60), "orders to flow", || {
-        let bootstrap = bootstrap.to_owned();
-        async move {
-            tokio::task::spawn_blocking(move || (events_in_log(&bootstrap) >= events).then_some(()))
-                .await
-                .expect("join")
         }
     })
     .await;

@@ -174,3 +174,38 @@ impl Drop for DevProcess {
         }
     }
 }
+
+/// Records in `orders.events` of the broker at `bootstrap`, over its six partitions (high
+/// watermarks: exact on the embedded broker).
+pub fn events_in_log(bootstrap: &str) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = match rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+    {
+        Ok(consumer) => consumer,
+        Err(_) => return 0,
+    };
+    (0..6)
+        .map(|partition| {
+            consumer
+                .fetch_watermarks("orders.events", partition, Duration::from_secs(5))
+                .map_or(0, |(_, high)| high)
+        })
+        .sum()
+}
+
+/// Waits (up to two minutes) until `orders.events` holds at least `events` records: orders are
+/// flowing.
+pub async fn wait_events(bootstrap: &str, events: i64) {
+    crate::eventually(Duration::from_secs(120), "orders to flow", || {
+        let bootstrap = bootstrap.to_owned();
+        async move {
+            tokio::task::spawn_blocking(move || (events_in_log(&bootstrap) >= events).then_some(()))
+                .await
+                .ok()
+                .flatten()
+        }
+    })
+    .await;
+}
