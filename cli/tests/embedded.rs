@@ -206,7 +206,9 @@ async fn write_orders(clients: &KafkaClients, orders: usize) {
 }
 
 /// The log is cut the way the mock cluster cuts it (which is what the embedded broker replaced):
-/// past 5 MiB in one partition, the oldest records are dropped.
+/// past 5 MiB in one partition, the oldest records are dropped. Without a snapshot, replay and
+/// reconcile refuse, naming the partition; with one taken before the cut, both start from it;
+/// a replay from the beginning still refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_and_reconcile_refuse_a_log_that_no_longer_starts_at_zero() {
     let broker = Broker::mock_that_drops();
@@ -230,19 +232,45 @@ async fn replay_and_reconcile_refuse_a_log_that_no_longer_starts_at_zero() {
     };
     let report = reconcile().await.expect("reconcile on a whole log");
     assert!(report.is_clean(), "{report}");
-    // The tables folded to the log's end (a replay up to positions set there), and a snapshot.
+
+    // 4 MiB of records that are no events into partition 2 (the mock keeps 5 MiB).
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    let fill = |mib: usize| {
+        let filler = vec![b'x'; 1024];
+        for _ in 0..mib * 1024 {
+            producer
+                .send_result(
+                    FutureRecord::to(names::ORDERS_EVENTS)
+                        .partition(2)
+                        .key("filler")
+                        .payload(&filler),
+                )
+                .map_err(|(e, _)| e)
+                .expect("queued");
+        }
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60)).expect("flush");
+    };
+    fill(4);
     let probe: BaseConsumer = clients.admin().create().expect("consumer");
-    for partition in 0..6 {
-        let (_, high) = probe
+    let watermarks = |partition| {
+        probe
             .fetch_watermarks(names::ORDERS_EVENTS, partition, Duration::from_secs(10))
-            .expect("watermarks");
+            .expect("watermarks")
+    };
+    assert_eq!(watermarks(2).0, 0, "nothing dropped yet");
+
+    // The tables folded to the log's end (a replay up to positions set there), and a snapshot.
+    for partition in 0..6 {
         sqlx::query(
             "INSERT INTO projection_offsets (projection, topic, partition_id, next_offset) \
              VALUES ('orders', $1, $2, $3)",
         )
         .bind(names::ORDERS_EVENTS)
         .bind(i64::from(partition))
-        .bind(high)
+        .bind(watermarks(partition).1)
         .execute(live.pool())
         .await
         .expect("positions");
@@ -261,33 +289,27 @@ async fn replay_and_reconcile_refuse_a_log_that_no_longer_starts_at_zero() {
         .expect("snapshot");
     assert_eq!(snapshot.rows["orders"], 40, "{snapshot}");
 
-    // 6 MiB more into partition 2: the mock drops that partition's oldest records.
-    let producer: FutureProducer = clients
-        .idempotent_producer("test")
-        .create()
-        .expect("producer");
-    let filler = vec![b'x'; 1024];
-    for _ in 0..6 * 1024 {
-        producer
-            .send_result(
-                FutureRecord::to(names::ORDERS_EVENTS)
-                    .partition(2)
-                    .key("filler")
-                    .payload(&filler),
-            )
-            .map_err(|(e, _)| e)
-            .expect("queued");
-    }
-    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(60)).expect("flush");
-    let consumer: BaseConsumer = clients.admin().create().expect("consumer");
-    let (low, _) = consumer
-        .fetch_watermarks(names::ORDERS_EVENTS, 2, Duration::from_secs(10))
-        .expect("watermarks");
+    // 2 MiB more: the mock drops that partition's oldest records, orders included.
+    fill(2);
+    let (low, _) = watermarks(2);
     assert!(low > 0, "the mock kept everything: low watermark {low}");
-
     let expected = format!("orders.events partition 2 starts at offset {low}");
-    let err = reconcile().await.expect_err("reconcile refuses");
-    assert!(err.to_string().contains(&expected), "reconcile: {err}");
+
+    // From the snapshot: reconcile and replay work; from the beginning a replay refuses.
+    let report = reconcile().await.expect("reconcile from the snapshot");
+    assert!(report.is_clean(), "{report}");
+    assert_eq!(report.orders_checked, 40, "{report}");
+    assert_eq!(report.from_snapshot, Some(snapshot.taken_at_ms), "{report}");
+    let from_snapshot = replay(
+        OrdersProjection,
+        &live,
+        &clients,
+        &settings.projection,
+        ReplayFrom::LatestSnapshot,
+    )
+    .await
+    .expect("a replay from the snapshot");
+    assert_eq!(from_snapshot.rows["orders"], 40, "{from_snapshot}");
     let err = replay(
         OrdersProjection,
         &live,
@@ -298,42 +320,65 @@ async fn replay_and_reconcile_refuse_a_log_that_no_longer_starts_at_zero() {
     .await
     .expect_err("replay refuses");
     assert!(err.to_string().contains(&expected), "replay: {err}");
-    // From the snapshot too: the cut deleted records after its position.
-    let err = replay(
-        OrdersProjection,
-        &live,
-        &clients,
-        &settings.projection,
-        ReplayFrom::LatestSnapshot,
-    )
-    .await
-    .expect_err("a replay from the snapshot refuses");
+    let output = orderflow(&broker, &db.url, &["reconcile"]).await;
     assert!(
-        err.to_string().contains(&format!(
-            "{expected}, past the snapshot's position {}",
-            snapshot.positions[&(names::ORDERS_EVENTS.to_owned(), 2)]
-        )),
-        "replay from the snapshot: {err}"
+        output.status.success()
+            && output
+                .stdout
+                .contains("folded from the orders projection's snapshot"),
+        "reconcile from the snapshot: {output:?}"
     );
 
-    // The operator's commands say the same and exit non-zero.
-    for command in [&["reconcile"][..], &["replay", "orders"][..]] {
-        let output = tokio::task::spawn_blocking({
-            let (bootstrap, url) = (broker.bootstrap(), db.url.clone());
-            move || {
-                std::process::Command::new(BIN)
-                    .args(["--kafka-brokers", &bootstrap, "--database-url", &url])
-                    .args(command)
-                    .env("RUST_LOG", "error")
-                    .output()
-                    .expect("orderflow runs")
-            }
-        })
-        .await
-        .expect("join");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{command:?} succeeded: {stderr}");
-        assert!(stderr.contains(&expected), "{command:?}: {stderr}");
+    // Without the snapshot both refuse; so do the operator's commands, exiting non-zero.
+    let snapshot_file = format!(
+        "{}.snapshot-orders",
+        orderflow_db::sqlite_path(&db.url)
+            .expect("a SQLite file")
+            .display()
+    );
+    std::fs::remove_file(&snapshot_file).expect("the snapshot removed");
+    let err = reconcile().await.expect_err("reconcile refuses");
+    assert!(err.to_string().contains(&expected), "reconcile: {err}");
+    for command in [
+        &["reconcile"][..],
+        &["replay", "orders"][..],
+        &["replay", "orders", "--from-beginning"][..],
+    ] {
+        let output = orderflow(&broker, &db.url, command).await;
+        assert!(
+            !output.status.success(),
+            "{command:?} succeeded: {output:?}"
+        );
+        assert!(output.stderr.contains(&expected), "{command:?}: {output:?}");
+    }
+}
+
+/// What a run of the `orderflow` binary printed.
+#[derive(Debug)]
+struct Ran {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// `orderflow COMMAND` against `broker` and the database at `url`.
+async fn orderflow(broker: &Broker, url: &str, command: &[&str]) -> Ran {
+    let (bootstrap, url) = (broker.bootstrap(), url.to_owned());
+    let command: Vec<String> = command.iter().map(|c| (*c).to_owned()).collect();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args(["--kafka-brokers", &bootstrap, "--database-url", &url])
+            .args(&command)
+            .env("RUST_LOG", "error")
+            .output()
+            .expect("orderflow runs")
+    })
+    .await
+    .expect("join");
+    Ran {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
 

@@ -14,7 +14,8 @@ use rdkafka::{consumer::Consumer, error::KafkaError};
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{topic} partition {partition} starts at offset {low}, not 0: its first {low} records were \
-     deleted, so it cannot be read from its beginning. Restore the topic from a backup, or use \
+     deleted, so it cannot be read from its beginning. Take projection snapshots (`orderflow \
+     snapshot`) more often than retention deletes, restore the topic from a backup, or use \
      a log that still holds its whole history (the catalog keeps {topic} with no time retention; \
      check its retention.ms with `orderflow topics apply`)"
 )]
@@ -97,6 +98,28 @@ pub fn require_whole_to_end(
     let (low, end) = orderflow_platform::kafka::log_end(reader, topic, partition, timeout)
         .map_err(kafka_error(topic, partition))?;
     check(topic, partition, low)?;
+    Ok(end)
+}
+
+/// [`require_whole_to_end`] for a read that starts at `from` (a snapshot's position): an error
+/// only if the log no longer holds `from` on.
+pub fn require_from_to_end(
+    reader: &rdkafka::consumer::BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    timeout: Duration,
+) -> Result<i64, LogStartError> {
+    let (low, end) = orderflow_platform::kafka::log_end(reader, topic, partition, timeout)
+        .map_err(kafka_error(topic, partition))?;
+    if low > from {
+        return Err(LogStartError::GoneSinceSnapshot {
+            topic: topic.to_owned(),
+            partition,
+            low,
+            from,
+        });
+    }
     Ok(end)
 }
 

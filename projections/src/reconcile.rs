@@ -8,6 +8,12 @@
 //! The log is read from the beginning to the end it had when the check started, with
 //! `read_committed`; events the projection has not reached yet (its stored positions) are left
 //! out of the fold, so a running pipeline does not show up as a breach.
+//!
+//! Where the beginning of a topic is gone (deleted by retention), the fold starts from the
+//! projection's latest snapshot (`orderflow snapshot`, [`crate::replay::open_snapshot`]): its
+//! rows seed the fold, and the log is read from its positions. What happened before the
+//! snapshot is then taken from it: payments are checked for the orders placed after it, and
+//! stock is folded on from the snapshot's levels, its recorded movements counting as seen.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -42,6 +48,8 @@ pub enum ReconcileError {
     Codec(#[from] orderflow_schemas::CodecError),
     #[error("the log reader stopped unexpectedly")]
     Join,
+    #[error("the projection's snapshot: {0}")]
+    Snapshot(String),
 }
 
 impl From<sqlx::Error> for ReconcileError {
@@ -53,6 +61,9 @@ impl From<sqlx::Error> for ReconcileError {
 /// What the check found.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// When the orders projection's snapshot the fold started from was taken (ms since the
+    /// epoch), if the log's beginning is gone.
+    pub from_snapshot: Option<i64>,
     pub events_read: usize,
     pub orders_checked: usize,
     /// One line per breach, naming what and where.
@@ -78,6 +89,13 @@ impl std::fmt::Display for Report {
                 format!("{} breaches", self.breaches.len())
             }
         )?;
+        if let Some(taken_at) = self.from_snapshot {
+            writeln!(
+                f,
+                "(the log's beginning is gone: folded from the orders projection's snapshot taken \
+                 at {taken_at} ms since the epoch; payments checked for the orders placed after it)"
+            )?;
+        }
         for breach in &self.breaches {
             writeln!(f, "BREACH    {breach}")?;
         }
@@ -88,6 +106,15 @@ impl std::fmt::Display for Report {
 /// Folds events exactly as the orders projection does (insert if absent, advance when newer).
 pub fn fold<'a>(events: impl IntoIterator<Item = &'a OrderEvent>) -> BTreeMap<String, OrderRow> {
     let mut orders: BTreeMap<String, OrderRow> = BTreeMap::new();
+    fold_into(&mut orders, events);
+    orders
+}
+
+/// [`fold`] onto rows already folded (a snapshot's).
+fn fold_into<'a>(
+    orders: &mut BTreeMap<String, OrderRow>,
+    events: impl IntoIterator<Item = &'a OrderEvent>,
+) {
     for event in events {
         match change_for(event) {
             Change::Insert(row) => {
@@ -117,15 +144,16 @@ pub fn fold<'a>(events: impl IntoIterator<Item = &'a OrderEvent>) -> BTreeMap<St
             }
         }
     }
-    orders
 }
 
-/// Reads `topic` up to the projection's stored positions (or the log end, if lower).
+/// Reads `topic` up to the projection's stored positions (or the log end, if lower), from
+/// `starts` (a snapshot's positions) where given, else from the beginning.
 fn read_log(
     clients: &KafkaClients,
     codec: &Codec,
     topic: &str,
     positions: &HashMap<i32, i64>,
+    starts: Option<&HashMap<i32, i64>>,
 ) -> Result<(Vec<OrderEvent>, usize), ReconcileError> {
     let consumer: BaseConsumer = clients
         .consumer(
@@ -139,11 +167,22 @@ fn read_log(
     let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
-        let log_end = crate::log_start::require_whole_to_end(&ends_reader, topic, p.id(), timeout)?;
-        let end = log_end.min(positions.get(&p.id()).copied().unwrap_or(0));
-        if end > 0 {
+        let start = starts.and_then(|s| s.get(&p.id()).copied());
+        let from = start.unwrap_or(0);
+        let position = positions.get(&p.id()).copied().unwrap_or(0);
+        if position <= from {
+            continue; // nothing of it folded into the tables past where reading would start
+        }
+        let log_end = match start {
+            Some(from) => {
+                crate::log_start::require_from_to_end(&ends_reader, topic, p.id(), from, timeout)?
+            }
+            None => crate::log_start::require_whole_to_end(&ends_reader, topic, p.id(), timeout)?,
+        };
+        let end = log_end.min(position);
+        if end > from {
             ends.insert(p.id(), end);
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+            tpl.add_partition_offset(topic, p.id(), Offset::Offset(from))?;
         }
     }
     let mut events = Vec::new();
@@ -179,20 +218,47 @@ pub async fn reconcile(
 ) -> Result<Report, ReconcileError> {
     let codec = Codec::new()?;
     let positions = stored_positions(db, "orders", topic).await?;
+    let snapshot = snapshot_if_truncated(db, clients, "orders", &[(topic, &positions)]).await?;
+    let starts = snapshot.as_ref().map(|(_, s)| starts_on(s, topic));
     let (events, _undecodable) = {
         let clients = clients.clone();
         let topic = topic.to_owned();
-        tokio::task::spawn_blocking(move || read_log(&clients, &codec, &topic, &positions))
-            .await
-            .map_err(|_| ReconcileError::Join)??
+        tokio::task::spawn_blocking(move || {
+            read_log(&clients, &codec, &topic, &positions, starts.as_ref())
+        })
+        .await
+        .map_err(|_| ReconcileError::Join)??
     };
-    let expected = fold(&events);
+    let mut expected = match &snapshot {
+        Some((snapshot_db, _)) => snapshot_orders(snapshot_db).await?,
+        None => BTreeMap::new(),
+    };
+    fold_into(&mut expected, &events);
     let mut report = Report {
+        from_snapshot: snapshot.as_ref().map(|(_, s)| s.taken_at_ms),
         events_read: events.len(),
         orders_checked: expected.len(),
         breaches: Vec::new(),
     };
-    check_payments(&events, &expected, &mut report);
+    if snapshot.is_some() {
+        // Only orders whose whole history was read: the snapshot does not hold payments.
+        let placed: std::collections::HashSet<&str> = events
+            .iter()
+            .filter(|e| matches!(e, OrderEvent::OrderPlaced(_)))
+            .map(|e| e.envelope().order_id.as_str())
+            .collect();
+        let after: BTreeMap<String, OrderRow> = expected
+            .iter()
+            .filter(|(id, _)| placed.contains(id.as_str()))
+            .map(|(id, row)| (id.clone(), row.clone()))
+            .collect();
+        check_payments(&events, &after, &mut report);
+    } else {
+        check_payments(&events, &expected, &mut report);
+    }
+    if let Some((snapshot_db, _)) = snapshot {
+        snapshot_db.pool().close().await;
+    }
     check_stock(db, clients, &mut report).await?;
 
     let mut actual: BTreeMap<String, OrderRow> = BTreeMap::new();
@@ -309,22 +375,40 @@ async fn check_stock(
 ) -> Result<(), ReconcileError> {
     use crate::inventory::{levels, movement, Level};
     use orderflow_topics::names;
-    let mut events = Vec::new();
+    let mut read = Vec::new();
     for topic in [names::ORDERS_EVENTS, names::INVENTORY_COMMANDS] {
-        let positions = stored_positions(db, "inventory", topic).await?;
+        read.push((topic, stored_positions(db, "inventory", topic).await?));
+    }
+    let reading: Vec<(&str, &HashMap<i32, i64>)> = read.iter().map(|(t, p)| (*t, p)).collect();
+    let snapshot = snapshot_if_truncated(db, clients, "inventory", &reading).await?;
+    let mut events = Vec::new();
+    for (topic, positions) in read {
+        let starts = snapshot.as_ref().map(|(_, s)| starts_on(s, topic));
         let (read, _) = {
             let (clients, topic) = (clients.clone(), topic.to_owned());
             tokio::task::spawn_blocking(move || {
                 let codec = Codec::new()?;
-                read_log(&clients, &codec, &topic, &positions)
+                read_log(&clients, &codec, &topic, &positions, starts.as_ref())
             })
             .await
             .map_err(|_| ReconcileError::Join)??
         };
         events.extend(read);
     }
-    let mut seen = std::collections::HashSet::new();
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut expected: BTreeMap<String, Level> = BTreeMap::new();
+    if let Some((snapshot_db, _)) = snapshot {
+        // The snapshot's levels, and its movements as seen: a repeat of one is not new.
+        for level in levels(snapshot_db.pool()).await? {
+            expected.insert(level.sku.clone(), level);
+        }
+        seen.extend(
+            sqlx::query_scalar::<_, String>("SELECT event_id FROM inventory_movements")
+                .fetch_all(snapshot_db.pool())
+                .await?,
+        );
+        snapshot_db.pool().close().await;
+    }
     for event in &events {
         if let OrderEvent::InventoryLineReserved(r) = event {
             if r.available_after < 0 {
@@ -385,6 +469,83 @@ async fn check_stock(
             .push(format!("sku {sku}: in inventory_levels, not in the log"));
     }
     Ok(())
+}
+
+/// `projection`'s latest snapshot (and a connection to its tables) when a partition the
+/// projection has read from (a stored position above 0 in `read`) no longer starts at 0; the
+/// truncation as the error when there is no snapshot.
+async fn snapshot_if_truncated(
+    db: &Database,
+    clients: &KafkaClients,
+    projection: &str,
+    read: &[(&str, &HashMap<i32, i64>)],
+) -> Result<Option<(Database, crate::replay::Snapshot)>, ReconcileError> {
+    let truncated = {
+        let clients = clients.clone();
+        let read: Vec<(String, Vec<i32>)> = read
+            .iter()
+            .map(|(topic, positions)| {
+                let partitions = positions
+                    .iter()
+                    .filter(|(_, o)| **o > 0)
+                    .map(|(p, _)| *p)
+                    .collect();
+                ((*topic).to_owned(), partitions)
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let consumer: BaseConsumer = clients.reader("reconcile").create()?;
+            let timeout = clients.admin_timeout();
+            for (topic, partitions) in &read {
+                for partition in partitions {
+                    if let Err(e) =
+                        crate::log_start::require_whole(&consumer, topic, *partition, timeout)
+                    {
+                        return Ok::<_, ReconcileError>(Some(e));
+                    }
+                }
+            }
+            Ok(None)
+        })
+        .await
+        .map_err(|_| ReconcileError::Join)??
+    };
+    let Some(truncated) = truncated else {
+        return Ok(None);
+    };
+    match crate::replay::open_snapshot(db, projection)
+        .await
+        .map_err(|e| ReconcileError::Snapshot(e.to_string()))?
+    {
+        Some(snapshot) => Ok(Some(snapshot)),
+        None => Err(truncated.into()),
+    }
+}
+
+/// A snapshot's positions on `topic`, by partition.
+fn starts_on(snapshot: &crate::replay::Snapshot, topic: &str) -> HashMap<i32, i64> {
+    snapshot
+        .positions
+        .iter()
+        .filter(|((t, _), _)| t == topic)
+        .map(|((_, p), o)| (*p, *o))
+        .collect()
+}
+
+/// Every row of a snapshot's `orders` table.
+async fn snapshot_orders(
+    snapshot: &Database,
+) -> Result<BTreeMap<String, OrderRow>, ReconcileError> {
+    let ids: Vec<String> = sqlx::query_scalar("SELECT order_id FROM orders")
+        .fetch_all(snapshot.pool())
+        .await?;
+    let mut rows = BTreeMap::new();
+    for id in ids {
+        if let Some(row) = crate::orders::get(snapshot.pool(), &id).await? {
+            rows.insert(id, row);
+        }
+    }
+    Ok(rows)
 }
 
 /// A projection's stored positions on `topic`, by partition.

@@ -211,12 +211,7 @@ impl Scratch {
                 sqlx::query(&format!("CREATE SCHEMA {schema}"))
                     .execute(live.pool())
                     .await?;
-                let live_url = live.url().expose_secret();
-                let separator = if live_url.contains('?') { '&' } else { '?' };
-                let url = SecretString::from(format!(
-                    "{live_url}{separator}options=-c%20search_path%3D{schema}"
-                ));
-                let db = Database::connect(url, 2).await?;
+                let db = Database::connect(in_schema(live, &schema), 2).await?;
                 db.migrate().await?;
                 Ok(Self {
                     db,
@@ -790,6 +785,32 @@ pub async fn take_snapshot<P: Projection>(
         tracing::debug!(error = %e, "Releasing the replay lock failed.");
     }
     result
+}
+
+/// The live database's URL with `schema` as the search path: unqualified names are its tables.
+fn in_schema(live: &Database, schema: &str) -> SecretString {
+    let live_url = live.url().expose_secret();
+    let separator = if live_url.contains('?') { '&' } else { '?' };
+    SecretString::from(format!(
+        "{live_url}{separator}options=-c%20search_path%3D{schema}"
+    ))
+}
+
+/// The latest snapshot of `projection` and a connection on which its tables are the
+/// unqualified ones (what the projection's own queries read), if one was taken.
+pub async fn open_snapshot(
+    live: &Database,
+    projection: &str,
+) -> Result<Option<(Database, Snapshot)>, ReplayError> {
+    let Some(snapshot) = latest_snapshot(live, projection).await? else {
+        return Ok(None);
+    };
+    let place = place_of(live, SNAPSHOT_SPACE, projection);
+    let db = match live.backend() {
+        Backend::Postgres => Database::connect(in_schema(live, &place), 1).await?,
+        Backend::Sqlite => Database::connect(format!("sqlite://{place}"), 1).await?,
+    };
+    Ok(Some((db, snapshot)))
 }
 
 /// The latest snapshot of `projection`, if one was taken.
