@@ -75,14 +75,7 @@ pub fn require_from<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, timeout)
         .map_err(kafka_error(topic, partition))?;
-    if low > from {
-        return Err(LogStartError::GoneSinceSnapshot {
-            topic: topic.to_owned(),
-            partition,
-            low,
-            from,
-        });
-    }
+    check_from(topic, partition, low, from)?;
     Ok((low, high))
 }
 
@@ -112,14 +105,7 @@ pub fn require_from_to_end(
 ) -> Result<i64, LogStartError> {
     let (low, end) = orderflow_platform::kafka::log_end(reader, topic, partition, timeout)
         .map_err(kafka_error(topic, partition))?;
-    if low > from {
-        return Err(LogStartError::GoneSinceSnapshot {
-            topic: topic.to_owned(),
-            partition,
-            low,
-            from,
-        });
-    }
+    check_from(topic, partition, low, from)?;
     Ok(end)
 }
 
@@ -129,6 +115,19 @@ fn kafka_error(topic: &str, partition: i32) -> impl FnOnce(KafkaError) -> LogSta
         partition,
         source,
     }
+}
+
+/// An error if a log starting at `low` no longer holds offset `from` on.
+fn check_from(topic: &str, partition: i32, low: i64, from: i64) -> Result<(), LogStartError> {
+    if low > from {
+        return Err(LogStartError::GoneSinceSnapshot {
+            topic: topic.to_owned(),
+            partition,
+            low,
+            from,
+        });
+    }
+    Ok(())
 }
 
 fn check(topic: &str, partition: i32, low: i64) -> Result<(), LogTruncated> {
