@@ -56,8 +56,8 @@ pub async fn list(dlq: &DeadLetters, topic: Option<&str>, all: bool, json: bool)
         return Ok(());
     }
     println!(
-        "{:<10}  {:<24}  {:<10}  {:<36}  reason",
-        "letter", "dead since", "state", "source"
+        "{:<10}  {:<24}  {:<10}  {:<36}  {:<8}  reason",
+        "letter", "dead since", "state", "source", "place"
     );
     for letter in &shown {
         let source = letter
@@ -66,7 +66,7 @@ pub async fn list(dlq: &DeadLetters, topic: Option<&str>, all: bool, json: bool)
             .map(|s| format!("{}/{}/{}", s.topic, s.partition, s.offset))
             .unwrap_or_else(|| "?".into());
         println!(
-            "{:<10}  {:<24}  {:<10}  {:<36}  {}",
+            "{:<10}  {:<24}  {:<10}  {:<36}  {:<8}  {}",
             format!("{}/{}", letter.letter.partition, letter.letter.offset),
             letter.timestamp_ms.map(format_ms).unwrap_or_default(),
             letter
@@ -75,6 +75,7 @@ pub async fn list(dlq: &DeadLetters, topic: Option<&str>, all: bool, json: bool)
                 .map(Resolution::action)
                 .unwrap_or("pending"),
             source,
+            place(letter),
             letter.reason.as_deref().unwrap_or("?")
         );
     }
@@ -94,6 +95,25 @@ pub async fn list(dlq: &DeadLetters, topic: Option<&str>, all: bool, json: bool)
             String::new()
         }
     );
+    Ok(())
+}
+
+/// A sequenced letter's place in its chain (`0` parked the key, `3h` was held), else `-`.
+fn place(letter: &DeadLetter) -> String {
+    match letter.sequence {
+        Some(n) if letter.held => format!("{n}h"),
+        Some(n) => n.to_string(),
+        None => "-".into(),
+    }
+}
+
+/// `orderflow dlq release`.
+pub async fn release(dlq: &DeadLetters, topic: Option<&str>) -> Result<()> {
+    let released = match topic {
+        Some(topic) => dlq.release_in(topic).await?,
+        None => dlq.release_ready().await?,
+    };
+    println!("{released} held letter(s) released");
     Ok(())
 }
 
@@ -120,6 +140,16 @@ pub async fn show(dlq: &DeadLetters, topic: &str, letter: &str, json: bool) -> R
     println!("consumer:   {}", dead.consumer.as_deref().unwrap_or("?"));
     if let Some(s) = &dead.source {
         println!("source:     {}/{}/{}", s.topic, s.partition, s.offset);
+    }
+    if let (Some(chain), Some(n)) = (&dead.chain, dead.sequence) {
+        println!(
+            "chain:      {chain}, place {n}{}",
+            if dead.held {
+                " (held behind the chain's earlier letters)"
+            } else {
+                ""
+            }
+        );
     }
     println!("key:        {}", dead.key.as_deref().unwrap_or("(none)"));
     for (name, value) in &dead.headers {

@@ -224,8 +224,16 @@ enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Put back the held letters whose earlier letters are all resolved, in their order (the
+    /// admin listener does this by itself every few seconds; redrive and discard do it for
+    /// their chain).
+    Release {
+        /// One dead-letter topic; default: all of them.
+        topic: Option<String>,
+    },
     /// Put a letter back on its source topic with a new event id derived from the original
-    /// and a `redriven.from` header naming the letter.
+    /// and a `redriven.from` header naming the letter. A letter of a parked key must be the
+    /// first unresolved one of its chain; the held letters behind it follow it.
     Redrive {
         topic: String,
         /// PARTITION/OFFSET.
@@ -606,6 +614,9 @@ async fn run(cli: Cli) -> Result<std::process::ExitCode> {
                     note,
                     by,
                 } => dlq::discard(&dead_letters, &topic, &letter, &note, &dlq::who(by)).await?,
+                DlqCommand::Release { topic } => {
+                    dlq::release(&dead_letters, topic.as_deref()).await?
+                }
             }
         }
         Command::Keys { command } => {

@@ -501,6 +501,18 @@ pub async fn start_with(
             }),
             dead_letters: Some(dead_letters.clone()),
         };
+        tasks.spawn("dead-letter release", {
+            let (dead_letters, cancel) = (dead_letters.clone(), cancel.clone());
+            async move {
+                orderflow_ingest::deadletters::release_held(
+                    dead_letters,
+                    orderflow_ingest::deadletters::RELEASE_INTERVAL,
+                    cancel,
+                )
+                .await;
+                Ok(())
+            }
+        });
         tasks.spawn("dead-letter census", {
             let (metrics, cancel) = (metrics.ingest.clone(), cancel.clone());
             async move {

@@ -473,3 +473,329 @@ async fn a_poisoned_order_is_parked_then_corrected_and_redriven_once_and_ends_co
         .await
         .expect("graceful stop");
 }
+
+/// The pending letters of `topic` with `key`, in chain order, once there are `count`.
+async fn chain_of(
+    dead_letters: &DeadLetters,
+    topic: &str,
+    key: &str,
+    count: usize,
+) -> Vec<orderflow_deadletters::DeadLetter> {
+    eventually(
+        Duration::from_secs(180),
+        &format!("{count} letter(s) of {key} on {topic}"),
+        || async {
+            let (letters, _) = dead_letters.list(topic).await.ok()?;
+            let mut chain: Vec<_> = letters
+                .into_iter()
+                .filter(|l| l.is_pending() && l.key.as_deref() == Some(key))
+                .collect();
+            chain.sort_by_key(|l| l.sequence);
+            (chain.len() == count).then_some(chain)
+        },
+    )
+    .await
+}
+
+/// The projected status of each order, once every one of them is in `done`.
+async fn statuses_once_in(
+    db: &orderflow_projections::Database,
+    orders: &[String],
+    done: &[&str],
+) -> BTreeMap<String, String> {
+    eventually(
+        Duration::from_secs(300),
+        &format!("{} orders ending in {done:?}", orders.len()),
+        || async {
+            let mut out = BTreeMap::new();
+            for order in orders {
+                let status: Option<String> =
+                    sqlx::query_scalar("SELECT status FROM orders WHERE order_id = $1")
+                        .bind(order)
+                        .fetch_optional(db.pool())
+                        .await
+                        .ok()
+                        .flatten();
+                out.insert(order.clone(), status?);
+            }
+            out.values()
+                .all(|s| done.contains(&s.as_str()))
+                .then_some(out)
+        },
+    )
+    .await
+}
+
+/// Sequenced dead letters, end to end: a customer's order is poisoned, and what that customer
+/// sends next — a cancellation of the poisoned order, then 200 more orders — waits behind it
+/// on the saga's dead-letter topic, while another customer's orders flow. A redrive out of turn
+/// is refused. The corrected redrive of the first letter releases the rest in order: the
+/// cancellation is applied *after* the order it cancels (it would be ignored as a cancellation
+/// of an unknown order had it overtaken it, and the order would be confirmed), and every held
+/// order ends confirmed, once. A second parked customer is released by a discard over the
+/// admin API (a release marker, which the projection skips). Reconcile is clean.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_customers_later_events_wait_behind_the_poisoned_one_and_follow_it_in_order() {
+    show_warnings();
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
+    let db = Database::sqlite();
+    let mut settings = test_settings_with(Some(&db.url), broker.overrides());
+    // One customer's 200 orders in a minute are what the fraud model's velocity rule is for;
+    // here they stand for any later records of a parked key, so let them all through.
+    settings.fraud.weight_velocity = 0.0;
+    settings.fraud.max_orders_per_window = 1_000_000;
+    let bootstrap = broker.bootstrap();
+    apply_topics(&broker, &settings).await;
+    let running = pipeline::start(&settings, &bootstrap, &Role::ALL)
+        .await
+        .expect("pipeline starts");
+    let client = reqwest::Client::new();
+    let admin = format!("http://{}", running.admin_addr.expect("admin runs"));
+    restock(&client, &admin, &[(SKU, 10_000)]).await;
+
+    let codec = Arc::new(Codec::new().expect("codec"));
+    let clients = KafkaClients::new(&settings.kafka, &bootstrap);
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    let write = |key: &'static str, kind: EventKind, value: Vec<u8>| {
+        let producer = producer.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(names::ORDERS_EVENTS)
+                        .key(key)
+                        .payload(&value)
+                        .headers(event_headers(kind, None)),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .expect("written");
+        }
+    };
+    let now = orderflow_testkit::log::now_ms();
+    let poisoned = |placed: &orderflow_schemas::OrderPlaced| {
+        let mut bytes = codec
+            .encode(&OrderEvent::OrderPlaced(placed.clone()))
+            .expect("encode");
+        bytes[1..5].copy_from_slice(&999_u32.to_be_bytes());
+        bytes
+    };
+
+    // Customer "seq-hot": the poisoned order, its cancellation, then 200 orders.
+    let first = order_placed("seq-hot", &[(SKU, 1)], "tok_visa", now);
+    let first_id = first.envelope.order_id.clone();
+    write("seq-hot", EventKind::OrderPlaced, poisoned(&first)).await;
+    let mut cancel_envelope = orderflow_testkit::log::envelope(
+        uuid::Uuid::new_v4().to_string(),
+        first_id.clone(),
+        "seq-hot".into(),
+        now + 1,
+    );
+    cancel_envelope.causation_id = None;
+    let cancel =
+        OrderEvent::OrderCancellationRequested(orderflow_schemas::OrderCancellationRequested {
+            envelope: cancel_envelope,
+            reason: "changed my mind".into(),
+        });
+    write(
+        "seq-hot",
+        EventKind::OrderCancellationRequested,
+        codec.encode(&cancel).expect("encode"),
+    )
+    .await;
+    const LATER: usize = 200;
+    let mut later = Vec::new();
+    for i in 0..LATER {
+        let placed = order_placed("seq-hot", &[(SKU, 1)], "tok_visa", now + 2 + i as i64);
+        later.push(placed.envelope.order_id.clone());
+        write(
+            "seq-hot",
+            EventKind::OrderPlaced,
+            codec
+                .encode(&OrderEvent::OrderPlaced(placed))
+                .expect("encode"),
+        )
+        .await;
+    }
+    // Customer "seq-other": a record that is no event, then one order.
+    write(
+        "seq-other",
+        EventKind::OrderPlaced,
+        b"not an event".to_vec(),
+    )
+    .await;
+    let other_order = order_placed("seq-other", &[(SKU, 1)], "tok_visa", now);
+    let other_id = other_order.envelope.order_id.clone();
+    write(
+        "seq-other",
+        EventKind::OrderPlaced,
+        codec
+            .encode(&OrderEvent::OrderPlaced(other_order))
+            .expect("encode"),
+    )
+    .await;
+    // Another customer's orders flow meanwhile.
+    let mut flowing = Vec::new();
+    for i in 0..5 {
+        let placed = order_placed("seq-free", &[(SKU, 1)], "tok_visa", now + i);
+        flowing.push(placed.envelope.order_id.clone());
+        write(
+            "seq-free",
+            EventKind::OrderPlaced,
+            codec
+                .encode(&OrderEvent::OrderPlaced(placed))
+                .expect("encode"),
+        )
+        .await;
+    }
+
+    // The chain: the poisoned order first, then everything after it, held, in order.
+    let dead_letters = DeadLetters::new(clients.clone(), codec.clone(), Duration::from_secs(30));
+    let chain = chain_of(&dead_letters, names::SAGA_DLQ, "seq-hot", LATER + 2).await;
+    let head = &chain[0];
+    let chain_id = head.chain.clone().expect("a sequenced letter");
+    assert!(!head.held && head.sequence == Some(0), "{head:?}");
+    for (i, letter) in chain.iter().enumerate() {
+        assert_eq!(letter.chain.as_ref(), Some(&chain_id));
+        assert_eq!(letter.sequence, Some(i as u64));
+        assert_eq!(letter.held, i > 0, "{letter:?}");
+    }
+    assert_eq!(
+        chain[1].event_type.as_deref(),
+        Some("OrderCancellationRequested")
+    );
+    let held_orders: Vec<String> = chain[2..]
+        .iter()
+        .map(|l| {
+            l.event.as_ref().expect("decoded")["envelope"]["order_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(held_orders, later, "held in the order they were written");
+    let other_chain = chain_of(&dead_letters, names::SAGA_DLQ, "seq-other", 2).await;
+    let flowing_done = statuses_once_in(&running_db(&db).await, &flowing, &["confirmed"]).await;
+    assert_eq!(flowing_done.len(), 5);
+    let projection_db = running_db(&db).await;
+    let unfinished: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM orders WHERE customer_id = 'seq-hot' AND status = 'confirmed'",
+    )
+    .fetch_one(projection_db.pool())
+    .await
+    .expect("count");
+    assert_eq!(unfinished, 0, "nothing of the parked customer went through");
+
+    // Out of turn: a held letter cannot be resolved before the poisoned one.
+    let second = format!("{}/{}", chain[2].letter.partition, chain[2].letter.offset);
+    let refused = dlq(&bootstrap, &["redrive", names::SAGA_DLQ, &second]).await;
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("waits behind")
+            && stderr(&refused).contains("resolve that one first"),
+        "{}",
+        stderr(&refused)
+    );
+    let table = stdout(&dlq(&bootstrap, &["list", names::SAGA_DLQ]).await);
+    assert!(table.contains(" 0 ") && table.contains("1h"), "{table}");
+
+    // The corrected redrive of the poisoned order releases the rest behind it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("corrected.json");
+    let document = serde_json::json!({
+        "event_type": "OrderPlaced",
+        "event": OrderEvent::OrderPlaced(first.clone()).to_json().expect("json"),
+    });
+    std::fs::write(&file, document.to_string()).expect("write");
+    let head_letter = format!("{}/{}", head.letter.partition, head.letter.offset);
+    let done = dlq(
+        &bootstrap,
+        &[
+            "redrive",
+            names::SAGA_DLQ,
+            &head_letter,
+            "--from",
+            file.to_str().expect("utf-8"),
+        ],
+    )
+    .await;
+    assert!(done.status.success(), "{}", stderr(&done));
+    let first_status = statuses_once_in(
+        &projection_db,
+        std::slice::from_ref(&first_id),
+        &["cancelled", "confirmed", "rejected"],
+    )
+    .await;
+    assert_eq!(
+        first_status[&first_id], "cancelled",
+        "the cancellation came after the order it cancels"
+    );
+    let ended = statuses_once_in(
+        &projection_db,
+        &later,
+        &["confirmed", "rejected", "cancelled", "fraud_review"],
+    )
+    .await;
+    assert!(
+        ended.values().all(|s| s == "confirmed"),
+        "every held order confirmed: {ended:?}"
+    );
+
+    // The other customer: discard the record that is no event over the admin API. Its release
+    // marker lets the held order through; the projection skips the marker.
+    let other_head = format!(
+        "{admin}/v1/dead-letters/{}/{}/{}",
+        names::SAGA_DLQ,
+        other_chain[0].letter.partition,
+        other_chain[0].letter.offset
+    );
+    let out_of_turn = client
+        .post(format!(
+            "{admin}/v1/dead-letters/{}/{}/{}/discard",
+            names::SAGA_DLQ,
+            other_chain[1].letter.partition,
+            other_chain[1].letter.offset
+        ))
+        .json(&serde_json::json!({"note": "too early"}))
+        .send()
+        .await
+        .expect("discard");
+    assert_eq!(out_of_turn.status(), 409);
+    let discarded = client
+        .post(format!("{other_head}/discard"))
+        .json(&serde_json::json!({"note": "not an order"}))
+        .send()
+        .await
+        .expect("discard");
+    assert_eq!(discarded.status(), 200);
+    statuses_once_in(
+        &projection_db,
+        std::slice::from_ref(&other_id),
+        &["confirmed"],
+    )
+    .await;
+
+    // Nothing pending on the saga's topic; the projection dead-lettered the two poisoned
+    // records and nothing else (no marker, no held record: it does not sequence).
+    let pending = json(&dlq(&bootstrap, &["list", names::SAGA_DLQ, "--json"]).await);
+    assert_eq!(pending, Value::Array(vec![]), "nothing pending");
+    let (projection_letters, _) = dead_letters
+        .list(names::PROJECTION_ORDERS_DLQ)
+        .await
+        .expect("list");
+    assert_eq!(projection_letters.len(), 2, "{projection_letters:?}");
+    let released = dead_letters.release_ready().await.expect("release");
+    assert_eq!(released, 0, "nothing left to release");
+    reconcile_until_clean(std::path::Path::new(BINARY), &bootstrap, &db.url).await;
+}
+
+async fn running_db(db: &Database) -> orderflow_projections::Database {
+    orderflow_projections::Database::connect(db.url.as_str(), 2)
+        .await
+        .expect("database")
+}

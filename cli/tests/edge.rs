@@ -305,6 +305,14 @@ fn endpoints() -> Vec<Endpoint> {
             &[Admin],
             404,
         ),
+        e(
+            "admin",
+            "POST",
+            "/v1/dead-letters/orders.events/release",
+            None,
+            &[Admin],
+            404,
+        ),
     ]
 }
 

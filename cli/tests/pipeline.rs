@@ -23,7 +23,9 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// Stands for "undecodable records" in the log summary.
 const POISON: &str = "poison";
 
-/// Writes records that are not orderflow events to orders.events, as a broken producer would.
+/// Writes records that are not orderflow events to orders.events, as a broken producer would,
+/// under keys no order of the test uses: a poison record parks its key, whose later records
+/// wait behind it until an operator acts (cli/tests/dlq.rs); other keys keep flowing.
 async fn inject_poison(bootstrap: &str, settings: &Settings) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let clients = KafkaClients::new(&settings.kafka, bootstrap);
@@ -31,11 +33,14 @@ async fn inject_poison(bootstrap: &str, settings: &Settings) {
         .idempotent_producer("test-poison")
         .create()
         .expect("producer");
-    for payload in [&b"{\"not\": \"avro\"}"[..], &[0u8, 0, 0, 0, 1][..]] {
+    for (key, payload) in [
+        ("broken-producer-1", &b"{\"not\": \"avro\"}"[..]),
+        ("broken-producer-2", &[0u8, 0, 0, 0, 1][..]),
+    ] {
         producer
             .send(
                 FutureRecord::to(names::ORDERS_EVENTS)
-                    .key("customer-0")
+                    .key(key)
                     .payload(payload),
                 Duration::from_secs(10),
             )

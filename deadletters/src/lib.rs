@@ -27,6 +27,17 @@
 //! redrive of a letter that crashed half-way should carry the same correction; if it does not,
 //! the first copy written is the one consumers keep. A discard writes only its resolution.
 //!
+//! **Sequenced letters** (`orderflow_processors::sequence`, docs/architecture.md): the letters
+//! of a parked key form a chain (`dlq.chain`, `dlq.sequence`, `dlq.held`). They are resolved in
+//! order: a letter with an unresolved one before it is refused ([`DeadLetterError::OutOfTurn`]).
+//! A redrive goes to the partition the record came from, with the release headers; a discard
+//! writes a release marker there (the key and release headers, no value), so the consumer
+//! moves past the letter. After either, the held letters behind it are released — redriven as
+//! they were, in order, up to the next letter that failed ([`DeadLetters::release_ready`], which
+//! the admin listener also runs every few seconds). A release writes every event, then every
+//! resolution: a crash between them releases the letters again later under the same event ids,
+//! and the consumer holds the copies behind the chain and drops them as repeats.
+//!
 //! **Bounds.** A listing reads one dead-letter topic and the resolutions whole: both keep 30
 //! days (topics/catalog.toml), and a listing holds at most [`MAX_LISTED`] letters, newest last,
 //! saying how many it left out.
@@ -46,7 +57,10 @@ use rdkafka::{
     consumer::{BaseConsumer, Consumer},
     error::KafkaError,
     message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    producer::{
+        future_producer::{Delivery, DeliveryFuture},
+        FutureProducer, FutureRecord,
+    },
     Offset, TopicPartitionList,
 };
 use serde::{Deserialize, Serialize};
@@ -57,6 +71,12 @@ pub const MAX_LISTED: usize = 10_000;
 
 /// The role a redriven event's id is derived with.
 const REDRIVE_ROLE: &str = "dlq/redrive";
+
+/// The most held letters one release pass puts back per topic; the next pass goes on.
+pub const MAX_RELEASED: usize = 1_000;
+
+/// Who a release of held letters is recorded as made by.
+pub const RELEASED_BY: &str = "orderflow (release behind a resolved letter)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeadLetterError {
@@ -85,6 +105,11 @@ pub enum DeadLetterError {
          `event` to fill in"
     )]
     NeedsCorrection { letter: LetterId, reason: String },
+    #[error(
+        "{letter} waits behind {first}, the first unresolved letter of its chain: resolve that \
+         one first (the letters of a parked key are released in order)"
+    )]
+    OutOfTurn { letter: LetterId, first: LetterId },
     #[error("the corrected event: {0}")]
     BadCorrection(String),
     #[error("encoding the event: {0}")]
@@ -241,6 +266,13 @@ pub struct DeadLetter {
     /// The processor or projection that gave up on it.
     pub consumer: Option<String>,
     pub source: Option<Source>,
+    /// A sequenced letter's chain (the source position of the record that parked its key) and
+    /// place in it; `None` for a letter of a consumer that does not sequence.
+    pub chain: Option<String>,
+    pub sequence: Option<u64>,
+    /// Held only because its key was parked behind an earlier letter of its chain: released
+    /// (redriven as it is) once every earlier letter is resolved.
+    pub held: bool,
     /// The key, as text (lossy where it is not UTF-8).
     pub key: Option<String>,
     /// Every header but the `dlq.` ones above, as text.
@@ -300,6 +332,9 @@ impl DeadLetter {
         let source_topic = take(headers::DLQ_SOURCE_TOPIC);
         let source_partition = take(headers::DLQ_SOURCE_PARTITION).and_then(|p| p.parse().ok());
         let source_offset = take(headers::DLQ_SOURCE_OFFSET).and_then(|o| o.parse().ok());
+        let chain = take(headers::DLQ_CHAIN);
+        let sequence = take(headers::DLQ_SEQUENCE).and_then(|n| n.parse().ok());
+        let held = take(headers::DLQ_HELD).is_some_and(|h| h == "true");
         let source = match (source_topic, source_partition, source_offset) {
             (Some(topic), Some(partition), Some(offset)) => Some(Source {
                 topic,
@@ -331,6 +366,9 @@ impl DeadLetter {
             reason,
             consumer,
             source,
+            chain,
+            sequence,
+            held,
             key: raw
                 .key
                 .as_deref()
@@ -444,7 +482,8 @@ impl DeadLetters {
     }
 
     /// Puts `letter` back on its source topic (see the module's documentation), as it was or
-    /// as `correction`; returns the resolution recorded.
+    /// as `correction`; returns the resolution recorded. A sequenced letter must be its chain's
+    /// first unresolved one; the held letters behind it are released after it.
     pub async fn redrive(
         &self,
         letter: &LetterId,
@@ -452,107 +491,166 @@ impl DeadLetters {
         by: &str,
     ) -> Result<Resolution> {
         let dead = self.unresolved(letter).await?;
-        let source = dead
-            .source
-            .clone()
-            .ok_or_else(|| DeadLetterError::NoSource {
-                letter: letter.clone(),
-                header: headers::DLQ_SOURCE_TOPIC,
-            })?;
-        let corrected = correction.is_some();
-        let mut event = match (correction, &dead.raw.decoded) {
-            (Some(c), _) => c.event,
-            (None, Some(decoded)) => decoded.clone(),
-            (None, None) => {
-                return Err(DeadLetterError::NeedsCorrection {
-                    letter: letter.clone(),
-                    reason: dead.undecodable.clone().unwrap_or_default(),
-                })
-            }
-        };
-        let original_id = dead
-            .raw
-            .decoded
-            .as_ref()
-            .map(|e| e.envelope().event_id.clone());
-        let event_id = redrive_event_id(original_id.as_deref(), &source);
-        event.envelope_mut().event_id = event_id.to_string();
-        let value = self.codec.encode(&event)?;
-
-        // The source's headers, minus the dead letter's own, with the event's kind (a
-        // correction may change it) and the letter it came from.
-        let kind = event.kind().name();
-        let from = letter.to_string();
-        let mut out = OwnedHeaders::new();
-        for (key, value) in &dead.raw.headers {
-            if key.starts_with("dlq.")
-                || key == headers::EVENT_TYPE
-                || key == headers::REDRIVEN_FROM
-            {
-                continue;
-            }
-            out = out.insert(Header {
-                key,
-                value: value.as_deref(),
-            });
-        }
-        out = out
-            .insert(Header {
-                key: headers::EVENT_TYPE,
-                value: Some(kind),
-            })
-            .insert(Header {
-                key: headers::REDRIVEN_FROM,
-                value: Some(&from),
-            });
-
-        let producer: FutureProducer = self
-            .clients
-            .idempotent_producer("dlq")
-            .set("message.timeout.ms", self.timeout.as_millis().to_string())
-            .create()
-            .map_err(kafka("creating the redrive's producer"))?;
-        let mut record = FutureRecord::to(&source.topic).payload(&value).headers(out);
-        if let Some(key) = dead.raw.key.as_deref() {
-            record = record.key(key);
-        }
-        let delivery = producer
-            .send(record, self.timeout)
-            .await
-            .map_err(|(e, _)| e)
-            .map_err(kafka(format!(
-                "writing the redriven event to {}",
-                source.topic
-            )))?;
-        let resolution = Resolution::Redriven {
-            event_id: event_id.to_string(),
-            topic: source.topic.clone(),
-            partition: delivery.partition,
-            offset: delivery.offset,
-            corrected,
-            by: by.to_owned(),
-            at_ms: now_ms(),
-        };
+        self.in_turn(&dead).await?;
+        let redrive = Redrive::of(&dead, correction, &self.codec)?;
+        let producer = self.producer()?;
+        let delivery = self.write(&producer, &redrive.record()).await?;
+        let resolution = redrive.resolution(delivery, by);
         self.record(&producer, letter, &resolution).await?;
+        self.release_behind(&dead).await;
         Ok(resolution)
     }
 
-    /// Parks `letter` for good with `note`; returns the resolution recorded.
+    /// Parks `letter` for good with `note`; returns the resolution recorded. A sequenced letter
+    /// must be its chain's first unresolved one: a release marker tells its consumer to move
+    /// past it, and the held letters behind it are released after it.
     pub async fn discard(&self, letter: &LetterId, note: &str, by: &str) -> Result<Resolution> {
-        self.unresolved(letter).await?;
-        let producer: FutureProducer = self
-            .clients
-            .idempotent_producer("dlq")
-            .set("message.timeout.ms", self.timeout.as_millis().to_string())
-            .create()
-            .map_err(kafka("creating the discard's producer"))?;
+        let dead = self.unresolved(letter).await?;
+        self.in_turn(&dead).await?;
+        let producer = self.producer()?;
+        if let Some(marker) = Marker::of(&dead)? {
+            self.write(&producer, &marker).await?;
+        }
         let resolution = Resolution::Discarded {
             note: note.to_owned(),
             by: by.to_owned(),
             at_ms: now_ms(),
         };
         self.record(&producer, letter, &resolution).await?;
+        self.release_behind(&dead).await;
         Ok(resolution)
+    }
+
+    /// Releases, on every dead-letter topic, the held letters whose chains' earlier letters
+    /// are all resolved — at most [`MAX_RELEASED`] per topic and call; returns how many. The
+    /// dead-letter census runs it too, so records held after an operator's resolution (a hot
+    /// key keeps sending) follow by themselves.
+    pub async fn release_ready(&self) -> Result<usize> {
+        let mut released = 0;
+        for topic in names::DEAD_LETTER_TOPICS {
+            released += self.release_in(topic).await?;
+        }
+        Ok(released)
+    }
+
+    /// [`DeadLetters::release_ready`] on one topic.
+    pub async fn release_in(&self, topic: &str) -> Result<usize> {
+        let topic = dead_letter_topic(topic)?;
+        let this = self.clone();
+        let ready = tokio::task::spawn_blocking(move || this.ready_blocking(topic)).await??;
+        if ready.is_empty() {
+            return Ok(0);
+        }
+        let producer = self.producer()?;
+        let mut redrives = Vec::new();
+        for dead in &ready {
+            redrives.push(Redrive::of(dead, None, &self.codec)?);
+        }
+        // In chain order on one idempotent producer: each source partition gets them in that
+        // order. Every event first, then every resolution: a crash between the two leaves the
+        // letters pending, and the next release writes them again with the same event ids
+        // (their consumer holds the copies behind the chain and drops them when they come
+        // through, rule 2).
+        let mut deliveries = Vec::new();
+        for redrive in &redrives {
+            deliveries.push(self.send(&producer, &redrive.record())?);
+        }
+        let mut resolutions = Vec::new();
+        for (redrive, delivery) in redrives.iter().zip(deliveries) {
+            let delivery = self.acked(delivery, &redrive.topic).await?;
+            resolutions.push(redrive.resolution(delivery, RELEASED_BY));
+        }
+        for (dead, resolution) in ready.iter().zip(&resolutions) {
+            self.record(&producer, &dead.letter, resolution).await?;
+        }
+        tracing::info!(
+            topic,
+            released = ready.len(),
+            "Released held dead letters whose earlier letters were resolved."
+        );
+        Ok(ready.len())
+    }
+
+    /// Releases what became ready behind `dead`'s chain; a failure is logged (the census
+    /// releases it later).
+    async fn release_behind(&self, dead: &DeadLetter) {
+        if dead.chain.is_none() {
+            return;
+        }
+        if let Err(e) = self.release_in(&dead.letter.topic).await {
+            tracing::warn!(letter = %dead.letter, error = %e, "Releasing the letters held behind a resolved one failed; the dead-letter census retries.");
+        }
+    }
+
+    /// Refuses a sequenced letter with an unresolved letter before it in its chain.
+    async fn in_turn(&self, dead: &DeadLetter) -> Result<()> {
+        let (Some(chain), Some(sequence)) = (&dead.chain, dead.sequence) else {
+            return Ok(());
+        };
+        let topic = dead_letter_topic(&dead.letter.topic)?;
+        let this = self.clone();
+        let chains = tokio::task::spawn_blocking(move || {
+            let reader = this.reader()?;
+            let resolutions = this.resolutions(&reader)?;
+            this.chains_blocking(&reader, topic, &resolutions)
+        })
+        .await??;
+        let first = chains
+            .get(chain)
+            .and_then(|c| c.first_unresolved())
+            .filter(|(n, _)| *n < sequence);
+        match first {
+            Some((_, first)) => Err(DeadLetterError::OutOfTurn {
+                letter: dead.letter.clone(),
+                first: first.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn producer(&self) -> Result<FutureProducer> {
+        self.clients
+            .idempotent_producer("dlq")
+            .set("message.timeout.ms", self.timeout.as_millis().to_string())
+            .create()
+            .map_err(kafka("creating the dead letters' producer"))
+    }
+
+    fn send(&self, producer: &FutureProducer, record: &OutRecord) -> Result<DeliveryFuture> {
+        let mut out = FutureRecord::to(&record.topic)
+            .partition(record.partition)
+            .headers(record.headers.clone());
+        if let Some(key) = record.key.as_deref() {
+            out = out.key(key);
+        }
+        if let Some(value) = record.value.as_deref() {
+            out = out.payload(value);
+        }
+        producer
+            .send_result(out)
+            .map_err(|(e, _)| e)
+            .map_err(kafka(format!("writing to {}", record.topic)))
+    }
+
+    async fn acked(&self, delivery: DeliveryFuture, topic: &str) -> Result<Delivery> {
+        let within = self.timeout;
+        match tokio::time::timeout(within, delivery).await {
+            Err(_) => Err(DeadLetterError::Timeout {
+                what: format!("the acknowledgement of a write to {topic}"),
+                within,
+            }),
+            Ok(Err(_)) => Err(DeadLetterError::Timeout {
+                what: format!("the acknowledgement of a write to {topic} (producer gone)"),
+                within,
+            }),
+            Ok(Ok(Err((e, _)))) => Err(kafka(format!("writing to {topic}"))(e)),
+            Ok(Ok(Ok(delivery))) => Ok(delivery),
+        }
+    }
+
+    async fn write(&self, producer: &FutureProducer, record: &OutRecord) -> Result<Delivery> {
+        let delivery = self.send(producer, record)?;
+        self.acked(delivery, &record.topic).await
     }
 
     async fn unresolved(&self, letter: &LetterId) -> Result<DeadLetter> {
@@ -675,6 +773,85 @@ impl DeadLetters {
         Ok(out)
     }
 
+    /// The chains of sequenced letters on `topic`, read whole (only their places, about 100
+    /// bytes a letter: the topic's retention bounds them).
+    fn chains_blocking(
+        &self,
+        reader: &BaseConsumer,
+        topic: &str,
+        resolutions: &HashMap<String, Resolution>,
+    ) -> Result<BTreeMap<String, Chain>> {
+        let bounds = self.bounds(reader, topic)?;
+        let mut chains: BTreeMap<String, Chain> = BTreeMap::new();
+        self.read(reader, topic, &bounds, |message| {
+            let header = |name: &str| -> Option<String> {
+                message
+                    .headers()?
+                    .iter()
+                    .find(|h| h.key == name)
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            let (Some(chain), Some(sequence)) = (
+                header(headers::DLQ_CHAIN),
+                header(headers::DLQ_SEQUENCE).and_then(|n| n.parse::<u64>().ok()),
+            ) else {
+                return;
+            };
+            let letter = LetterId {
+                topic: message.topic().to_owned(),
+                partition: message.partition(),
+                offset: message.offset(),
+            };
+            let resolved = resolutions.contains_key(&letter.to_string());
+            chains.entry(chain).or_default().add(
+                sequence,
+                ChainLetter {
+                    letter,
+                    held: header(headers::DLQ_HELD).is_some_and(|h| h == "true"),
+                    resolved,
+                },
+            );
+        })?;
+        Ok(chains)
+    }
+
+    /// The held letters of `topic` ready for release, in chain order (at most
+    /// [`MAX_RELEASED`]).
+    fn ready_blocking(&self, topic: &str) -> Result<Vec<DeadLetter>> {
+        let reader = self.reader()?;
+        let resolutions = self.resolutions(&reader)?;
+        let chains = self.chains_blocking(&reader, topic, &resolutions)?;
+        let order: Vec<LetterId> = chains
+            .values()
+            .flat_map(Chain::ready)
+            .take(MAX_RELEASED)
+            .collect();
+        if order.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut ranges: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+        for letter in &order {
+            let range = ranges
+                .entry(letter.partition)
+                .or_insert((letter.offset, letter.offset + 1));
+            range.0 = range.0.min(letter.offset);
+            range.1 = range.1.max(letter.offset + 1);
+        }
+        let wanted: std::collections::HashSet<&LetterId> = order.iter().collect();
+        let bounds: Vec<(i32, i64, i64)> =
+            ranges.into_iter().map(|(p, (a, b))| (p, a, b)).collect();
+        let mut found: HashMap<LetterId, DeadLetter> = HashMap::new();
+        self.read(&reader, topic, &bounds, |message| {
+            let dead = DeadLetter::from_message(message, &self.codec);
+            if wanted.contains(&dead.letter) {
+                found.insert(dead.letter.clone(), dead);
+            }
+        })?;
+        // A letter that expired between the two reads is left for the next pass.
+        Ok(order.iter().map_while(|l| found.remove(l)).collect())
+    }
+
     fn list_blocking(&self, topic: &str) -> Result<(Vec<DeadLetter>, usize)> {
         let reader = self.reader()?;
         let resolutions = self.resolutions(&reader)?;
@@ -706,6 +883,25 @@ impl DeadLetters {
         for letter in &mut letters {
             letter.resolution = resolutions.get(&letter.letter.to_string()).cloned();
         }
+        // A sequenced letter written twice (its consumer re-ran a batch after a crash) is one
+        // letter: a copy is resolved with the first copy resolved.
+        let mut by_place: HashMap<(String, u64), Resolution> = HashMap::new();
+        for letter in &letters {
+            if let (Some(chain), Some(n), Some(r)) =
+                (&letter.chain, letter.sequence, &letter.resolution)
+            {
+                by_place
+                    .entry((chain.clone(), n))
+                    .or_insert_with(|| r.clone());
+            }
+        }
+        for letter in &mut letters {
+            if let (None, Some(chain), Some(n)) =
+                (&letter.resolution, &letter.chain, letter.sequence)
+            {
+                letter.resolution = by_place.get(&(chain.clone(), n)).cloned();
+            }
+        }
         letters.sort_by(|a, b| a.letter.cmp(&b.letter));
         Ok((letters, left_out))
     }
@@ -734,6 +930,217 @@ impl DeadLetters {
         let mut dead = found.ok_or_else(|| DeadLetterError::NoSuchLetter(letter.clone()))?;
         dead.resolution = self.resolutions(&reader)?.remove(&letter.to_string());
         Ok(dead)
+    }
+}
+
+/// A record to write: a redriven event or a release marker.
+struct OutRecord {
+    topic: String,
+    partition: i32,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    headers: OwnedHeaders,
+}
+
+fn release_headers(out: OwnedHeaders, chain: &str, sequence: u64) -> OwnedHeaders {
+    let sequence = sequence.to_string();
+    out.insert(Header {
+        key: headers::RELEASE_CHAIN,
+        value: Some(chain),
+    })
+    .insert(Header {
+        key: headers::RELEASE_SEQUENCE,
+        value: Some(&sequence),
+    })
+}
+
+/// A letter's event, ready to go back on its source topic.
+struct Redrive {
+    event_id: Uuid,
+    corrected: bool,
+    topic: String,
+    partition: i32,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: OwnedHeaders,
+}
+
+impl Redrive {
+    /// The event `dead` puts back (as it was or as `correction`), to the partition it was read
+    /// from — where its consumer keeps its key's state — with the source's headers minus the
+    /// dead letter's own, the event's kind (a correction may change it), the letter it came
+    /// from and, for a sequenced letter, its release.
+    fn of(dead: &DeadLetter, correction: Option<Correction>, codec: &Codec) -> Result<Self> {
+        let letter = &dead.letter;
+        let source = dead
+            .source
+            .clone()
+            .ok_or_else(|| DeadLetterError::NoSource {
+                letter: letter.clone(),
+                header: headers::DLQ_SOURCE_TOPIC,
+            })?;
+        let corrected = correction.is_some();
+        let mut event = match (correction, &dead.raw.decoded) {
+            (Some(c), _) => c.event,
+            (None, Some(decoded)) => decoded.clone(),
+            (None, None) => {
+                return Err(DeadLetterError::NeedsCorrection {
+                    letter: letter.clone(),
+                    reason: dead.undecodable.clone().unwrap_or_default(),
+                })
+            }
+        };
+        let original_id = dead
+            .raw
+            .decoded
+            .as_ref()
+            .map(|e| e.envelope().event_id.clone());
+        let event_id = redrive_event_id(original_id.as_deref(), &source);
+        event.envelope_mut().event_id = event_id.to_string();
+        let value = codec.encode(&event)?;
+
+        let kind = event.kind().name();
+        let from = letter.to_string();
+        let mut out = OwnedHeaders::new();
+        for (key, value) in &dead.raw.headers {
+            if key.starts_with("dlq.")
+                || [
+                    headers::EVENT_TYPE,
+                    headers::REDRIVEN_FROM,
+                    headers::RELEASE_CHAIN,
+                    headers::RELEASE_SEQUENCE,
+                ]
+                .contains(&key.as_str())
+            {
+                continue;
+            }
+            out = out.insert(Header {
+                key,
+                value: value.as_deref(),
+            });
+        }
+        out = out
+            .insert(Header {
+                key: headers::EVENT_TYPE,
+                value: Some(kind),
+            })
+            .insert(Header {
+                key: headers::REDRIVEN_FROM,
+                value: Some(&from),
+            });
+        if let (Some(chain), Some(sequence)) = (&dead.chain, dead.sequence) {
+            out = release_headers(out, chain, sequence);
+        }
+        Ok(Self {
+            event_id,
+            corrected,
+            topic: source.topic,
+            partition: source.partition,
+            key: dead.raw.key.clone(),
+            value,
+            headers: out,
+        })
+    }
+
+    fn record(&self) -> OutRecord {
+        OutRecord {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            key: self.key.clone(),
+            value: Some(self.value.clone()),
+            headers: self.headers.clone(),
+        }
+    }
+
+    fn resolution(&self, delivery: Delivery, by: &str) -> Resolution {
+        Resolution::Redriven {
+            event_id: self.event_id.to_string(),
+            topic: self.topic.clone(),
+            partition: delivery.partition,
+            offset: delivery.offset,
+            corrected: self.corrected,
+            by: by.to_owned(),
+            at_ms: now_ms(),
+        }
+    }
+}
+
+/// The release marker a discard of a sequenced letter writes to its source partition: its
+/// key and release headers, no value. `None` for a letter that is not sequenced.
+struct Marker;
+
+impl Marker {
+    fn of(dead: &DeadLetter) -> Result<Option<OutRecord>> {
+        let (Some(chain), Some(sequence)) = (&dead.chain, dead.sequence) else {
+            return Ok(None);
+        };
+        let source = dead
+            .source
+            .clone()
+            .ok_or_else(|| DeadLetterError::NoSource {
+                letter: dead.letter.clone(),
+                header: headers::DLQ_SOURCE_TOPIC,
+            })?;
+        Ok(Some(OutRecord {
+            topic: source.topic,
+            partition: source.partition,
+            key: dead.raw.key.clone(),
+            value: None,
+            headers: release_headers(OwnedHeaders::new(), chain, sequence),
+        }))
+    }
+}
+
+/// One letter of a chain, as [`DeadLetters::chains_blocking`] reads it.
+#[derive(Debug, Clone)]
+struct ChainLetter {
+    letter: LetterId,
+    held: bool,
+    resolved: bool,
+}
+
+/// The letters of one chain by place; a place written twice (a consumer's re-run after a
+/// crash) has two copies, and is resolved when either is.
+#[derive(Debug, Default)]
+struct Chain {
+    places: BTreeMap<u64, Vec<ChainLetter>>,
+}
+
+impl Chain {
+    fn add(&mut self, sequence: u64, letter: ChainLetter) {
+        self.places.entry(sequence).or_default().push(letter);
+    }
+
+    fn resolved(copies: &[ChainLetter]) -> bool {
+        copies.iter().any(|c| c.resolved)
+    }
+
+    /// The first place none of whose copies is resolved, with its first copy.
+    fn first_unresolved(&self) -> Option<(u64, &LetterId)> {
+        self.places
+            .iter()
+            .find(|(_, copies)| !Self::resolved(copies))
+            .and_then(|(n, copies)| copies.first().map(|c| (*n, &c.letter)))
+    }
+
+    /// The held letters to release now, in order: from the first unresolved place on, while
+    /// places are held (a failed letter waits for an operator; a missing place — its letter
+    /// expired — stops the chain, whose consumer waits for that release).
+    fn ready(&self) -> Vec<LetterId> {
+        let mut out = Vec::new();
+        for (expected, (n, copies)) in self.places.iter().enumerate() {
+            if *n != expected as u64 {
+                break;
+            }
+            if Self::resolved(copies) {
+                continue;
+            }
+            match copies.first() {
+                Some(first) if first.held => out.push(first.letter.clone()),
+                _ => break,
+            }
+        }
+        out
     }
 }
 
@@ -813,6 +1220,56 @@ mod tests {
             err.to_string().contains("missing field `envelope`"),
             "{err}"
         );
+    }
+
+    fn chain(places: &[(u64, bool, bool)]) -> Chain {
+        let mut chain = Chain::default();
+        for (i, (n, held, resolved)) in places.iter().enumerate() {
+            chain.add(
+                *n,
+                ChainLetter {
+                    letter: LetterId {
+                        topic: names::SAGA_DLQ.into(),
+                        partition: 0,
+                        offset: i as i64,
+                    },
+                    held: *held,
+                    resolved: *resolved,
+                },
+            );
+        }
+        chain
+    }
+
+    fn offsets(letters: &[LetterId]) -> Vec<i64> {
+        letters.iter().map(|l| l.offset).collect()
+    }
+
+    #[test]
+    fn a_chain_releases_its_held_letters_in_order_up_to_the_next_failed_one() {
+        // 0 failed and pending: nothing moves; the operator must resolve it first.
+        let waiting = chain(&[(0, false, false), (1, true, false), (2, true, false)]);
+        assert!(waiting.ready().is_empty());
+        assert_eq!(waiting.first_unresolved().map(|(n, _)| n), Some(0));
+        // 0 resolved: 1 and 2 go, and stop at 3, a released record that failed again.
+        let resolved = chain(&[
+            (0, false, true),
+            (1, true, false),
+            (2, true, false),
+            (3, false, false),
+            (4, true, false),
+        ]);
+        assert_eq!(offsets(&resolved.ready()), [1, 2]);
+        assert_eq!(resolved.first_unresolved().map(|(n, _)| n), Some(1));
+        // A place written twice (a re-run) is released once, and resolved by either copy.
+        let copies = chain(&[(0, false, true), (1, true, false), (1, true, false)]);
+        assert_eq!(offsets(&copies.ready()), [1]);
+        let copies = chain(&[(0, false, true), (1, true, false), (1, true, true)]);
+        assert!(copies.ready().is_empty());
+        assert_eq!(copies.first_unresolved(), None);
+        // A chain whose first letters expired waits (its consumer waits for those releases).
+        let expired = chain(&[(2, true, false), (3, true, false)]);
+        assert!(expired.ready().is_empty());
     }
 
     #[test]

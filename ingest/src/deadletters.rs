@@ -7,7 +7,9 @@
 //! - `GET /v1/dead-letters/{topic}/{partition}/{offset}`: one letter;
 //! - `POST …/{offset}/redrive`: put it back on its source topic, as it was (no body) or as the
 //!   corrected event in the body (`{"event_type", "event"}`, what the letter shows);
-//! - `POST …/{offset}/discard`: park it for good (`{"note"}`).
+//! - `POST …/{offset}/discard`: park it for good (`{"note"}`);
+//! - `POST /v1/dead-letters/{topic}/release`: put back the held letters whose earlier letters
+//!   are all resolved (what [`release_held`] does every [`RELEASE_INTERVAL`]).
 //!
 //! [`census`] counts the pending letters every minute for the gauges
 //! `orderflow_dead_letters_pending` and `orderflow_dead_letters_oldest_pending_age_seconds`
@@ -79,6 +81,30 @@ pub async fn census(
     }
 }
 
+/// How often [`release_held`] releases.
+pub const RELEASE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Releases the held letters whose chains' earlier letters are resolved, every `every`, until
+/// `cancel` (`DeadLetters::release_ready`): a key parked behind a letter an operator resolved
+/// catches up by itself, however many records it kept receiving meanwhile. A pass that fails is
+/// logged and the next one tries again; a release repeated after a crash is harmless (its
+/// consumer holds the copy and drops it once it comes through).
+pub async fn release_held(
+    dead_letters: DeadLetters,
+    every: std::time::Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = dead_letters.release_ready().await {
+            tracing::warn!(error = %e, "Releasing held dead letters failed; retrying later.");
+        }
+    }
+}
+
 /// `?all=true` lists resolved letters too.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 pub struct ListQuery {
@@ -128,6 +154,11 @@ fn problem(error: DeadLetterError) -> Problem {
             StatusCode::CONFLICT,
             "dead-letter-resolved",
             "The dead letter is already resolved",
+        ),
+        DeadLetterError::OutOfTurn { .. } => (
+            StatusCode::CONFLICT,
+            "dead-letter-out-of-turn",
+            "An earlier letter of the same key must be resolved first",
         ),
         DeadLetterError::NeedsCorrection { .. }
         | DeadLetterError::BadCorrection(_)
@@ -322,4 +353,30 @@ pub async fn discard(
     Ok(Json(
         json!({ "letter": letter.to_string(), "resolution": resolution }),
     ))
+}
+
+/// Put back the held letters of one dead-letter topic whose chains' earlier letters are all
+/// resolved, in their order.
+#[utoipa::path(
+    post,
+    path = "/v1/dead-letters/{topic}/release",
+    tag = "admin",
+    params(
+        ("topic" = String, Path, description = "A dead-letter topic."),
+    ),
+    responses(
+        (status = 200, description = "`released`: how many held letters were put back.", body = Object),
+        (status = 404, description = "Not a dead-letter topic.", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The broker could not be read or written.", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn release(
+    State(state): State<IngestState>,
+    Path(topic): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    let released = dead_letters(&state)?
+        .release_in(&topic)
+        .await
+        .map_err(problem)?;
+    Ok(Json(json!({ "released": released })))
 }

@@ -126,6 +126,7 @@ pub fn admin_router(state: IngestState, max_body_bytes: usize) -> Router {
         .routes(routes!(crate::deadletters::show))
         .routes(routes!(crate::deadletters::redrive))
         .routes(routes!(crate::deadletters::discard))
+        .routes(routes!(crate::deadletters::release))
         .route_layer(from_fn_with_state(Permission::Administer, require));
     guarded(routes, state, max_body_bytes, "orderflow admin")
 }

@@ -726,6 +726,16 @@ pub fn header_value(message: &OwnedMessage, name: &str) -> Option<String> {
     })
 }
 
+/// Whether `message` is a release marker: the record a discard of a sequenced dead letter
+/// writes to the letter's source partition so that the consumer that parked the key moves past
+/// it ([`headers::RELEASE_CHAIN`], no value). It is not an event: every consumer skips it.
+pub fn is_release_marker<M: Message>(message: &M) -> bool {
+    message.payload().is_none_or(<[u8]>::is_empty)
+        && message
+            .headers()
+            .is_some_and(|hs| hs.iter().any(|h| h.key == headers::RELEASE_CHAIN))
+}
+
 /// The source record's headers plus the dead-letter headers.
 pub fn dead_letter_headers(message: &OwnedMessage, consumer: &str, reason: &str) -> OwnedHeaders {
     let mut out = OwnedHeaders::new();

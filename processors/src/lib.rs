@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod payments;
 pub mod runtime;
 pub mod saga;
+pub mod sequence;
 pub mod state;
 
 use std::{future::Future, pin::Pin, sync::Arc};

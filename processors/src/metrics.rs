@@ -25,6 +25,12 @@ pub struct ProcessorMetrics {
     pub records: Family<ProcessorLabels, Counter>,
     pub outputs: Family<OutputLabels, Counter>,
     pub dead_letters: Family<ProcessorLabels, Counter>,
+    /// Records held behind a parked key (crate::sequence); `dead_letters` counts them too.
+    pub held_records: Family<ProcessorLabels, Counter>,
+    /// Dead letters that parked nothing: too many keys were parked already.
+    pub unsequenced_dead_letters: Family<ProcessorLabels, Counter>,
+    /// Keys parked now, over the processor's assigned partitions.
+    pub parked_keys: Family<ProcessorLabels, Gauge>,
     pub aborts: Family<ProcessorLabels, Counter>,
     /// Gaps in the input offsets read a second time (`kafka.recheck_offset_gaps`).
     pub gap_rereads: Family<ProcessorLabels, Counter>,
@@ -77,6 +83,9 @@ impl ProcessorMetrics {
             records: Family::default(),
             outputs: Family::default(),
             dead_letters: Family::default(),
+            held_records: Family::default(),
+            unsequenced_dead_letters: Family::default(),
+            parked_keys: Family::default(),
             aborts: Family::default(),
             gap_rereads: Family::default(),
             batch_records: Family::new_with_constructor(batch_histogram),
@@ -105,8 +114,23 @@ impl ProcessorMetrics {
         );
         registry.register(
             "processor_dead_letters",
-            "Input records a processor sent to its dead-letter topic",
+            "Input records a processor sent to its dead-letter topic (failed, or held behind a parked key: processor_held_records counts those)",
             m.dead_letters.clone(),
+        );
+        registry.register(
+            "processor_held_records",
+            "Input records a processor held on its dead-letter topic because their key was parked behind an earlier dead letter",
+            m.held_records.clone(),
+        );
+        registry.register(
+            "processor_unsequenced_dead_letters",
+            "Dead letters that parked nothing because the partition had the most parked keys it keeps",
+            m.unsequenced_dead_letters.clone(),
+        );
+        registry.register(
+            "processor_parked_keys",
+            "Keys whose records wait behind a dead letter, over the processor's partitions",
+            m.parked_keys.clone(),
         );
         registry.register(
             "processor_transaction_aborts",

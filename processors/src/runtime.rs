@@ -58,7 +58,8 @@ use orderflow_platform::{
     health::Readiness,
     kafka::{
         collect_batch_within, dead_letter_headers, event_headers, flush_now, header_value,
-        next_offsets, off_runtime, retain_assigned, BatchBounds, GroupContext, KafkaClients,
+        is_release_marker, next_offsets, off_runtime, retain_assigned, BatchBounds, GroupContext,
+        KafkaClients,
     },
     restart::Restarts,
     switches::Switches,
@@ -78,6 +79,7 @@ use tracing::{debug, debug_span, info, warn};
 
 use crate::{
     metrics::{OutputLabels, ProcessorLabels, ProcessorMetrics},
+    sequence::{Admit, Place, Release, Sequenced},
     state::{PartitionState, Restored, Restorer, CLAIM_KEY, GENERATION_HEADER, POSITION_KEY},
 };
 
@@ -405,7 +407,7 @@ impl<S: Step> ProcessorRuntime<S> {
         let transactional = self.mode == Mode::Transactional;
         info!(processor = self.io.name, group = %self.group_id, topic = self.io.input_topic, transactional, "Processor started.");
 
-        let mut slots: BTreeMap<i32, Slot<S::State>> = BTreeMap::new();
+        let mut slots: BTreeMap<i32, Slot<Sequenced<S::State>>> = BTreeMap::new();
         let mut gaps = GapGuard::new(self.clients.settings().recheck_offset_gaps);
         let tick = Duration::from_millis(self.batch.tick_ms.max(10));
         let mut last_tick = Instant::now();
@@ -452,7 +454,8 @@ impl<S: Step> ProcessorRuntime<S> {
                 last_tick = Instant::now();
                 let now_ms = wall_clock_ms();
                 for (partition, slot) in &slots {
-                    self.step.tick(*partition, &slot.state, now_ms, &mut timers);
+                    self.step
+                        .tick(*partition, &slot.state.step, now_ms, &mut timers);
                 }
             }
             if !batch.is_empty() || !timers.is_empty() {
@@ -506,7 +509,7 @@ impl<S: Step> ProcessorRuntime<S> {
         &mut self,
         consumer: &Arc<ProcessorConsumer>,
         producer: &FutureProducer,
-        slots: &mut BTreeMap<i32, Slot<S::State>>,
+        slots: &mut BTreeMap<i32, Slot<Sequenced<S::State>>>,
         gaps: &mut GapGuard,
         cancel: &CancellationToken,
     ) -> Result<(), ProcessorError> {
@@ -573,7 +576,7 @@ impl<S: Step> ProcessorRuntime<S> {
         &mut self,
         consumer: &Arc<ProcessorConsumer>,
         producer: &FutureProducer,
-        slots: &mut BTreeMap<i32, Slot<S::State>>,
+        slots: &mut BTreeMap<i32, Slot<Sequenced<S::State>>>,
         gaps: &mut GapGuard,
         cancel: &CancellationToken,
     ) -> Result<BTreeSet<i32>, ProcessorError> {
@@ -615,13 +618,13 @@ impl<S: Step> ProcessorRuntime<S> {
             let epoch = context.assignment_epoch(input, partition);
             let slot = match self.io.changelog_topic {
                 None => Slot {
-                    state: S::State::default(),
+                    state: Sequenced::default(),
                     position: None,
                     generation: 0,
                     epoch,
                 },
                 Some(topic) => {
-                    let Some(restored) = restore::<S::State>(
+                    let Some(restored) = restore::<Sequenced<S::State>>(
                         &self.clients,
                         self.io.name,
                         topic,
@@ -762,6 +765,32 @@ impl<S: Step> ProcessorRuntime<S> {
         Ok(())
     }
 
+    /// Queues `message` for the dead-letter topic with `reason` and, for a sequenced letter,
+    /// its place in its chain.
+    fn dead_letter(
+        &self,
+        producer: &FutureProducer,
+        message: &OwnedMessage,
+        reason: &str,
+        place: Option<&Place>,
+    ) -> Result<DeliveryFuture, ProcessorError> {
+        let mut dlq_headers = dead_letter_headers(message, self.io.name, reason);
+        for (key, value) in place.iter().flat_map(|p| p.headers()) {
+            dlq_headers = dlq_headers.insert(Header {
+                key,
+                value: Some(&value),
+            });
+        }
+        let record = FutureRecord::to(self.io.dead_letter_topic)
+            .payload(message.payload().unwrap_or_default())
+            .headers(dlq_headers);
+        let record = match message.key() {
+            Some(key) => record.key(key),
+            None => record,
+        };
+        Ok(producer.send_result(record).map_err(|(e, _)| e)?)
+    }
+
     fn bounds(&self) -> BatchBounds {
         BatchBounds {
             max_records: self.batch.batch_max_records,
@@ -784,7 +813,7 @@ impl<S: Step> ProcessorRuntime<S> {
         changelog_producer: Option<&FutureProducer>,
         batch: &[OwnedMessage],
         mut timers: Outputs,
-        slots: &mut BTreeMap<i32, Slot<S::State>>,
+        slots: &mut BTreeMap<i32, Slot<Sequenced<S::State>>>,
     ) -> Result<Option<TopicPartitionList>, ProcessorError> {
         let started = Instant::now();
         // Decode everything first, so that `prepare` sees the whole batch.
@@ -835,6 +864,8 @@ impl<S: Step> ProcessorRuntime<S> {
 
         let mut outputs = Outputs::default();
         let mut dead = 0usize;
+        let mut held = 0usize;
+        let mut unsequenced = 0usize;
         for (message, event) in batch.iter().zip(decoded) {
             // One span per record, continuing the order's trace from the record's headers; the
             // outputs carry this span's context on. No await inside: the guard never crosses one.
@@ -851,9 +882,57 @@ impl<S: Step> ProcessorRuntime<S> {
             let Some(slot) = slots.get_mut(&message.partition()) else {
                 continue;
             };
+            // Sequenced dead letters (crate::sequence): a parked key's records wait behind it.
+            // A processor without a changelog has nowhere to keep parked keys: its letters go
+            // unsequenced, and release markers are skipped.
+            let key = message
+                .key()
+                .map(|k| String::from_utf8_lossy(k).into_owned());
+            let release = Release::from_headers(|name| header_value(message, name));
+            let marker = is_release_marker(message);
+            let admit = match (self.io.changelog_topic, &key) {
+                (Some(_), _) => slot
+                    .state
+                    .parked
+                    .admit(key.as_deref(), release.as_ref(), marker),
+                (None, _) if marker => Admit::Skip,
+                (None, _) => Admit::Process,
+            };
+            match (admit, key.as_deref()) {
+                (Admit::Skip, _) => {
+                    debug!(
+                        processor = self.io.name,
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "Skipped a release marker its key does not wait for."
+                    );
+                    continue;
+                }
+                (Admit::Discarded, Some(key)) => {
+                    slot.state.parked.passed(key);
+                    continue;
+                }
+                (Admit::Hold, Some(key)) => {
+                    let place = slot.state.parked.hold(key);
+                    held += 1;
+                    dead += 1;
+                    let reason = format!(
+                        "held: key {key} is parked behind {}",
+                        place.as_ref().map_or("?", |p| p.chain.as_str())
+                    );
+                    deliveries.push(self.dead_letter(
+                        producer,
+                        message,
+                        &reason,
+                        place.as_ref(),
+                    )?);
+                    continue;
+                }
+                _ => {}
+            }
             let handled = match event {
                 Err(reason) => Err(reason),
-                Ok(event) => match self.step.handle(&mut slot.state, &event, &mut outputs) {
+                Ok(event) => match self.step.handle(&mut slot.state.step, &event, &mut outputs) {
                     Err(StepError::Retry(reason)) => {
                         return Err(ProcessorError::Step(reason));
                     }
@@ -872,19 +951,36 @@ impl<S: Step> ProcessorRuntime<S> {
                         emitted.push(record.event.kind().name());
                         deliveries.push(send(producer, record, &bytes, traceparent.as_deref())?);
                     }
+                    if let (Admit::Released, Some(key)) = (admit, key.as_deref()) {
+                        slot.state.parked.passed(key);
+                    }
                 }
                 Err(reason) => {
                     dead += 1;
-                    warn!(processor = self.io.name, topic = message.topic(), partition = message.partition(), offset = message.offset(), %reason, "Record sent to the dead-letter topic.");
-                    let dlq_headers = dead_letter_headers(message, self.io.name, &reason);
-                    let record = FutureRecord::to(self.io.dead_letter_topic)
-                        .payload(message.payload().unwrap_or_default())
-                        .headers(dlq_headers);
-                    let record = match message.key() {
-                        Some(key) => record.key(key),
-                        None => record,
+                    let place = match self.io.changelog_topic {
+                        Some(_) => {
+                            let source = format!(
+                                "{}/{}/{}",
+                                message.topic(),
+                                message.partition(),
+                                message.offset()
+                            );
+                            let place = slot.state.parked.failed(key.as_deref(), &source);
+                            if place.is_none() && key.is_some() {
+                                unsequenced += 1;
+                                warn!(processor = self.io.name, partition = message.partition(), limit = crate::sequence::MAX_PARKED_KEYS, "Too many parked keys: this dead letter does not hold its key's later records.");
+                            }
+                            place
+                        }
+                        None => None,
                     };
-                    deliveries.push(producer.send_result(record).map_err(|(e, _)| e)?);
+                    warn!(processor = self.io.name, topic = message.topic(), partition = message.partition(), offset = message.offset(), %reason, chain = place.as_ref().map(|p| p.chain.as_str()), "Record sent to the dead-letter topic.");
+                    deliveries.push(self.dead_letter(
+                        producer,
+                        message,
+                        &reason,
+                        place.as_ref(),
+                    )?);
                 }
             }
             outputs.drain();
@@ -981,6 +1077,15 @@ impl<S: Step> ProcessorRuntime<S> {
         m.dead_letters
             .get_or_create(&self.labels)
             .inc_by(dead as u64);
+        m.held_records
+            .get_or_create(&self.labels)
+            .inc_by(held as u64);
+        m.unsequenced_dead_letters
+            .get_or_create(&self.labels)
+            .inc_by(unsequenced as u64);
+        m.parked_keys
+            .get_or_create(&self.labels)
+            .set(slots.values().map(|s| s.state.parked.len() as i64).sum());
         for event_type in emitted {
             m.outputs
                 .get_or_create(&OutputLabels {
@@ -994,6 +1099,7 @@ impl<S: Step> ProcessorRuntime<S> {
             records = batch.len(),
             produced,
             dead,
+            held,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "Batch committed."
         );

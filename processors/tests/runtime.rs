@@ -437,14 +437,35 @@ async fn aborted_and_duplicate_delivery(broker: Broker) {
 
     // The upstream's retry, committed: the same records, the second order twice, then the third.
     // And a poison record ahead of each processor's later work: on the SKU's partition of
-    // inventory.commands (the reservations come after it) and on each order's partition of
-    // payments.requests (its payment request comes after it).
+    // inventory.commands (the reservations come after it), under a key of its own — a poison
+    // record parks its key, whose later records wait behind it (`processors::sequence`;
+    // cli/tests/dlq.rs), while the partition keeps moving — and on each order's partition of
+    // payments.requests (its payment request comes after it; the payment worker keeps no state
+    // and parks nothing).
     let producer: FutureProducer = clients
         .idempotent_producer("test")
         .create()
         .expect("producer");
-    write(&producer, names::INVENTORY_COMMANDS, "SKU-ABC", &restock).await;
-    write(&producer, names::INVENTORY_COMMANDS, "SKU-ABC", b"not avro").await;
+    let (sku_partition, _) = producer
+        .send(
+            FutureRecord::to(names::INVENTORY_COMMANDS)
+                .key("SKU-ABC")
+                .payload(&restock),
+            Duration::from_secs(30),
+        )
+        .await
+        .map(|d| (d.partition, d.offset))
+        .unwrap_or_else(|(e, _)| panic!("restock: {e}"));
+    producer
+        .send(
+            FutureRecord::to(names::INVENTORY_COMMANDS)
+                .key("SKU-POISON")
+                .partition(sku_partition)
+                .payload(b"not avro"),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|(e, _)| panic!("poison: {e}"));
     for order in &placed {
         let key = &order.envelope.order_id;
         write(&producer, names::PAYMENTS_REQUESTS, key, b"not avro either").await;

@@ -192,13 +192,15 @@ fn read_log(
     }
     consumer.assign(&tpl)?;
     let waited = Duration::from_secs(120);
-    let reached =
-        orderflow_platform::kafka::read_to_ends(&consumer, topic, &ends, waited, |m| match codec
-            .decode(m.payload().unwrap_or_default())
-        {
+    let reached = orderflow_platform::kafka::read_to_ends(&consumer, topic, &ends, waited, |m| {
+        if orderflow_platform::kafka::is_release_marker(m) {
+            return;
+        }
+        match codec.decode(m.payload().unwrap_or_default()) {
             Ok(event) => events.push(event),
             Err(_) => undecodable += 1,
-        })?;
+        }
+    })?;
     if !reached {
         return Err(ReconcileError::Timeout {
             topic: topic.to_owned(),

@@ -26,8 +26,8 @@ use orderflow_platform::{
     gaps::GapGuard,
     health::Readiness,
     kafka::{
-        collect_batch_within, dead_letter_headers, header_value, next_offsets, off_runtime,
-        retain_assigned, BatchBounds, GroupContext, KafkaClients,
+        collect_batch_within, dead_letter_headers, header_value, is_release_marker, next_offsets,
+        off_runtime, retain_assigned, BatchBounds, GroupContext, KafkaClients,
     },
     restart::Restarts,
     telemetry::continue_trace,
@@ -377,6 +377,11 @@ impl<P: Projection> ProjectionWriter<P> {
             }
             let entry = reached.entry(key).or_insert(from);
             *entry = (*entry).max(m.offset() + 1);
+            if is_release_marker(m) {
+                // A processor's business (sequenced dead letters), not an event.
+                outcome.skipped += 1;
+                continue;
+            }
             match self.codec.decode(m.payload().unwrap_or_default()) {
                 Ok(event) => {
                     // The order's trace continues from the record's headers into the write.

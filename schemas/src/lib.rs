@@ -54,4 +54,19 @@ pub mod headers {
     /// A redriven record: the dead letter it was redriven from, `TOPIC/PARTITION/OFFSET`. Not
     /// `dlq.`-prefixed: a dead letter keeps it (it drops the `dlq.` headers of its source).
     pub const REDRIVEN_FROM: &str = "redriven.from";
+    /// Sequenced dead letters (docs/architecture.md, "Sequenced dead letters"): the chain a
+    /// letter belongs to — the source position of the record that parked its key,
+    /// `TOPIC/PARTITION/OFFSET` — and the letter's place in it (0 is the record that parked the
+    /// key). A consumer writes them on each letter of a parked key.
+    pub const DLQ_CHAIN: &str = "dlq.chain";
+    pub const DLQ_SEQUENCE: &str = "dlq.sequence";
+    /// `true` on a letter that was held only because its key was parked (nothing is wrong with
+    /// it; it is released once the letters before it are resolved), `false` on one that failed.
+    pub const DLQ_HELD: &str = "dlq.held";
+    /// A release of a sequenced letter back on its source topic: the letter's chain and place.
+    /// A redriven event carries them; a discard writes a *release marker*, a record with these
+    /// headers and no value, so the consumer that parked the key moves past the letter. Every
+    /// consumer skips a record without a value (a marker) that is not its own to release.
+    pub const RELEASE_CHAIN: &str = "orderflow.release.chain";
+    pub const RELEASE_SEQUENCE: &str = "orderflow.release.sequence";
 }

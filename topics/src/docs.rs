@@ -19,7 +19,11 @@ pub fn render_markdown(catalog: &Catalog) -> String {
          drop any record whose `envelope.event_id` you have seen before: every event id is \
          derived from its cause, so a re-processed input re-emits the same id, and the brokers \
          in use may show records of aborted transactions. Order within an order is by \
-         `envelope.sequence`; all events of one customer are on one partition, in order.\n\n\
+         `envelope.sequence`; all events of one customer are on one partition, in order. \
+         Skip a record without a value: a discard of a dead letter held in sequence writes a \
+         *release marker* to the letter's source partition (its key, headers \
+         `orderflow.release.chain` and `orderflow.release.sequence`, no value), for the \
+         processor that parked the key.\n\n\
          | topic | key | partitions | replication | cleanup | retention |\n\
          |---|---|---|---|---|---|\n",
     );
