@@ -521,13 +521,14 @@ impl DeadLetters {
         Ok(resolution)
     }
 
-    /// Releases, on every dead-letter topic, the held letters whose chains' earlier letters
-    /// are all resolved — at most [`MAX_RELEASED`] per topic and call; returns how many. The
-    /// dead-letter census runs it too, so records held after an operator's resolution (a hot
-    /// key keeps sending) follow by themselves.
+    /// Releases, on every dead-letter topic whose consumer parks keys
+    /// ([`names::SEQUENCED_DEAD_LETTER_TOPICS`]), the held letters whose chains' earlier
+    /// letters are all resolved — at most [`MAX_RELEASED`] per topic and call; returns how
+    /// many. The admin listener runs it every few seconds, so records held after an operator's
+    /// resolution (a hot key keeps sending) follow by themselves.
     pub async fn release_ready(&self) -> Result<usize> {
         let mut released = 0;
-        for topic in names::DEAD_LETTER_TOPICS {
+        for topic in names::SEQUENCED_DEAD_LETTER_TOPICS {
             released += self.release_in(topic).await?;
         }
         Ok(released)

@@ -197,3 +197,20 @@ pub fn processors(
         ),
     ]
 }
+
+#[cfg(test)]
+mod io_tests {
+    use super::*;
+
+    /// The dead-letter tools release held letters on the topics of the processors that park
+    /// keys: exactly those with a changelog (`sequence`).
+    #[test]
+    fn the_sequenced_dead_letter_topics_are_those_of_the_processors_with_state() {
+        let with_state: Vec<&str> = PROCESSORS
+            .iter()
+            .filter(|p| p.changelog_topic.is_some())
+            .map(|p| p.dead_letter_topic)
+            .collect();
+        assert_eq!(with_state, names::SEQUENCED_DEAD_LETTER_TOPICS);
+    }
+}

@@ -41,6 +41,11 @@ pub mod names {
         PROJECTION_INVENTORY_DLQ,
     ];
 
+    /// The dead-letter topics whose consumers park keys (the processors with a changelog:
+    /// `orderflow_processors::sequence`), where held letters wait to be released. A test in
+    /// `orderflow_processors` checks the list against the processors.
+    pub const SEQUENCED_DEAD_LETTER_TOPICS: [&str; 2] = [SAGA_DLQ, INVENTORY_DLQ];
+
     /// What a shadow saga (`orderflow process --shadow NAME`) writes, each as
     /// [`shadow_topic`]`(NAME, topic)`: its timeline, its commands, its state.
     pub const SHADOW_OUTPUTS: [&str; 5] = [
