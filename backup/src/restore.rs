@@ -38,12 +38,12 @@ use std::{
     path::Path,
 };
 
-use orderflow_platform::kafka::{log_end, KafkaClients};
+use orderflow_platform::kafka::{log_end, KafkaClients, Reader, ReaderContext};
 use orderflow_processors::{state::POSITION_KEY, PROCESSORS};
 use orderflow_schemas::{headers, Codec};
 use orderflow_topics::names;
 use rdkafka::{
-    consumer::{BaseConsumer, CommitMode, Consumer},
+    consumer::{CommitMode, Consumer},
     message::{Header, OwnedHeaders},
     producer::{future_producer::OwnedDeliveryResult, FutureProducer, FutureRecord},
     Offset, TopicPartitionList,
@@ -349,7 +349,7 @@ fn target_bases(
     partitions: &[((String, i32), Vec<&PartitionFile>)],
     options: RestoreOptions,
 ) -> Result<std::collections::HashMap<(String, i32), i64>> {
-    let reader: BaseConsumer = clients.reader("restore").create()?;
+    let reader = clients.open_reader("restore")?;
     let timeout = clients.admin_timeout();
     let metadata = reader.fetch_metadata(None, timeout)?;
     let mut bases = std::collections::HashMap::new();
@@ -508,7 +508,7 @@ fn commit_groups(clients: &KafkaClients, groups: &[GroupOffset]) -> Result<()> {
     for name in names {
         let mut config = clients.reader("restore");
         config.set("group.id", name);
-        let consumer: BaseConsumer = config.create()?;
+        let consumer: Reader = config.create_with_context(ReaderContext)?;
         let mut tpl = TopicPartitionList::new();
         for g in groups.iter().filter(|g| g.group == name) {
             tpl.add_partition_offset(&g.topic, g.partition, Offset::Offset(g.offset))?;

@@ -32,11 +32,11 @@ use std::{
 };
 
 use orderflow_db::Database;
-use orderflow_platform::kafka::{log_end, KafkaClients};
+use orderflow_platform::kafka::{log_end, KafkaClients, Reader, ReaderContext};
 use orderflow_processors::PROCESSORS;
 use orderflow_topics::Catalog;
 use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
+    consumer::Consumer,
     error::KafkaError,
     message::{Headers, Message},
     Offset, TopicPartitionList,
@@ -184,7 +184,7 @@ fn take_logs(
         let group = processor.group_id();
         let mut config = clients.reader("backup");
         config.set("group.id", &group);
-        let consumer: BaseConsumer = config.create()?;
+        let consumer: Reader = config.create_with_context(ReaderContext)?;
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions_of(processor.input_topic)? {
             tpl.add_partition(processor.input_topic, p);
@@ -218,7 +218,7 @@ fn take_logs(
             .map(|t| t.name.as_str())
             .filter(|t| !changelogs.contains(t)),
     );
-    let reader: BaseConsumer = clients.reader("backup").create()?;
+    let reader = clients.open_reader("backup")?;
     let mut bounds = Vec::new();
     for topic in &topics {
         for partition in 0..partitions_of(topic)? {
@@ -278,7 +278,7 @@ fn take_logs(
 /// Reads `[from, to)` of one partition in order, handing each record to `f`. Fails when the
 /// broker delivers nothing for [`READ_STALL`].
 pub(crate) fn read_range(
-    reader: &BaseConsumer,
+    reader: &Reader,
     topic: &str,
     partition: i32,
     from: i64,

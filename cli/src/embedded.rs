@@ -26,7 +26,6 @@ use orderflow_topics::{
     apply::{apply, ApplyReport, Provisioner},
     Catalog,
 };
-use rdkafka::consumer::BaseConsumer;
 use secrecy::ExposeSecret;
 use sqlx::Row;
 
@@ -178,8 +177,7 @@ pub async fn check_database_matches_log(settings: &Settings, bootstrap: &str) ->
         return Ok(());
     }
     let clients = KafkaClients::new(&settings.kafka, bootstrap);
-    let consumer: std::sync::Arc<BaseConsumer> =
-        std::sync::Arc::new(clients.reader("dev").create()?);
+    let consumer = std::sync::Arc::new(clients.open_reader("dev")?);
     let mut past_end = Vec::new();
     for row in rows {
         let topic: String = row.try_get(0)?;

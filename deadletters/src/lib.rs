@@ -50,11 +50,11 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use orderflow_platform::kafka::{log_end, read_to_ends, KafkaClients};
+use orderflow_platform::kafka::{log_end, read_to_ends, KafkaClients, Reader};
 use orderflow_schemas::{headers, ids::derived_event_id, Codec, EventKind, OrderEvent};
 use orderflow_topics::names;
 use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
+    consumer::Consumer,
     error::KafkaError,
     message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders},
     producer::{
@@ -689,15 +689,14 @@ impl DeadLetters {
         Ok(())
     }
 
-    fn reader(&self) -> Result<BaseConsumer> {
+    fn reader(&self) -> Result<Reader> {
         self.clients
-            .reader("dlq")
-            .create()
+            .open_reader("dlq")
             .map_err(kafka("creating a reader"))
     }
 
     /// The partitions of `topic` with where reading starts and ends.
-    fn bounds(&self, reader: &BaseConsumer, topic: &str) -> Result<Vec<(i32, i64, i64)>> {
+    fn bounds(&self, reader: &Reader, topic: &str) -> Result<Vec<(i32, i64, i64)>> {
         let metadata = reader
             .fetch_metadata(Some(topic), self.timeout)
             .map_err(kafka(format!("reading the metadata of {topic}")))?;
@@ -719,7 +718,7 @@ impl DeadLetters {
     /// Reads `topic` from `starts` to the partitions' ends, calling `f` with each record.
     fn read(
         &self,
-        reader: &BaseConsumer,
+        reader: &Reader,
         topic: &str,
         bounds: &[(i32, i64, i64)],
         mut f: impl FnMut(&BorrowedMessage<'_>),
@@ -757,7 +756,7 @@ impl DeadLetters {
     /// Every resolution recorded, the first per letter (a letter is resolved once; a second
     /// record can only come from a race of two operators, and the first one is what happened
     /// first).
-    fn resolutions(&self, reader: &BaseConsumer) -> Result<HashMap<String, Resolution>> {
+    fn resolutions(&self, reader: &Reader) -> Result<HashMap<String, Resolution>> {
         let bounds = self.bounds(reader, names::DLQ_RESOLUTIONS)?;
         let mut out = HashMap::new();
         self.read(reader, names::DLQ_RESOLUTIONS, &bounds, |message| {
@@ -778,7 +777,7 @@ impl DeadLetters {
     /// bytes a letter: the topic's retention bounds them).
     fn chains_blocking(
         &self,
-        reader: &BaseConsumer,
+        reader: &Reader,
         topic: &str,
         resolutions: &HashMap<String, Resolution>,
     ) -> Result<BTreeMap<String, Chain>> {
@@ -862,7 +861,7 @@ impl DeadLetters {
     /// The letters of `topic` with their resolutions (see [`DeadLetters::list`]).
     fn letters_blocking(
         &self,
-        reader: &BaseConsumer,
+        reader: &Reader,
         topic: &str,
         resolutions: &HashMap<String, Resolution>,
     ) -> Result<(Vec<DeadLetter>, usize)> {

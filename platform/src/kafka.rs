@@ -239,6 +239,11 @@ impl KafkaClients {
     /// A consumer without a group that reads assigned partitions to their end
     /// (`read_committed`, end-of-partition events on): restoring state from a changelog, and
     /// tools that read the log.
+    /// A [`Reader`] of [`KafkaClients::reader`]'s configuration.
+    pub fn open_reader(&self, role: &str) -> Result<Reader, KafkaError> {
+        self.reader(role).create_with_context(ReaderContext)
+    }
+
     pub fn reader(&self, role: &str) -> ClientConfig {
         let mut config = self.base(role);
         config
@@ -294,12 +299,37 @@ pub fn flush_now(producer: &FutureProducer, timeout: Duration) -> Result<(), Kaf
     }
 }
 
+/// The context of the readers ([`KafkaClients::reader`]): end-of-partition events are how a
+/// reader knows it has read a partition to its end, and one that reaches librdkafka's main
+/// queue (a partition no longer assigned, or reached while the client polls for something
+/// else) is a global "error" to rdkafka's default context, logged at ERROR level. Here it is
+/// what it is, an end of partition: logged at TRACE. Every other error is logged as by default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReaderContext;
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        match error {
+            KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+            | KafkaError::PartitionEOF(_) => {
+                tracing::trace!(%reason, "librdkafka: end of partition");
+            }
+            _ => tracing::error!("librdkafka: {error}: {reason}"),
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+/// A reader: a consumer of [`KafkaClients::reader`]'s configuration with [`ReaderContext`].
+pub type Reader = BaseConsumer<ReaderContext>;
+
 /// Polls `consumer`, assigned to `topic` where reading starts, until its position on every
 /// partition of `ends` has reached that partition's end offset, calling `f` with each record
 /// below its partition's end. Judged by position, not by the last record seen: transaction
 /// markers take offsets but are never delivered. `Ok(false)` when `within` passed first.
-pub fn read_to_ends(
-    consumer: &BaseConsumer,
+pub fn read_to_ends<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
     ends: &HashMap<i32, i64>,
     within: Duration,
@@ -680,8 +710,8 @@ where
 /// watermark to the end-of-partition event: nothing on the brokers that report it right, the
 /// tail on the one that does not. `reader` is a consumer of the caller's own, built with
 /// [`KafkaClients::reader`] (end-of-partition events on); it is assigned here.
-pub fn log_end(
-    reader: &BaseConsumer,
+pub fn log_end<C: ConsumerContext>(
+    reader: &BaseConsumer<C>,
     topic: &str,
     partition: i32,
     timeout: Duration,
@@ -767,6 +797,43 @@ pub fn dead_letter_headers(message: &OwnedMessage, consumer: &str, reason: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts the events logged at ERROR.
+    #[derive(Clone, Default)]
+    struct Errors(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Errors {
+        fn on_event(
+            &self,
+            event: &tracing::Event<'_>,
+            _: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            if *event.metadata().level() == tracing::Level::ERROR {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[test]
+    fn a_reader_logs_an_end_of_partition_as_no_error_and_anything_else_as_one() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let errors = Errors::default();
+        let subscriber = tracing_subscriber::registry().with(errors.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let context = ReaderContext;
+            context.error(
+                KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF),
+                "Fetch from broker 1 reached end of partition at offset 17",
+            );
+            context.error(KafkaError::PartitionEOF(3), "end");
+            assert_eq!(errors.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+            context.error(
+                KafkaError::Global(rdkafka::types::RDKafkaErrorCode::AllBrokersDown),
+                "1/1 brokers are down",
+            );
+            assert_eq!(errors.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        });
+    }
 
     #[test]
     fn a_partition_revoked_and_assigned_back_has_a_new_epoch() {

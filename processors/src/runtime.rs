@@ -68,7 +68,7 @@ use orderflow_platform::{
 };
 use orderflow_schemas::{headers, Codec, OrderEvent};
 use rdkafka::{
-    consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer},
+    consumer::{CommitMode, Consumer, StreamConsumer},
     error::KafkaError,
     message::{Header, Headers, Message, OwnedHeaders, OwnedMessage},
     producer::{future_producer::DeliveryFuture, FutureProducer, FutureRecord, Producer},
@@ -1207,7 +1207,7 @@ async fn restore<T: PartitionState>(
         reason,
     };
     tokio::task::spawn_blocking(move || {
-        let reader: BaseConsumer = clients.reader(role).create()?;
+        let reader = clients.open_reader(role)?;
         let timeout = Duration::from_secs(10);
         let (low, high) = reader.fetch_watermarks(topic, partition, timeout)?;
         let mut restorer = Restorer::<T>::default();

@@ -83,7 +83,7 @@ pub fn require_from<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
 /// a broker reports that too low: [`orderflow_platform::kafka::log_end`]), or an error if its log
 /// does not start at 0. `reader` is assigned here: a consumer of the caller's own.
 pub fn require_whole_to_end(
-    reader: &rdkafka::consumer::BaseConsumer,
+    reader: &orderflow_platform::kafka::Reader,
     topic: &str,
     partition: i32,
     timeout: Duration,
@@ -97,7 +97,7 @@ pub fn require_whole_to_end(
 /// [`require_whole_to_end`] for a read that starts at `from` (a snapshot's position): an error
 /// only if the log no longer holds `from` on.
 pub fn require_from_to_end(
-    reader: &rdkafka::consumer::BaseConsumer,
+    reader: &orderflow_platform::kafka::Reader,
     topic: &str,
     partition: i32,
     from: i64,

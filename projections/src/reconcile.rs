@@ -163,7 +163,7 @@ fn read_log(
         .create()?;
     let timeout = clients.admin_timeout();
     let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let ends_reader: BaseConsumer = clients.reader("reconcile").create()?;
+    let ends_reader = clients.open_reader("reconcile")?;
     let mut ends = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in metadata.topics().iter().flat_map(|t| t.partitions()) {
@@ -496,7 +496,7 @@ async fn snapshot_if_truncated(
             })
             .collect();
         tokio::task::spawn_blocking(move || {
-            let consumer: BaseConsumer = clients.reader("reconcile").create()?;
+            let consumer = clients.open_reader("reconcile")?;
             let timeout = clients.admin_timeout();
             for (topic, partitions) in &read {
                 for partition in partitions {

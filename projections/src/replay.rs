@@ -26,7 +26,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use orderflow_platform::{config::ProjectionSettings, kafka::KafkaClients};
+use orderflow_platform::{
+    config::ProjectionSettings,
+    kafka::{KafkaClients, ReaderContext},
+};
 use orderflow_schemas::Codec;
 use rdkafka::{
     consumer::{Consumer, StreamConsumer},
@@ -296,7 +299,7 @@ fn sqlite_path(url: &str) -> String {
 
 /// Reads the projection's topics from the beginning, handing records below a target on.
 struct LogCursor {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<ReaderContext>,
     /// A record read past the current target, kept for the next one.
     held: Vec<OwnedMessage>,
     records: usize,
@@ -313,7 +316,9 @@ impl LogCursor {
         topics: &[&'static str],
         start: Option<&Positions>,
     ) -> Result<Self, ReplayError> {
-        let consumer: StreamConsumer = clients.reader("replay").create()?;
+        let consumer: StreamConsumer<ReaderContext> = clients
+            .reader("replay")
+            .create_with_context(ReaderContext)?;
         let mut tpl = TopicPartitionList::new();
         for topic in topics {
             let metadata = consumer.fetch_metadata(Some(topic), clients.admin_timeout())?;

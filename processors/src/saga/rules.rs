@@ -24,7 +24,7 @@ use orderflow_schemas::{
     ids::derived_event_id, Codec, Envelope, EventKind, OrderEvent, SagaRulesChanged,
 };
 use rdkafka::{
-    consumer::{BaseConsumer, Consumer},
+    consumer::Consumer,
     producer::{FutureProducer, FutureRecord},
 };
 use serde::{Deserialize, Serialize};
@@ -130,7 +130,7 @@ pub async fn publish(
         let clients = clients.clone();
         let topic = topic.to_owned();
         tokio::task::spawn_blocking(move || -> Result<i32, ProcessorError> {
-            let metadata: BaseConsumer = clients.reader("saga-rules").create()?;
+            let metadata = clients.open_reader("saga-rules")?;
             let metadata = metadata.fetch_metadata(Some(&topic), clients.admin_timeout())?;
             Ok(metadata
                 .topics()
