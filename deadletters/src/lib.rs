@@ -302,6 +302,16 @@ impl DeadLetter {
         self.resolution.is_none()
     }
 
+    /// Where the letter was read from; an error naming the header when it does not say.
+    fn source_or_err(&self) -> Result<Source> {
+        self.source
+            .clone()
+            .ok_or_else(|| DeadLetterError::NoSource {
+                letter: self.letter.clone(),
+                header: headers::DLQ_SOURCE_TOPIC,
+            })
+    }
+
     fn from_message(message: &BorrowedMessage<'_>, codec: &Codec) -> Self {
         let letter = LetterId {
             topic: message.topic().to_owned(),
@@ -508,7 +518,7 @@ impl DeadLetters {
         let dead = self.unresolved(letter).await?;
         self.in_turn(&dead).await?;
         let producer = self.producer()?;
-        if let Some(marker) = Marker::of(&dead)? {
+        if let Some(marker) = release_marker(&dead)? {
             self.write(&producer, &marker).await?;
         }
         let resolution = Resolution::Discarded {
@@ -972,13 +982,7 @@ impl Redrive {
     /// from and, for a sequenced letter, its release.
     fn of(dead: &DeadLetter, correction: Option<Correction>, codec: &Codec) -> Result<Self> {
         let letter = &dead.letter;
-        let source = dead
-            .source
-            .clone()
-            .ok_or_else(|| DeadLetterError::NoSource {
-                letter: letter.clone(),
-                header: headers::DLQ_SOURCE_TOPIC,
-            })?;
+        let source = dead.source_or_err()?;
         let corrected = correction.is_some();
         let mut event = match (correction, &dead.raw.decoded) {
             (Some(c), _) => c.event,
@@ -1067,28 +1071,18 @@ impl Redrive {
 
 /// The release marker a discard of a sequenced letter writes to its source partition: its
 /// key and release headers, no value. `None` for a letter that is not sequenced.
-struct Marker;
-
-impl Marker {
-    fn of(dead: &DeadLetter) -> Result<Option<OutRecord>> {
-        let (Some(chain), Some(sequence)) = (&dead.chain, dead.sequence) else {
-            return Ok(None);
-        };
-        let source = dead
-            .source
-            .clone()
-            .ok_or_else(|| DeadLetterError::NoSource {
-                letter: dead.letter.clone(),
-                header: headers::DLQ_SOURCE_TOPIC,
-            })?;
-        Ok(Some(OutRecord {
-            topic: source.topic,
-            partition: source.partition,
-            key: dead.raw.key.clone(),
-            value: None,
-            headers: release_headers(OwnedHeaders::new(), chain, sequence),
-        }))
-    }
+fn release_marker(dead: &DeadLetter) -> Result<Option<OutRecord>> {
+    let (Some(chain), Some(sequence)) = (&dead.chain, dead.sequence) else {
+        return Ok(None);
+    };
+    let source = dead.source_or_err()?;
+    Ok(Some(OutRecord {
+        topic: source.topic,
+        partition: source.partition,
+        key: dead.raw.key.clone(),
+        value: None,
+        headers: release_headers(OwnedHeaders::new(), chain, sequence),
+    }))
 }
 
 /// One letter of a chain, as [`DeadLetters::chains_blocking`] reads it.

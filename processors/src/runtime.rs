@@ -890,13 +890,13 @@ impl<S: Step> ProcessorRuntime<S> {
                 .map(|k| String::from_utf8_lossy(k).into_owned());
             let release = Release::from_headers(|name| header_value(message, name));
             let marker = is_release_marker(message);
-            let admit = match (self.io.changelog_topic, &key) {
-                (Some(_), _) => slot
+            let admit = match self.io.changelog_topic {
+                Some(_) => slot
                     .state
                     .parked
                     .admit(key.as_deref(), release.as_ref(), marker),
-                (None, _) if marker => Admit::Skip,
-                (None, _) => Admit::Process,
+                None if marker => Admit::Skip,
+                None => Admit::Process,
             };
             match (admit, key.as_deref()) {
                 (Admit::Skip, _) => {
