@@ -302,6 +302,7 @@ pub async fn run_step(config: &StepConfig, db: &AnyPool) -> Result<StepResult> {
         accept: summarize(&accept),
         end_to_end: summarize(&end_to_end),
         pipeline_cpu_s: 0.0,
+        cpu_by_process: Vec::new(),
         pipeline_peak_rss_mib: 0.0,
         timeline: Vec::new(),
     })

@@ -116,14 +116,21 @@ async fn main() -> Result<()> {
         .with_context(|| format!("connecting to {}", pipeline.database_url))?;
 
     let ticks = procstat::clock_ticks();
-    let sample_all = |pipeline: &Pipeline| -> (f64, f64) {
-        pipeline
+    // Each process's CPU seconds so far, and the sum of their peak memory.
+    let sample_all = |pipeline: &Pipeline| -> (Vec<(String, f64)>, f64) {
+        let samples: Vec<_> = pipeline
             .processes
             .iter()
-            .filter_map(|(_, pid)| procstat::sample(*pid, ticks))
-            .fold((0.0, 0.0), |(cpu, rss), s| {
-                (cpu + s.cpu_s, rss + s.peak_rss_mib)
-            })
+            .filter_map(|(name, pid)| Some((name.clone(), procstat::sample(*pid, ticks)?)))
+            .collect();
+        let peak = samples.iter().map(|(_, s)| s.peak_rss_mib).sum();
+        (
+            samples
+                .into_iter()
+                .map(|(name, s)| (name, s.cpu_s))
+                .collect(),
+            peak,
+        )
     };
 
     // Warm-up: the first orders pay for connections and group joins.
@@ -163,7 +170,17 @@ async fn main() -> Result<()> {
         let mut step = step?;
         step.timeline = timeline;
         let (cpu_after, peak) = sample_all(&pipeline);
-        step.pipeline_cpu_s = cpu_after - cpu_before;
+        step.cpu_by_process = cpu_after
+            .into_iter()
+            .map(|(name, after)| {
+                let before = cpu_before
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(0.0, |(_, cpu)| *cpu);
+                (name, after - before)
+            })
+            .collect();
+        step.pipeline_cpu_s = step.cpu_by_process.iter().map(|(_, cpu)| cpu).sum();
         step.pipeline_peak_rss_mib = peak;
         progress(&format!(
             "Rate {rate}/s: achieved {:.1}/s, end-to-end p99 {:.1} ms, errors {}.",
@@ -212,11 +229,7 @@ async fn main() -> Result<()> {
     let markdown = report.to_markdown();
     println!("{markdown}");
     std::fs::create_dir_all(&args.out)?;
-    let stem = match report.setup {
-        Some(SetupKind::Embedded) => "embedded",
-        Some(SetupKind::TansuPostgres) => "tansu-postgres",
-        None => "target",
-    };
+    let stem = report.setup.map_or("target", SetupKind::name);
     std::fs::write(
         args.out.join(format!("{stem}.json")),
         serde_json::to_string_pretty(&report)?,

@@ -87,6 +87,9 @@ impl BenchReport {
         let setup = match self.setup {
             Some(SetupKind::Embedded) => "embedded broker (Tansu + SQLite storage) + SQLite",
             Some(SetupKind::TansuPostgres) => "Tansu + PostgreSQL",
+            Some(SetupKind::EmbeddedRoles) => {
+                "embedded broker (Tansu + SQLite storage) + SQLite, each role its own process"
+            }
             None => "running instance",
         };
         let _ = writeln!(out, "### {setup}\n");
@@ -135,6 +138,7 @@ impl BenchReport {
                 s.pipeline_peak_rss_mib
             );
         }
+        out.push_str(&cpu_per_order_markdown(&self.steps));
         for s in self.steps.iter().filter(|s| !s.timeline.is_empty()) {
             out.push_str(&timeline_markdown(s));
         }
@@ -173,6 +177,57 @@ impl BenchReport {
     }
 }
 
+/// CPU milliseconds per order that ended, by process, for each step: what one order costs each
+/// role (with `--setup embedded-roles`) and the broker. Empty when no step has CPU readings.
+fn cpu_per_order_markdown(steps: &[StepResult]) -> String {
+    let mut names: Vec<&str> = Vec::new();
+    for step in steps {
+        for (name, _) in &step.cpu_by_process {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    if names.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from(
+        "
+CPU per order that ended, ms (CPU during the step ÷ orders final or held):
+
+",
+    );
+    let _ = writeln!(out, "| target/s | {} | all |", names.join(" | "));
+    let _ = writeln!(out, "|---|{}---|", "---|".repeat(names.len()));
+    for step in steps {
+        let ended = (step.completed + step.held_for_review) as f64;
+        let per_order = |cpu_s: f64| {
+            if ended > 0.0 {
+                format!("{:.2}", cpu_s * 1000.0 / ended)
+            } else {
+                "–".to_owned()
+            }
+        };
+        let cells: Vec<String> = names
+            .iter()
+            .map(|name| {
+                step.cpu_by_process
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or_else(|| "–".to_owned(), |(_, cpu)| per_order(*cpu))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "| {:.0} | {} | {} |",
+            step.target_rate,
+            cells.join(" | "),
+            per_order(step.pipeline_cpu_s)
+        );
+    }
+    out
+}
+
 /// Columns of a timeline table at most (longer timelines are merged: [`downsample`]).
 const TIMELINE_COLUMNS: usize = 15;
 
@@ -209,6 +264,25 @@ fn timeline_markdown(step: &StepResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_per_order_divides_each_processs_cpu_by_the_orders_that_ended() {
+        let step = StepResult {
+            target_rate: 50.0,
+            completed: 490,
+            held_for_review: 10,
+            cpu_by_process: vec![("ingest".into(), 1.0), ("embedded broker".into(), 4.0)],
+            pipeline_cpu_s: 5.0,
+            ..StepResult::default()
+        };
+        let table = cpu_per_order_markdown(&[step]);
+        assert!(
+            table.contains("| target/s | ingest | embedded broker | all |"),
+            "{table}"
+        );
+        assert!(table.contains("| 50 | 2.00 | 8.00 | 10.00 |"), "{table}");
+        assert_eq!(cpu_per_order_markdown(&[StepResult::default()]), "");
+    }
 
     #[test]
     fn efficiency_divides_the_message_rate_by_the_ceiling() {

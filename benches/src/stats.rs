@@ -68,6 +68,8 @@ pub struct StepResult {
     pub end_to_end: LatencySummary,
     /// CPU seconds the pipeline processes used during the step.
     pub pipeline_cpu_s: f64,
+    /// The same by process (`orderflow`, the broker; each role with `--setup embedded-roles`).
+    pub cpu_by_process: Vec<(String, f64)>,
     /// The pipeline's peak resident memory so far, MiB.
     pub pipeline_peak_rss_mib: f64,
     /// The pipeline sampled at a fixed interval while the step ran (its drain included): what

@@ -2,13 +2,33 @@
 //!
 //! The embedded default needs Tansu built with its SQLite storage engine (crates.io `tansu`,
 //! feature `libsql`); the prebuilt memory-only binaries do not have it. The one version this
-//! project runs and tests with is [`TANSU_VERSION`]. It is installed with `cargo install` into a
-//! cache directory of its own, named after the version and feature, so a binary found there is
-//! always the right build:
+//! project runs and tests with is [`TANSU_VERSION`], with orderflow's patch to its storage crate
+//! ([`PATCH`], `broker/tansu/`, revision [`PATCH_REVISION`]):
+//!
+//! - **A fetch answers when data arrives.** Tansu 0.6 queried once and then held every fetch for
+//!   its full `fetch.wait.max.ms`, data or not, so a consumer either polled the SQLite log
+//!   hundreds of times a second (a core at idle) or waited out every hop. Patched, a produce
+//!   wakes the waiting fetches, and a fetch queries again only if one of its partitions had an
+//!   append, so an idle consumer costs one query per wait and a record is served at once.
+//! - **A partition with nothing new costs no query.** The broker keeps each partition's high
+//!   watermark as produces and queries report it (only ever raised; forgotten when a log moves
+//!   otherwise: a transaction's end, deleted records or topics), and answers a fetch at or past
+//!   it without touching SQLite. A consumer of six partitions used to pay six queries per fetch
+//!   for the one partition that had a record.
+//! - **Statements are prepared once per connection.** Tansu 0.6 parsed and planned every SQL
+//!   statement on every use: 42 % of the broker's CPU under load (BENCHMARKS.md, "Where the time
+//!   goes"). Patched, every `execute` and the reads of the fetch, metadata, produce and group
+//!   paths are kept per connection and reset for reuse.
+//!
+//! The install downloads the `tansu` and `tansu-storage` crates from crates.io and checks them
+//! against their SHA-256 ([`SOURCES`]), applies the patch (`patch`, from Debian's build tools),
+//! points `tansu`'s lock file at the patched crate and runs `cargo install --locked --path` on
+//! it, into a cache directory named after version, feature and patch revision, so a binary
+//! found there is always the right build:
 //!
 //! `$XDG_CACHE_HOME/orderflow`, else `$HOME/.cache/orderflow`, then
-//! `tansu-<version>-libsql/bin/tansu`. (No `ORDERFLOW_…` variable: those are configuration
-//! keys.)
+//! `tansu-<version>-libsql-<revision>/bin/tansu`. (No `ORDERFLOW_…` variable: those are
+//! configuration keys.)
 //!
 //! An install builds into a temporary root beside the final one and is renamed into place only
 //! when `cargo install` succeeded, so a build interrupted half-way never counts as installed.
@@ -21,12 +41,33 @@ use std::{
     process::{Command, Stdio},
 };
 
+use sha2::{Digest as _, Sha256};
+
 use crate::BrokerError;
 
 /// The Tansu release the embedded broker runs.
 pub const TANSU_VERSION: &str = "0.6.0";
 /// The cargo feature that brings Tansu's SQLite storage engine.
 pub const TANSU_FEATURES: &str = "libsql";
+/// orderflow's patch to `tansu-storage` (module docs), a unified diff against the crate's root.
+pub const PATCH: &str = include_str!("../tansu/tansu-storage-0.6.0.patch");
+/// Names the patch in the install directory: a changed patch installs a new build beside the
+/// old one instead of running the old one.
+pub const PATCH_REVISION: &str = "orderflow1";
+/// The crates an install downloads, with the SHA-256 of each `.crate` file (the `tansu-storage`
+/// one is the checksum `tansu`'s own lock file records).
+pub const SOURCES: &[(&str, &str)] = &[
+    (
+        "tansu",
+        "4fdd85473ec265140488cf8d55e82b844f5c051c8916fabdd4a71156ac053f6d",
+    ),
+    (
+        "tansu-storage",
+        "720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d",
+    ),
+];
+/// Where crates.io serves a crate's source.
+const DOWNLOAD_URL: &str = "https://static.crates.io/crates";
 
 /// Where a binary comes from: a configured path, or the install cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,9 +89,14 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
+/// The name of the pinned, patched build: its install root's name inside [`cache_dir`].
+fn build_name() -> String {
+    format!("tansu-{TANSU_VERSION}-{TANSU_FEATURES}-{PATCH_REVISION}")
+}
+
 /// The install root of the pinned build, inside [`cache_dir`].
 pub fn install_root() -> PathBuf {
-    cache_dir().join(format!("tansu-{TANSU_VERSION}-{TANSU_FEATURES}"))
+    cache_dir().join(build_name())
 }
 
 /// The binary of the pinned build, whether or not it is installed yet.
@@ -61,7 +107,8 @@ pub fn installed_binary() -> PathBuf {
 /// The command that installs the pinned build, for messages.
 pub fn install_command() -> String {
     format!(
-        "cargo install --locked tansu --version ={TANSU_VERSION} --features {TANSU_FEATURES} --root {}",
+        "orderflow broker --install-only (Tansu {TANSU_VERSION} with orderflow's patch, built \
+         with cargo into {})",
         install_root().display()
     )
 }
@@ -103,9 +150,7 @@ fn run_install(before_install: impl FnOnce(&str)) -> Result<(), BrokerError> {
         what: format!("creating {}", parent.display()),
         source,
     })?;
-    let lock_path = parent.join(format!(
-        "tansu-{TANSU_VERSION}-{TANSU_FEATURES}.install.lock"
-    ));
+    let lock_path = parent.join(format!("{}.install.lock", build_name()));
     let lock = File::create(&lock_path).map_err(|source| BrokerError::Io {
         what: format!("creating {}", lock_path.display()),
         source,
@@ -119,39 +164,163 @@ fn run_install(before_install: impl FnOnce(&str)) -> Result<(), BrokerError> {
         return Ok(()); // the other process finished it
     }
     before_install(&install_command());
-    let staging = parent.join(format!("tansu-{TANSU_VERSION}-{TANSU_FEATURES}.installing"));
-    let _ = std::fs::remove_dir_all(&staging);
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args([
-            "install",
-            "--locked",
-            "tansu",
-            "--version",
-            &format!("={TANSU_VERSION}"),
-            "--features",
-            TANSU_FEATURES,
-            "--root",
-        ])
-        .arg(&staging)
+    let staging = parent.join(format!("{}.installing", build_name()));
+    let sources = parent.join(format!("{}.sources", build_name()));
+    for dir in [&staging, &sources] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    std::fs::create_dir_all(&sources).map_err(|source| BrokerError::Io {
+        what: format!("creating {}", sources.display()),
+        source,
+    })?;
+    let tansu = prepare_sources(&sources)?;
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                "--locked",
+                "--features",
+                TANSU_FEATURES,
+                "--path",
+            ])
+            .arg(&tansu)
+            .arg("--root")
+            .arg(&staging)
+            .arg("--target-dir")
+            .arg(sources.join("target")),
+        "cargo install (needed once, to build the broker)",
+    )?;
+    std::fs::rename(&staging, &root).map_err(|source| BrokerError::Io {
+        what: format!("moving {} to {}", staging.display(), root.display()),
+        source,
+    })?;
+    let _ = std::fs::remove_dir_all(&sources);
+    Ok(())
+}
+
+/// Downloads and checks [`SOURCES`] into `dir`, patches `tansu-storage` and points `tansu`'s
+/// manifest and lock file at it; returns the `tansu` crate's directory.
+fn prepare_sources(dir: &Path) -> Result<PathBuf, BrokerError> {
+    for (name, sha256) in SOURCES {
+        let file = dir.join(format!("{name}-{TANSU_VERSION}.crate"));
+        let url = format!("{DOWNLOAD_URL}/{name}/{TANSU_VERSION}/download");
+        run(
+            Command::new("curl")
+                .args(["--fail", "--silent", "--show-error", "--location"])
+                .args(["--retry", "3", "--output"])
+                .arg(&file)
+                .arg(&url),
+            &format!("downloading {url} (curl)"),
+        )?;
+        let bytes = std::fs::read(&file).map_err(|source| BrokerError::Io {
+            what: format!("reading {}", file.display()),
+            source,
+        })?;
+        let found = hex(&Sha256::digest(&bytes));
+        if found != *sha256 {
+            return Err(BrokerError::InstallFailed {
+                status: format!("{url} has SHA-256 {found}, expected {sha256}"),
+                command: install_command(),
+            });
+        }
+        run(
+            Command::new("tar")
+                .arg("-xzf")
+                .arg(&file)
+                .arg("-C")
+                .arg(dir),
+            &format!("unpacking {}", file.display()),
+        )?;
+    }
+    let storage = dir.join(format!("tansu-storage-{TANSU_VERSION}"));
+    let patch = dir.join("orderflow.patch");
+    write(&patch, PATCH)?;
+    run(
+        Command::new("patch")
+            .args(["-p1", "--batch", "--forward", "--quiet", "-d"])
+            .arg(&storage)
+            .arg("-i")
+            .arg(&patch),
+        "patching tansu-storage (patch, from Debian's build tools)",
+    )?;
+    let tansu = dir.join(format!("tansu-{TANSU_VERSION}"));
+    let manifest = tansu.join("Cargo.toml");
+    let mut text = read(&manifest)?;
+    text.push_str(&format!(
+        "\n[patch.crates-io]\ntansu-storage = {{ path = \"../tansu-storage-{TANSU_VERSION}\" }}\n"
+    ));
+    write(&manifest, &text)?;
+    let lock = tansu.join("Cargo.lock");
+    let text =
+        lock_with_patched_storage(&read(&lock)?).ok_or_else(|| BrokerError::InstallFailed {
+            status: format!(
+                "{} has no registry entry for tansu-storage {TANSU_VERSION}",
+                lock.display()
+            ),
+            command: install_command(),
+        })?;
+    write(&lock, &text)?;
+    Ok(tansu)
+}
+
+/// `lock` (a Cargo.lock) with its `tansu-storage` entry turned into the path dependency the
+/// manifest's `[patch]` makes it: the same package without a registry source and checksum, so
+/// that `--locked` accepts the patched crate. `None` when the entry is not there.
+fn lock_with_patched_storage(lock: &str) -> Option<String> {
+    let entry = format!(
+        "name = \"tansu-storage\"\nversion = \"{TANSU_VERSION}\"\n\
+         source = \"registry+https://github.com/rust-lang/crates.io-index\"\n\
+         checksum = \"{}\"\n",
+        SOURCES
+            .iter()
+            .find(|(name, _)| *name == "tansu-storage")
+            .map(|(_, sha256)| *sha256)?
+    );
+    lock.contains(&entry).then(|| {
+        lock.replace(
+            &entry,
+            &format!("name = \"tansu-storage\"\nversion = \"{TANSU_VERSION}\"\n"),
+        )
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn read(path: &Path) -> Result<String, BrokerError> {
+    std::fs::read_to_string(path).map_err(|source| BrokerError::Io {
+        what: format!("reading {}", path.display()),
+        source,
+    })
+}
+
+fn write(path: &Path, text: &str) -> Result<(), BrokerError> {
+    std::fs::write(path, text).map_err(|source| BrokerError::Io {
+        what: format!("writing {}", path.display()),
+        source,
+    })
+}
+
+/// Runs one step of the install with its output on stderr; a failure names the step.
+fn run(command: &mut Command, what: &str) -> Result<(), BrokerError> {
+    let status = command
         .stdin(Stdio::null())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .status()
         .map_err(|source| BrokerError::Io {
-            what: "running cargo (needed once, to build the broker)".to_owned(),
+            what: format!("{what}: cannot run it"),
             source,
         })?;
-    if !status.success() {
-        return Err(BrokerError::InstallFailed {
-            status: status.to_string(),
+    if status.success() {
+        Ok(())
+    } else {
+        Err(BrokerError::InstallFailed {
+            status: format!("{what}: {status}"),
             command: install_command(),
-        });
+        })
     }
-    std::fs::rename(&staging, &root).map_err(|source| BrokerError::Io {
-        what: format!("moving {} to {}", staging.display(), root.display()),
-        source,
-    })?;
-    Ok(())
 }
 
 #[cfg(test)]
@@ -165,9 +334,43 @@ mod tests {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
-        assert_eq!(name, format!("tansu-{TANSU_VERSION}-{TANSU_FEATURES}"));
+        assert_eq!(
+            name,
+            format!("tansu-{TANSU_VERSION}-{TANSU_FEATURES}-{PATCH_REVISION}")
+        );
         assert!(installed_binary().starts_with(&root));
-        assert!(install_command().contains("--features libsql"));
+        assert!(install_command().contains("--install-only"));
+    }
+
+    #[test]
+    fn the_lock_file_entry_of_tansu_storage_becomes_the_patched_path_crate() {
+        let lock = "[[package]]\nname = \"tansu-schema\"\nversion = \"0.6.0\"\n\n\
+                    [[package]]\nname = \"tansu-storage\"\nversion = \"0.6.0\"\n\
+                    source = \"registry+https://github.com/rust-lang/crates.io-index\"\n\
+                    checksum = \"720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d\"\n\
+                    dependencies = [\n \"async-trait\",\n]\n";
+        let patched = lock_with_patched_storage(lock).expect("entry found");
+        assert!(patched.contains(
+            "name = \"tansu-storage\"\nversion = \"0.6.0\"\ndependencies = [\n \"async-trait\","
+        ));
+        assert!(!patched.contains("720d2ed8"), "{patched}");
+        assert!(patched.contains("name = \"tansu-schema\""));
+        // Another version's entry (a different lock file) is not silently left as it was.
+        assert_eq!(
+            lock_with_patched_storage(&lock.replace("0.6.0", "0.5.9")),
+            None
+        );
+    }
+
+    #[test]
+    fn the_patch_touches_only_the_storage_crates_fetch_and_statement_paths() {
+        let files: Vec<&str> = PATCH
+            .lines()
+            .filter_map(|line| line.strip_prefix("+++ b/"))
+            .collect();
+        assert_eq!(files, ["src/lib.rs", "src/lite.rs", "src/service/fetch.rs"]);
+        assert!(PATCH.contains("APPENDS.produced(topition, *base, records)"));
+        assert!(PATCH.contains("REUSABLE_QUERIES"));
     }
 
     #[test]

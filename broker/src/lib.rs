@@ -11,7 +11,8 @@
 //! run without them (`kafka.transactions = auto`, docs/architecture.md); and topic configs are
 //! not reported back.
 //!
-//! - [`install`] decides which binary runs, installing the pinned build on a first run.
+//! - [`install`] decides which binary runs, installing the pinned build, with orderflow's patch
+//!   to its storage (fetches answer when data arrives; statements prepared once), on a first run.
 //! - [`schema`] adds the index Tansu's SQLite schema lacks, before the log is served.
 //! - [`DurableBroker`] owns the running child: one per data directory (a lock file refuses a
 //!   second), in a process group of its own (a terminal's Ctrl-C reaches `dev`, which drains and

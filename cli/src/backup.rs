@@ -23,6 +23,7 @@ fn progress(line: String) {
 pub async fn backup(settings: &Settings, dir: &Path, options: BackupOptions) -> Result<()> {
     let started = Instant::now();
     let broker = Broker::from_settings(settings)?;
+    let settings = &broker.client_settings(settings);
     let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
     let db = Database::connect(settings.database_url(), 2)
         .await
@@ -60,6 +61,7 @@ pub async fn backup(settings: &Settings, dir: &Path, options: BackupOptions) -> 
 pub async fn restore(settings: &Settings, dir: &Path, options: RestoreOptions) -> Result<()> {
     let started = Instant::now();
     let broker = Broker::from_settings(settings)?;
+    let settings = &broker.client_settings(settings);
     broker
         .apply_topics(settings)
         .await

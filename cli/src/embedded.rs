@@ -151,6 +151,17 @@ impl Broker {
         matches!(self, Self::Embedded(_))
     }
 
+    /// `settings` as the clients of this broker use them: on the embedded broker, which answers
+    /// a fetch as soon as a record arrives, an unset `kafka.fetch_wait_max_ms` becomes
+    /// [`EMBEDDED_FETCH_WAIT_MAX_MS`](orderflow_platform::config::EMBEDDED_FETCH_WAIT_MAX_MS).
+    pub fn client_settings(&self, settings: &Settings) -> Settings {
+        let mut settings = settings.clone();
+        if self.is_embedded() {
+            settings.kafka.default_for_embedded_broker();
+        }
+        settings
+    }
+
     /// Creates missing topics from the catalog; reports drift.
     pub async fn apply_topics(&self, settings: &Settings) -> Result<ApplyReport> {
         let catalog = Catalog::load()?;

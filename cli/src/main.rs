@@ -716,6 +716,7 @@ const WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 async fn dev(settings: &Settings, reload: Reload) -> Result<()> {
     let broker = Broker::from_settings(settings)?;
+    let settings = &broker.client_settings(settings);
     // `dev` is its own operator: it migrates before its roles start (they only check).
     migrate(settings).await?;
     if broker.is_embedded() {

@@ -13,6 +13,11 @@
 //! - The broker's supervisor restarts it on its log when it is killed or reports a panic, with
 //!   a producer writing throughout: nothing lost, nothing doubled.
 //!
+//! - A fetch answers as soon as a record arrives, not at the end of its wait (orderflow's
+//!   patch to Tansu, `orderflow_broker::install`): a consumer waiting up to 30 s per fetch gets
+//!   a record produced while it waits within 10 s. Stock Tansu 0.6 holds every fetch for its
+//!   whole wait.
+//!
 //! `dev` itself restarting onto its log and tables, with `reconcile` clean, is in binary.rs.
 
 use std::{
@@ -34,7 +39,7 @@ use orderflow_schemas::Codec;
 use orderflow_testkit::{
     apply_topics, free_port,
     log::{order_placed, short_timeline},
-    test_settings, Broker, BrokerProcess, TempDir,
+    test_settings, test_settings_with, Broker, BrokerProcess, TempDir, EMBEDDED_OVERRIDES,
 };
 use orderflow_topics::names;
 use rdkafka::{
@@ -173,6 +178,91 @@ async fn the_embedded_broker_keeps_every_record_past_the_mocks_limits_and_across
     tokio::task::spawn_blocking(move || assert_whole_log(&bootstrap, RECORDS, "after the restart"))
         .await
         .expect("join");
+}
+
+#[test]
+fn the_tests_embedded_overrides_are_what_dev_gives_the_embedded_broker() {
+    let with_overrides = test_settings_with(None, EMBEDDED_OVERRIDES).kafka;
+    let mut as_dev = test_settings(None).kafka;
+    as_dev.default_for_embedded_broker();
+    assert_eq!(with_overrides.fetch_wait_ms(), as_dev.fetch_wait_ms());
+    assert_ne!(
+        as_dev.fetch_wait_ms(),
+        test_settings(None).kafka.fetch_wait_ms(),
+        "the embedded broker's wait differs from the default, or this checks nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_on_the_embedded_broker_answers_when_a_record_arrives_not_at_the_end_of_its_wait() {
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
+    apply_topics(&broker, &test_settings(None)).await;
+    let bootstrap = broker.bootstrap();
+    /// Far longer than the deadline below: a fetch held for its wait cannot pass.
+    const FETCH_WAIT: Duration = Duration::from_secs(30);
+    const DEADLINE: Duration = Duration::from_secs(10);
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "fetch-wait-test")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", FETCH_WAIT.as_millis().to_string())
+        .create()
+        .expect("consumer");
+    let (_, high) = consumer
+        .fetch_watermarks(names::ORDERS_EVENTS, 1, Duration::from_secs(10))
+        .expect("watermarks");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(names::ORDERS_EVENTS, 1, Offset::Offset(high))
+        .expect("partition");
+    consumer.assign(&tpl).expect("assign");
+    // The consumer's first fetch goes out and finds nothing: it is now waiting.
+    let consumer = tokio::task::spawn_blocking(move || {
+        assert!(
+            consumer.poll(Duration::from_millis(500)).is_none(),
+            "nothing to read yet"
+        );
+        consumer
+    })
+    .await
+    .expect("join");
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("linger.ms", "0")
+        .create()
+        .expect("producer");
+    let produced = std::time::Instant::now();
+    await_delivery(
+        producer
+            .send_result(
+                FutureRecord::to(names::ORDERS_EVENTS)
+                    .partition(1)
+                    .key("k")
+                    .payload("arrives while a fetch waits"),
+            )
+            .map_err(|(e, _)| e)
+            .expect("queued"),
+    )
+    .await;
+    let received = tokio::task::spawn_blocking(move || loop {
+        assert!(
+            produced.elapsed() < DEADLINE,
+            "the record was not served within {DEADLINE:?} of its produce: the broker holds a \
+             fetch for its whole wait ({FETCH_WAIT:?})"
+        );
+        if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+            let message = message.expect("read");
+            break (message.offset(), message.payload().map(<[u8]>::to_vec));
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(
+        received,
+        (high, Some(b"arrives while a fetch waits".to_vec()))
+    );
 }
 
 /// Writes `orders` short order timelines to `orders.events`.

@@ -286,7 +286,10 @@ pub struct KafkaSettings {
     /// Bootstrap servers; empty means the embedded broker (`dev` only).
     pub brokers: String,
     pub client_id: String,
-    pub fetch_wait_max_ms: u32,
+    /// How long a fetch may wait for data; unset: [`FETCH_WAIT_MAX_MS`], or
+    /// [`EMBEDDED_FETCH_WAIT_MAX_MS`] on the embedded broker (see [`KafkaSettings::fetch_wait_ms`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_wait_max_ms: Option<u32>,
     pub session_timeout_ms: u32,
     pub message_timeout_ms: u32,
     pub transaction_timeout_ms: u32,
@@ -306,6 +309,32 @@ pub struct KafkaSettings {
     pub sasl: SaslSettings,
     /// Any other librdkafka property, for every client (not those orderflow sets itself).
     pub properties: KafkaProperties,
+}
+
+/// How long a fetch waits for data when `kafka.fetch_wait_max_ms` is unset, on a broker this
+/// process did not start. Low because stock Tansu and librdkafka's mock cluster hold a fetch for
+/// its full wait, data or not: one hop costs p50 9 ms at 5 ms, and p50 345–690 ms at
+/// librdkafka's default of 500 ms (docs/architecture.md, "Batching and latency"). Kafka answers
+/// as soon as data arrives whatever the wait; there a longer one only saves idle fetches.
+pub const FETCH_WAIT_MAX_MS: u32 = 5;
+
+/// The same on the embedded broker `dev` starts: its build of Tansu answers a fetch as soon as
+/// a record arrives (crate `orderflow-broker`, `install`), so the wait only bounds how often an
+/// idle consumer asks, and a longer one costs no latency.
+pub const EMBEDDED_FETCH_WAIT_MAX_MS: u32 = 500;
+
+impl KafkaSettings {
+    /// The fetch wait every consumer uses: `kafka.fetch_wait_max_ms`, else [`FETCH_WAIT_MAX_MS`].
+    pub fn fetch_wait_ms(&self) -> u32 {
+        self.fetch_wait_max_ms.unwrap_or(FETCH_WAIT_MAX_MS)
+    }
+
+    /// Settings for the embedded broker: an unset fetch wait becomes
+    /// [`EMBEDDED_FETCH_WAIT_MAX_MS`]; a configured one is kept.
+    pub fn default_for_embedded_broker(&mut self) {
+        self.fetch_wait_max_ms
+            .get_or_insert(EMBEDDED_FETCH_WAIT_MAX_MS);
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -707,13 +736,12 @@ impl Settings {
             }
         }
         let k = &self.kafka;
-        check(
-            (1..=10_000).contains(&k.fetch_wait_max_ms),
-            format!(
-                "kafka.fetch_wait_max_ms: expected 1..=10000, found {}",
-                k.fetch_wait_max_ms
-            ),
-        );
+        if let Some(wait) = k.fetch_wait_max_ms {
+            check(
+                (1..=10_000).contains(&wait),
+                format!("kafka.fetch_wait_max_ms: expected 1..=10000, found {wait}"),
+            );
+        }
         check(
             k.message_timeout_ms >= 100,
             format!(
@@ -999,7 +1027,11 @@ mod tests {
         Jail::expect_with(|_jail| {
             let settings = load(&Overrides::default()).expect("defaults are valid");
             assert_eq!(settings.kafka.brokers, "");
-            assert_eq!(settings.kafka.fetch_wait_max_ms, 5);
+            assert_eq!(settings.kafka.fetch_wait_max_ms, None);
+            assert_eq!(settings.kafka.fetch_wait_ms(), FETCH_WAIT_MAX_MS);
+            let mut embedded = settings.kafka.clone();
+            embedded.default_for_embedded_broker();
+            assert_eq!(embedded.fetch_wait_ms(), EMBEDDED_FETCH_WAIT_MAX_MS);
             assert_eq!(settings.telemetry.format, LogFormat::Human);
             Ok(())
         });
@@ -1014,13 +1046,16 @@ mod tests {
             )?;
             let s = load(&Overrides::default()).expect("loads");
             assert_eq!(s.kafka.brokers, "file:9092");
-            assert_eq!(s.kafka.fetch_wait_max_ms, 7);
+            assert_eq!(s.kafka.fetch_wait_max_ms, Some(7));
+            let mut embedded = s.kafka.clone();
+            embedded.default_for_embedded_broker();
+            assert_eq!(embedded.fetch_wait_ms(), 7, "a configured wait is kept");
 
             jail.set_env("ORDERFLOW_KAFKA__BROKERS", "env:9092");
             jail.set_env("ORDERFLOW_KAFKA__FETCH_WAIT_MAX_MS", "9");
             let s = load(&Overrides::default()).expect("loads");
             assert_eq!(s.kafka.brokers, "env:9092");
-            assert_eq!(s.kafka.fetch_wait_max_ms, 9);
+            assert_eq!(s.kafka.fetch_wait_max_ms, Some(9));
             assert_eq!(
                 s.kafka.client_id, "from-file",
                 "untouched keys keep the file value"
@@ -1031,7 +1066,7 @@ mod tests {
             flags.set_pair("kafka.fetch_wait_max_ms=11").expect("pair");
             let s = load(&flags).expect("loads");
             assert_eq!(s.kafka.brokers, "flag:9092");
-            assert_eq!(s.kafka.fetch_wait_max_ms, 11);
+            assert_eq!(s.kafka.fetch_wait_max_ms, Some(11));
             Ok(())
         });
     }

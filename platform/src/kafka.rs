@@ -220,7 +220,7 @@ impl KafkaClients {
             .set("auto.offset.reset", "earliest")
             .set(
                 "fetch.wait.max.ms",
-                self.settings.fetch_wait_max_ms.to_string(),
+                self.settings.fetch_wait_ms().to_string(),
             )
             .set(
                 "session.timeout.ms",
@@ -258,7 +258,7 @@ impl KafkaClients {
             .set("auto.offset.reset", "earliest")
             .set(
                 "fetch.wait.max.ms",
-                self.settings.fetch_wait_max_ms.to_string(),
+                self.settings.fetch_wait_ms().to_string(),
             );
         config
     }

@@ -108,10 +108,12 @@ impl Broker {
     /// Tansu every consumer reads `read_uncommitted` (its `read_committed` can stop for good
     /// behind a transaction it never ends) and re-reads offset gaps (it can serve a record
     /// before an earlier one is readable). docs/architecture.md, "What the brokers here really
-    /// guarantee". The embedded broker runs on the defaults, as `dev` does.
+    /// guarantee". The embedded broker runs with what `dev` gives it: the longer fetch wait its
+    /// build of Tansu allows ([`EMBEDDED_OVERRIDES`]).
     pub fn overrides(&self) -> &'static [(&'static str, &'static str)] {
         match self {
-            Self::Embedded(_) | Self::Mock(_) => &[],
+            Self::Embedded(_) => EMBEDDED_OVERRIDES,
+            Self::Mock(_) => &[],
             Self::Tansu(_) => TANSU_OVERRIDES,
         }
     }
@@ -292,6 +294,10 @@ pub fn embedded_broker_installed() -> Option<()> {
         ),
     }
 }
+
+/// See [`Broker::overrides`]: `dev`'s settings on the embedded broker
+/// (`KafkaSettings::default_for_embedded_broker`).
+pub const EMBEDDED_OVERRIDES: &[(&str, &str)] = &[("kafka.fetch_wait_max_ms", "500")];
 
 /// See [`Broker::overrides`].
 pub const TANSU_OVERRIDES: &[(&str, &str)] = &[
@@ -553,6 +559,11 @@ impl BrokerProcess {
 
     pub fn bootstrap(&self) -> String {
         self.bootstrap.clone()
+    }
+
+    /// The `orderflow broker` process (the broker itself is its child).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn dir(&self) -> &std::path::Path {
