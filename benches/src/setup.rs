@@ -197,19 +197,13 @@ impl Pipeline {
             bail!("orderflow migrate exited with {migrated}");
         }
         let (gateway, ingest, admin, query) = (free_port(), free_port(), free_port(), free_port());
-        let mut pipeline = Self {
-            ingest_url: format!("http://127.0.0.1:{ingest}"),
-            admin_url: format!("http://127.0.0.1:{admin}"),
-            database_url: database_url.clone(),
-            bootstrap: broker.bootstrap(),
-            processes: Vec::new(),
-            dev: None,
-            roles: Vec::new(),
-            _broker_process: None,
-            _broker: None,
-            _database: None,
-            _dir: None,
-        };
+        let mut pipeline = Self::running(
+            format!("http://127.0.0.1:{ingest}"),
+            format!("http://127.0.0.1:{admin}"),
+            database_url.clone(),
+            broker.bootstrap(),
+            Vec::new(),
+        );
         let client = reqwest::Client::new();
         for role in ROLES {
             let telemetry = free_port();
@@ -243,7 +237,22 @@ impl Pipeline {
                 .with_context(|| format!("starting orderflow {role}"))?;
             pipeline.processes.push((role.to_owned(), child.id()));
             pipeline.roles.push((role.to_owned(), child));
-            wait_ready(&client, role, telemetry).await?;
+            // The simulated gateway serves no telemetry: it is up once it answers at all.
+            match role {
+                "gateway" => {
+                    wait_ready(
+                        &client,
+                        role,
+                        &format!("http://127.0.0.1:{gateway}/"),
+                        false,
+                    )
+                    .await?
+                }
+                _ => {
+                    let url = format!("http://127.0.0.1:{telemetry}/readyz");
+                    wait_ready(&client, role, &url, true).await?
+                }
+            }
         }
         // `orderflow broker` supervises the broker it runs as its child.
         if let Some(tansu) = child_process(broker.pid()) {
@@ -320,14 +329,13 @@ impl Drop for Pipeline {
     }
 }
 
-/// Waits until `role`'s telemetry listener answers `/readyz` with 200, or fails after
+/// Waits until `url` answers (with a success status if `success`), or fails after
 /// [`READY_WITHIN`].
-async fn wait_ready(client: &reqwest::Client, role: &str, port: u16) -> Result<()> {
-    let url = format!("http://127.0.0.1:{port}/readyz");
+async fn wait_ready(client: &reqwest::Client, role: &str, url: &str, success: bool) -> Result<()> {
     let deadline = Instant::now() + READY_WITHIN;
     loop {
-        if let Ok(response) = client.get(&url).send().await {
-            if response.status().is_success() {
+        if let Ok(response) = client.get(url).send().await {
+            if !success || response.status().is_success() {
                 return Ok(());
             }
         }
