@@ -234,6 +234,8 @@ struct Fleet {
     /// Members that are thawed zombies, to be stopped at the next step.
     thawed: Option<String>,
     next_at: Instant,
+    /// Final orders seen at the last action, for the kills' pace (see [`Fleet::step`]).
+    finals_at_last_action: usize,
     started: usize,
     /// Kills, joins, leaves, freezes: what the scenario did.
     actions: usize,
@@ -271,6 +273,7 @@ impl Fleet {
             frozen: None,
             thawed: None,
             next_at: Instant::now(),
+            finals_at_last_action: 0,
             started: 0,
             actions: 0,
         };
@@ -312,11 +315,23 @@ impl Fleet {
         self.next_at = Instant::now() + Duration::from_millis(self.rng.random_range(millis));
     }
 
-    /// Does the scenario's next thing if it is due.
-    fn step(&mut self) {
-        if Instant::now() < self.next_at || self.actions >= self.scenario.max_actions() {
+    /// Does the scenario's next thing if it is due: at its time, or, for the kills, once
+    /// another `1 / (min_actions + 1)` of the `orders` became final since the last action
+    /// (`finals` so far). A pipeline fast enough to finish the orders between two timed kills
+    /// still gets its minimum of kills mid-stream, each after the restarted processor made
+    /// progress, whatever the machine's speed.
+    fn step(&mut self, finals: usize, orders: usize) {
+        let kills = matches!(
+            self.scenario,
+            Scenario::Kill | Scenario::KillWithoutInstanceId
+        );
+        let share = orders / (self.scenario.min_actions() + 1);
+        let paced = kills && finals >= self.finals_at_last_action + share.max(1);
+        if (Instant::now() < self.next_at && !paced) || self.actions >= self.scenario.max_actions()
+        {
             return;
         }
+        self.finals_at_last_action = finals;
         match self.scenario {
             Scenario::Kill | Scenario::KillWithoutInstanceId => {
                 let child = self.members.remove("crash").expect("running");
@@ -615,7 +630,7 @@ async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, se
                 fleet.actions
             );
         }
-        fleet.step();
+        fleet.step(reader.log.finals.len(), n);
     }
     fleet.thaw();
     // A final order's compensations (stock releases) are answered by the inventory after the

@@ -4,7 +4,10 @@
 //! go on where they stopped), holding every order for review, and selecting a fraud model
 //! version — the last two through the log, as the saga's rules.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
 
 use orderflow_testkit::{
     dev::DevProcess, embedded_broker_installed, eventually, order_json, place_order, restock,
@@ -183,11 +186,15 @@ async fn switches_apply_from_an_edited_config_file_without_a_restart() {
     )
     .await;
     // Orders placed before the rules' control record reach the saga are decided the old way.
+    // Each attempt is a new customer: one customer's many orders would trip the baseline
+    // model's velocity rule and be held or rejected by it, not by the switch.
+    let attempts = AtomicUsize::new(0);
+    let customer = |prefix: &str| format!("{prefix}-{}", attempts.fetch_add(1, Ordering::Relaxed));
     let held = eventually(
         Duration::from_secs(60),
         "an order held for review",
         || async {
-            let view = decided(&client, &dev.ingest_url, "c-switch-4").await;
+            let view = decided(&client, &dev.ingest_url, &customer("c-switch-4")).await;
             (view["status"] == "fraud_review").then_some(view)
         },
     )
@@ -210,7 +217,7 @@ async fn switches_apply_from_an_edited_config_file_without_a_restart() {
         Duration::from_secs(60),
         "an order rejected by the strict model",
         || async {
-            let view = decided(&client, &dev.ingest_url, "c-switch-5").await;
+            let view = decided(&client, &dev.ingest_url, &customer("c-switch-5")).await;
             (view["status"] == "rejected").then_some(view)
         },
     )
