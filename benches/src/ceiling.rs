@@ -8,7 +8,10 @@
 //!   the default 20 000 records and batches of at most 500 that overstates the rate by at most
 //!   ~2.5 %) — once without transactions (`kafka.transactions = off`), and once with one
 //!   transaction per batch where the broker has transactions. `pipeline_rate` is the one of the
-//!   mode the pipeline runs in on this broker (`auto`), which the efficiency divides by.
+//!   mode the pipeline runs in on this broker (`auto`), which the efficiency divides by;
+//! - produce → consume latency: [`LATENCY_ROUNDS`] records written one at a time, each timed
+//!   from its send to a waiting reader's receipt — the broker's own cost of one hop, which an
+//!   order's end-to-end latency (six consumer hops) is to be read beside.
 
 use std::{collections::VecDeque, sync::Arc, time::Duration};
 
@@ -31,6 +34,8 @@ use rdkafka::{
 };
 use serde::Serialize;
 use tokio::time::Instant;
+
+use crate::stats::{latency_histogram, record, summarize, LatencySummary};
 use tokio_util::sync::CancellationToken;
 
 /// Partitions of the benchmark topics, as `orders.events`.
@@ -49,7 +54,12 @@ pub struct Ceiling {
     pub transactional_rate: Option<f64>,
     /// The rate of the mode the pipeline runs in on this broker.
     pub pipeline_rate: f64,
+    /// One record's produce → consume latency, with nothing else on the broker.
+    pub produce_to_consume: LatencySummary,
 }
+
+/// Records timed one at a time for the produce → consume latency.
+pub const LATENCY_ROUNDS: u32 = 200;
 
 /// Passes every event on unchanged: the cheapest possible processor.
 struct PassThrough {
@@ -226,6 +236,7 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
         None
     };
     let pipeline_rate = transactional_rate.unwrap_or(idempotent_rate);
+    let produce_to_consume = produce_to_consume(&clients, &payload, LATENCY_ROUNDS).await?;
 
     Ok(Ceiling {
         messages: n,
@@ -235,7 +246,54 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
         idempotent_rate,
         transactional_rate,
         pipeline_rate,
+        produce_to_consume,
     })
+}
+
+/// The broker's own latency of one hop: `rounds` records, each produced only after the one
+/// before was read, timed from the send to its receipt by a reader already waiting at the end
+/// of the topic (the pipeline's client settings, so the same fetch wait).
+async fn produce_to_consume(
+    clients: &KafkaClients,
+    payload: &[u8],
+    rounds: u32,
+) -> Result<LatencySummary> {
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let topic = leak(format!("orderflow.bench.{run}.latency"));
+    create_topics(clients, &[topic]).await;
+    let producer: FutureProducer = clients.idempotent_producer("bench-latency").create()?;
+    // The topic exists (created, or created by this first record) before the reader assigns.
+    producer
+        .send(
+            FutureRecord::to(topic).key("warm-up").payload(payload),
+            Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+    let consumer = reader(clients, topic)?;
+    let payload = payload.to_vec();
+    tokio::task::spawn_blocking(move || -> Result<LatencySummary> {
+        read_n(&consumer, 1, Duration::from_secs(60)).context("the warm-up record")?;
+        let mut histogram = latency_histogram();
+        for round in 0..rounds {
+            let key = format!("latency-{round}");
+            let sent = std::time::Instant::now();
+            // Not awaited: the reader's receipt is what is timed, the ack comes meanwhile.
+            let _delivery = producer
+                .send_result(
+                    FutureRecord::to(topic)
+                        .key(key.as_bytes())
+                        .payload(&payload),
+                )
+                .map_err(|(e, _)| anyhow::anyhow!("produce: {e}"))?;
+            read_n(&consumer, 1, Duration::from_secs(30))
+                .with_context(|| format!("record {round} of the latency rounds"))?;
+            record(&mut histogram, sent.elapsed().as_micros() as u64);
+        }
+        Ok(summarize(&histogram))
+    })
+    .await
+    .context("produce → consume")?
 }
 
 /// Consume → produce through the processor runtime, on topics of its own. It is started and
