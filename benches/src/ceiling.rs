@@ -34,9 +34,9 @@ use rdkafka::{
 };
 use serde::Serialize;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::stats::{latency_histogram, record, summarize, LatencySummary};
-use tokio_util::sync::CancellationToken;
 
 /// Partitions of the benchmark topics, as `orders.events`.
 const PARTITIONS: i32 = 6;
@@ -252,7 +252,9 @@ pub async fn measure(bootstrap: &str, n: u64) -> Result<Ceiling> {
 
 /// The broker's own latency of one hop: `rounds` records, each produced only after the one
 /// before was read, timed from the send to its receipt by a reader already waiting at the end
-/// of the topic (the pipeline's client settings, so the same fetch wait).
+/// of the topic (orderflow's default client settings, as the rest of the ceiling; on the
+/// embedded broker the fetch wait does not add to it, since a fetch answers when a record
+/// arrives).
 async fn produce_to_consume(
     clients: &KafkaClients,
     payload: &[u8],
