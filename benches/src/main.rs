@@ -13,7 +13,7 @@ use orderflow_benches::{
     ceiling,
     driver::{run_step, StepConfig},
     procstat,
-    report::{BenchReport, Machine},
+    report::{BenchReport, IdleCpu, Machine},
     setup::{Pipeline, SetupKind},
     stats::sustainable_rate,
     timeline::Timeline,
@@ -74,6 +74,10 @@ struct Args {
     /// Stop the sweep at the first rate not sustained.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     stop_at_first_failure: bool,
+    /// Seconds to hold the pipeline idle after the warm-up, measuring what each process costs
+    /// with nothing to do (0 skips it).
+    #[arg(long, default_value_t = 10)]
+    idle_seconds: u64,
     /// Directory for report.json and report.md.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -147,6 +151,22 @@ async fn main() -> Result<()> {
     };
     progress("Warming up.");
     run_step(&warm, &db).await?;
+
+    // Idle: every order of the warm-up has ended, and nothing is sent for a while.
+    let idle = if args.idle_seconds > 0 {
+        progress(&format!("Measuring idle CPU for {} s.", args.idle_seconds));
+        let (before, _) = sample_all(&pipeline);
+        let window = Instant::now();
+        tokio::time::sleep(Duration::from_secs(args.idle_seconds)).await;
+        let (after, _) = sample_all(&pipeline);
+        Some(IdleCpu::between(
+            &before,
+            &after,
+            window.elapsed().as_secs_f64(),
+        ))
+    } else {
+        None
+    };
 
     let mut steps = Vec::new();
     for (i, rate) in args.rates.iter().enumerate() {
@@ -225,6 +245,7 @@ async fn main() -> Result<()> {
         sustainable_rate: sustainable,
         ceiling,
         steps,
+        idle,
     };
     let markdown = report.to_markdown();
     println!("{markdown}");

@@ -70,6 +70,49 @@ pub struct BenchReport {
     pub sustainable_rate: Option<f64>,
     pub ceiling: Option<Ceiling>,
     pub efficiency: Option<Efficiency>,
+    /// CPU with nothing to do, after the warm-up and before the first rate (`--idle-seconds`).
+    pub idle: Option<IdleCpu>,
+}
+
+/// What each process costs with nothing to do: its CPU over a quiet window, in % of one core.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IdleCpu {
+    pub seconds: f64,
+    pub percent_of_a_core: Vec<(String, f64)>,
+}
+
+impl IdleCpu {
+    /// From each process's CPU seconds at the start and the end of a `seconds`-long window; a
+    /// process missing from either reading is left out.
+    pub fn between(before: &[(String, f64)], after: &[(String, f64)], seconds: f64) -> Self {
+        let percent_of_a_core = after
+            .iter()
+            .filter_map(|(name, end)| {
+                let (_, start) = before.iter().find(|(n, _)| n == name)?;
+                Some((name.clone(), (end - start) / seconds * 100.0))
+            })
+            .collect();
+        Self {
+            seconds,
+            percent_of_a_core,
+        }
+    }
+
+    /// The report's line: each process, then all of them together.
+    pub fn to_markdown(&self) -> String {
+        let each: Vec<String> = self
+            .percent_of_a_core
+            .iter()
+            .map(|(name, percent)| format!("{name} {percent:.1} %"))
+            .collect();
+        let all: f64 = self.percent_of_a_core.iter().map(|(_, p)| p).sum();
+        format!(
+            "\n**Idle** (nothing sent for {:.0} s, after the warm-up): {}; all {all:.1} % of a \
+             core.\n",
+            self.seconds,
+            each.join(", ")
+        )
+    }
 }
 
 impl BenchReport {
@@ -139,6 +182,9 @@ impl BenchReport {
             );
         }
         out.push_str(&cpu_per_order_markdown(&self.steps));
+        if let Some(idle) = &self.idle {
+            out.push_str(&idle.to_markdown());
+        }
         for s in self.steps.iter().filter(|s| !s.timeline.is_empty()) {
             out.push_str(&timeline_markdown(s));
         }
@@ -289,6 +335,23 @@ mod tests {
         );
         assert!(table.contains("| 50 | 2.00 | 8.00 | 10.00 |"), "{table}");
         assert_eq!(cpu_per_order_markdown(&[StepResult::default()]), "");
+    }
+
+    #[test]
+    fn idle_cpu_is_each_processs_cpu_over_the_window_in_percent_of_a_core() {
+        let before = [("orderflow".to_owned(), 10.0), ("broker".to_owned(), 4.0)];
+        let after = [
+            ("orderflow".to_owned(), 10.05),
+            ("broker".to_owned(), 4.2),
+            ("started later".to_owned(), 1.0),
+        ];
+        let idle = IdleCpu::between(&before, &after, 10.0);
+        let line = idle.to_markdown();
+        assert!(
+            line.contains("orderflow 0.5 %, broker 2.0 %; all 2.5 % of a core"),
+            "{line}"
+        );
+        assert!(!line.contains("started later"), "{line}");
     }
 
     #[test]
