@@ -2,8 +2,8 @@
 //!
 //! The embedded default needs Tansu built with its SQLite storage engine (crates.io `tansu`,
 //! feature `libsql`); the prebuilt memory-only binaries do not have it. The one version this
-//! project runs and tests with is [`TANSU_VERSION`], with orderflow's patch to its storage crate
-//! ([`PATCH`], `broker/tansu/`, revision [`PATCH_REVISION`]):
+//! project runs and tests with is [`TANSU_VERSION`], with orderflow's patches to its storage crate
+//! and its broker crate ([`PATCHES`], `broker/tansu/`, revision [`PATCH_REVISION`]):
 //!
 //! - **A fetch answers when data arrives.** Tansu 0.6 queried once and then held every fetch for
 //!   its full `fetch.wait.max.ms`, data or not, so a consumer either polled the SQLite log
@@ -19,10 +19,17 @@
 //!   statement on every use: 42 % of the broker's CPU under load (BENCHMARKS.md, "Where the time
 //!   goes"). Patched, every `execute` and the reads of the fetch, metadata, produce and group
 //!   paths are kept per connection and reset for reuse.
+//! - **Consumer groups re-form after a stall** (`tansu-broker`'s group coordinator). A stall
+//!   longer than the session timeout (the maintenance of a long log) left Tansu 0.6's groups
+//!   formed with no assignments, or forming around a leader that had left, for good: the
+//!   pipeline stopped (docs/architecture.md, "Embedded mode"). Patched, a member dropped for a
+//!   missed heartbeat starts a new generation, only a leader's sync forms a group, and a leader
+//!   that left is replaced at the next join.
 //!
-//! The install downloads the `tansu` and `tansu-storage` crates from crates.io and checks them
-//! against their SHA-256 ([`SOURCES`]), applies the patch (`patch`, from Debian's build tools),
-//! points `tansu`'s lock file at the patched crate and runs `cargo install --locked --path` on
+//! The install downloads the `tansu`, `tansu-storage` and `tansu-broker` crates from crates.io
+//! and checks them against their SHA-256 ([`SOURCES`]), applies the patches (`patch`, from
+//! Debian's build tools), points `tansu`'s lock file at the patched crates and runs `cargo
+//! install --locked --path` on
 //! it, into a cache directory named after version, feature and patch revision, so a binary
 //! found there is always the right build:
 //!
@@ -49,13 +56,23 @@ use crate::BrokerError;
 pub const TANSU_VERSION: &str = "0.6.0";
 /// The cargo feature that brings Tansu's SQLite storage engine.
 pub const TANSU_FEATURES: &str = "libsql";
-/// orderflow's patch to `tansu-storage` (module docs), a unified diff against the crate's root.
-pub const PATCH: &str = include_str!("../tansu/tansu-storage-0.6.0.patch");
-/// Names the patch in the install directory: a changed patch installs a new build beside the
+/// orderflow's patches (module docs): each a crate of [`SOURCES`] and a unified diff against
+/// that crate's root.
+pub const PATCHES: &[(&str, &str)] = &[
+    (
+        "tansu-storage",
+        include_str!("../tansu/tansu-storage-0.6.0.patch"),
+    ),
+    (
+        "tansu-broker",
+        include_str!("../tansu/tansu-broker-0.6.0.patch"),
+    ),
+];
+/// Names the patches in the install directory: a changed patch installs a new build beside the
 /// old one instead of running the old one.
-pub const PATCH_REVISION: &str = "orderflow1";
-/// The crates an install downloads, with the SHA-256 of each `.crate` file (the `tansu-storage`
-/// one is the checksum `tansu`'s own lock file records).
+pub const PATCH_REVISION: &str = "orderflow2";
+/// The crates an install downloads, with the SHA-256 of each `.crate` file (those of the
+/// patched crates are the checksums `tansu`'s own lock file records).
 pub const SOURCES: &[(&str, &str)] = &[
     (
         "tansu",
@@ -64,6 +81,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "tansu-storage",
         "720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d",
+    ),
+    (
+        "tansu-broker",
+        "93c1e91b40c2a706dfdbe9a795c08c70918c874ad23f6e0e87564cc0a180e720",
     ),
 ];
 /// Where crates.io serves a crate's source.
@@ -198,8 +219,8 @@ fn run_install(before_install: impl FnOnce(&str)) -> Result<(), BrokerError> {
     Ok(())
 }
 
-/// Downloads and checks [`SOURCES`] into `dir`, patches `tansu-storage` and points `tansu`'s
-/// manifest and lock file at it; returns the `tansu` crate's directory.
+/// Downloads and checks [`SOURCES`] into `dir`, applies [`PATCHES`] and points `tansu`'s
+/// manifest and lock file at the patched crates; returns the `tansu` crate's directory.
 fn prepare_sources(dir: &Path) -> Result<PathBuf, BrokerError> {
     for (name, sha256) in SOURCES {
         let file = dir.join(format!("{name}-{TANSU_VERSION}.crate"));
@@ -232,54 +253,58 @@ fn prepare_sources(dir: &Path) -> Result<PathBuf, BrokerError> {
             &format!("unpacking {}", file.display()),
         )?;
     }
-    let storage = dir.join(format!("tansu-storage-{TANSU_VERSION}"));
-    let patch = dir.join("orderflow.patch");
-    write(&patch, PATCH)?;
-    run(
-        Command::new("patch")
-            .args(["-p1", "--batch", "--forward", "--quiet", "-d"])
-            .arg(&storage)
-            .arg("-i")
-            .arg(&patch),
-        "patching tansu-storage (patch, from Debian's build tools)",
-    )?;
     let tansu = dir.join(format!("tansu-{TANSU_VERSION}"));
     let manifest = tansu.join("Cargo.toml");
-    let mut text = read(&manifest)?;
-    text.push_str(&format!(
-        "\n[patch.crates-io]\ntansu-storage = {{ path = \"../tansu-storage-{TANSU_VERSION}\" }}\n"
-    ));
-    write(&manifest, &text)?;
+    let mut manifest_text = read(&manifest)?;
+    manifest_text.push_str("\n[patch.crates-io]\n");
     let lock = tansu.join("Cargo.lock");
-    let text =
-        lock_with_patched_storage(&read(&lock)?).ok_or_else(|| BrokerError::InstallFailed {
-            status: format!(
-                "{} has no registry entry for tansu-storage {TANSU_VERSION}",
-                lock.display()
-            ),
-            command: install_command(),
-        })?;
-    write(&lock, &text)?;
+    let mut lock_text = read(&lock)?;
+    for (name, diff) in PATCHES {
+        let patch = dir.join(format!("orderflow-{name}.patch"));
+        write(&patch, diff)?;
+        run(
+            Command::new("patch")
+                .args(["-p1", "--batch", "--forward", "--quiet", "-d"])
+                .arg(dir.join(format!("{name}-{TANSU_VERSION}")))
+                .arg("-i")
+                .arg(&patch),
+            &format!("patching {name} (patch, from Debian's build tools)"),
+        )?;
+        manifest_text.push_str(&format!(
+            "{name} = {{ path = \"../{name}-{TANSU_VERSION}\" }}\n"
+        ));
+        lock_text =
+            lock_with_patched(&lock_text, name).ok_or_else(|| BrokerError::InstallFailed {
+                status: format!(
+                    "{} has no registry entry for {name} {TANSU_VERSION}",
+                    lock.display()
+                ),
+                command: install_command(),
+            })?;
+    }
+    write(&manifest, &manifest_text)?;
+    write(&lock, &lock_text)?;
     Ok(tansu)
 }
 
-/// `lock` (a Cargo.lock) with its `tansu-storage` entry turned into the path dependency the
-/// manifest's `[patch]` makes it: the same package without a registry source and checksum, so
-/// that `--locked` accepts the patched crate. `None` when the entry is not there.
-fn lock_with_patched_storage(lock: &str) -> Option<String> {
+/// `lock` (a Cargo.lock) with the entry of `crate_name` (one of [`SOURCES`]) turned into the
+/// path dependency the manifest's `[patch]` makes it: the same package without a registry
+/// source and checksum, so that `--locked` accepts the patched crate. `None` when the entry is
+/// not there.
+fn lock_with_patched(lock: &str, crate_name: &str) -> Option<String> {
     let entry = format!(
-        "name = \"tansu-storage\"\nversion = \"{TANSU_VERSION}\"\n\
+        "name = \"{crate_name}\"\nversion = \"{TANSU_VERSION}\"\n\
          source = \"registry+https://github.com/rust-lang/crates.io-index\"\n\
          checksum = \"{}\"\n",
         SOURCES
             .iter()
-            .find(|(name, _)| *name == "tansu-storage")
+            .find(|(name, _)| *name == crate_name)
             .map(|(_, sha256)| *sha256)?
     );
     lock.contains(&entry).then(|| {
         lock.replace(
             &entry,
-            &format!("name = \"tansu-storage\"\nversion = \"{TANSU_VERSION}\"\n"),
+            &format!("name = \"{crate_name}\"\nversion = \"{TANSU_VERSION}\"\n"),
         )
     })
 }
@@ -349,7 +374,7 @@ mod tests {
                     source = \"registry+https://github.com/rust-lang/crates.io-index\"\n\
                     checksum = \"720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d\"\n\
                     dependencies = [\n \"async-trait\",\n]\n";
-        let patched = lock_with_patched_storage(lock).expect("entry found");
+        let patched = lock_with_patched(lock, "tansu-storage").expect("entry found");
         assert!(patched.contains(
             "name = \"tansu-storage\"\nversion = \"0.6.0\"\ndependencies = [\n \"async-trait\","
         ));
@@ -357,20 +382,52 @@ mod tests {
         assert!(patched.contains("name = \"tansu-schema\""));
         // Another version's entry (a different lock file) is not silently left as it was.
         assert_eq!(
-            lock_with_patched_storage(&lock.replace("0.6.0", "0.5.9")),
+            lock_with_patched(&lock.replace("0.6.0", "0.5.9"), "tansu-storage"),
             None
         );
     }
 
     #[test]
-    fn the_patch_touches_only_the_storage_crates_fetch_and_statement_paths() {
-        let files: Vec<&str> = PATCH
-            .lines()
-            .filter_map(|line| line.strip_prefix("+++ b/"))
-            .collect();
-        assert_eq!(files, ["src/lib.rs", "src/lite.rs", "src/service/fetch.rs"]);
-        assert!(PATCH.contains("APPENDS.produced(topition, *base, records)"));
-        assert!(PATCH.contains("REUSABLE_QUERIES"));
+    fn the_patches_touch_only_the_storage_crates_fetch_and_statement_paths_and_the_group_coordinator(
+    ) {
+        let files = |name: &str| -> Vec<&str> {
+            let (_, diff) = PATCHES
+                .iter()
+                .find(|(crate_name, _)| *crate_name == name)
+                .expect("patched crate");
+            diff.lines()
+                .filter_map(|line| line.strip_prefix("+++ b/"))
+                .collect()
+        };
+        assert_eq!(
+            files("tansu-storage"),
+            ["src/lib.rs", "src/lite.rs", "src/service/fetch.rs"]
+        );
+        assert_eq!(
+            files("tansu-broker"),
+            ["src/coordinator/group/administrator.rs"]
+        );
+        let all: String = PATCHES.iter().map(|(_, diff)| *diff).collect();
+        assert!(all.contains("APPENDS.produced(topition, *base, records)"));
+        assert!(all.contains("REUSABLE_QUERIES"));
+        assert!(all.contains("generation_id: inner.generation_id + 1,"));
+        // Every patched crate is downloaded and checked.
+        for (name, _) in PATCHES {
+            assert!(SOURCES.iter().any(|(source, _)| source == name), "{name}");
+        }
+    }
+
+    #[test]
+    fn the_lock_file_entry_of_tansu_broker_becomes_the_patched_path_crate() {
+        let lock = "[[package]]\nname = \"tansu-broker\"\nversion = \"0.6.0\"\n\
+                    source = \"registry+https://github.com/rust-lang/crates.io-index\"\n\
+                    checksum = \"93c1e91b40c2a706dfdbe9a795c08c70918c874ad23f6e0e87564cc0a180e720\"\n";
+        let patched = lock_with_patched(lock, "tansu-broker").expect("entry found");
+        assert_eq!(
+            patched,
+            "[[package]]\nname = \"tansu-broker\"\nversion = \"0.6.0\"\n"
+        );
+        assert_eq!(lock_with_patched(lock, "tansu-cli"), None);
     }
 
     #[test]

@@ -5,6 +5,12 @@
 //!   restarts it on its log; meanwhile `/readyz` answers 503 naming the embedded broker and why,
 //!   and ready again once it serves. Every accepted order ends, and `orderflow reconcile` finds
 //!   the tables equal to the log (no order lost or doubled, stock equal to the fold).
+//! - **The embedded broker frozen** (SIGSTOP) past the consumers' session timeout while
+//!   `loadgen` sends orders, then thawed: every consumer's session times out, and the groups
+//!   must form again with every partition assigned. Tansu 0.6's group coordinator left them
+//!   formed with no assignments, or forming around a leader that had left, for good (orderflow
+//!   patches it: `broker/tansu/tansu-broker-0.6.0.patch`). Every accepted order ends and
+//!   `reconcile` is clean.
 //! - **PostgreSQL stopped** (`pg_ctl stop -m fast`, every session cut) for a few seconds while
 //!   orders flow, then started again: `/readyz` answers 503 naming the database meanwhile; the
 //!   projections and the edge reconnect; every accepted order ends and `reconcile` is clean. The
@@ -104,6 +110,77 @@ async fn the_embedded_broker_killed_under_load_is_restarted_shown_on_readyz_and_
         .interrupt()
         .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
     assert!(status.success(), "dev exited with {status}");
+}
+
+/// How long the broker is frozen: well past `kafka.session_timeout_ms` (6 s by default), so
+/// that every consumer's session times out on its own side and the broker, once thawed, drops
+/// every member for its missed heartbeats.
+const FREEZE: Duration = Duration::from_secs(12);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_broker_frozen_past_the_session_timeout_under_load_loses_nothing() {
+    let Some(()) = embedded_broker_installed() else {
+        return;
+    };
+    let dir = TempDir::new();
+    let mut dev = DevProcess::start(Path::new(BIN), &dir.0, &[])
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    let dev_pid = dev.pid().expect("running");
+    let client = reqwest::Client::new();
+    wait_ready(&client, &dev.metrics_url.replace("/metrics", "/readyz")).await;
+    let broker = broker_pid(dev_pid).expect("dev runs the embedded broker as its child");
+
+    // 30 s of orders: a few seconds before the freeze, twelve during it, fifteen after.
+    let loadgen = spawn_loadgen_of(&dev, 600);
+    let bootstrap = dev.bootstrap.clone();
+    wait_events(&bootstrap, 200).await;
+    signal(broker, "STOP");
+    tokio::time::sleep(FREEZE).await;
+    signal(broker, "CONT");
+
+    // Orders accepted before, during (answered 503 meanwhile) and after the freeze all end:
+    // the groups formed again with every partition assigned.
+    let (accepted, report) = every_accepted_order_ended(loadgen, &dir, || {
+        format!(
+            "session timeouts in dev's log: {}",
+            DevProcess::log_tail(&dir.0, 100_000)
+                .matches("SESSTMOUT")
+                .count()
+        )
+    })
+    .await;
+    assert!(
+        accepted >= 250,
+        "orders were accepted before and after the freeze: {report}"
+    );
+    assert!(
+        DevProcess::log_tail(&dir.0, 100_000).contains("SESSTMOUT"),
+        "the freeze outlasted the consumers' sessions (librdkafka logs SESSTMOUT)"
+    );
+    let url = format!("sqlite://{}", dir.0.join("data/orderflow.sqlite").display());
+    let checked = reconcile_checked(&bootstrap, &url).await;
+    assert!(
+        checked >= accepted,
+        "reconcile checked every accepted order ({accepted}), found {checked}"
+    );
+    assert_eq!(
+        broker_pid(dev_pid),
+        Some(broker),
+        "the broker was frozen and thawed, never restarted"
+    );
+    let status = dev
+        .interrupt()
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    assert!(status.success(), "dev exited with {status}");
+}
+
+/// Sends `signal` (`STOP`, `CONT`) to `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -{signal} {pid}");
 }
 
 /// Waits until dev's `/readyz` answers 200.
@@ -369,11 +446,20 @@ async fn reconcile_checked(bootstrap: &str, database_url: &str) -> u32 {
 
 /// `loadgen` against `dev`: 300 orders at 20/s, every one valid.
 fn spawn_loadgen(dev: &DevProcess) -> tokio::task::JoinHandle<std::process::Output> {
+    spawn_loadgen_of(dev, 300)
+}
+
+/// `loadgen` against `dev`: `orders` orders at 20/s, every one valid.
+fn spawn_loadgen_of(
+    dev: &DevProcess,
+    orders: u32,
+) -> tokio::task::JoinHandle<std::process::Output> {
     let (ingest, admin) = (dev.ingest_url.clone(), dev.admin_url.clone());
+    let orders = orders.to_string();
     tokio::task::spawn_blocking(move || {
         Command::new(BIN)
             .args(["loadgen", "--url", &ingest, "--admin-url", &admin])
-            .args(["--orders", "300", "--rate", "20", "--invalid-ratio", "0"])
+            .args(["--orders", &orders, "--rate", "20", "--invalid-ratio", "0"])
             .output()
             .expect("loadgen runs")
     })
