@@ -29,9 +29,8 @@
 //! The install downloads the `tansu`, `tansu-storage` and `tansu-broker` crates from crates.io
 //! and checks them against their SHA-256 ([`SOURCES`]), applies the patches (`patch`, from
 //! Debian's build tools), points `tansu`'s lock file at the patched crates and runs `cargo
-//! install --locked --path` on
-//! it, into a cache directory named after version, feature and patch revision, so a binary
-//! found there is always the right build:
+//! install --locked --path` on it, into a cache directory named after version, feature and
+//! patch revision, so a binary found there is always the right build:
 //!
 //! `$XDG_CACHE_HOME/orderflow`, else `$HOME/.cache/orderflow`, then
 //! `tansu-<version>-libsql-<revision>/bin/tansu`. (No `ORDERFLOW_…` variable: those are
