@@ -49,13 +49,9 @@ async fn the_embedded_broker_killed_under_load_is_restarted_shown_on_readyz_and_
         return;
     };
     let dir = TempDir::new();
-    let mut dev = DevProcess::start(Path::new(BIN), &dir.0, &[])
-        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
-    let dev_pid = dev.pid().expect("running");
-    let readyz = dev.metrics_url.replace("/metrics", "/readyz");
     let client = reqwest::Client::new();
-    wait_ready(&client, &readyz).await;
-    let first_broker = broker_pid(dev_pid).expect("dev runs the embedded broker as its child");
+    let (mut dev, dev_pid, first_broker) = start_ready_dev(&dir, &client).await;
+    let readyz = readyz_url(&dev);
 
     let loadgen = spawn_loadgen(&dev);
 
@@ -63,11 +59,7 @@ async fn the_embedded_broker_killed_under_load_is_restarted_shown_on_readyz_and_
     let bootstrap = dev.bootstrap.clone();
     wait_events(&bootstrap, 200).await;
     let watcher = tokio::spawn(watch_readiness(client.clone(), readyz.clone()));
-    let status = Command::new("kill")
-        .args(["-KILL", &first_broker.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    signal(first_broker, "KILL");
     let second_broker = eventually(Duration::from_secs(30), "a new broker process", || async {
         broker_pid(dev_pid).filter(|pid| *pid != first_broker)
     })
@@ -123,12 +115,7 @@ async fn the_embedded_broker_frozen_past_the_session_timeout_under_load_loses_no
         return;
     };
     let dir = TempDir::new();
-    let mut dev = DevProcess::start(Path::new(BIN), &dir.0, &[])
-        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
-    let dev_pid = dev.pid().expect("running");
-    let client = reqwest::Client::new();
-    wait_ready(&client, &dev.metrics_url.replace("/metrics", "/readyz")).await;
-    let broker = broker_pid(dev_pid).expect("dev runs the embedded broker as its child");
+    let (mut dev, dev_pid, broker) = start_ready_dev(&dir, &reqwest::Client::new()).await;
 
     // 30 s of orders: a few seconds before the freeze, twelve during it, fifteen after.
     let loadgen = spawn_loadgen_of(&dev, 600);
@@ -174,7 +161,23 @@ async fn the_embedded_broker_frozen_past_the_session_timeout_under_load_loses_no
     assert!(status.success(), "dev exited with {status}");
 }
 
-/// Sends `signal` (`STOP`, `CONT`) to `pid`.
+/// `orderflow dev` on `dir`, once `/readyz` answers 200: the process, its pid and the pid of
+/// the embedded broker it runs.
+async fn start_ready_dev(dir: &TempDir, client: &reqwest::Client) -> (DevProcess, u32, u32) {
+    let dev = DevProcess::start(Path::new(BIN), &dir.0, &[])
+        .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
+    let dev_pid = dev.pid().expect("running");
+    wait_ready(client, &readyz_url(&dev)).await;
+    let broker = broker_pid(dev_pid).expect("dev runs the embedded broker as its child");
+    (dev, dev_pid, broker)
+}
+
+/// dev's `/readyz`, beside its metrics.
+fn readyz_url(dev: &DevProcess) -> String {
+    dev.metrics_url.replace("/metrics", "/readyz")
+}
+
+/// Sends `signal` (`KILL`, `STOP`, `CONT`) to `pid`.
 fn signal(pid: u32, signal: &str) {
     let status = Command::new("kill")
         .args([format!("-{signal}"), pid.to_string()])
@@ -231,7 +234,7 @@ async fn postgres_stopped_under_load_is_shown_on_readyz_and_every_accepted_order
         &["--database-url".to_owned(), database_url.clone()],
     )
     .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
-    let readyz = dev.metrics_url.replace("/metrics", "/readyz");
+    let readyz = readyz_url(&dev);
     let client = reqwest::Client::new();
     wait_ready(&client, &readyz).await;
 
@@ -347,7 +350,7 @@ async fn a_full_data_directory_is_shown_on_readyz_and_every_accepted_order_ends_
     };
     let mut dev = DevProcess::start(Path::new(BIN), &dir.0, &[])
         .unwrap_or_else(|e| panic!("orderflow dev: {e}"));
-    let readyz = dev.metrics_url.replace("/metrics", "/readyz");
+    let readyz = readyz_url(&dev);
     let client = reqwest::Client::new();
     wait_ready(&client, &readyz).await;
     let loadgen = spawn_loadgen(&dev);
