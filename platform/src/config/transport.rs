@@ -113,6 +113,8 @@ pub const MANAGED_PROPERTIES: &[&str] = &[
     "isolation.level",
     "enable.auto.commit",
     "enable.auto.offset.store",
+    "auto.commit.interval.ms",
+    "queued.max.messages.kbytes",
     "auto.offset.reset",
     "security.protocol",
     "sasl.mechanism",
