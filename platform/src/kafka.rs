@@ -71,19 +71,6 @@ impl MockBroker {
 /// (`orderflow_ingest::publish`): a purge, never a timeout inside librdkafka.
 pub const MESSAGE_TIMEOUT_FLOOR_MS: u32 = 60_000;
 
-/// How often a group consumer commits the offsets its owner stored (`auto.commit.interval.ms`).
-///
-/// Committing per batch cost the broker one OffsetCommit for every batch of every group: at low
-/// load (batches of one order) a third of the pipeline's writes to the broker. Stored offsets
-/// are committed together instead, at most this often, and when partitions are revoked and the
-/// consumer closes. The group offset may therefore lag the work done by up to this interval
-/// after a crash. That is safe for the same reason an asynchronous commit lost in a crash was:
-/// processors resume from the position kept with their state, projections from the position
-/// kept with their rows, and whatever a stateless consumer reads again it re-emits
-/// byte-identical, which every consumer downstream drops (docs/architecture.md, "Exactly once,
-/// on brokers that do not guarantee it"). An idle consumer has nothing new stored and sends nothing.
-pub const GROUP_COMMIT_INTERVAL_MS: u32 = 1_000;
-
 /// What one consumer (group member or reader) may hold of records it has fetched and not yet
 /// handed over, in KiB (`queued.max.messages.kbytes`); librdkafka bounds one fetch's size
 /// (`fetch.max.bytes`) by it too, unless `message.max.bytes` is larger.
@@ -235,21 +222,14 @@ impl KafkaClients {
         config
     }
 
-    /// Group consumer reading `read_committed`. Offsets are stored only by our code, once a
-    /// batch's effects are durable (`Consumer::store_offsets`); librdkafka commits what was
-    /// stored every [`GROUP_COMMIT_INTERVAL_MS`], when partitions are revoked and on close, in
-    /// one request for all of a consumer's partitions instead of one request per batch.
+    /// Group consumer reading `read_committed`, offsets committed only by our code.
     pub fn consumer(&self, role: &str, group_id: &str) -> ClientConfig {
         let mut config = self.base(role);
         config
             .set("group.id", group_id)
             .set("isolation.level", &self.settings.isolation_level)
-            .set("enable.auto.commit", "true")
+            .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set(
-                "auto.commit.interval.ms",
-                GROUP_COMMIT_INTERVAL_MS.to_string(),
-            )
             .set(
                 "queued.max.messages.kbytes",
                 CONSUMER_QUEUE_KBYTES.to_string(),
@@ -545,15 +525,8 @@ impl ClientContext for GroupContext {
                     continue;
                 }
                 let labels = self.labels(topic, *id);
-                // The stored offset is where the consumer's owner has got to; the committed
-                // one trails it by up to `GROUP_COMMIT_INTERVAL_MS`.
-                let lag = if p.consumer_lag_stored >= 0 {
-                    p.consumer_lag_stored
-                } else {
-                    p.consumer_lag
-                };
-                if lag >= 0 {
-                    metrics.lag.get_or_create(&labels).set(lag);
+                if p.consumer_lag >= 0 {
+                    metrics.lag.get_or_create(&labels).set(p.consumer_lag);
                 }
                 if p.app_offset >= 0 {
                     metrics.position.get_or_create(&labels).set(p.app_offset);

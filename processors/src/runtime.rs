@@ -11,8 +11,7 @@
 //!   metadata, so a zombie of an old generation is fenced where the broker supports it (KIP-447).
 //! - **Idempotent** (brokers without transactions, such as the embedded Tansu with SQLite
 //!   storage): the same writes in the same order through an idempotent producer, no transaction;
-//!   the group offset is stored last (and committed by the consumer within
-//!   `orderflow_platform::kafka::GROUP_COMMIT_INTERVAL_MS`).
+//!   the group offset is committed last.
 //!
 //! A batch is bounded by count and time and ends early when the input goes idle.
 //!
@@ -29,9 +28,8 @@
 //!    acknowledged, and on assignment the partition resumes from there (never later; records
 //!    below it are skipped). A crash before that re-processes the batch from the previous
 //!    position — duplicates that rule 2 drops; a crash after it loses nothing, because the
-//!    outputs are durable. The group offset is stored after the transaction as well (the
-//!    only stored position of a stateless processor) and committed within a second; a crash
-//!    before that commit re-reads records whose outputs exist, and rule 2 drops them.
+//!    outputs are durable. The group offset is committed after the transaction as well (the
+//!    only stored position of a stateless processor).
 //!
 //! Backpressure: a batch is all a processor has in flight. When its step work
 //! (`Step::prepare`, the step's I/O) is still running after `processor.pause_after_ms`, every
@@ -1051,13 +1049,11 @@ impl<S: Step> ProcessorRuntime<S> {
         }
         // The group offset (the only stored position of a stateless processor, and the only
         // one on a broker that ignores transactional offsets or has no transactions) follows
-        // the commit: stored now, committed by the consumer with its other partitions' within
-        // `GROUP_COMMIT_INTERVAL_MS`, at a revocation or on close. A crash before that commit
-        // re-reads from the changelog's position (stateful) or the previous group offset
-        // (stateless): the outputs come again, byte-identical, and consumers drop them (rules
-        // 1 and 2).
+        // the commit. Without a transaction, a crash before it re-reads the batch from the
+        // changelog's position (stateful) or the previous group offset (stateless): the outputs
+        // come again, byte-identical, and consumers drop them (rules 1 and 2).
         if let Some(offsets) = &offsets {
-            consumer.store_offsets(offsets)?;
+            consumer.commit(offsets, CommitMode::Async)?;
         }
         if let Some(partitions) = paused {
             // The consumer was not polled meanwhile, so no rebalance happened: these are still

@@ -6,10 +6,9 @@
 //! (2) skips every record below them — already applied by an earlier run or another replica —
 //! (3) applies the rest and (4) moves the positions, with a compare-and-set so two writers
 //! cannot both move the same partition. Rows and positions commit together or not at all.
-//! Only after the commit is the group offset stored, as a starting hint that the consumer
-//! commits within a second (`GROUP_COMMIT_INTERVAL_MS`); it can lag the database (a crash in
-//! between) but never lead it, and anything re-read is skipped by (2). On assignment the writer
-//! seeks each new partition to its stored position.
+//! Only after the commit is the group offset committed, as a starting hint; it can lag the
+//! database (a crash in between) but never lead it, and anything re-read is skipped by (2). On
+//! assignment the writer seeks each new partition to its stored position.
 //!
 //! Every order the batch changed is announced with its new version for the query caches
 //! (crate::cache): on PostgreSQL by `NOTIFY` inside the transaction (delivered only if it
@@ -241,10 +240,9 @@ impl<P: Projection> ProjectionWriter<P> {
             }
             if !batch.is_empty() {
                 let outcome = self.write(&batch, Some(&dead_letters)).await?;
-                // A hint for where to resume; the database's positions are the truth. Stored
-                // now, committed by the consumer within `GROUP_COMMIT_INTERVAL_MS`.
+                // A hint for where to resume; the database's positions are the truth.
                 let offsets = next_offsets(&batch)?;
-                consumer.store_offsets(&offsets)?;
+                consumer.commit(&offsets, CommitMode::Async)?;
                 last_committed = Some(offsets);
                 debug!(projection = name, ?outcome, "Batch committed.");
             }

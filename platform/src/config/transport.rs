@@ -113,7 +113,6 @@ pub const MANAGED_PROPERTIES: &[&str] = &[
     "isolation.level",
     "enable.auto.commit",
     "enable.auto.offset.store",
-    "auto.commit.interval.ms",
     "queued.max.messages.kbytes",
     "auto.offset.reset",
     "security.protocol",
