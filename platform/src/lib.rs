@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod gaps;
+pub mod group_commits;
 pub mod health;
 pub mod http;
 pub mod kafka;

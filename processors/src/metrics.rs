@@ -41,6 +41,8 @@ pub struct ProcessorMetrics {
     pub paused_partitions: Family<ProcessorLabels, Gauge>,
     /// Times a processor paused its partitions for backpressure.
     pub pauses: Family<ProcessorLabels, Counter>,
+    /// Offset commits sent to the consumer group (coalesced: `orderflow_platform::group_commits`).
+    pub group_commits: Family<ProcessorLabels, Counter>,
     pub gateway: GatewayMetrics,
     pub consumer: ConsumerMetrics,
 }
@@ -93,6 +95,7 @@ impl ProcessorMetrics {
             restore_seconds: Family::new_with_constructor(commit_histogram),
             paused_partitions: Family::default(),
             pauses: Family::default(),
+            group_commits: Family::default(),
             gateway: GatewayMetrics {
                 calls: Family::default(),
                 call_seconds: Family::new_with_constructor(commit_histogram),
@@ -166,6 +169,11 @@ impl ProcessorMetrics {
             "processor_pauses",
             "Times a processor paused its input partitions for backpressure",
             m.pauses.clone(),
+        );
+        registry.register(
+            "processor_group_commits",
+            "Offset commits a processor sent to its consumer group: at most one a second while batches keep coming, and one when its input goes quiet",
+            m.group_commits.clone(),
         );
         registry.register(
             "payment_gateway_calls",

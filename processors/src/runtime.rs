@@ -3,7 +3,8 @@
 //! A batch's writes go out in this order: the outputs and any dead letters, then the state
 //! changes (to the processor's compacted changelog, partition for partition with the input)
 //! with the input position they reflect, then the consumed offsets. Each step waits for the
-//! acknowledgements of the one before. Two modes (`kafka.transactions`, decided per session by
+//! acknowledgements of the one before. The group offset commit that follows is coalesced over
+//! batches (`orderflow_platform::group_commits`). Two modes (`kafka.transactions`, decided per session by
 //! `orderflow_platform::transactions`):
 //!
 //! - **Transactional** (brokers with EndTxn): the batch is one Kafka transaction on a
@@ -11,7 +12,7 @@
 //!   metadata, so a zombie of an old generation is fenced where the broker supports it (KIP-447).
 //! - **Idempotent** (brokers without transactions, such as the embedded Tansu with SQLite
 //!   storage): the same writes in the same order through an idempotent producer, no transaction;
-//!   the group offset is committed last.
+//!   the group offset is committed last (coalesced).
 //!
 //! A batch is bounded by count and time and ends early when the input goes idle.
 //!
@@ -55,6 +56,7 @@ use std::{
 use orderflow_platform::{
     config::BatchSettings,
     gaps::GapGuard,
+    group_commits::GroupCommits,
     health::Readiness,
     kafka::{
         collect_batch_within, dead_letter_headers, event_headers, flush_now, header_value,
@@ -411,15 +413,16 @@ impl<S: Step> ProcessorRuntime<S> {
         let mut gaps = GapGuard::new(self.clients.settings().recheck_offset_gaps);
         let tick = Duration::from_millis(self.batch.tick_ms.max(10));
         let mut last_tick = Instant::now();
-        let mut last_committed = None;
+        let mut commits = GroupCommits::default();
         loop {
             if self
                 .switches
                 .as_ref()
                 .is_some_and(|s| s.paused(self.io.name))
             {
-                // Cancelled while paused: on to the shutdown below (it commits the last
-                // batch's offsets synchronously).
+                // The group has every processed offset before the pause begins. Cancelled
+                // while paused: on to the shutdown below (it commits them synchronously).
+                self.commit_group(consumer, &mut commits, true)?;
                 self.hold_while_paused(consumer, &producer, &mut slots, &mut gaps, cancel)
                     .await?;
             }
@@ -431,6 +434,8 @@ impl<S: Step> ProcessorRuntime<S> {
             let seeked = self
                 .sync_assignment(consumer, &producer, &mut slots, &mut gaps, cancel)
                 .await?;
+            // A revoked partition's offset is never committed over its new owner's.
+            commits.retain_assigned(&consumer.assignment()?);
             let batch = retain_assigned(consumer, batch)
                 .into_iter()
                 .filter(|m| !seeked.contains(&m.partition()))
@@ -470,7 +475,7 @@ impl<S: Step> ProcessorRuntime<S> {
                     )
                     .await
                 {
-                    Ok(Some(offsets)) => last_committed = Some(offsets),
+                    Ok(Some(offsets)) => commits.record(&offsets),
                     Ok(None) => {}
                     Err(e) => {
                         if self.mode == Mode::Transactional {
@@ -485,16 +490,35 @@ impl<S: Step> ProcessorRuntime<S> {
                     }
                 }
             }
+            // The group offset follows the batches whose effects are durable, coalesced
+            // (`orderflow_platform::group_commits`): at most one commit a second while batches
+            // keep coming, and one as soon as a poll finds nothing to do.
+            self.commit_group(consumer, &mut commits, batch.is_empty())?;
             if cancel.is_cancelled() {
-                // The last batch's transaction is committed. Its asynchronous offset commit may
-                // still be in flight: repeat it synchronously so the group's position is stored
-                // before dropping the consumer leaves the group.
-                if let Some(offsets) = last_committed {
+                // Every processed batch is committed. An asynchronous offset commit may still
+                // be in flight, or not yet due: commit every offset synchronously so the
+                // group's position is stored before dropping the consumer leaves the group.
+                let offsets = commits.all()?;
+                if offsets.count() > 0 {
                     off_runtime(consumer, move |c| c.commit(&offsets, CommitMode::Sync)).await?;
                 }
                 return Ok(());
             }
         }
+    }
+
+    /// Sends the group the offsets [`GroupCommits::due`] returns, asynchronously.
+    fn commit_group(
+        &self,
+        consumer: &ProcessorConsumer,
+        commits: &mut GroupCommits,
+        idle: bool,
+    ) -> Result<(), ProcessorError> {
+        if let Some(offsets) = commits.due(idle)? {
+            consumer.commit(&offsets, CommitMode::Async)?;
+            self.metrics.group_commits.get_or_create(&self.labels).inc();
+        }
+        Ok(())
     }
 
     /// The pause switch (`switches.paused_processors`): every assigned partition is paused and
@@ -1049,12 +1073,10 @@ impl<S: Step> ProcessorRuntime<S> {
         }
         // The group offset (the only stored position of a stateless processor, and the only
         // one on a broker that ignores transactional offsets or has no transactions) follows
-        // the commit. Without a transaction, a crash before it re-reads the batch from the
-        // changelog's position (stateful) or the previous group offset (stateless): the outputs
-        // come again, byte-identical, and consumers drop them (rules 1 and 2).
-        if let Some(offsets) = &offsets {
-            consumer.commit(offsets, CommitMode::Async)?;
-        }
+        // the commit: the caller hands `offsets` to its `GroupCommits`. Until they are sent, a
+        // crash re-reads the batch from the changelog's position (stateful) or the previous
+        // group offset (stateless): the outputs come again, byte-identical, and consumers drop
+        // them (rules 1 and 2).
         if let Some(partitions) = paused {
             // The consumer was not polled meanwhile, so no rebalance happened: these are still
             // this member's partitions.

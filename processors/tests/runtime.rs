@@ -4,6 +4,8 @@
 //!
 //! - backpressure: a batch whose step work is slow pauses every partition until it commits,
 //!   and every record is still processed exactly once;
+//! - group commits: one-record batches cost about one group offset commit a second, not one
+//!   each, and the group has every processed offset once the input goes quiet;
 //! - duplicate and aborted delivery: the full saga fed a batch from an aborted upstream
 //!   transaction (which `read_committed` readers on these brokers see) and then the same inputs
 //!   committed, one of them twice — state and outputs are as if each input came once; poison
@@ -48,6 +50,7 @@ use orderflow_testkit::{
 };
 use orderflow_topics::names;
 use rdkafka::{
+    consumer::Consumer,
     message::{Header, OwnedHeaders},
     producer::{FutureProducer, FutureRecord, Producer},
 };
@@ -229,6 +232,110 @@ async fn a_slow_batch_pauses_the_partitions_on_tansu() {
         return;
     };
     backpressure(broker).await;
+}
+
+/// One-record batches, one after the other, as at low load: the group offset is committed at
+/// most once a second while they keep coming and once when the input goes quiet
+/// (`orderflow_platform::group_commits`), not once per batch, and the group still ends up with
+/// every processed offset before the processor stops.
+async fn group_commits_coalesce(broker: Broker) {
+    const RECORDS: i64 = 60;
+    let settings = test_settings_with(None, broker.overrides());
+    apply_topics(&broker, &settings).await;
+    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+    let codec = Arc::new(Codec::new().expect("codec"));
+    let producer: FutureProducer = clients
+        .idempotent_producer("test")
+        .create()
+        .expect("producer");
+    let (runtime, metrics, labels) = gated_processor(
+        "group-commit-test",
+        Gated {
+            gate: Arc::new(Semaphore::new(10_000)),
+            batches: Arc::new(Mutex::new(Vec::new())),
+            seen: Arc::new(Mutex::new(Vec::new())),
+        },
+        clients.clone(),
+        &settings,
+        codec.clone(),
+    );
+    let group = runtime.group_id().to_owned();
+    let cancel = CancellationToken::new();
+    let running = tokio::spawn(runtime.run(cancel.clone()));
+
+    // Each record is handled before the next is written: every batch holds one record.
+    let started = std::time::Instant::now();
+    for i in 0..RECORDS {
+        let event = restocked(&format!("SKU-{i:03}"), 1, now_ms());
+        write(
+            &producer,
+            names::PAYMENTS_REQUESTS,
+            &format!("k{i}"),
+            &codec.encode(&event).expect("encode"),
+        )
+        .await;
+        eventually(Duration::from_secs(60), "the record handled", || async {
+            (metrics.records.get_or_create(&labels).get() == i as u64 + 1).then_some(())
+        })
+        .await;
+    }
+    let busy = started.elapsed();
+
+    // Quiet now: the next empty poll commits what is left, without a shutdown.
+    let reader: rdkafka::consumer::BaseConsumer = clients
+        .consumer("group-commit-check", &group)
+        .create()
+        .expect("a consumer of the processor's group");
+    eventually(
+        Duration::from_secs(30),
+        "every processed offset committed to the group",
+        || async {
+            let mut partitions = rdkafka::TopicPartitionList::new();
+            for partition in 0..6 {
+                partitions.add_partition(names::PAYMENTS_REQUESTS, partition);
+            }
+            let committed = reader
+                .committed_offsets(partitions, Duration::from_secs(5))
+                .ok()?;
+            let sum: i64 = committed
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    rdkafka::Offset::Offset(next) => Some(next),
+                    _ => None,
+                })
+                .sum();
+            (sum == RECORDS).then_some(())
+        },
+    )
+    .await;
+
+    // While busy: at most one commit a second, plus one per empty poll (at most one per tick, a
+    // second). Once per batch would be RECORDS commits.
+    let commits = metrics.group_commits.get_or_create(&labels).get();
+    let bound = 2 * busy.as_secs() + 4;
+    assert!(
+        commits <= bound && commits < RECORDS as u64 / 2,
+        "{commits} group commits for {RECORDS} one-record batches in {busy:?} (at most {bound})"
+    );
+    cancel.cancel();
+    running.await.expect("runtime ends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commits_coalesce_on_the_embedded_broker() {
+    let Some(broker) = Broker::embedded() else {
+        return;
+    };
+    group_commits_coalesce(broker).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commits_coalesce_on_tansu() {
+    let Some(broker) = Broker::tansu() else {
+        return;
+    };
+    group_commits_coalesce(broker).await;
 }
 
 /// Input written in committed transactions, each leaving a marker (an offset no record holds)

@@ -34,6 +34,8 @@ pub struct ProjectionMetrics {
     pub dead_letters: Family<ProjectionLabels, Counter>,
     /// Gaps in the input offsets read a second time (`kafka.recheck_offset_gaps`).
     pub gap_rereads: Family<ProjectionLabels, Counter>,
+    /// Offset commits sent to the consumer group (coalesced: `orderflow_platform::group_commits`).
+    pub group_commits: Family<ProjectionLabels, Counter>,
     pub batch_records: Family<ProjectionLabels, Histogram>,
     pub write_seconds: Family<ProjectionLabels, Histogram>,
     /// Orders that became final, by final status.
@@ -61,6 +63,7 @@ impl ProjectionMetrics {
             skipped: Family::default(),
             dead_letters: Family::default(),
             gap_rereads: Family::default(),
+            group_commits: Family::default(),
             batch_records: Family::new_with_constructor(batch_histogram),
             write_seconds: Family::new_with_constructor(write_histogram),
             orders_final: Family::default(),
@@ -97,6 +100,11 @@ impl ProjectionMetrics {
             "projection_offset_gap_rereads",
             "Gaps in the input offsets read a second time before being passed (kafka.recheck_offset_gaps)",
             m.gap_rereads.clone(),
+        );
+        registry.register(
+            "projection_group_commits",
+            "Offset commits a projection sent to its consumer group: at most one a second while batches keep coming, and one when its input goes quiet",
+            m.group_commits.clone(),
         );
         registry.register(
             "projection_batch_records",

@@ -6,8 +6,9 @@
 //! (2) skips every record below them — already applied by an earlier run or another replica —
 //! (3) applies the rest and (4) moves the positions, with a compare-and-set so two writers
 //! cannot both move the same partition. Rows and positions commit together or not at all.
-//! Only after the commit is the group offset committed, as a starting hint; it can lag the
-//! database (a crash in between) but never lead it, and anything re-read is skipped by (2). On
+//! Only after the commit is the group offset committed, as a starting hint, coalesced over
+//! batches (`orderflow_platform::group_commits`); it can lag the database (a crash in between,
+//! or offsets not yet sent) but never lead it, and anything re-read is skipped by (2). On
 //! assignment the writer seeks each new partition to its stored position.
 //!
 //! Every order the batch changed is announced with its new version for the query caches
@@ -24,6 +25,7 @@ use std::{collections::BTreeMap, future::Future, sync::Arc, time::Duration};
 use orderflow_platform::{
     config::ProjectionSettings,
     gaps::GapGuard,
+    group_commits::GroupCommits,
     health::Readiness,
     kafka::{
         collect_batch_within, dead_letter_headers, header_value, is_release_marker, next_offsets,
@@ -217,7 +219,7 @@ impl<P: Projection> ProjectionWriter<P> {
             max_wait: Duration::from_millis(self.settings.batch_max_ms),
             idle: Duration::from_millis(self.settings.batch_idle_ms),
         };
-        let mut last_committed = None;
+        let mut commits = GroupCommits::default();
         let mut known: BTreeMap<(String, i32), Option<u64>> = BTreeMap::new();
         let mut gaps = GapGuard::new(self.clients.settings().recheck_offset_gaps);
         loop {
@@ -229,6 +231,8 @@ impl<P: Projection> ProjectionWriter<P> {
             );
             self.seek_new_partitions(consumer, &mut known, &mut gaps)
                 .await?;
+            // A revoked partition's offset is never committed over its new owner's.
+            commits.retain_assigned(&consumer.assignment()?);
             // A partition whose offsets jump is read again from the jump before its later
             // records are written (`orderflow_platform::gaps`).
             let (batch, rereads) = gaps.check_and_seek(consumer, batch).await?;
@@ -241,13 +245,19 @@ impl<P: Projection> ProjectionWriter<P> {
             if !batch.is_empty() {
                 let outcome = self.write(&batch, Some(&dead_letters)).await?;
                 // A hint for where to resume; the database's positions are the truth.
-                let offsets = next_offsets(&batch)?;
-                consumer.commit(&offsets, CommitMode::Async)?;
-                last_committed = Some(offsets);
+                commits.record(&next_offsets(&batch)?);
                 debug!(projection = name, ?outcome, "Batch committed.");
             }
+            // At most one group commit a second while batches keep coming, one as soon as a
+            // poll finds nothing.
+            if let Some(offsets) = commits.due(batch.is_empty())? {
+                consumer.commit(&offsets, CommitMode::Async)?;
+                self.metrics.group_commits.get_or_create(&self.labels).inc();
+            }
             if cancel.is_cancelled() {
-                if let Some(offsets) = last_committed {
+                // Every offset synchronously: an asynchronous commit may still be in flight.
+                let offsets = commits.all()?;
+                if offsets.count() > 0 {
                     off_runtime(consumer, move |c| c.commit(&offsets, CommitMode::Sync)).await?;
                 }
                 return Ok(());
