@@ -13,6 +13,9 @@
 //! so an idle consumer's group offset is never more than one poll behind what it processed. At
 //! shutdown the runtime commits [`GroupCommits::all`] synchronously.
 //!
+//! A commit carries only the partitions that moved since the last one: each partition is a
+//! write on the broker (an SQL statement on the embedded one).
+//!
 //! **Bound.** One offset per assigned partition: [`GroupCommits::retain_assigned`] forgets the
 //! partitions this member no longer holds, so a stale offset is never sent over a new owner's.
 //!
@@ -25,7 +28,7 @@
 //! (BENCHMARKS.md, "Offset commits coalesced").
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
@@ -34,11 +37,11 @@ use rdkafka::{error::KafkaError, Offset, TopicPartitionList};
 /// How long processed offsets may wait for their group commit while batches keep coming.
 pub const GROUP_COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The next offset to read of each partition processed, and whether the group has it yet.
+/// The next offset to read of each partition processed, and which the group does not have yet.
 #[derive(Debug)]
 pub struct GroupCommits {
     next: BTreeMap<(String, i32), i64>,
-    unsent: bool,
+    unsent: BTreeSet<(String, i32)>,
     last_sent: Instant,
     interval: Duration,
 }
@@ -54,7 +57,7 @@ impl GroupCommits {
     pub fn new(interval: Duration) -> Self {
         Self {
             next: BTreeMap::new(),
-            unsent: false,
+            unsent: BTreeSet::new(),
             last_sent: Instant::now(),
             interval,
         }
@@ -65,30 +68,36 @@ impl GroupCommits {
     pub fn record(&mut self, offsets: &TopicPartitionList) {
         for element in offsets.elements() {
             if let Offset::Offset(next) = element.offset() {
-                let entry = self
-                    .next
-                    .entry((element.topic().to_owned(), element.partition()))
-                    .or_insert(next);
+                let partition = (element.topic().to_owned(), element.partition());
+                let entry = self.next.entry(partition.clone()).or_insert(next);
                 *entry = (*entry).max(next);
-                self.unsent = true;
+                self.unsent.insert(partition);
             }
         }
     }
 
     /// Forgets every partition `assignment` does not hold (revoked partitions).
     pub fn retain_assigned(&mut self, assignment: &TopicPartitionList) {
-        self.next
-            .retain(|(topic, partition), _| assignment.find_partition(topic, *partition).is_some());
+        let held = |(topic, partition): &(String, i32)| {
+            assignment.find_partition(topic, *partition).is_some()
+        };
+        self.next.retain(|key, _| held(key));
+        self.unsent.retain(held);
     }
 
-    /// The offsets to commit now, if any: something is unsent and either `idle` (the last poll
-    /// came back empty) or the interval has passed since the last commit. Counts them as sent.
+    /// The offsets to commit now, if any: those of the partitions that moved since the last
+    /// commit, once either `idle` (the last poll came back empty) or the interval has passed
+    /// since the last commit. Counts them as sent.
     pub fn due(&mut self, idle: bool) -> Result<Option<TopicPartitionList>, KafkaError> {
-        if !self.unsent || !(idle || self.last_sent.elapsed() >= self.interval) {
+        if self.unsent.is_empty() || !(idle || self.last_sent.elapsed() >= self.interval) {
             return Ok(None);
         }
-        let offsets = self.all()?;
-        self.unsent = false;
+        let mut offsets = TopicPartitionList::new();
+        for key in std::mem::take(&mut self.unsent) {
+            if let Some(next) = self.next.get(&key) {
+                offsets.add_partition_offset(&key.0, key.1, Offset::Offset(*next))?;
+            }
+        }
         self.last_sent = Instant::now();
         Ok((offsets.count() > 0).then_some(offsets))
     }
@@ -145,6 +154,17 @@ mod tests {
         assert!(
             commits.due(true).expect("offsets").is_none(),
             "nothing new, yet committed again"
+        );
+        // Only what moved is sent again; the shutdown commit has every partition.
+        commits.record(&offsets(&[("t", 1, 8)]));
+        let sent = commits.due(true).expect("offsets").expect("idle commits");
+        assert_eq!(pairs(&sent), vec![("t".to_owned(), 1, Offset::Offset(8))]);
+        assert_eq!(
+            pairs(&commits.all().expect("offsets")),
+            vec![
+                ("t".to_owned(), 0, Offset::Offset(100)),
+                ("t".to_owned(), 1, Offset::Offset(8))
+            ]
         );
     }
 
