@@ -1,11 +1,16 @@
-//! An idle producer's polling thread sleeps: it does not spin.
+//! An idle producer's polling thread sleeps: it does not spin, it wakes seldom, and dropping
+//! the producer ends its wait at once.
 //!
-//! Every `FutureProducer` runs a polling thread (rdkafka's `ThreadedProducer`) that calls
-//! `poll(100 ms)` in a loop. rdkafka 0.39 rounded the last fraction of a millisecond of each
-//! such wait down to a 0 ms poll and spun on the clock until the deadline passed: about 1 % of a
-//! core per idle producer, eight of them in `orderflow dev`. The workspace builds a patched
-//! rdkafka (vendor/rdkafka/PATCH.md); this test holds one producer idle for a few seconds and
-//! reads its polling thread's CPU time from the kernel, so it fails if the patch is lost.
+//! Every `FutureProducer` runs a polling thread (rdkafka's `ThreadedProducer`). rdkafka 0.39
+//! called `poll(100 ms)` in a loop and rounded the last fraction of a millisecond of each wait
+//! down to a 0 ms poll, spinning on the clock until the deadline passed: about 1 % of a core per
+//! idle producer, eight of them in `orderflow dev`. Without the spin, ten wake-ups a second per
+//! producer were still a fifth of an idle `dev`'s CPU. The workspace builds a patched rdkafka
+//! (vendor/rdkafka/PATCH.md): timeouts round up, and the thread waits for one event at a time
+//! for up to 10 s, woken by the producer's drop. This test holds one producer idle for a few
+//! seconds and reads its polling thread's CPU time and wake-ups from the kernel, then drops it
+//! and waits for the thread to end well before a 10 s wait would: it fails if the thread spins
+//! or polls on a short timer again, or if the drop no longer wakes it.
 //!
 //! Its own test binary: it counts the process's polling threads, so no other test may make one.
 
@@ -47,6 +52,17 @@ fn polling_threads() -> Vec<PathBuf> {
         .collect()
 }
 
+/// How often a thread went to sleep and was woken: its voluntary context switches.
+fn wake_ups(task: &Path) -> u64 {
+    let path = task.join("status");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{} counts no context switches", path.display()))
+}
+
 /// The time a thread has spent on a CPU: the first field of its `schedstat`, in nanoseconds.
 fn cpu_time(task: &Path) -> Duration {
     let path = task.join("schedstat");
@@ -77,10 +93,10 @@ async fn an_idle_producer_polling_thread_sleeps_instead_of_spinning() {
         polling_threads().is_empty(),
         "no producer exists before this test makes one"
     );
-    let producer: FutureProducer = clients
-        .idempotent_producer("idle-test")
-        .create()
-        .expect("the producer is created");
+    let mut config = clients.idempotent_producer("idle-test");
+    // No statistics events: nothing but a delivery or the drop's wake may end a wait.
+    config.set("statistics.interval.ms", "0");
+    let producer: FutureProducer = config.create().expect("the producer is created");
 
     // One record there and back: the producer is connected and its delivery reports flow, so
     // what follows is the idle state, not start-up.
@@ -96,14 +112,38 @@ async fn an_idle_producer_polling_thread_sleeps_instead_of_spinning() {
     assert_eq!(threads.len(), 1, "one producer has one polling thread");
     let thread = &threads[0];
     let before = cpu_time(thread);
+    let woken_before = wake_ups(thread);
     tokio::time::sleep(IDLE_WINDOW).await;
     let used = cpu_time(thread).saturating_sub(before);
-    eprintln!("the idle polling thread used {used:?} of CPU in {IDLE_WINDOW:?}");
+    let woken = wake_ups(thread) - woken_before;
+    eprintln!(
+        "the idle polling thread used {used:?} of CPU in {IDLE_WINDOW:?}, woken {woken} times"
+    );
     assert!(
         used < IDLE_BUDGET,
         "the idle producer's polling thread used {used:?} of CPU in {IDLE_WINDOW:?} (budget \
          {IDLE_BUDGET:?}): it spins at the end of each poll wait; is the patched rdkafka \
          (vendor/rdkafka) still in place?"
     );
-    drop(producer);
+    // Nothing arrives; a poll every 100 ms would be 30 wake-ups.
+    assert!(
+        woken <= 3,
+        "the idle producer's polling thread woke {woken} times in {IDLE_WINDOW:?}: it polls \
+         on a short timer again; is the patched rdkafka (vendor/rdkafka) still in place?"
+    );
+
+    // The drop wakes the thread and joins it: no 10 s wait. The drop blocks, so off the
+    // runtime, with a deadline far below that wait.
+    let dropped = tokio::task::spawn_blocking(move || drop(producer));
+    tokio::time::timeout(Duration::from_secs(5), dropped)
+        .await
+        .expect(
+            "dropping the producer waited out its polling thread's wait: the drop no longer \
+             wakes it (vendor/rdkafka, ThreadedProducer::drop)",
+        )
+        .expect("the drop does not panic");
+    assert!(
+        polling_threads().is_empty(),
+        "the polling thread ended with its producer"
+    );
 }

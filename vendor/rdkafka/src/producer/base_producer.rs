@@ -364,21 +364,42 @@ where
         loop {
             let event = self.client().poll_event(&self.queue, &deadline);
             if let EventPollResult::Event(ev) = event {
-                let evtype = unsafe { rdsys::rd_kafka_event_type(ev.ptr()) };
-                match evtype {
-                    rdsys::RD_KAFKA_EVENT_DR => self.handle_delivery_report_event(ev),
-                    rdsys::RD_KAFKA_EVENT_ERROR => self.handle_error_event(ev),
-                    _ => {
-                        let evname = unsafe {
-                            let evname = rdsys::rd_kafka_event_name(ev.ptr());
-                            CStr::from_ptr(evname).to_string_lossy()
-                        };
-                        warn!("Ignored event '{}' on base producer poll", evname);
-                    }
-                }
+                self.handle_event(ev);
             }
             if deadline.elapsed() {
                 break;
+            }
+        }
+    }
+
+    /// Serves at most one event, waiting up to `timeout` for it, and returns early when
+    /// [`Self::wake`] is called (orderflow patch, PATCH.md): what a [`ThreadedProducer`]'s
+    /// polling thread runs.
+    fn poll_once(&self, timeout: Duration) {
+        if let EventPollResult::Event(ev) = self.client().poll_event(&self.queue, timeout) {
+            self.handle_event(ev);
+        }
+    }
+
+    /// Ends a [`Self::poll_once`] that is waiting now, or else the next one, at once
+    /// (orderflow patch, PATCH.md).
+    fn wake(&self) {
+        // SAFETY: the queue is this producer's own, alive while `self` is; librdkafka's
+        // queue calls may be made from any thread.
+        unsafe { rdsys::rd_kafka_queue_yield(self.queue.ptr()) };
+    }
+
+    fn handle_event(&self, ev: NativePtr<RDKafkaEvent>) {
+        let evtype = unsafe { rdsys::rd_kafka_event_type(ev.ptr()) };
+        match evtype {
+            rdsys::RD_KAFKA_EVENT_DR => self.handle_delivery_report_event(ev),
+            rdsys::RD_KAFKA_EVENT_ERROR => self.handle_error_event(ev),
+            _ => {
+                let evname = unsafe {
+                    let evname = rdsys::rd_kafka_event_name(ev.ptr());
+                    CStr::from_ptr(evname).to_string_lossy()
+                };
+                warn!("Ignored event '{}' on base producer poll", evname);
             }
         }
     }
@@ -646,6 +667,12 @@ where
 // ********** THREADED PRODUCER **********
 //
 
+/// How long a [`ThreadedProducer`]'s polling thread waits for an event before it polls again
+/// (orderflow patch, PATCH.md; rdkafka polls every 100 ms). Events (delivery reports, errors,
+/// statistics) end the wait as they arrive, and dropping the producer ends it with a wake, so
+/// the length only sets how often an idle producer's thread wakes for nothing.
+const POLLING_THREAD_WAIT: Duration = Duration::from_secs(10);
+
 /// A low-level Kafka producer with a separate thread for event handling.
 ///
 /// The `ThreadedProducer` is a [`BaseProducer`] with a separate thread
@@ -687,7 +714,10 @@ where
                 .spawn(move || {
                     trace!("Polling thread loop started");
                     loop {
-                        producer.poll(Duration::from_millis(100));
+                        // orderflow patch (PATCH.md): one event per wait, and a long wait,
+                        // which `Drop` ends with `wake`; an idle producer's thread wakes once
+                        // per `POLLING_THREAD_WAIT` instead of ten times a second.
+                        producer.poll_once(POLLING_THREAD_WAIT);
                         if should_stop.load(Ordering::Relaxed) {
                             // We received nothing and the thread should
                             // stop, so break the loop.
@@ -805,6 +835,8 @@ where
         if let Some(handle) = self.handle.take().and_then(Arc::into_inner) {
             trace!("Stopping polling");
             self.should_stop.store(true, Ordering::Relaxed);
+            // orderflow patch (PATCH.md): end the polling thread's wait now.
+            self.producer.wake();
             trace!("Waiting for polling thread termination");
             match handle.join() {
                 Ok(()) => trace!("Polling stopped"),
