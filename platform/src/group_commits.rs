@@ -16,8 +16,9 @@
 //! A commit carries only the partitions that moved since the last one: each partition is a
 //! write on the broker (an SQL statement on the embedded one).
 //!
-//! **Bound.** One offset per assigned partition: [`GroupCommits::retain_assigned`] forgets the
+//! **Bound.** One offset per assigned partition: [`GroupCommits::retain`] forgets the
 //! partitions this member no longer holds, so a stale offset is never sent over a new owner's.
+//! The runtimes call it with the assignment they already track (as for `GapGuard::retain`).
 //!
 //! **Crash.** A crash loses at most the offsets of the last interval: the partition is read
 //! again from the previous group offset (or from the state's own position, which is never
@@ -76,13 +77,12 @@ impl GroupCommits {
         }
     }
 
-    /// Forgets every partition `assignment` does not hold (revoked partitions).
-    pub fn retain_assigned(&mut self, assignment: &TopicPartitionList) {
-        let held = |(topic, partition): &(String, i32)| {
-            assignment.find_partition(topic, *partition).is_some()
-        };
-        self.next.retain(|key, _| held(key));
-        self.unsent.retain(held);
+    /// Forgets every partition for which `held(topic, partition)` is false (revoked ones).
+    pub fn retain(&mut self, mut held: impl FnMut(&str, i32) -> bool) {
+        self.next
+            .retain(|(topic, partition), _| held(topic, *partition));
+        let next = &self.next;
+        self.unsent.retain(|key| next.contains_key(key));
     }
 
     /// The offsets to commit now, if any: those of the partitions that moved since the last
@@ -184,7 +184,7 @@ mod tests {
         let mut commits = GroupCommits::new(Duration::from_secs(3600));
         commits.record(&offsets(&[("t", 0, 9), ("t", 1, 4)]));
         commits.record(&offsets(&[("t", 0, 3)]));
-        commits.retain_assigned(&offsets(&[("t", 0, 0)]));
+        commits.retain(|topic, partition| (topic, partition) == ("t", 0));
         let sent = commits.due(true).expect("offsets").expect("idle commits");
         assert_eq!(pairs(&sent), vec![("t".to_owned(), 0, Offset::Offset(9))]);
         assert_eq!(pairs(&commits.all().expect("offsets")), pairs(&sent));
@@ -195,7 +195,7 @@ mod tests {
         let mut commits = GroupCommits::new(Duration::ZERO);
         assert!(commits.due(true).expect("offsets").is_none());
         commits.record(&offsets(&[("t", 0, 1)]));
-        commits.retain_assigned(&TopicPartitionList::new());
+        commits.retain(|_, _| false);
         assert!(commits.due(true).expect("offsets").is_none());
     }
 }

@@ -435,7 +435,7 @@ impl<S: Step> ProcessorRuntime<S> {
                 .sync_assignment(consumer, &producer, &mut slots, &mut gaps, cancel)
                 .await?;
             // A revoked partition's offset is never committed over its new owner's.
-            commits.retain_assigned(&consumer.assignment()?);
+            commits.retain(|_, partition| slots.contains_key(&partition));
             let batch = retain_assigned(consumer, batch)
                 .into_iter()
                 .filter(|m| !seeked.contains(&m.partition()))

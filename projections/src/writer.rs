@@ -232,7 +232,7 @@ impl<P: Projection> ProjectionWriter<P> {
             self.seek_new_partitions(consumer, &mut known, &mut gaps)
                 .await?;
             // A revoked partition's offset is never committed over its new owner's.
-            commits.retain_assigned(&consumer.assignment()?);
+            commits.retain(|topic, partition| known.contains_key(&(topic.to_owned(), partition)));
             // A partition whose offsets jump is read again from the jump before its later
             // records are written (`orderflow_platform::gaps`).
             let (batch, rereads) = gaps.check_and_seek(consumer, batch).await?;
