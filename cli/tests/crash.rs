@@ -590,6 +590,16 @@ async fn crash_test(scenario: Scenario, broker_name: &str, bootstrap: String, se
             break;
         }
         if done {
+            // The same deadline as below: a scenario that never reaches its minimum of actions
+            // fails, it does not loop for ever.
+            assert!(
+                Instant::now() < deadline,
+                "{broker_name}, {scenario:?}: every order final, but only {} of the {} actions \
+                 the scenario needs after {:?}",
+                fleet.actions,
+                scenario.min_actions(),
+                started.elapsed()
+            );
             fleet.step(reader.log.finals.len(), n);
             continue;
         }
