@@ -19,6 +19,16 @@
 //!   statement on every use: 42 % of the broker's CPU under load (BENCHMARKS.md, "Where the time
 //!   goes"). Patched, every `execute` and the reads of the fetch, metadata, produce and group
 //!   paths are kept per connection and reset for reuse.
+//! - **The maintenance runs in slices.** Tansu 0.6 applied retention and compaction as one
+//!   statement each over every record of the partitions they apply to, on the one task that
+//!   serves all storage requests: a busy pipeline's log of ten minutes stalled every produce,
+//!   fetch and heartbeat for seconds (BENCHMARKS.md, the long runs). Patched, a pass visits
+//!   each partition in slices of at most 500 records, one storage request per slice, so what
+//!   queues behind it waits for a slice, and pauses between slices for four times the last
+//!   one's length, so a pass takes at most a fifth of the storage task; compaction starts each partition where the last pass
+//!   stopped, so a pass costs what was appended since, not the log; retention deletes a
+//!   partition's expired start, as Kafka does (a log loses its start, never its middle).
+//!   `broker::schema`'s tests run the patch's statements.
 //! - **Consumer groups re-form after a stall** (`tansu-broker`'s group coordinator). A stall
 //!   longer than the session timeout (the maintenance of a long log) left Tansu 0.6's groups
 //!   formed with no assignments, or forming around a leader that had left, for good: the
@@ -69,7 +79,7 @@ pub const PATCHES: &[(&str, &str)] = &[
 ];
 /// Names the patches in the install directory: a changed patch installs a new build beside the
 /// old one instead of running the old one.
-pub const PATCH_REVISION: &str = "orderflow2";
+pub const PATCH_REVISION: &str = "orderflow3";
 /// The crates an install downloads, with the SHA-256 of each `.crate` file (those of the
 /// patched crates are the checksums `tansu`'s own lock file records).
 pub const SOURCES: &[(&str, &str)] = &[
@@ -387,7 +397,7 @@ mod tests {
     }
 
     #[test]
-    fn the_patches_touch_only_the_storage_crates_fetch_and_statement_paths_and_the_group_coordinator(
+    fn the_patches_touch_only_the_storage_crates_fetch_statement_and_maintenance_paths_and_the_group_coordinator(
     ) {
         let files = |name: &str| -> Vec<&str> {
             let (_, diff) = PATCHES
@@ -410,6 +420,8 @@ mod tests {
         assert!(all.contains("APPENDS.produced(topition, *base, records)"));
         assert!(all.contains("REUSABLE_QUERIES"));
         assert!(all.contains("generation_id: inner.generation_id + 1,"));
+        assert!(all.contains("const MAINTENANCE_SLICE: i64 = 500;"));
+        assert!(all.contains("tokio::time::sleep(slice * MAINTENANCE_PAUSE_FACTOR)"));
         // Every patched crate is downloaded and checked.
         for (name, _) in PATCHES {
             assert!(SOURCES.iter().any(|(source, _)| source == name), "{name}");

@@ -71,6 +71,8 @@ pub enum BrokerError {
     InUse(PathBuf),
     #[error("listen address {0:?} is not host:port")]
     Listen(String),
+    #[error("{0} is in use by another process (another `orderflow dev` or broker?); set dev.broker_listen to a free address")]
+    AddressInUse(String),
     #[error("the broker exited at start ({status}); its last output ({log}):\n{tail}")]
     Exited {
         status: String,
@@ -138,8 +140,8 @@ impl DurableBroker {
         if lock.try_lock().is_err() {
             return Err(BrokerError::InUse(dir.clone()));
         }
-        let binary = install::resolve(options.binary.as_deref(), options.install, before_install)?;
         let (host, port) = listen_address(&options.listen)?;
+        let binary = install::resolve(options.binary.as_deref(), options.install, before_install)?;
         let launcher = Launcher {
             binary,
             url: format!("tcp://{host}:{port}"),
@@ -380,8 +382,12 @@ fn parent_bound_command(binary: &Path) -> Command {
     }
 }
 
-/// Splits `host:port`; port 0 becomes a free port (bound and released: a small window in
-/// which another process could take it, which then shows as the broker failing to start).
+/// Splits `host:port` and checks that nothing listens there: a broker started on a taken
+/// address fails to bind, but the wait for it to listen would connect to whatever holds the
+/// address, and the pipeline would use another process's broker (or, on a new log, fail on
+/// the log file that broker never created). Port 0 becomes a free port. Both bind and release
+/// the address: a small window in which another process could take it, which then shows as the
+/// broker failing to start.
 fn listen_address(listen: &str) -> Result<(String, u16), BrokerError> {
     let (host, port) = listen
         .rsplit_once(':')
@@ -393,7 +399,16 @@ fn listen_address(listen: &str) -> Result<(String, u16), BrokerError> {
         return Err(BrokerError::Listen(listen.to_owned()));
     }
     if port != 0 {
-        return Ok((host.to_owned(), port));
+        return match TcpListener::bind((host, port)) {
+            Ok(_) => Ok((host.to_owned(), port)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                Err(BrokerError::AddressInUse(listen.to_owned()))
+            }
+            Err(source) => Err(BrokerError::Io {
+                what: format!("binding {listen}"),
+                source,
+            }),
+        };
     }
     let free = TcpListener::bind((host, 0))
         .and_then(|l| l.local_addr())
@@ -421,15 +436,41 @@ mod tests {
 
     #[test]
     fn listen_addresses_are_host_and_port() {
+        let (_, free) = listen_address("127.0.0.1:0").expect("a free port");
         assert_eq!(
-            listen_address("127.0.0.1:9092").expect("valid"),
-            ("127.0.0.1".to_owned(), 9092)
+            listen_address(&format!("127.0.0.1:{free}")).expect("valid"),
+            ("127.0.0.1".to_owned(), free)
         );
         let (host, port) = listen_address("127.0.0.1:0").expect("valid");
         assert_eq!(host, "127.0.0.1");
         assert_ne!(port, 0, "port 0 picks a free port");
         for bad in ["9092", ":9092", "localhost:x", "localhost:70000"] {
             assert!(listen_address(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    /// A second broker on a taken address is refused before it starts, naming the address,
+    /// instead of its start "succeeding" by connecting to whatever holds it.
+    #[test]
+    fn a_taken_listen_address_is_refused_naming_it() {
+        let taken = TcpListener::bind(("127.0.0.1", 0)).expect("bind");
+        let address = format!("127.0.0.1:{}", taken.local_addr().expect("address").port());
+        let dir = std::env::temp_dir().join(format!("orderflow-taken-{}", std::process::id()));
+        let options = BrokerOptions {
+            dir: dir.clone(),
+            listen: address.clone(),
+            binary: Some(PathBuf::from("/nonexistent/tansu")),
+            install: Install::Never,
+        };
+        let refused = DurableBroker::start(&options, |_| {});
+        let _ = std::fs::remove_dir_all(&dir);
+        match refused {
+            Err(e @ BrokerError::AddressInUse(_)) => {
+                assert!(e.to_string().contains(&address), "{e}");
+                assert!(e.to_string().contains("dev.broker_listen"), "{e}");
+            }
+            Err(other) => panic!("expected the address in use, got: {other}"),
+            Ok(_) => panic!("a broker started on a taken address"),
         }
     }
 }

@@ -18,6 +18,11 @@
 //!   a record produced while it waits within 10 s. Stock Tansu 0.6 holds every fetch for its
 //!   whole wait.
 //!
+//! - The broker's maintenance (orderflow's storage patch: in slices, each partition from where
+//!   its last pass stopped) still does what Tansu's did: after a restart, which runs it, a
+//!   compacted topic of 3 × 3,000 records keeps exactly the latest record of each of its 3,000
+//!   keys, and a `delete` topic loses its expired start and nothing within retention.
+//!
 //! `dev` itself restarting onto its log and tables, with `reconcile` clean, is in binary.rs.
 
 use std::{
@@ -37,12 +42,14 @@ use orderflow_projections::{
 };
 use orderflow_schemas::Codec;
 use orderflow_testkit::{
-    apply_topics, free_port,
+    apply_topics, eventually, free_port,
     log::{order_placed, short_timeline},
     test_settings, test_settings_with, Broker, BrokerProcess, TempDir, EMBEDDED_OVERRIDES,
 };
 use orderflow_topics::names;
 use rdkafka::{
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer},
     producer::{FutureProducer, FutureRecord},
     ClientConfig, Message, Offset, TopicPartitionList,
@@ -110,6 +117,40 @@ async fn await_delivery(delivery: rdkafka::producer::DeliveryFuture) {
 
 /// The low watermark is 0, the high one `records`, and every record reads back in order.
 fn assert_whole_log(bootstrap: &str, records: i64, when: &str) {
+    let (low, high, read) = read_partition(
+        bootstrap,
+        names::ORDERS_EVENTS,
+        Duration::from_secs(300),
+        when,
+    );
+    assert_eq!(low, 0, "{when}: the log no longer starts at 0");
+    assert_eq!(high, records, "{when}: high watermark");
+    assert_eq!(read.len() as i64, records, "{when}: records read");
+    for (next, record) in (0..).zip(&read) {
+        assert_eq!(record.offset, next, "{when}: offsets run without gaps");
+        assert_eq!(
+            record.value,
+            payload(next).as_bytes(),
+            "{when}: record {next} reads back as written"
+        );
+    }
+}
+
+/// A record read back: its offset, key and value.
+struct Read {
+    offset: i64,
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
+/// Every record of partition 0 of `topic` from its start, with the low and high watermarks
+/// it was read between; `when` names the moment in the failure messages.
+fn read_partition(
+    bootstrap: &str,
+    topic: &str,
+    within: Duration,
+    when: &str,
+) -> (i64, i64, Vec<Read>) {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set(
@@ -121,33 +162,32 @@ fn assert_whole_log(bootstrap: &str, records: i64, when: &str) {
         .create()
         .expect("consumer");
     let (low, high) = consumer
-        .fetch_watermarks(names::ORDERS_EVENTS, 0, Duration::from_secs(10))
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
         .expect("watermarks");
-    assert_eq!(low, 0, "{when}: the log no longer starts at 0");
-    assert_eq!(high, records, "{when}: high watermark");
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(names::ORDERS_EVENTS, 0, Offset::Beginning)
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
         .expect("partition");
     consumer.assign(&tpl).expect("assign");
-    let mut next = 0i64;
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    while next < records {
+    let mut records = Vec::new();
+    let mut next = low;
+    let deadline = std::time::Instant::now() + within;
+    while next < high {
         assert!(
             std::time::Instant::now() < deadline,
-            "{when}: read {next} of {records} records in 300 s"
+            "{when}: read {topic} up to {next} of {low}..{high} within {within:?}"
         );
         let Some(message) = consumer.poll(Duration::from_millis(500)) else {
             continue;
         };
         let message = message.unwrap_or_else(|e| panic!("{when}: read error: {e}"));
-        assert_eq!(message.offset(), next, "{when}: offsets run without gaps");
-        assert_eq!(
-            message.payload(),
-            Some(payload(next).as_bytes()),
-            "{when}: record {next} reads back as written"
-        );
-        next += 1;
+        next = message.offset() + 1;
+        records.push(Read {
+            offset: message.offset(),
+            key: message.key().unwrap_or_default().to_vec(),
+            value: message.payload().unwrap_or_default().to_vec(),
+        });
     }
+    (low, high, records)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -637,4 +677,160 @@ async fn a_broker_that_dies_or_panics_is_restarted_on_its_log_losing_and_doublin
     })
     .await
     .expect("join");
+}
+
+const COMPACTED: &str = "maintenance.compacted";
+const EXPIRING: &str = "maintenance.expiring";
+const KEYS: usize = 3_000;
+const ROUNDS: usize = 3;
+const EXPIRED: i64 = 1_000;
+const RECENT: i64 = 500;
+
+/// Creates the two topics of the maintenance test: compacted, and `delete` with an hour's
+/// retention.
+async fn create_maintenance_topics(bootstrap: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let topics = [
+        NewTopic::new(COMPACTED, 1, TopicReplication::Fixed(1)).set("cleanup.policy", "compact"),
+        NewTopic::new(EXPIRING, 1, TopicReplication::Fixed(1))
+            .set("cleanup.policy", "delete")
+            .set("retention.ms", "3600000"),
+    ];
+    for result in admin
+        .create_topics(&topics, &AdminOptions::new())
+        .await
+        .expect("create topics")
+    {
+        result.unwrap_or_else(|(topic, code)| panic!("create {topic}: {code}"));
+    }
+}
+
+/// `ROUNDS` rounds of `KEYS` keys into the compacted topic (round `r` of key `k` reads
+/// `k=r`), then `EXPIRED` records stamped two hours ago and `RECENT` stamped now into the
+/// expiring one.
+async fn produce_maintenance_log(bootstrap: &str) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "120000")
+        .create()
+        .expect("producer");
+    let mut deliveries = Vec::new();
+    for round in 0..ROUNDS {
+        for key in 0..KEYS {
+            let key = format!("key-{key}");
+            let value = format!("{key}={round}");
+            let record = FutureRecord::to(COMPACTED)
+                .partition(0)
+                .key(&key)
+                .payload(&value);
+            deliveries.push(producer.send_result(record).expect("queued"));
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64;
+    for i in 0..EXPIRED + RECENT {
+        let timestamp = if i < EXPIRED { now - 7_200_000 } else { now };
+        let value = format!("{i}");
+        let record = FutureRecord::<(), _>::to(EXPIRING)
+            .partition(0)
+            .timestamp(timestamp)
+            .payload(&value);
+        deliveries.push(producer.send_result(record).expect("queued"));
+    }
+    for delivery in deliveries {
+        await_delivery(delivery).await;
+    }
+}
+
+/// Every record of partition 0 of `topic`, from its start: key and value as text.
+fn read_text(bootstrap: &str, topic: &str) -> Vec<(String, String)> {
+    let (_, _, records) = read_partition(bootstrap, topic, Duration::from_secs(60), "maintenance");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    records
+        .iter()
+        .map(|record| (text(&record.key), text(&record.value)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_maintenance_compacts_and_expires_in_slices_as_tansus_did() {
+    let dir = TempDir::new();
+    let log_dir = dir.0.join("broker");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let Some(mut broker) = BrokerProcess::start_on(BIN, &log_dir, &listen) else {
+        return;
+    };
+    let bootstrap = broker.bootstrap();
+    create_maintenance_topics(&bootstrap).await;
+    produce_maintenance_log(&bootstrap).await;
+    let before = tokio::task::spawn_blocking({
+        let bootstrap = bootstrap.clone();
+        move || read_text(&bootstrap, COMPACTED)
+    })
+    .await
+    .expect("join");
+    assert_eq!(
+        before.len(),
+        KEYS * ROUNDS,
+        "the maintenance ran at the start, on no records, and not since"
+    );
+
+    assert!(
+        broker.interrupt(),
+        "orderflow broker stops cleanly on Ctrl-C"
+    );
+    // The maintenance runs at every start of the broker.
+    let Some(_again) = BrokerProcess::start_on(BIN, &log_dir, &listen) else {
+        return;
+    };
+    let compacted = eventually(
+        Duration::from_secs(120),
+        "the restarted broker's maintenance compacts the topic",
+        || {
+            let bootstrap = bootstrap.clone();
+            async move {
+                let records = tokio::task::spawn_blocking(move || read_text(&bootstrap, COMPACTED))
+                    .await
+                    .expect("join");
+                (records.len() == KEYS).then_some(records)
+            }
+        },
+    )
+    .await;
+    let last = ROUNDS - 1;
+    let expected: Vec<(String, String)> = (0..KEYS)
+        .map(|key| (format!("key-{key}"), format!("key-{key}={last}")))
+        .collect();
+    assert_eq!(
+        compacted, expected,
+        "each key's latest record, in the order written"
+    );
+
+    let expiring = eventually(
+        Duration::from_secs(120),
+        "the restarted broker's maintenance expires the topic's start",
+        || {
+            let bootstrap = bootstrap.clone();
+            async move {
+                let records = tokio::task::spawn_blocking(move || read_text(&bootstrap, EXPIRING))
+                    .await
+                    .expect("join");
+                (records.len() as i64 == RECENT).then_some(records)
+            }
+        },
+    )
+    .await;
+    let values: Vec<String> = expiring.into_iter().map(|(_, value)| value).collect();
+    let recent: Vec<String> = (EXPIRED..EXPIRED + RECENT).map(|i| i.to_string()).collect();
+    assert_eq!(
+        values, recent,
+        "the expired start goes, nothing within retention"
+    );
 }
