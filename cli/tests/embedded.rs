@@ -190,12 +190,19 @@ fn read_partition(
     (low, high, records)
 }
 
+/// `orderflow broker` on a new log under `dir`, on a free port: the process, its log directory
+/// and its address, to restart it on both.
+fn start_on_a_new_log(dir: &TempDir) -> Option<(BrokerProcess, std::path::PathBuf, String)> {
+    let log_dir = dir.0.join("broker");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let broker = BrokerProcess::start_on(BIN, &log_dir, &listen)?;
+    Some((broker, log_dir, listen))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_broker_keeps_every_record_past_the_mocks_limits_and_across_a_restart() {
     let dir = TempDir::new();
-    let log_dir = dir.0.join("broker");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let Some(mut broker) = BrokerProcess::start_on(BIN, &log_dir, &listen) else {
+    let Some((mut broker, log_dir, listen)) = start_on_a_new_log(&dir) else {
         return;
     };
     let bootstrap = broker.bootstrap();
@@ -759,12 +766,30 @@ fn read_text(bootstrap: &str, topic: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Reads `topic` from its start until it holds `count` records (the broker's maintenance at
+/// work), for at most 120 s.
+async fn read_until_it_holds(
+    bootstrap: &str,
+    topic: &'static str,
+    count: usize,
+    what: &str,
+) -> Vec<(String, String)> {
+    eventually(Duration::from_secs(120), what, || {
+        let bootstrap = bootstrap.to_owned();
+        async move {
+            let records = tokio::task::spawn_blocking(move || read_text(&bootstrap, topic))
+                .await
+                .expect("join");
+            (records.len() == count).then_some(records)
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_brokers_maintenance_compacts_and_expires_in_slices_as_tansus_did() {
     let dir = TempDir::new();
-    let log_dir = dir.0.join("broker");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let Some(mut broker) = BrokerProcess::start_on(BIN, &log_dir, &listen) else {
+    let Some((mut broker, log_dir, listen)) = start_on_a_new_log(&dir) else {
         return;
     };
     let bootstrap = broker.bootstrap();
@@ -790,18 +815,11 @@ async fn the_brokers_maintenance_compacts_and_expires_in_slices_as_tansus_did() 
     let Some(_again) = BrokerProcess::start_on(BIN, &log_dir, &listen) else {
         return;
     };
-    let compacted = eventually(
-        Duration::from_secs(120),
+    let compacted = read_until_it_holds(
+        &bootstrap,
+        COMPACTED,
+        KEYS,
         "the restarted broker's maintenance compacts the topic",
-        || {
-            let bootstrap = bootstrap.clone();
-            async move {
-                let records = tokio::task::spawn_blocking(move || read_text(&bootstrap, COMPACTED))
-                    .await
-                    .expect("join");
-                (records.len() == KEYS).then_some(records)
-            }
-        },
     )
     .await;
     let last = ROUNDS - 1;
@@ -813,18 +831,11 @@ async fn the_brokers_maintenance_compacts_and_expires_in_slices_as_tansus_did() 
         "each key's latest record, in the order written"
     );
 
-    let expiring = eventually(
-        Duration::from_secs(120),
+    let expiring = read_until_it_holds(
+        &bootstrap,
+        EXPIRING,
+        RECENT as usize,
         "the restarted broker's maintenance expires the topic's start",
-        || {
-            let bootstrap = bootstrap.clone();
-            async move {
-                let records = tokio::task::spawn_blocking(move || read_text(&bootstrap, EXPIRING))
-                    .await
-                    .expect("join");
-                (records.len() as i64 == RECENT).then_some(records)
-            }
-        },
     )
     .await;
     let values: Vec<String> = expiring.into_iter().map(|(_, value)| value).collect();
