@@ -25,9 +25,10 @@
 //!   fetch and heartbeat for seconds (BENCHMARKS.md, the long runs). Patched, a pass visits
 //!   each partition in slices of at most 500 records, one storage request per slice, so what
 //!   queues behind it waits for a slice, and pauses between slices for four times the last
-//!   one's length, so a pass takes at most a fifth of the storage task; compaction starts each partition where the last pass
-//!   stopped, so a pass costs what was appended since, not the log; retention deletes a
-//!   partition's expired start, as Kafka does (a log loses its start, never its middle).
+//!   one's length, so a pass takes at most a fifth of the storage task. Compaction starts each
+//!   partition where the last pass stopped, so a pass costs what was appended since, not the
+//!   log; retention deletes a partition's expired start, as Kafka does (a log loses its start,
+//!   never its middle).
 //!   `broker::schema`'s tests run the patch's statements.
 //! - **Consumer groups re-form after a stall** (`tansu-broker`'s group coordinator). A stall
 //!   longer than the session timeout (the maintenance of a long log) left Tansu 0.6's groups
