@@ -46,7 +46,7 @@ use orderflow_schemas::{Codec, OrderEvent};
 use orderflow_testkit::{
     apply_topics, eventually,
     log::{envelope, now_ms, order_placed, read_dead_letters, restocked, Log, LogReader},
-    test_settings, test_settings_with, Broker,
+    run, test_settings, test_settings_with, Broker,
 };
 use orderflow_topics::names;
 use rdkafka::{
@@ -218,20 +218,24 @@ async fn backpressure(broker: Broker) {
     running.await.expect("runtime ends");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_batch_pauses_the_partitions_on_the_embedded_broker() {
-    let Some(broker) = Broker::embedded() else {
-        return;
-    };
-    backpressure(broker).await;
+#[test]
+fn a_slow_batch_pauses_the_partitions_on_the_embedded_broker() {
+    run(async {
+        let Some(broker) = Broker::embedded() else {
+            return;
+        };
+        backpressure(broker).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_batch_pauses_the_partitions_on_tansu() {
-    let Some(broker) = Broker::tansu() else {
-        return;
-    };
-    backpressure(broker).await;
+#[test]
+fn a_slow_batch_pauses_the_partitions_on_tansu() {
+    run(async {
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
+        backpressure(broker).await;
+    });
 }
 
 /// One-record batches, one after the other, as at low load: the group offset is committed at
@@ -322,20 +326,24 @@ async fn group_commits_coalesce(broker: Broker) {
     running.await.expect("runtime ends");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_commits_coalesce_on_the_embedded_broker() {
-    let Some(broker) = Broker::embedded() else {
-        return;
-    };
-    group_commits_coalesce(broker).await;
+#[test]
+fn group_commits_coalesce_on_the_embedded_broker() {
+    run(async {
+        let Some(broker) = Broker::embedded() else {
+            return;
+        };
+        group_commits_coalesce(broker).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn group_commits_coalesce_on_tansu() {
-    let Some(broker) = Broker::tansu() else {
-        return;
-    };
-    group_commits_coalesce(broker).await;
+#[test]
+fn group_commits_coalesce_on_tansu() {
+    run(async {
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
+        group_commits_coalesce(broker).await;
+    });
 }
 
 /// Input written in committed transactions, each leaving a marker (an offset no record holds)
@@ -414,29 +422,31 @@ async fn offset_gaps_are_read_twice(broker: Broker) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offset_gaps_are_read_twice_on_the_mock_cluster() {
-    // Upstream transactions: the embedded broker has none.
-    offset_gaps_are_read_twice(Broker::mock()).await;
+#[test]
+fn offset_gaps_are_read_twice_on_the_mock_cluster() {
+    run(async {
+        // Upstream transactions: the embedded broker has none.
+        offset_gaps_are_read_twice(Broker::mock()).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offset_gaps_are_read_twice_on_tansu() {
-    let Some(broker) = Broker::tansu() else {
-        return;
-    };
-    offset_gaps_are_read_twice(broker).await;
+#[test]
+fn offset_gaps_are_read_twice_on_tansu() {
+    run(async {
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
+        offset_gaps_are_read_twice(broker).await;
+    });
 }
 
 /// Runs the three processors in this process until cancelled.
-async fn run_processors(settings: &Settings, bootstrap: &str, cancel: &CancellationToken) {
-    run_some_processors(
-        settings,
-        bootstrap,
-        cancel,
-        &["saga", "inventory", "payments"],
-    )
-    .await;
+async fn run_processors(
+    settings: &Settings,
+    bootstrap: &str,
+    cancel: &CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    run_some_processors(settings, bootstrap, cancel, ALL_PROCESSORS).await
 }
 
 /// Runs the named processors in this process until cancelled; returns their tasks.
@@ -471,19 +481,28 @@ struct Running {
 }
 
 impl Running {
-    /// Tells them to stop, without waiting.
-    fn cancel(&self) {
-        self.token.cancel();
-    }
-
     /// Stops them and waits until each has committed and left its group: a restart, not an
     /// overlap of two owners.
     async fn stop(self) {
         self.token.cancel();
-        for task in self.tasks {
+        stopped(self.tasks).await;
+    }
+}
+
+/// How long cancelled processors may take to commit, close and return.
+const STOP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Waits for cancelled processor tasks to return, failing the test after [`STOP_DEADLINE`]. A
+/// test stops its processors this way before its broker goes: a processor's last commit waits
+/// for the broker without limit, and one left running when the broker stops never returns.
+async fn stopped(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    tokio::time::timeout(STOP_DEADLINE, async {
+        for task in tasks {
             task.await.expect("processor task");
         }
-    }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("cancelled processors still running after {STOP_DEADLINE:?}"));
 }
 
 async fn aborted_and_duplicate_delivery(broker: Broker) {
@@ -582,7 +601,7 @@ async fn aborted_and_duplicate_delivery(broker: Broker) {
         write(&producer, names::ORDERS_EVENTS, customer, &orders[i]).await;
     }
 
-    run_processors(&settings, &bootstrap, &cancel).await;
+    let processors = run_processors(&settings, &bootstrap, &cancel).await;
     let mut reader = LogReader::new(&settings, &bootstrap);
     reader.poll_until(Duration::from_secs(120), "every order final", |log| {
         placed
@@ -688,86 +707,93 @@ async fn aborted_and_duplicate_delivery(broker: Broker) {
         }
     }
     cancel.cancel();
+    stopped(processors).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aborted_and_duplicate_delivery_count_once_on_the_mock_cluster() {
-    // An aborted upstream transaction: the embedded broker has none.
-    aborted_and_duplicate_delivery(Broker::mock()).await;
+#[test]
+fn aborted_and_duplicate_delivery_count_once_on_the_mock_cluster() {
+    run(async {
+        // An aborted upstream transaction: the embedded broker has none.
+        aborted_and_duplicate_delivery(Broker::mock()).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aborted_and_duplicate_delivery_count_once_on_tansu() {
-    let Some(broker) = Broker::tansu() else {
-        return;
-    };
-    aborted_and_duplicate_delivery(broker).await;
+#[test]
+fn aborted_and_duplicate_delivery_count_once_on_tansu() {
+    run(async {
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
+        aborted_and_duplicate_delivery(broker).await;
+    });
 }
 
 /// Tansu only (the mock cluster fences nothing): a second producer with the same transactional
 /// id — a restarted instance — fences the first, whose open transaction can then never commit.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_producer_with_the_same_transactional_id_fences_the_old_one_on_tansu() {
-    let Some(broker) = Broker::tansu() else {
-        return;
-    };
-    let settings = test_settings(None);
-    apply_topics(&broker, &settings).await;
-    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
-    let codec = Codec::new().expect("codec");
-    let bytes = codec
-        .encode(&restocked("SKU-ABC", 1, now_ms()))
-        .expect("encode");
-    let timeout = Duration::from_secs(10);
-    let transactional = || -> FutureProducer {
-        clients
-            .transactional_producer("test", "orderflow-saga-fenced")
-            .create()
-            .expect("transactional producer")
-    };
+#[test]
+fn a_new_producer_with_the_same_transactional_id_fences_the_old_one_on_tansu() {
+    run(async {
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
+        let settings = test_settings(None);
+        apply_topics(&broker, &settings).await;
+        let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+        let codec = Codec::new().expect("codec");
+        let bytes = codec
+            .encode(&restocked("SKU-ABC", 1, now_ms()))
+            .expect("encode");
+        let timeout = Duration::from_secs(10);
+        let transactional = || -> FutureProducer {
+            clients
+                .transactional_producer("test", "orderflow-saga-fenced")
+                .create()
+                .expect("transactional producer")
+        };
 
-    let old = transactional();
-    let (old, bytes_old) = tokio::task::spawn_blocking({
-        let bytes = bytes.clone();
-        move || {
-            old.init_transactions(timeout).expect("init");
-            old.begin_transaction().expect("begin");
-            (old, bytes)
-        }
-    })
-    .await
-    .expect("join");
-    write(&old, names::INVENTORY_COMMANDS, "SKU-ABC", &bytes_old).await;
-
-    let new = transactional();
-    let new = tokio::task::spawn_blocking(move || {
-        new.init_transactions(timeout)
-            .expect("the successor initialises");
-        new
-    })
-    .await
-    .expect("join");
-
-    let fenced = tokio::task::spawn_blocking(move || old.commit_transaction(timeout))
+        let old = transactional();
+        let (old, bytes_old) = tokio::task::spawn_blocking({
+            let bytes = bytes.clone();
+            move || {
+                old.init_transactions(timeout).expect("init");
+                old.begin_transaction().expect("begin");
+                (old, bytes)
+            }
+        })
         .await
         .expect("join");
-    assert!(
-        fenced.is_err(),
-        "the fenced producer's commit must not succeed: {fenced:?}"
-    );
+        write(&old, names::INVENTORY_COMMANDS, "SKU-ABC", &bytes_old).await;
 
-    // The successor works normally.
-    let new = tokio::task::spawn_blocking(move || {
-        new.begin_transaction().expect("begin");
-        new
-    })
-    .await
-    .expect("join");
-    write(&new, names::INVENTORY_COMMANDS, "SKU-ABC", &bytes).await;
-    tokio::task::spawn_blocking(move || new.commit_transaction(timeout))
+        let new = transactional();
+        let new = tokio::task::spawn_blocking(move || {
+            new.init_transactions(timeout)
+                .expect("the successor initialises");
+            new
+        })
         .await
-        .expect("join")
-        .expect("the successor commits");
+        .expect("join");
+
+        let fenced = tokio::task::spawn_blocking(move || old.commit_transaction(timeout))
+            .await
+            .expect("join");
+        assert!(
+            fenced.is_err(),
+            "the fenced producer's commit must not succeed: {fenced:?}"
+        );
+
+        // The successor works normally.
+        let new = tokio::task::spawn_blocking(move || {
+            new.begin_transaction().expect("begin");
+            new
+        })
+        .await
+        .expect("join");
+        write(&new, names::INVENTORY_COMMANDS, "SKU-ABC", &bytes).await;
+        tokio::task::spawn_blocking(move || new.commit_transaction(timeout))
+            .await
+            .expect("join")
+            .expect("the successor commits");
+    });
 }
 
 /// Restoring blocks until `RESTORE_MAY_FINISH` is set (restores run on blocking threads).
@@ -811,152 +837,156 @@ impl Step for Stateful {
 /// records out in most runs here, only sometimes after seconds (its brief flush windows race the
 /// broker threads): that is measured, not asserted (BENCHMARKS.md, "After the changelog flush":
 /// a stateful batch from ~210 ms to 8–9 ms).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_changelog_flush_sends_at_once_whatever_the_linger() {
-    let Some(broker) = Broker::embedded() else {
-        return;
-    };
-    let settings = test_settings(None);
-    apply_topics(&broker, &settings).await;
-    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
-    let producer: FutureProducer = clients
-        .changelog_producer("test")
-        .set("linger.ms", "900000")
-        .set("message.timeout.ms", "1000000")
-        .create()
-        .expect("changelog producer");
-    let mut deliveries = Vec::new();
-    for i in 0..200 {
-        let key = format!("key-{i}");
-        let record = FutureRecord::to(names::SAGA_CHANGELOG)
-            .partition(i % 2)
-            .key(&key)
-            .payload("{}");
-        deliveries.push(
-            producer
-                .send_result(record)
-                .map_err(|(e, _)| e)
-                .expect("enqueue"),
-        );
-    }
-    let flushing = producer.clone();
-    tokio::task::spawn_blocking(move || {
-        orderflow_platform::kafka::flush_now(&flushing, Duration::from_secs(60))
-    })
-    .await
-    .expect("flush task")
-    .expect("every record acknowledged within the flush's timeout, not after the linger");
-    let mut per_partition = [Vec::new(), Vec::new()];
-    for delivery in deliveries {
-        let delivered = delivery
-            .await
-            .expect("delivery report")
-            .unwrap_or_else(|(e, _)| panic!("delivery failed: {e}"));
-        per_partition[usize::try_from(delivered.partition).expect("partition")]
-            .push(delivered.offset);
-    }
-    for (partition, offsets) in per_partition.iter().enumerate() {
-        let first = offsets[0];
-        let expected: Vec<i64> = (first..first + 100).collect();
-        assert_eq!(
-            offsets, &expected,
-            "partition {partition}: in order, none missing"
-        );
-    }
+#[test]
+fn the_changelog_flush_sends_at_once_whatever_the_linger() {
+    run(async {
+        let Some(broker) = Broker::embedded() else {
+            return;
+        };
+        let settings = test_settings(None);
+        apply_topics(&broker, &settings).await;
+        let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+        let producer: FutureProducer = clients
+            .changelog_producer("test")
+            .set("linger.ms", "900000")
+            .set("message.timeout.ms", "1000000")
+            .create()
+            .expect("changelog producer");
+        let mut deliveries = Vec::new();
+        for i in 0..200 {
+            let key = format!("key-{i}");
+            let record = FutureRecord::to(names::SAGA_CHANGELOG)
+                .partition(i % 2)
+                .key(&key)
+                .payload("{}");
+            deliveries.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e)
+                    .expect("enqueue"),
+            );
+        }
+        let flushing = producer.clone();
+        tokio::task::spawn_blocking(move || {
+            orderflow_platform::kafka::flush_now(&flushing, Duration::from_secs(60))
+        })
+        .await
+        .expect("flush task")
+        .expect("every record acknowledged within the flush's timeout, not after the linger");
+        let mut per_partition = [Vec::new(), Vec::new()];
+        for delivery in deliveries {
+            let delivered = delivery
+                .await
+                .expect("delivery report")
+                .unwrap_or_else(|(e, _)| panic!("delivery failed: {e}"));
+            per_partition[usize::try_from(delivered.partition).expect("partition")]
+                .push(delivered.offset);
+        }
+        for (partition, offsets) in per_partition.iter().enumerate() {
+            let first = offsets[0];
+            let expected: Vec<i64> = (first..first + 100).collect();
+            assert_eq!(
+                offsets, &expected,
+                "partition {partition}: in order, none missing"
+            );
+        }
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn not_ready_while_the_state_restores_and_ready_after() {
-    let Some(broker) = Broker::embedded() else {
-        return;
-    };
-    let settings = test_settings(None);
-    apply_topics(&broker, &settings).await;
-    let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
-    // A changelog entry in every partition, so every assigned partition has state to restore.
-    let producer: FutureProducer = clients
-        .idempotent_producer("test")
-        .create()
-        .expect("producer");
-    // (An entry applies once the position record after it closes its batch.)
-    for partition in 0..6 {
-        for (key, value) in [("entry", "{}"), (POSITION_KEY, "0")] {
-            producer
-                .send(
-                    FutureRecord::to(names::SAGA_CHANGELOG)
-                        .partition(partition)
-                        .key(key)
-                        .payload(value),
-                    Duration::from_secs(30),
-                )
-                .await
-                .unwrap_or_else(|(e, _)| panic!("changelog write: {e}"));
+#[test]
+fn not_ready_while_the_state_restores_and_ready_after() {
+    run(async {
+        let Some(broker) = Broker::embedded() else {
+            return;
+        };
+        let settings = test_settings(None);
+        apply_topics(&broker, &settings).await;
+        let clients = KafkaClients::new(&settings.kafka, broker.bootstrap());
+        // A changelog entry in every partition, so every assigned partition has state to restore.
+        let producer: FutureProducer = clients
+            .idempotent_producer("test")
+            .create()
+            .expect("producer");
+        // (An entry applies once the position record after it closes its batch.)
+        for partition in 0..6 {
+            for (key, value) in [("entry", "{}"), (POSITION_KEY, "0")] {
+                producer
+                    .send(
+                        FutureRecord::to(names::SAGA_CHANGELOG)
+                            .partition(partition)
+                            .key(key)
+                            .payload(value),
+                        Duration::from_secs(30),
+                    )
+                    .await
+                    .unwrap_or_else(|(e, _)| panic!("changelog write: {e}"));
+            }
         }
-    }
-    let io = ProcessorIo {
-        name: "restore-test",
-        input_topic: names::ORDERS_EVENTS,
-        dead_letter_topic: names::SAGA_DLQ,
-        changelog_topic: Some(names::SAGA_CHANGELOG),
-    };
-    let readiness = Readiness::new();
-    let runtime = ProcessorRuntime::new(
-        io,
-        Stateful,
-        clients,
-        &settings.processor,
-        Arc::new(Codec::new().expect("codec")),
-        ProcessorMetrics::unregistered(),
-    )
-    .with_readiness(readiness.clone());
-    let component = "processor restore-test state";
-    // `/readyz` served as every role serves it.
-    let server = Server::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        readiness_routes(readiness.clone()),
-    )
-    .await
-    .expect("bind");
-    let readyz = format!("http://{}/readyz", server.local_addr().expect("addr"));
-    let cancel = CancellationToken::new();
-    tokio::spawn(server.run(cancel.clone()));
-    let client = reqwest::Client::new();
-    let get = || async {
-        let response = client.get(&readyz).send().await.ok()?;
-        let status = response.status().as_u16();
-        let body: serde_json::Value = response.json().await.ok()?;
-        Some((status, body))
-    };
-    assert_eq!(
-        get().await.map(|(s, _)| s),
-        Some(503),
-        "not ready before it starts"
-    );
-    let running = tokio::spawn(runtime.run(cancel.clone()));
+        let io = ProcessorIo {
+            name: "restore-test",
+            input_topic: names::ORDERS_EVENTS,
+            dead_letter_topic: names::SAGA_DLQ,
+            changelog_topic: Some(names::SAGA_CHANGELOG),
+        };
+        let readiness = Readiness::new();
+        let runtime = ProcessorRuntime::new(
+            io,
+            Stateful,
+            clients,
+            &settings.processor,
+            Arc::new(Codec::new().expect("codec")),
+            ProcessorMetrics::unregistered(),
+        )
+        .with_readiness(readiness.clone());
+        let component = "processor restore-test state";
+        // `/readyz` served as every role serves it.
+        let server = Server::bind(
+            "127.0.0.1:0".parse().expect("addr"),
+            readiness_routes(readiness.clone()),
+        )
+        .await
+        .expect("bind");
+        let readyz = format!("http://{}/readyz", server.local_addr().expect("addr"));
+        let cancel = CancellationToken::new();
+        tokio::spawn(server.run(cancel.clone()));
+        let client = reqwest::Client::new();
+        let get = || async {
+            let response = client.get(&readyz).send().await.ok()?;
+            let status = response.status().as_u16();
+            let body: serde_json::Value = response.json().await.ok()?;
+            Some((status, body))
+        };
+        assert_eq!(
+            get().await.map(|(s, _)| s),
+            Some(503),
+            "not ready before it starts"
+        );
+        let running = tokio::spawn(runtime.run(cancel.clone()));
 
-    // The restore reports its progress: which partition, how many of its records were read.
-    let (status, body) = eventually(Duration::from_secs(60), "a restoring report", || async {
-        let (status, body) = get().await?;
-        let report = body["components"][component].as_str()?;
-        (report.starts_with("restoring partition ") && report.ends_with("of 2 records read"))
-            .then_some((status, body))
-    })
-    .await;
-    assert_eq!(status, 503, "/readyz is not ready while restoring: {body}");
-
-    RESTORE_MAY_FINISH.store(true, Ordering::SeqCst);
-    let body = eventually(
-        Duration::from_secs(60),
-        "ready after the restore",
-        || async {
+        // The restore reports its progress: which partition, how many of its records were read.
+        let (status, body) = eventually(Duration::from_secs(60), "a restoring report", || async {
             let (status, body) = get().await?;
-            (status == 200).then_some(body)
-        },
-    )
-    .await;
-    assert_eq!(body["components"][component], "ready");
-    cancel.cancel();
-    running.await.expect("runtime ends");
+            let report = body["components"][component].as_str()?;
+            (report.starts_with("restoring partition ") && report.ends_with("of 2 records read"))
+                .then_some((status, body))
+        })
+        .await;
+        assert_eq!(status, 503, "/readyz is not ready while restoring: {body}");
+
+        RESTORE_MAY_FINISH.store(true, Ordering::SeqCst);
+        let body = eventually(
+            Duration::from_secs(60),
+            "ready after the restore",
+            || async {
+                let (status, body) = get().await?;
+                (status == 200).then_some(body)
+            },
+        )
+        .await;
+        assert_eq!(body["components"][component], "ready");
+        cancel.cancel();
+        running.await.expect("runtime ends");
+    });
 }
 
 /// What the saga scenarios below start from: the catalog's topics on `broker`, a simulated
@@ -1146,7 +1176,7 @@ async fn a_zombies_state_write_never_wins(broker: Broker) {
         log.outcome(&timed_out.envelope.order_id) == Some("OrderCancelled")
     });
     // Any late event of the confirmed order too.
-    third.cancel();
+    third.stop().await;
     scene.root.cancel();
     let log = &scene.wait_for("the log", |_| true);
     assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
@@ -1169,24 +1199,28 @@ async fn a_zombies_state_write_never_wins(broker: Broker) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_zombies_state_write_never_wins_on_the_embedded_broker() {
-    let Some(broker) = Broker::embedded() else {
-        return;
-    };
-    a_zombies_state_write_never_wins(broker).await;
+#[test]
+fn a_zombies_state_write_never_wins_on_the_embedded_broker() {
+    run(async {
+        let Some(broker) = Broker::embedded() else {
+            return;
+        };
+        a_zombies_state_write_never_wins(broker).await;
+    });
 }
 
 /// Was ignored as flaky (2 of 5 runs): the second owner's saga never got an assignment. It
 /// had started while the first owner's was still leaving the group, and Tansu then left the
 /// joining member waiting. The test now stops each owner before the next starts (a restart,
 /// as the scenario says); 6 of 6 runs passed after that, each in about 20 s.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_zombies_state_write_never_wins_on_tansu() {
-    let Some(broker) = Broker::tansu() else {
-        return;
-    };
-    a_zombies_state_write_never_wins(broker).await;
+#[test]
+fn a_zombies_state_write_never_wins_on_tansu() {
+    run(async {
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
+        a_zombies_state_write_never_wins(broker).await;
+    });
 }
 
 /// Every order ends, whatever the gateway answers, each key on its own: a charge refused with
@@ -1218,7 +1252,7 @@ async fn every_order_ends_whatever_the_gateway_answers(broker: Broker) {
     for order in &orders {
         scene.send(&OrderEvent::OrderPlaced(order.clone())).await;
     }
-    scene.run(ALL_PROCESSORS).await;
+    let processors = scene.run(ALL_PROCESSORS).await;
     scene.wait_for("every order final", |log| {
         orders
             .iter()
@@ -1232,6 +1266,7 @@ async fn every_order_ends_whatever_the_gateway_answers(broker: Broker) {
     .report(Duration::from_secs(10))
     .await
     .expect("gateway report");
+    processors.stop().await;
     scene.root.cancel();
     let log = &scene.wait_for("the log", |_| true);
     assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
@@ -1287,20 +1322,24 @@ async fn every_order_ends_whatever_the_gateway_answers(broker: Broker) {
     assert_eq!(charged, confirmed);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_order_ends_whatever_the_gateway_answers_on_the_embedded_broker() {
-    let Some(broker) = Broker::embedded() else {
-        return;
-    };
-    every_order_ends_whatever_the_gateway_answers(broker).await;
+#[test]
+fn every_order_ends_whatever_the_gateway_answers_on_the_embedded_broker() {
+    run(async {
+        let Some(broker) = Broker::embedded() else {
+            return;
+        };
+        every_order_ends_whatever_the_gateway_answers(broker).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_order_ends_whatever_the_gateway_answers_on_tansu() {
-    let Some(broker) = Broker::tansu() else {
-        return;
-    };
-    every_order_ends_whatever_the_gateway_answers(broker).await;
+#[test]
+fn every_order_ends_whatever_the_gateway_answers_on_tansu() {
+    run(async {
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
+        every_order_ends_whatever_the_gateway_answers(broker).await;
+    });
 }
 
 /// A reload's rules go through the log: published to every orders.events partition, they decide
@@ -1308,7 +1347,7 @@ async fn every_order_ends_whatever_the_gateway_answers_on_tansu() {
 async fn rules_published_to_the_log_decide_from_there_on(broker: Broker) {
     let scene = Scene::new(&broker, |_| {}).await;
     scene.restock("SKU-R", 10).await;
-    scene.run(ALL_PROCESSORS).await;
+    let processors = scene.run(ALL_PROCESSORS).await;
     let place = |customer: &str| order_placed(customer, &[("SKU-R", 1)], "tok_ok", now_ms());
     let before = place("customer-r1");
     scene.send(&OrderEvent::OrderPlaced(before.clone())).await;
@@ -1335,6 +1374,7 @@ async fn rules_published_to_the_log_decide_from_there_on(broker: Broker) {
     scene.wait_for("the second order final", |log| {
         log.outcome(&after.envelope.order_id).is_some()
     });
+    processors.stop().await;
     scene.root.cancel();
     let log = &scene.wait_for("the log", |_| true);
     assert_eq!(log.outcome(&after.envelope.order_id), Some("OrderRejected"));
@@ -1345,20 +1385,24 @@ async fn rules_published_to_the_log_decide_from_there_on(broker: Broker) {
     assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rules_published_to_the_log_decide_from_there_on_on_the_embedded_broker() {
-    let Some(broker) = Broker::embedded() else {
-        return;
-    };
-    rules_published_to_the_log_decide_from_there_on(broker).await;
+#[test]
+fn rules_published_to_the_log_decide_from_there_on_on_the_embedded_broker() {
+    run(async {
+        let Some(broker) = Broker::embedded() else {
+            return;
+        };
+        rules_published_to_the_log_decide_from_there_on(broker).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rules_published_to_the_log_decide_from_there_on_on_tansu() {
-    let Some(broker) = Broker::tansu() else {
-        return;
-    };
-    rules_published_to_the_log_decide_from_there_on(broker).await;
+#[test]
+fn rules_published_to_the_log_decide_from_there_on_on_tansu() {
+    run(async {
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
+        rules_published_to_the_log_decide_from_there_on(broker).await;
+    });
 }
 
 /// A cancellation request for `order`, as the ingest edge writes it.
@@ -1386,7 +1430,7 @@ fn cancellation(order: &orderflow_schemas::OrderPlaced, round: u8) -> OrderEvent
 async fn a_partition_handed_back_brings_its_state(broker: Broker) {
     let scene = Scene::new(&broker, |_| {}).await;
     scene.restock("SKU-H", 1000).await;
-    scene.run(ALL_PROCESSORS).await;
+    let processors = scene.run(ALL_PROCESSORS).await;
     let orders: Vec<_> = (0..24)
         .map(|i| {
             order_placed(
@@ -1481,6 +1525,7 @@ async fn a_partition_handed_back_brings_its_state(broker: Broker) {
             .iter()
             .all(|o| log.outcome(&o.envelope.order_id) == Some("OrderConfirmed"))
     });
+    processors.stop().await;
     scene.root.cancel();
     let log = &scene.wait_for("the log", |_| true);
     assert!(log.conflicts.is_empty(), "conflicts: {:?}", log.conflicts);
@@ -1510,20 +1555,24 @@ async fn a_partition_handed_back_brings_its_state(broker: Broker) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partition_handed_back_brings_its_state_on_the_embedded_broker() {
-    let Some(broker) = Broker::embedded() else {
-        return;
-    };
-    a_partition_handed_back_brings_its_state(broker).await;
+#[test]
+fn a_partition_handed_back_brings_its_state_on_the_embedded_broker() {
+    run(async {
+        let Some(broker) = Broker::embedded() else {
+            return;
+        };
+        a_partition_handed_back_brings_its_state(broker).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_partition_handed_back_brings_its_state_on_tansu() {
-    let Some(broker) = Broker::tansu() else {
-        return;
-    };
-    a_partition_handed_back_brings_its_state(broker).await;
+#[test]
+fn a_partition_handed_back_brings_its_state_on_tansu() {
+    run(async {
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
+        a_partition_handed_back_brings_its_state(broker).await;
+    });
 }
 
 /// A restarted processor restores every record of its changelog's last message set. Without a
@@ -1571,7 +1620,7 @@ async fn a_restore_reads_the_last_message_set_whole(broker: Broker) {
         delivery.await.expect("delivered").expect("written");
     }
 
-    scene.run(&["inventory"]).await;
+    let processors = scene.run(&["inventory"]).await;
     let order_id = uuid::Uuid::new_v4().to_string();
     let request = OrderEvent::InventoryReservationRequested(
         orderflow_schemas::InventoryReservationRequested {
@@ -1592,6 +1641,7 @@ async fn a_restore_reads_the_last_message_set_whole(broker: Broker) {
     let log = scene.wait_for("the inventory's answer", |log| {
         log.by_order.get(&order_id).is_some_and(|e| !e.is_empty())
     });
+    processors.stop().await;
     scene.root.cancel();
     let answers: Vec<&OrderEvent> = log.by_order[&order_id].values().collect();
     match answers.as_slice() {
@@ -1606,18 +1656,22 @@ async fn a_restore_reads_the_last_message_set_whole(broker: Broker) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restore_reads_the_last_message_set_whole_on_the_embedded_broker() {
-    let Some(broker) = Broker::embedded() else {
-        return;
-    };
-    a_restore_reads_the_last_message_set_whole(broker).await;
+#[test]
+fn a_restore_reads_the_last_message_set_whole_on_the_embedded_broker() {
+    run(async {
+        let Some(broker) = Broker::embedded() else {
+            return;
+        };
+        a_restore_reads_the_last_message_set_whole(broker).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restore_reads_the_last_message_set_whole_on_tansu() {
-    let Some(broker) = Broker::tansu() else {
-        return;
-    };
-    a_restore_reads_the_last_message_set_whole(broker).await;
+#[test]
+fn a_restore_reads_the_last_message_set_whole_on_tansu() {
+    run(async {
+        let Some(broker) = Broker::tansu() else {
+            return;
+        };
+        a_restore_reads_the_last_message_set_whole(broker).await;
+    });
 }

@@ -9,7 +9,7 @@ use orderflow_projections::{orders, orders::OrdersProjection, Database, Projecti
 use orderflow_schemas::{
     Address, Codec, Envelope, OrderConfirmed, OrderEvent, OrderLine, OrderPlaced, OrderValidated,
 };
-use orderflow_testkit::Broker;
+use orderflow_testkit::{run, Broker};
 use orderflow_topics::names;
 use rdkafka::{
     consumer::{BaseConsumer, Consumer},
@@ -492,16 +492,20 @@ async fn a_new_assignment_starts_at_the_stored_positions(db_url: &str) {
     drop(broker);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_a_new_assignment_starts_at_the_stored_positions() {
-    let db = orderflow_testkit::Database::sqlite();
-    a_new_assignment_starts_at_the_stored_positions(&db.url).await;
+#[test]
+fn sqlite_a_new_assignment_starts_at_the_stored_positions() {
+    run(async {
+        let db = orderflow_testkit::Database::sqlite();
+        a_new_assignment_starts_at_the_stored_positions(&db.url).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_a_new_assignment_starts_at_the_stored_positions() {
-    let Some(db) = orderflow_testkit::Database::postgres().await else {
-        return;
-    };
-    a_new_assignment_starts_at_the_stored_positions(&db.url).await;
+#[test]
+fn postgres_a_new_assignment_starts_at_the_stored_positions() {
+    run(async {
+        let Some(db) = orderflow_testkit::Database::postgres().await else {
+            return;
+        };
+        a_new_assignment_starts_at_the_stored_positions(&db.url).await;
+    });
 }

@@ -640,6 +640,33 @@ pub async fn reconcile_until_clean(
     .await
 }
 
+/// How long a test's runtime waits, once the test is over, for blocking calls still running.
+pub const TEARDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs an async test the way `#[tokio::test(flavor = "multi_thread", worker_threads = 2)]`
+/// does, except at the end: the runtime waits at most [`TEARDOWN_GRACE`] for blocking calls
+/// still running, where tokio's runtime drop waits without limit.
+///
+/// In-process pipeline parts make blocking Kafka calls off the async workers (a processor's
+/// last synchronous commit, a consumer's close). librdkafka waits for a group coordinator
+/// without limit, so such a call made just as the test stopped its broker never returns, and
+/// the test hung after its last assertion (or after a failed one, hiding the failure) until CI
+/// timed out. `orderflow` itself leaves such calls behind the same way at exit
+/// (`shutdown_timeout` in its `main`). A test that should see its processors stop cleanly says
+/// so with its own deadline, while the broker still runs.
+pub fn run<F: Future<Output = ()>>(test: F) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("the test's tokio runtime: {e}"));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(test)));
+    runtime.shutdown_timeout(TEARDOWN_GRACE);
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
 /// Sends the process's warnings and errors (the in-process pipeline's rebalances, timeouts,
 /// retries) to the test's output, which libtest shows when the test fails. Once per process.
 pub fn show_warnings() {
@@ -806,4 +833,42 @@ pub async fn wait_final(client: &reqwest::Client, status_url: &str) -> serde_jso
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A blocking call that never returns (librdkafka waiting for a coordinator that is gone)
+    /// holds the test's end for [`TEARDOWN_GRACE`], not for ever.
+    #[test]
+    fn a_test_ends_though_a_blocking_call_never_returns() {
+        let (done, ended) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            run(async {
+                tokio::task::spawn_blocking(|| loop {
+                    std::thread::park();
+                });
+            });
+            let _ = done.send(());
+        });
+        ended
+            .recv_timeout(TEARDOWN_GRACE + Duration::from_secs(30))
+            .expect("the test's runtime shut down within its grace");
+    }
+
+    /// A failed assertion fails the test after the same bounded teardown.
+    #[test]
+    fn a_failed_test_still_fails() {
+        let outcome = std::panic::catch_unwind(|| {
+            run(async {
+                tokio::task::spawn_blocking(|| loop {
+                    std::thread::park();
+                });
+                panic!("the assertion");
+            })
+        });
+        let panic = outcome.expect_err("the panic goes through");
+        assert_eq!(panic.downcast_ref::<&str>(), Some(&"the assertion"));
+    }
 }
