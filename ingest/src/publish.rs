@@ -97,7 +97,7 @@ impl Publisher {
         queue_metrics: Option<ProducerMetrics>,
     ) -> Result<FutureProducer<ProducerStatsContext>, PublishError> {
         Ok(clients
-            .idempotent_producer("ingest")
+            .stats_producer("ingest")
             .create_with_context(ProducerStatsContext::new("ingest", queue_metrics))?)
     }
 

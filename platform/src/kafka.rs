@@ -165,10 +165,18 @@ impl KafkaClients {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
-            // Feeds the queue-depth gauge where a ProducerStatsContext is used.
-            .set("statistics.interval.ms", "5000")
             .set("message.timeout.ms", self.message_timeout_ms().to_string());
         config.remove("allow.auto.create.topics");
+        config
+    }
+
+    /// [`KafkaClients::idempotent_producer`] that emits librdkafka's statistics, for a
+    /// [`ProducerStatsContext`] to turn into the queue-depth gauge. Other producers emit none:
+    /// each report is a JSON document that the client builds, then wakes its polling thread to
+    /// parse, every [`STATISTICS_INTERVAL_MS`], for nothing when no context reads it.
+    pub fn stats_producer(&self, role: &str) -> ClientConfig {
+        let mut config = self.idempotent_producer(role);
+        config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS.to_string());
         config
     }
 
@@ -249,7 +257,7 @@ impl KafkaClients {
             )
             .set("partition.assignment.strategy", "cooperative-sticky")
             // Feeds the lag and position gauges (GroupContext::stats).
-            .set("statistics.interval.ms", "5000");
+            .set("statistics.interval.ms", STATISTICS_INTERVAL_MS.to_string());
         config
     }
 
@@ -578,7 +586,12 @@ impl ConsumerContext for GroupContext {
     }
 }
 
-/// Producer context that reports the producer's queue depth (see [`ProducerMetrics`]).
+/// How often a client that feeds gauges reports librdkafka's statistics: group consumers (lag
+/// and position) and [`KafkaClients::stats_producer`] (queue depth).
+pub const STATISTICS_INTERVAL_MS: u32 = 5000;
+
+/// Producer context that reports the producer's queue depth (see [`ProducerMetrics`]); its
+/// producer comes from [`KafkaClients::stats_producer`].
 pub struct ProducerStatsContext {
     producer: String,
     metrics: Option<ProducerMetrics>,
@@ -818,6 +831,28 @@ pub fn dead_letter_headers(message: &OwnedMessage, consumer: &str, reason: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Statistics cost a JSON document per client and interval: only the clients whose context
+    /// turns them into gauges ask for them.
+    #[test]
+    fn only_clients_that_feed_gauges_emit_statistics() {
+        let settings = crate::config::Settings::load(None, &Default::default())
+            .expect("default settings load");
+        let clients = KafkaClients::new(&settings.kafka, "localhost:9092");
+        let interval =
+            |config: ClientConfig| config.get("statistics.interval.ms").map(str::to_owned);
+        let every = Some(STATISTICS_INTERVAL_MS.to_string());
+        assert_eq!(interval(clients.stats_producer("ingest")), every);
+        assert_eq!(interval(clients.consumer("saga", "orderflow-saga")), every);
+        for quiet in [
+            clients.idempotent_producer("dlq"),
+            clients.transactional_producer("saga", "orderflow-saga-0"),
+            clients.changelog_producer("saga"),
+            clients.reader("restore"),
+        ] {
+            assert_eq!(interval(quiet), None);
+        }
+    }
 
     /// Counts the events logged at ERROR.
     #[derive(Clone, Default)]
