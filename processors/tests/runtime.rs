@@ -46,7 +46,7 @@ use orderflow_schemas::{Codec, OrderEvent};
 use orderflow_testkit::{
     apply_topics, eventually,
     log::{envelope, now_ms, order_placed, read_dead_letters, restocked, Log, LogReader},
-    run, test_settings, test_settings_with, Broker,
+    run, run_on, test_settings, test_settings_with, Broker,
 };
 use orderflow_topics::names;
 use rdkafka::{
@@ -220,22 +220,12 @@ async fn backpressure(broker: Broker) {
 
 #[test]
 fn a_slow_batch_pauses_the_partitions_on_the_embedded_broker() {
-    run(async {
-        let Some(broker) = Broker::embedded() else {
-            return;
-        };
-        backpressure(broker).await;
-    });
+    run_on(Broker::embedded(), backpressure);
 }
 
 #[test]
 fn a_slow_batch_pauses_the_partitions_on_tansu() {
-    run(async {
-        let Some(broker) = Broker::tansu() else {
-            return;
-        };
-        backpressure(broker).await;
-    });
+    run_on(Broker::tansu(), backpressure);
 }
 
 /// One-record batches, one after the other, as at low load: the group offset is committed at
@@ -328,22 +318,12 @@ async fn group_commits_coalesce(broker: Broker) {
 
 #[test]
 fn group_commits_coalesce_on_the_embedded_broker() {
-    run(async {
-        let Some(broker) = Broker::embedded() else {
-            return;
-        };
-        group_commits_coalesce(broker).await;
-    });
+    run_on(Broker::embedded(), group_commits_coalesce);
 }
 
 #[test]
 fn group_commits_coalesce_on_tansu() {
-    run(async {
-        let Some(broker) = Broker::tansu() else {
-            return;
-        };
-        group_commits_coalesce(broker).await;
-    });
+    run_on(Broker::tansu(), group_commits_coalesce);
 }
 
 /// Input written in committed transactions, each leaving a marker (an offset no record holds)
@@ -424,20 +404,13 @@ async fn offset_gaps_are_read_twice(broker: Broker) {
 
 #[test]
 fn offset_gaps_are_read_twice_on_the_mock_cluster() {
-    run(async {
-        // Upstream transactions: the embedded broker has none.
-        offset_gaps_are_read_twice(Broker::mock()).await;
-    });
+    // Upstream transactions: the embedded broker has none.
+    run_on(Some(Broker::mock()), offset_gaps_are_read_twice);
 }
 
 #[test]
 fn offset_gaps_are_read_twice_on_tansu() {
-    run(async {
-        let Some(broker) = Broker::tansu() else {
-            return;
-        };
-        offset_gaps_are_read_twice(broker).await;
-    });
+    run_on(Broker::tansu(), offset_gaps_are_read_twice);
 }
 
 /// Runs the three processors in this process until cancelled.
@@ -712,20 +685,13 @@ async fn aborted_and_duplicate_delivery(broker: Broker) {
 
 #[test]
 fn aborted_and_duplicate_delivery_count_once_on_the_mock_cluster() {
-    run(async {
-        // An aborted upstream transaction: the embedded broker has none.
-        aborted_and_duplicate_delivery(Broker::mock()).await;
-    });
+    // An aborted upstream transaction: the embedded broker has none.
+    run_on(Some(Broker::mock()), aborted_and_duplicate_delivery);
 }
 
 #[test]
 fn aborted_and_duplicate_delivery_count_once_on_tansu() {
-    run(async {
-        let Some(broker) = Broker::tansu() else {
-            return;
-        };
-        aborted_and_duplicate_delivery(broker).await;
-    });
+    run_on(Broker::tansu(), aborted_and_duplicate_delivery);
 }
 
 /// Tansu only (the mock cluster fences nothing): a second producer with the same transactional
@@ -1201,12 +1167,7 @@ async fn a_zombies_state_write_never_wins(broker: Broker) {
 
 #[test]
 fn a_zombies_state_write_never_wins_on_the_embedded_broker() {
-    run(async {
-        let Some(broker) = Broker::embedded() else {
-            return;
-        };
-        a_zombies_state_write_never_wins(broker).await;
-    });
+    run_on(Broker::embedded(), a_zombies_state_write_never_wins);
 }
 
 /// Was ignored as flaky (2 of 5 runs): the second owner's saga never got an assignment. It
@@ -1215,12 +1176,7 @@ fn a_zombies_state_write_never_wins_on_the_embedded_broker() {
 /// as the scenario says); 6 of 6 runs passed after that, each in about 20 s.
 #[test]
 fn a_zombies_state_write_never_wins_on_tansu() {
-    run(async {
-        let Some(broker) = Broker::tansu() else {
-            return;
-        };
-        a_zombies_state_write_never_wins(broker).await;
-    });
+    run_on(Broker::tansu(), a_zombies_state_write_never_wins);
 }
 
 /// Every order ends, whatever the gateway answers, each key on its own: a charge refused with
@@ -1324,22 +1280,18 @@ async fn every_order_ends_whatever_the_gateway_answers(broker: Broker) {
 
 #[test]
 fn every_order_ends_whatever_the_gateway_answers_on_the_embedded_broker() {
-    run(async {
-        let Some(broker) = Broker::embedded() else {
-            return;
-        };
-        every_order_ends_whatever_the_gateway_answers(broker).await;
-    });
+    run_on(
+        Broker::embedded(),
+        every_order_ends_whatever_the_gateway_answers,
+    );
 }
 
 #[test]
 fn every_order_ends_whatever_the_gateway_answers_on_tansu() {
-    run(async {
-        let Some(broker) = Broker::tansu() else {
-            return;
-        };
-        every_order_ends_whatever_the_gateway_answers(broker).await;
-    });
+    run_on(
+        Broker::tansu(),
+        every_order_ends_whatever_the_gateway_answers,
+    );
 }
 
 /// A reload's rules go through the log: published to every orders.events partition, they decide
@@ -1387,22 +1339,18 @@ async fn rules_published_to_the_log_decide_from_there_on(broker: Broker) {
 
 #[test]
 fn rules_published_to_the_log_decide_from_there_on_on_the_embedded_broker() {
-    run(async {
-        let Some(broker) = Broker::embedded() else {
-            return;
-        };
-        rules_published_to_the_log_decide_from_there_on(broker).await;
-    });
+    run_on(
+        Broker::embedded(),
+        rules_published_to_the_log_decide_from_there_on,
+    );
 }
 
 #[test]
 fn rules_published_to_the_log_decide_from_there_on_on_tansu() {
-    run(async {
-        let Some(broker) = Broker::tansu() else {
-            return;
-        };
-        rules_published_to_the_log_decide_from_there_on(broker).await;
-    });
+    run_on(
+        Broker::tansu(),
+        rules_published_to_the_log_decide_from_there_on,
+    );
 }
 
 /// A cancellation request for `order`, as the ingest edge writes it.
@@ -1557,22 +1505,12 @@ async fn a_partition_handed_back_brings_its_state(broker: Broker) {
 
 #[test]
 fn a_partition_handed_back_brings_its_state_on_the_embedded_broker() {
-    run(async {
-        let Some(broker) = Broker::embedded() else {
-            return;
-        };
-        a_partition_handed_back_brings_its_state(broker).await;
-    });
+    run_on(Broker::embedded(), a_partition_handed_back_brings_its_state);
 }
 
 #[test]
 fn a_partition_handed_back_brings_its_state_on_tansu() {
-    run(async {
-        let Some(broker) = Broker::tansu() else {
-            return;
-        };
-        a_partition_handed_back_brings_its_state(broker).await;
-    });
+    run_on(Broker::tansu(), a_partition_handed_back_brings_its_state);
 }
 
 /// A restarted processor restores every record of its changelog's last message set. Without a
@@ -1658,20 +1596,13 @@ async fn a_restore_reads_the_last_message_set_whole(broker: Broker) {
 
 #[test]
 fn a_restore_reads_the_last_message_set_whole_on_the_embedded_broker() {
-    run(async {
-        let Some(broker) = Broker::embedded() else {
-            return;
-        };
-        a_restore_reads_the_last_message_set_whole(broker).await;
-    });
+    run_on(
+        Broker::embedded(),
+        a_restore_reads_the_last_message_set_whole,
+    );
 }
 
 #[test]
 fn a_restore_reads_the_last_message_set_whole_on_tansu() {
-    run(async {
-        let Some(broker) = Broker::tansu() else {
-            return;
-        };
-        a_restore_reads_the_last_message_set_whole(broker).await;
-    });
+    run_on(Broker::tansu(), a_restore_reads_the_last_message_set_whole);
 }

@@ -667,6 +667,18 @@ pub fn run<F: Future<Output = ()>>(test: F) {
     }
 }
 
+/// [`run`]s `scenario` on `broker`, or does nothing when the fixture found none (it has said
+/// why the test is skipped, or failed it under CI): one line per scenario and broker.
+pub fn run_on<F, Fut>(broker: Option<Broker>, scenario: F)
+where
+    F: FnOnce(Broker) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    if let Some(broker) = broker {
+        run(scenario(broker));
+    }
+}
+
 /// Sends the process's warnings and errors (the in-process pipeline's rebalances, timeouts,
 /// retries) to the test's output, which libtest shows when the test fails. Once per process.
 pub fn show_warnings() {
